@@ -1,0 +1,124 @@
+//! The `MemoryListener` trait and the sink that listeners report dirty pages into.
+
+use crate::{DirtyBitmap, DirtyReason, RamBlock, Result};
+
+/// How a listener harvests dirty pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// `log_sync` once per logged section (the KVM dirty bitmap, per slot).
+    PerSection,
+    /// `log_sync_global` once per sync (the KVM dirty ring, per vCPU ring).
+    Global,
+}
+
+/// A component that tracks writes to guest RAM (QEMU's `MemoryListener`, dirty-log part).
+///
+/// The [`AddressSpace`](crate::AddressSpace) calls `log_global_start`/`log_start` when the
+/// first reason turns logging on, `log_stop`/`log_global_stop` when the last one turns it
+/// off, and `log_sync` or `log_sync_global` (per [`MemoryListener::sync_mode`]) on every
+/// `global_dirty_log_sync`. Listeners report pages into the [`DirtySink`].
+pub trait MemoryListener: Send + Sync {
+    /// Short name for errors and stats (`"kvm-bitmap"`, `"kvm-ring"`, `"vmm-writes"`).
+    fn name(&self) -> &'static str;
+
+    /// Which of `log_sync` / `log_sync_global` this listener implements.
+    fn sync_mode(&self) -> SyncMode {
+        SyncMode::PerSection
+    }
+
+    /// Logging turns on (0 → some reason), before the per-section `log_start`s.
+    fn log_global_start(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Logging turned off (last reason stopped), after the per-section `log_stop`s.
+    fn log_global_stop(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Start logging writes to `section` (KVM: set KVM_MEM_LOG_DIRTY_PAGES on its slot).
+    fn log_start(&self, _section: &RamBlock) -> Result<()> {
+        Ok(())
+    }
+
+    /// Stop logging writes to `section`.
+    fn log_stop(&self, _section: &RamBlock) -> Result<()> {
+        Ok(())
+    }
+
+    /// Report the pages of `section` dirtied since the previous sync.
+    fn log_sync(&self, _section: &RamBlock, _sink: &mut DirtySink<'_>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Report every page dirtied since the previous sync, across all sections.
+    fn log_sync_global(&self, _sink: &mut DirtySink<'_>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Re-arm tracking for pages `[first_page, first_page + pages)` of `section` (block-relative)
+    /// that an earlier sync harvested but left armed (manual protect, deferred clear).
+    fn log_clear(&self, _section: &RamBlock, _first_page: u64, _pages: u64) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Where listeners put what they harvested: every active reason's bitmap at once.
+///
+/// Merging into each reason's own bitmap is what lets a dirty-rate measurement run beside
+/// a migration without draining the migration's pages (QEMU shares one bitmap and counts).
+pub struct DirtySink<'a> {
+    clients: [Option<&'a DirtyBitmap>; 3],
+    new_pages: [u64; 3],
+    reported_pages: u64,
+}
+
+impl<'a> DirtySink<'a> {
+    /// A sink that feeds the given per-reason bitmaps (indexed by [`DirtyReason::index`]).
+    pub fn new(clients: [Option<&'a DirtyBitmap>; 3]) -> Self {
+        DirtySink {
+            clients,
+            new_pages: [0; 3],
+            reported_pages: 0,
+        }
+    }
+
+    /// Merges a little-endian bitmap whose bit `i` is global page `first_page + i`.
+    pub fn merge_le(&mut self, first_page: u64, words: &[u64], pages: u64) {
+        for (i, client) in self.clients.iter().enumerate() {
+            if let Some(bitmap) = client {
+                self.new_pages[i] += bitmap.merge_le(first_page, words, pages);
+            }
+        }
+        let limit = pages.min(words.len() as u64 * 64);
+        let full = (limit / 64) as usize;
+        let mut reported: u64 = words[..full]
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
+        if limit % 64 != 0 {
+            reported += u64::from((words[full] & ((1u64 << (limit % 64)) - 1)).count_ones());
+        }
+        self.reported_pages += reported;
+    }
+
+    /// Marks one global page dirty (the ring path's per-entry report).
+    pub fn set_page(&mut self, page: u64) {
+        for (i, client) in self.clients.iter().enumerate() {
+            if let Some(bitmap) = client {
+                self.new_pages[i] += u64::from(bitmap.set(page));
+            }
+        }
+        self.reported_pages += 1;
+    }
+
+    /// Pages reported so far (with repeats across listeners; QEMU's `total_dirty_pages` step).
+    pub fn reported_pages(&self) -> u64 {
+        self.reported_pages
+    }
+
+    /// Pages newly set in `reason`'s bitmap so far.
+    pub fn new_pages(&self, reason: DirtyReason) -> u64 {
+        self.new_pages[reason.index()]
+    }
+}
