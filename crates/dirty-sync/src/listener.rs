@@ -96,7 +96,7 @@ impl<'a> DirtySink<'a> {
             .iter()
             .map(|w| u64::from(w.count_ones()))
             .sum();
-        if limit % 64 != 0 {
+        if !limit.is_multiple_of(64) {
             reported += u64::from((words[full] & ((1u64 << (limit % 64)) - 1)).count_ones());
         }
         self.reported_pages += reported;

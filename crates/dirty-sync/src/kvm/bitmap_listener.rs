@@ -69,7 +69,7 @@ impl KvmBitmapListener {
     /// Creates the listener and, if asked and offered, enables manual protect on the VM.
     pub fn new(vm: Arc<VmFd>, config: KvmBitmapConfig) -> Result<Self> {
         let chunk_bytes = config.clear_chunk_bytes;
-        if chunk_bytes == 0 || chunk_bytes % (BITS_PER_WORD * PAGE_SIZE) != 0 {
+        if chunk_bytes == 0 || !chunk_bytes.is_multiple_of(BITS_PER_WORD * PAGE_SIZE) {
             return Err(Error::InvalidParameter(format!(
                 "clear chunk of {chunk_bytes} bytes: must be a non-zero multiple of 256 KiB"
             )));

@@ -1,0 +1,537 @@
+//! `mig_stats` and the `query-migrate` snapshot (QEMU's MigrationInfo / MigrationStats).
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use atomic::Atomic;
+use serde::Serialize;
+
+/// Where a migration is (QEMU's MigrationStatus, the subset precopy uses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[repr(u8)]
+pub enum MigrationStatus {
+    /// No migration has run.
+    None = 0,
+    /// Connecting, starting the dirty log.
+    Setup = 1,
+    /// Iterating: sending pages while the guest runs.
+    Active = 2,
+    /// Stop and copy: vCPUs paused, sending the rest and the device state.
+    Device = 3,
+    /// Done; the destination acknowledged that it runs.
+    Completed = 4,
+    /// Failed; see error-desc. The source guest runs.
+    Failed = 5,
+    /// Cancel requested, stopping.
+    Cancelling = 6,
+    /// Cancelled; the source guest runs.
+    Cancelled = 7,
+}
+
+impl MigrationStatus {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Setup,
+            2 => Self::Active,
+            3 => Self::Device,
+            4 => Self::Completed,
+            5 => Self::Failed,
+            6 => Self::Cancelling,
+            7 => Self::Cancelled,
+            _ => Self::None,
+        }
+    }
+
+    /// True for completed, failed and cancelled.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+
+    /// The QMP spelling (`"active"`, `"completed"`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Setup => "setup",
+            Self::Active => "active",
+            Self::Device => "device",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelling => "cancelling",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Whether the migration can finish at the current rates (Ferry's prediction).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum Convergence {
+    /// Not enough data yet (first pass).
+    Unknown,
+    /// Bandwidth beats the dirty rate; expected milliseconds until switch-over.
+    Converging {
+        /// Expected time to switch-over, ms.
+        #[serde(rename = "expected-completion-ms")]
+        expected_completion_ms: u64,
+    },
+    /// The guest dirties memory at least as fast as it can be sent.
+    NotConverging {
+        /// Bandwidth that would let it converge, bytes/s.
+        #[serde(rename = "needed-bandwidth-bytes-per-sec")]
+        needed_bandwidth_bytes_per_sec: u64,
+    },
+}
+
+/// The engine's counters for one migration (QEMU's `mig_stats` plus the state around it).
+///
+/// Every field is an atomic written by the migration thread and read by any number of
+/// `query-migrate` callers without a lock.
+#[derive(Debug)]
+pub struct MigStats {
+    status: AtomicU8,
+    started: Instant,
+    /// Bytes put on the wire (all channels, headers included).
+    pub transferred_bytes: AtomicU64,
+    /// Bytes still dirty (remaining pages × page size).
+    pub remaining_bytes: AtomicU64,
+    /// Guest RAM size, bytes.
+    pub total_bytes: AtomicU64,
+    /// Zero pages sent as offsets only (QMP `duplicate`).
+    pub zero_pages: AtomicU64,
+    /// Full pages sent (QMP `normal`).
+    pub normal_pages: AtomicU64,
+    /// QEMU's dirty-pages-rate: pages newly dirtied per second over the last ≥ 1 s period.
+    pub dirty_pages_rate: AtomicU64,
+    /// Global dirty-log syncs done.
+    pub dirty_sync_count: AtomicU64,
+    /// Page size, bytes.
+    pub page_size_bytes: AtomicU64,
+    /// Bytes sent on the parallel (multifd) channels.
+    pub multifd_bytes: AtomicU64,
+    /// Pages (normal + zero) sent per second over the last window.
+    pub pages_per_second: AtomicU64,
+    /// Bytes sent while the guest ran.
+    pub precopy_bytes: AtomicU64,
+    /// Bytes sent while the guest was paused.
+    pub downtime_bytes: AtomicU64,
+    /// Throughput of the last window, Mbit/s.
+    pub mbps: Atomic<f64>,
+    /// Milliseconds from start to the end of setup.
+    pub setup_time_ms: AtomicU64,
+    /// Total time once finished, ms (while running, computed from the start instant).
+    pub total_time_ms: AtomicU64,
+    /// Pause → destination acknowledgement, ms.
+    pub downtime_ms: AtomicU64,
+    /// Predicted downtime at the current bandwidth, ms.
+    pub expected_downtime_ms: AtomicU64,
+    /// Current auto-converge throttle, percent (0 = not throttling).
+    pub cpu_throttle_percentage: AtomicU64,
+    /// Ferry: unique pages dirtied per second over the last window (all writes, not only
+    /// pages dirtied since they were sent).
+    pub true_dirty_pages_rate: AtomicU64,
+    /// Ferry: smoothed link bandwidth, measured only while the sender was saturated, bytes/s.
+    pub bandwidth_bytes_per_sec: AtomicU64,
+    /// Ferry: passes over the dirty bitmap (iterations) done.
+    pub iterations: AtomicU64,
+    /// Ferry: convergence prediction, encoded (see [`MigStats::set_convergence`]).
+    convergence: AtomicU64,
+    error: OnceLock<String>,
+}
+
+impl Default for MigStats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const CONV_UNKNOWN: u64 = u64::MAX;
+const CONV_NOT: u64 = 1 << 63;
+
+impl MigStats {
+    /// Fresh counters; status `none`, clock started now.
+    pub fn new() -> Self {
+        MigStats {
+            status: AtomicU8::new(MigrationStatus::None as u8),
+            started: Instant::now(),
+            transferred_bytes: AtomicU64::new(0),
+            remaining_bytes: AtomicU64::new(0),
+            total_bytes: AtomicU64::new(0),
+            zero_pages: AtomicU64::new(0),
+            normal_pages: AtomicU64::new(0),
+            dirty_pages_rate: AtomicU64::new(0),
+            dirty_sync_count: AtomicU64::new(0),
+            page_size_bytes: AtomicU64::new(4096),
+            multifd_bytes: AtomicU64::new(0),
+            pages_per_second: AtomicU64::new(0),
+            precopy_bytes: AtomicU64::new(0),
+            downtime_bytes: AtomicU64::new(0),
+            mbps: Atomic::new(0.0),
+            setup_time_ms: AtomicU64::new(0),
+            total_time_ms: AtomicU64::new(0),
+            downtime_ms: AtomicU64::new(0),
+            expected_downtime_ms: AtomicU64::new(0),
+            cpu_throttle_percentage: AtomicU64::new(0),
+            true_dirty_pages_rate: AtomicU64::new(0),
+            bandwidth_bytes_per_sec: AtomicU64::new(0),
+            iterations: AtomicU64::new(0),
+            convergence: AtomicU64::new(CONV_UNKNOWN),
+            error: OnceLock::new(),
+        }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> MigrationStatus {
+        MigrationStatus::from_u8(self.status.load(Ordering::Acquire))
+    }
+
+    /// Sets the status unconditionally.
+    pub fn set_status(&self, s: MigrationStatus) {
+        self.status.store(s as u8, Ordering::Release);
+    }
+
+    /// Moves `from` → `to` only if the status is still `from` (QEMU's migrate_set_state).
+    pub fn transition(&self, from: MigrationStatus, to: MigrationStatus) -> bool {
+        self.status
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Milliseconds since these counters were created.
+    pub fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Records the failure reason (the first one wins).
+    pub fn set_error(&self, desc: impl Into<String>) {
+        let _ = self.error.set(desc.into());
+    }
+
+    /// The failure reason, if any.
+    pub fn error(&self) -> Option<&str> {
+        self.error.get().map(String::as_str)
+    }
+
+    /// Stores the convergence prediction.
+    pub fn set_convergence(&self, c: Convergence) {
+        let v = match c {
+            Convergence::Unknown => CONV_UNKNOWN,
+            Convergence::Converging {
+                expected_completion_ms,
+            } => expected_completion_ms.min(CONV_NOT - 1),
+            Convergence::NotConverging {
+                needed_bandwidth_bytes_per_sec,
+            } => CONV_NOT | needed_bandwidth_bytes_per_sec.min(CONV_NOT - 2),
+        };
+        self.convergence.store(v, Ordering::Relaxed);
+    }
+
+    /// The convergence prediction.
+    pub fn convergence(&self) -> Convergence {
+        match self.convergence.load(Ordering::Relaxed) {
+            CONV_UNKNOWN => Convergence::Unknown,
+            v if v & CONV_NOT != 0 => Convergence::NotConverging {
+                needed_bandwidth_bytes_per_sec: v & !CONV_NOT,
+            },
+            v => Convergence::Converging {
+                expected_completion_ms: v,
+            },
+        }
+    }
+
+    /// Adds `bytes` sent, to precopy or downtime by whether the guest is paused.
+    pub fn add_transferred(&self, bytes: u64, guest_paused: bool) {
+        self.transferred_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let bucket = if guest_paused {
+            &self.downtime_bytes
+        } else {
+            &self.precopy_bytes
+        };
+        bucket.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The `query-migrate` answer, built from the atomics without a lock.
+    pub fn snapshot(&self) -> MigrationInfo {
+        let status = self.status();
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut info = MigrationInfo {
+            status,
+            ..Default::default()
+        };
+        match status {
+            MigrationStatus::None | MigrationStatus::Setup => return info,
+            MigrationStatus::Failed => {
+                info.error_desc = self.error().map(str::to_owned);
+                return info;
+            }
+            _ => {}
+        }
+        let completed = status == MigrationStatus::Completed;
+        let page = ld(&self.page_size_bytes);
+        let normal = ld(&self.normal_pages);
+        info.ram = Some(MigrationStats {
+            transferred: ld(&self.transferred_bytes),
+            remaining: if completed {
+                0
+            } else {
+                ld(&self.remaining_bytes)
+            },
+            total: ld(&self.total_bytes),
+            duplicate: ld(&self.zero_pages),
+            normal,
+            normal_bytes: normal * page,
+            dirty_pages_rate: if completed {
+                0
+            } else {
+                ld(&self.dirty_pages_rate)
+            },
+            mbps: self.mbps.load(Ordering::Relaxed),
+            dirty_sync_count: ld(&self.dirty_sync_count),
+            postcopy_requests: 0,
+            page_size: page,
+            multifd_bytes: ld(&self.multifd_bytes),
+            pages_per_second: ld(&self.pages_per_second),
+            precopy_bytes: ld(&self.precopy_bytes),
+            downtime_bytes: ld(&self.downtime_bytes),
+            postcopy_bytes: 0,
+            dirty_sync_missed_zero_copy: 0,
+        });
+        let finished = status.is_finished();
+        info.total_time = Some(if finished {
+            ld(&self.total_time_ms)
+        } else {
+            self.elapsed_ms()
+        });
+        info.setup_time = Some(ld(&self.setup_time_ms));
+        if completed {
+            info.downtime = Some(ld(&self.downtime_ms));
+        } else {
+            info.expected_downtime = Some(ld(&self.expected_downtime_ms));
+        }
+        let throttle = ld(&self.cpu_throttle_percentage);
+        if throttle > 0 {
+            info.cpu_throttle_percentage = Some(throttle);
+        }
+        info.error_desc = self.error().map(str::to_owned);
+        info.ferry = Some(FerryMigrationInfo {
+            true_dirty_pages_rate: ld(&self.true_dirty_pages_rate),
+            bandwidth_bytes_per_sec: ld(&self.bandwidth_bytes_per_sec),
+            iterations: ld(&self.iterations),
+            convergence: self.convergence(),
+        });
+        info
+    }
+}
+
+/// QEMU's `MigrationStats` (`query-migrate`'s `ram`), field for field.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationStats {
+    /// Bytes transferred.
+    pub transferred: u64,
+    /// Bytes still to send.
+    pub remaining: u64,
+    /// Guest RAM, bytes.
+    pub total: u64,
+    /// Zero pages.
+    pub duplicate: u64,
+    /// Full pages sent.
+    pub normal: u64,
+    /// Full pages sent, bytes.
+    pub normal_bytes: u64,
+    /// Pages dirtied per second.
+    pub dirty_pages_rate: u64,
+    /// Throughput, Mbit/s.
+    pub mbps: f64,
+    /// Dirty-log syncs.
+    pub dirty_sync_count: u64,
+    /// Always 0 (no postcopy).
+    pub postcopy_requests: u64,
+    /// Page size, bytes.
+    pub page_size: u64,
+    /// Bytes on multifd channels.
+    pub multifd_bytes: u64,
+    /// Pages per second.
+    pub pages_per_second: u64,
+    /// Bytes sent while the guest ran.
+    pub precopy_bytes: u64,
+    /// Bytes sent while the guest was paused.
+    pub downtime_bytes: u64,
+    /// Always 0 (no postcopy).
+    pub postcopy_bytes: u64,
+    /// Always 0 (no zero-copy send).
+    pub dirty_sync_missed_zero_copy: u64,
+}
+
+/// Ferry's own `query-migrate` fields, under the `x-ferry` key so QEMU clients ignore them.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FerryMigrationInfo {
+    /// Unique pages dirtied per second over the last window.
+    pub true_dirty_pages_rate: u64,
+    /// Smoothed bandwidth while saturated, bytes/s.
+    pub bandwidth_bytes_per_sec: u64,
+    /// Passes done.
+    pub iterations: u64,
+    /// Convergence prediction.
+    pub convergence: Convergence,
+}
+
+/// QEMU's `MigrationInfo`, the `query-migrate` reply; absent parts are omitted as QEMU does.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationInfo {
+    /// Status.
+    pub status: MigrationStatus,
+    /// RAM statistics (active-like states and completed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ram: Option<MigrationStats>,
+    /// ms since start (final value once finished).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_time: Option<u64>,
+    /// Setup time, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub setup_time: Option<u64>,
+    /// Predicted downtime, ms (while not completed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_downtime: Option<u64>,
+    /// Actual downtime, ms (completed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime: Option<u64>,
+    /// Auto-converge throttle, percent (while throttling).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_throttle_percentage: Option<u64>,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_desc: Option<String>,
+    /// Ferry's extra fields.
+    #[serde(rename = "x-ferry", skip_serializing_if = "Option::is_none")]
+    pub ferry: Option<FerryMigrationInfo>,
+}
+
+impl Default for MigrationInfo {
+    fn default() -> Self {
+        MigrationInfo {
+            status: MigrationStatus::None,
+            ram: None,
+            total_time: None,
+            setup_time: None,
+            expected_downtime: None,
+            downtime: None,
+            cpu_throttle_percentage: None,
+            error_desc: None,
+            ferry: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn setup_shows_only_status() {
+        let s = MigStats::new();
+        s.set_status(MigrationStatus::Setup);
+        assert_eq!(
+            serde_json::to_value(s.snapshot()).unwrap(),
+            serde_json::json!({"status": "setup"})
+        );
+    }
+
+    #[test]
+    fn active_has_qemu_names_and_units() {
+        let s = MigStats::new();
+        s.set_status(MigrationStatus::Active);
+        s.normal_pages.store(10, Ordering::Relaxed);
+        s.dirty_pages_rate.store(4097, Ordering::Relaxed);
+        s.add_transferred(1000, false);
+        s.add_transferred(24, true);
+        let v: Value = serde_json::to_value(s.snapshot()).unwrap();
+        let ram = &v["ram"];
+        for key in [
+            "transferred",
+            "remaining",
+            "total",
+            "duplicate",
+            "normal",
+            "normal-bytes",
+            "dirty-pages-rate",
+            "mbps",
+            "dirty-sync-count",
+            "postcopy-requests",
+            "page-size",
+            "multifd-bytes",
+            "pages-per-second",
+            "precopy-bytes",
+            "downtime-bytes",
+            "postcopy-bytes",
+            "dirty-sync-missed-zero-copy",
+        ] {
+            assert!(ram.get(key).is_some(), "missing ram.{key}");
+        }
+        assert_eq!(ram["normal-bytes"], 40960);
+        assert_eq!(ram["dirty-pages-rate"], 4097);
+        assert_eq!(ram["transferred"], 1024);
+        assert_eq!(ram["precopy-bytes"], 1000);
+        assert_eq!(ram["downtime-bytes"], 24);
+        assert!(ram["mbps"].is_f64());
+        assert!(v.get("expected-downtime").is_some());
+        assert!(v.get("downtime").is_none());
+        assert!(v.get("total-time").is_some() && v.get("setup-time").is_some());
+        assert_eq!(v["x-ferry"]["convergence"]["state"], "unknown");
+        assert!(v.get("cpu-throttle-percentage").is_none());
+    }
+
+    #[test]
+    fn failed_carries_error_desc_only() {
+        let s = MigStats::new();
+        s.set_status(MigrationStatus::Failed);
+        s.set_error("connection reset");
+        s.set_error("second error is ignored");
+        let v = serde_json::to_value(s.snapshot()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"status": "failed", "error-desc": "connection reset"})
+        );
+    }
+
+    #[test]
+    fn completed_shows_downtime_and_zero_remaining() {
+        let s = MigStats::new();
+        s.remaining_bytes.store(4096, Ordering::Relaxed);
+        s.downtime_ms.store(7, Ordering::Relaxed);
+        s.set_status(MigrationStatus::Completed);
+        let v = serde_json::to_value(s.snapshot()).unwrap();
+        assert_eq!(v["downtime"], 7);
+        assert_eq!(v["ram"]["remaining"], 0);
+        assert!(v.get("expected-downtime").is_none());
+    }
+
+    #[test]
+    fn transition_is_compare_and_swap() {
+        let s = MigStats::new();
+        assert!(s.transition(MigrationStatus::None, MigrationStatus::Setup));
+        assert!(!s.transition(MigrationStatus::None, MigrationStatus::Active));
+        assert_eq!(s.status(), MigrationStatus::Setup);
+    }
+
+    #[test]
+    fn convergence_round_trips() {
+        let s = MigStats::new();
+        for c in [
+            Convergence::Unknown,
+            Convergence::Converging {
+                expected_completion_ms: 1234,
+            },
+            Convergence::NotConverging {
+                needed_bandwidth_bytes_per_sec: 1 << 30,
+            },
+        ] {
+            s.set_convergence(c);
+            assert_eq!(s.convergence(), c);
+        }
+    }
+}
