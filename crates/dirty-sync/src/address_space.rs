@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use stats::DirtyLogStats;
 
-use crate::listener::{DirtySink, MemoryListener, SyncMode};
+use crate::listener::{DirtySink, MemoryListener, SyncMode, SINK_CLIENTS};
 use crate::{DirtyBitmap, DirtyReason, Error, RamBlock, ReasonMask, Result, PAGE_SIZE};
 
 /// What one `global_dirty_log_sync` found.
@@ -30,7 +30,8 @@ impl SyncReport {
 struct Inner {
     listeners: Vec<Arc<dyn MemoryListener>>,
     mask: ReasonMask,
-    clients: [Option<Arc<DirtyBitmap>>; 3],
+    /// Each reason's bitmap at `reason.index()`, its observer at `3 + reason.index()`.
+    clients: [Option<Arc<DirtyBitmap>>; SINK_CLIENTS],
 }
 
 /// Guest RAM as a list of [`RamBlock`]s plus the listeners that log writes to it.
@@ -86,7 +87,7 @@ impl AddressSpace {
             inner: Mutex::new(Inner {
                 listeners: Vec::new(),
                 mask: ReasonMask::default(),
-                clients: [None, None, None],
+                clients: Default::default(),
             }),
             mask_bits: AtomicU8::new(0),
             stats: Arc::new(DirtyLogStats::default()),
@@ -221,6 +222,7 @@ impl AddressSpace {
         }
         inner.mask = inner.mask.without(reason);
         inner.clients[reason.index()] = None;
+        inner.clients[3 + reason.index()] = None;
         self.mask_bits.store(inner.mask.bits(), Ordering::Release);
         if inner.mask.is_empty() {
             let mut first_err = None;
@@ -239,6 +241,22 @@ impl AddressSpace {
         self.lock().clients[reason.index()].clone()
     }
 
+    /// A second bitmap fed by every sync while `reason` is on, for a view that is cleared
+    /// on its own schedule (the migration's "unique pages per window" count). Replaces
+    /// any earlier observer of the reason; dropped when the reason stops.
+    pub fn observe(&self, reason: DirtyReason) -> Result<Arc<DirtyBitmap>> {
+        let mut inner = self.lock();
+        if !inner.mask.contains(reason) {
+            return Err(Error::Reason {
+                reason,
+                what: "not started",
+            });
+        }
+        let bitmap = Arc::new(DirtyBitmap::new(self.total_pages));
+        inner.clients[3 + reason.index()] = Some(Arc::clone(&bitmap));
+        Ok(bitmap)
+    }
+
     /// Harvests every listener and merges what they report into every active reason's
     /// bitmap; with `one_shot`, then stops that reason (and only it).
     ///
@@ -252,11 +270,8 @@ impl AddressSpace {
             });
         }
         let start = Instant::now();
-        let clients: [Option<&DirtyBitmap>; 3] = [
-            inner.clients[0].as_deref(),
-            inner.clients[1].as_deref(),
-            inner.clients[2].as_deref(),
-        ];
+        let clients: [Option<&DirtyBitmap>; SINK_CLIENTS] =
+            std::array::from_fn(|i| inner.clients[i].as_deref());
         let mut sink = DirtySink::new(clients);
         let mut result = Ok(());
         for l in &inner.listeners {
@@ -455,9 +470,19 @@ mod tests {
         );
         assert_eq!(r.new_pages(DirtyReason::DirtyRate), 2);
         assert_eq!(rate.iter_set().collect::<Vec<_>>(), vec![5, 6]);
+        // An observer sees the same pages without touching the reason's counts.
+        let window = space.observe(DirtyReason::Migration).unwrap();
+        fake.next.lock().unwrap().extend([5, 7]);
+        let r = space.global_dirty_log_sync(None).unwrap();
+        assert_eq!(r.new_pages(DirtyReason::Migration), 1);
+        assert_eq!(window.iter_set().collect::<Vec<_>>(), vec![5, 7]);
+        assert!(
+            space.observe(DirtyReason::DirtyRate).is_err(),
+            "stopped reason"
+        );
         assert!(!space.reasons().contains(DirtyReason::DirtyRate));
         assert!(space.reasons().contains(DirtyReason::Migration));
-        assert_eq!(space.stats().snapshot().syncs, 1);
+        assert_eq!(space.stats().snapshot().syncs, 2);
     }
 
     #[test]

@@ -68,17 +68,22 @@ pub trait MemoryListener: Send + Sync {
 /// Merging into each reason's own bitmap is what lets a dirty-rate measurement run beside
 /// a migration without draining the migration's pages (QEMU shares one bitmap and counts).
 pub struct DirtySink<'a> {
-    clients: [Option<&'a DirtyBitmap>; 3],
-    new_pages: [u64; 3],
+    clients: [Option<&'a DirtyBitmap>; SINK_CLIENTS],
+    new_pages: [u64; SINK_CLIENTS],
     reported_pages: u64,
 }
 
+/// Bitmaps one sink feeds: each reason's own, then each reason's observer (see
+/// [`AddressSpace::observe`](crate::AddressSpace::observe)).
+pub const SINK_CLIENTS: usize = 6;
+
 impl<'a> DirtySink<'a> {
-    /// A sink that feeds the given per-reason bitmaps (indexed by [`DirtyReason::index`]).
-    pub fn new(clients: [Option<&'a DirtyBitmap>; 3]) -> Self {
+    /// A sink that feeds the given bitmaps: index [`DirtyReason::index`] is the reason's
+    /// own bitmap, index `3 + DirtyReason::index` its observer.
+    pub fn new(clients: [Option<&'a DirtyBitmap>; SINK_CLIENTS]) -> Self {
         DirtySink {
             clients,
-            new_pages: [0; 3],
+            new_pages: [0; SINK_CLIENTS],
             reported_pages: 0,
         }
     }
