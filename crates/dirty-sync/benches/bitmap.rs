@@ -1,6 +1,7 @@
 //! Bitmap micro-benchmarks: the merge (GiB of guest RAM covered per second) and set-bit
 //! iteration at 1 %, 10 % and 100 % density beside a plain `trailing_zeros` word scan.
 
+#![allow(missing_docs)] // criterion_group! generates undocumented public items
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dirty_sync::{DirtyBitmap, PAGE_SIZE};
 
