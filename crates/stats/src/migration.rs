@@ -128,9 +128,12 @@ pub struct MigStats {
     pub expected_downtime_ms: AtomicU64,
     /// Current auto-converge throttle, percent (0 = not throttling).
     pub cpu_throttle_percentage: AtomicU64,
-    /// Ferry: unique pages dirtied per second over the last window (all writes, not only
-    /// pages dirtied since they were sent).
+    /// Ferry: unique pages dirtied per second over the last ≥ 1 s period (all writes,
+    /// not only pages dirtied since they were sent).
     pub true_dirty_pages_rate: AtomicU64,
+    /// Ferry: QEMU's own rule for comparison: pages newly dirtied since they were sent,
+    /// summed over the syncs of the period, per second (counts a page once per sync).
+    pub new_dirty_pages_rate: AtomicU64,
     /// Ferry: smoothed link bandwidth, measured only while the sender was saturated, bytes/s.
     pub bandwidth_bytes_per_sec: AtomicU64,
     /// Ferry: passes over the dirty bitmap (iterations) done.
@@ -174,6 +177,7 @@ impl MigStats {
             expected_downtime_ms: AtomicU64::new(0),
             cpu_throttle_percentage: AtomicU64::new(0),
             true_dirty_pages_rate: AtomicU64::new(0),
+            new_dirty_pages_rate: AtomicU64::new(0),
             bandwidth_bytes_per_sec: AtomicU64::new(0),
             iterations: AtomicU64::new(0),
             convergence: AtomicU64::new(CONV_UNKNOWN),
@@ -316,6 +320,7 @@ impl MigStats {
         info.error_desc = self.error().map(str::to_owned);
         info.ferry = Some(FerryMigrationInfo {
             true_dirty_pages_rate: ld(&self.true_dirty_pages_rate),
+            new_dirty_pages_rate: ld(&self.new_dirty_pages_rate),
             bandwidth_bytes_per_sec: ld(&self.bandwidth_bytes_per_sec),
             iterations: ld(&self.iterations),
             convergence: self.convergence(),
@@ -370,6 +375,8 @@ pub struct MigrationStats {
 pub struct FerryMigrationInfo {
     /// Unique pages dirtied per second over the last window.
     pub true_dirty_pages_rate: u64,
+    /// QEMU's rule: pages newly dirtied since sent, once per sync, per second.
+    pub new_dirty_pages_rate: u64,
     /// Smoothed bandwidth while saturated, bytes/s.
     pub bandwidth_bytes_per_sec: u64,
     /// Passes done.

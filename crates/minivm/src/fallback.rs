@@ -1,0 +1,192 @@
+//! The host-thread backend: the same workloads, run by host threads writing guest memory
+//! through vm-memory (so its dirty bitmap records every write), for hosts without /dev/kvm.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::config::Workload;
+use crate::control::Control;
+use crate::error::{Error, Result};
+use crate::guest::{xorshift_seed, Layout};
+use crate::memory::GuestMemory;
+use crate::state::ThreadProgress;
+use crate::{SharedErrors, PAGE_SIZE};
+
+/// Page writes between control checkpoints.
+const CHUNK_PAGES: u64 = 1024;
+/// Random writes per counter bump (as in the guest program).
+const RANDOM_WRITES_PER_ROUND: u64 = 4096;
+/// Idle: counter bumps this often.
+const IDLE_NAP: Duration = Duration::from_millis(10);
+/// Sweep: most missed writes caught up in a burst.
+const SWEEP_MAX_LAG: Duration = Duration::from_millis(20);
+
+/// One host thread standing in for a vCPU.
+pub struct Worker {
+    /// vCPU index.
+    pub id: u32,
+    /// Guest memory.
+    pub memory: Arc<GuestMemory>,
+    /// Where this vCPU's pages are.
+    pub layout: Layout,
+    /// What to write.
+    pub workload: Workload,
+    /// Shared control block.
+    pub control: Arc<Control>,
+    /// Progress, readable by save_state while parked.
+    pub progress: Arc<Mutex<ThreadProgress>>,
+    /// Where failures are recorded.
+    pub errors: SharedErrors,
+}
+
+impl Worker {
+    /// Spawns the worker thread.
+    pub fn spawn(self) -> Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("minivm-thread{}", self.id))
+            .spawn(move || self.run_loop())
+            .map_err(|source| Error::Os {
+                what: "spawning a workload thread",
+                source,
+            })
+    }
+
+    fn counter_addr(&self) -> GuestAddress {
+        GuestAddress(self.layout.counter_gpa(self.id))
+    }
+
+    fn page_addr(&self, page: u64) -> GuestAddress {
+        GuestAddress(self.layout.share_gpa(self.id) + page * PAGE_SIZE)
+    }
+
+    fn run_loop(self) {
+        let id = self.id as usize;
+        let mut slice_start = Instant::now();
+        let mut sweep_start: Option<(Instant, u64)> = None;
+        while self.control.checkpoint(id) {
+            self.control.throttle(id, &mut slice_start);
+            let r = match self.workload {
+                Workload::Idle => self.idle_step(),
+                Workload::WorkingSet { .. } => self.working_set_step(),
+                Workload::Sweep { pages_per_sec } => {
+                    self.sweep_step(pages_per_sec, &mut sweep_start)
+                }
+                Workload::Random { .. } => self.random_step(),
+            };
+            if let Err(e) = r {
+                self.errors
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((self.id, e.to_string()));
+                break;
+            }
+        }
+        self.control.mark_exited(id);
+    }
+
+    fn bump_counter(&self, to: u64) -> Result<()> {
+        Ok(self
+            .memory
+            .store(to, self.counter_addr(), Ordering::Release)?)
+    }
+
+    fn counter(&self) -> Result<u64> {
+        Ok(self.memory.load(self.counter_addr(), Ordering::Acquire)?)
+    }
+
+    fn lock_progress(&self) -> std::sync::MutexGuard<'_, ThreadProgress> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn idle_step(&self) -> Result<()> {
+        let c = self.counter()?;
+        self.bump_counter(c + 1)?;
+        self.control.nap(self.id as usize, IDLE_NAP);
+        Ok(())
+    }
+
+    fn working_set_step(&self) -> Result<()> {
+        let pages = self.layout.touched_pages(&self.workload, self.id);
+        if pages == 0 {
+            return self.idle_step();
+        }
+        let round = self.counter()? + 1;
+        let mut p = self.lock_progress();
+        let end = (p.position + CHUNK_PAGES).min(pages);
+        for page in p.position..end {
+            self.memory.write_obj(round, self.page_addr(page))?;
+        }
+        p.position = end;
+        if end == pages {
+            p.position = 0;
+            self.bump_counter(round)?;
+        }
+        Ok(())
+    }
+
+    fn sweep_step(&self, pages_per_sec: u64, start: &mut Option<(Instant, u64)>) -> Result<()> {
+        let rate = (pages_per_sec / u64::from(self.layout.vcpus)).max(1);
+        let written = self.counter()?;
+        let (t0, base) = *start.get_or_insert((Instant::now(), written));
+        let elapsed = t0.elapsed();
+        let due_total = u64::try_from(elapsed.as_nanos() * u128::from(rate) / 1_000_000_000)
+            .unwrap_or(u64::MAX);
+        let mut due = due_total.saturating_sub(written.saturating_sub(base));
+        let max_lag = (rate * SWEEP_MAX_LAG.as_millis() as u64 / 1000).max(1);
+        if due > max_lag {
+            // Too far behind (paused or throttled): restart the schedule, no burst.
+            *start = Some((Instant::now(), written));
+            due = 1;
+        }
+        if due == 0 {
+            let wait_ns = 1_000_000_000 / rate;
+            self.control.nap(
+                self.id as usize,
+                Duration::from_nanos(wait_ns.min(1_000_000)),
+            );
+            return Ok(());
+        }
+        let share = self.layout.share_pages;
+        let mut p = self.lock_progress();
+        let mut count = written;
+        for _ in 0..due.min(CHUNK_PAGES) {
+            count += 1;
+            self.memory.write_obj(count, self.page_addr(p.position))?;
+            p.position = (p.position + 1) % share;
+        }
+        self.bump_counter(count)
+    }
+
+    fn random_step(&self) -> Result<()> {
+        let Workload::Random { seed, hot_percent } = self.workload else {
+            return Ok(());
+        };
+        let share = self.layout.share_pages;
+        let hot = self.layout.hot_pages();
+        let threshold = u64::from(hot_percent.min(100)) * 256 / 100;
+        let mut p = self.lock_progress();
+        if p.rng == 0 {
+            p.rng = xorshift_seed(seed, self.id);
+        }
+        for _ in 0..RANDOM_WRITES_PER_ROUND {
+            let mut x = p.rng;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            p.rng = x;
+            let page = if (x & 0xff) < threshold {
+                (x >> 8) % hot
+            } else {
+                (x >> 8) % share
+            };
+            p.seq += 1;
+            self.memory.write_obj(p.seq, self.page_addr(page))?;
+        }
+        let c = self.counter()?;
+        self.bump_counter(c + 1)
+    }
+}

@@ -1,0 +1,61 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use minivm::{Backend, MiniVm, VmConfig, Workload};
+
+/// Generous: tests wait on guest rounds, this only bounds a hung guest.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+static KVM_LOCK: Mutex<()> = Mutex::new(());
+
+/// Serializes KVM guests across test threads. Returns None (skip) when KVM is unusable,
+/// unless FERRY_REQUIRE_KVM=1, in which case the test fails.
+pub fn kvm_guard() -> Option<MutexGuard<'static, ()>> {
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !usable {
+        let required = std::env::var("FERRY_REQUIRE_KVM")
+            .map(|v| v == "1")
+            .unwrap_or(false);
+        assert!(
+            !required,
+            "FERRY_REQUIRE_KVM=1 but /dev/kvm cannot be opened"
+        );
+        eprintln!("skipping: /dev/kvm not usable");
+        return None;
+    }
+    Some(KVM_LOCK.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// A small config (64 MiB) for the given backend, workload and vCPUs.
+pub fn cfg(backend: Backend, workload: Workload, vcpus: u32) -> VmConfig {
+    VmConfig {
+        mem_bytes: 64 << 20,
+        vcpus,
+        workload,
+        backend,
+        ..Default::default()
+    }
+}
+
+/// Builds and starts a VM.
+pub fn started(c: VmConfig) -> MiniVm {
+    let mut vm = MiniVm::new(c).expect("build VM");
+    vm.start().expect("start VM");
+    vm
+}
+
+/// Asserts every vCPU's counter advances by `rounds`.
+pub fn assert_all_advance(vm: &MiniVm, rounds: u64) {
+    for v in 0..vm.vcpus() {
+        if let Err(e) = vm.wait_rounds(v, rounds, TIMEOUT) {
+            panic!("vCPU {v} did not advance: {e} (errors: {:?})", vm.errors());
+        }
+    }
+}
