@@ -13,6 +13,9 @@ pub enum Error {
         /// The rejected text.
         input: String,
     },
+    /// The dirty-log plane refused the guest's memory or listeners.
+    #[error("dirty log: {0}")]
+    DirtyLog(#[source] dirty_sync::Error),
     /// A size string did not parse.
     #[error(
         "invalid size {input:?}: expected bytes with an optional K/M/G suffix, e.g. 4096, 512M, 1G"

@@ -22,6 +22,7 @@
 
 mod config;
 mod control;
+mod dirty_log;
 mod dirty_ring;
 mod error;
 mod fallback;
@@ -44,6 +45,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 pub use config::{
     parse_size_bytes, Backend, VmConfig, Workload, MAX_MEM_BYTES, MAX_VCPUS, MIN_MEM_BYTES,
 };
+pub use dirty_log::DirtyTracking;
 pub use error::{Error, Result};
 pub use guest::{Layout, COUNTER_GPA, DATA_GPA};
 pub use memory::SlotInfo;
