@@ -49,7 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut vm = MiniVm::new(VmConfig {
         mem_bytes: args.mem,
         vcpus: args.vcpus,
-        workload: args.workload.clone(),
+        workload: args.workload,
         backend: if args.threads {
             Backend::Threads
         } else {
