@@ -1,0 +1,231 @@
+//! The precopy destination: accept the stream, write pages into guest memory, and only
+//! after a clean end of stream load the device state, resume, and acknowledge.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use dirty_sync::PAGE_SIZE;
+use stats::{MigStats, MigrationStatus};
+use transport::{Event, Listener, PageSink, Uri};
+
+use crate::guest::{GuestRam, MigratableVm};
+use crate::{Error, Result};
+
+/// What the destination saw, for reports and tests.
+#[derive(Clone, Debug, Default)]
+pub struct IncomingReport {
+    /// Iterations the stream carried.
+    pub iterations: u64,
+    /// Bytes received on all channels.
+    pub received_bytes: u64,
+    /// Stream start (accept) to guest resumed, ms.
+    pub total_ms: u64,
+    /// Device state bytes loaded.
+    pub device_state_bytes: u64,
+    /// Digest of guest RAM taken after loading and before resuming (with `verify`).
+    pub ram_digest: Option<u64>,
+}
+
+/// A destination waiting for, or receiving, a migration.
+pub struct Incoming {
+    stats: Arc<MigStats>,
+    uri: Uri,
+    thread: Option<JoinHandle<Result<IncomingReport>>>,
+}
+
+impl Incoming {
+    /// The URI the source should use (the real port for `tcp:HOST:0`).
+    pub fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    /// Status: setup (listening), active (receiving), completed or failed.
+    pub fn stats(&self) -> &Arc<MigStats> {
+        &self.stats
+    }
+
+    /// Waits for the end of the incoming migration.
+    pub fn wait(mut self) -> Result<IncomingReport> {
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            _ => Err(Error::Guest("the incoming thread panicked".into())),
+        }
+    }
+}
+
+/// Guest RAM as the receiver's page sink.
+struct RamSink<'a> {
+    ram: &'a GuestRam,
+}
+
+// SAFETY: page_ptr returns a pointer inside the block's mapping (bounds-checked here,
+// null otherwise), pages do not overlap, and the destination guest does not run while
+// the stream is received (it is resumed only after `receive` returned).
+unsafe impl PageSink for RamSink<'_> {
+    fn page_ptr(&self, block_idx: usize, page_index: u64) -> *mut u8 {
+        match self.ram.blocks().get(block_idx) {
+            Some(b) if page_index < b.pages() => (b.host_addr + page_index * PAGE_SIZE) as *mut u8,
+            _ => std::ptr::null_mut(),
+        }
+    }
+}
+
+/// Binds `uri` and receives one migration into `vm` on a thread (`mig/dst`).
+///
+/// The guest is resumed only when the stream ended cleanly on every channel, matched
+/// the guest's RAM blocks, and its device state loaded. With `verify`, a digest of RAM
+/// is taken before resuming (it adds to the downtime; for tests and the demo).
+pub fn incoming(vm: Arc<dyn MigratableVm>, uri: &str, verify: bool) -> Result<Incoming> {
+    let uri: Uri = uri
+        .parse()
+        .map_err(|e: transport::Error| Error::InvalidParameter(e.to_string()))?;
+    let listener = Listener::bind(&uri)?;
+    let local = listener.local_uri()?;
+    let stats = Arc::new(MigStats::new());
+    stats.set_status(MigrationStatus::Setup);
+    let st = stats.clone();
+    let thread = std::thread::Builder::new()
+        .name("mig/dst".into())
+        .spawn(move || {
+            let r = receive(vm, listener, &st, verify);
+            st.total_time_ms
+                .store(st.elapsed_ms(), std::sync::atomic::Ordering::Relaxed);
+            match &r {
+                Ok(_) => st.set_status(MigrationStatus::Completed),
+                Err(e) => {
+                    st.set_error(e.to_string());
+                    st.set_status(MigrationStatus::Failed);
+                }
+            }
+            r
+        })
+        .map_err(|e| Error::Guest(format!("cannot start the incoming thread: {e}")))?;
+    Ok(Incoming {
+        stats,
+        uri: local,
+        thread: Some(thread),
+    })
+}
+
+fn receive(
+    vm: Arc<dyn MigratableVm>,
+    listener: Listener,
+    stats: &MigStats,
+    verify: bool,
+) -> Result<IncomingReport> {
+    let mut rx = listener.accept()?;
+    let start = Instant::now();
+    stats.set_status(MigrationStatus::Active);
+    let ram = GuestRam::new(vm.clone());
+    let header = rx.header().clone();
+    if let Err(e) = check_blocks(&ram, &header) {
+        let _ = rx.send_refusal(&e.to_string());
+        return Err(e);
+    }
+    let mut report = IncomingReport::default();
+    let mut device_state: Option<Vec<u8>> = None;
+    let sink = RamSink { ram: &ram };
+    rx.receive(&sink, |ev| {
+        match ev {
+            Event::DeviceState { name, data } if name == "vcpus" => device_state = Some(data),
+            Event::DeviceState { name, .. } => {
+                return Err(transport::Error::Protocol(format!(
+                    "unknown device state {name:?}"
+                )))
+            }
+            Event::IterationEnd { iteration } => report.iterations = iteration,
+        }
+        Ok(())
+    })?;
+    let counters = rx.counters();
+    report.received_bytes = counters.total_bytes();
+    stats
+        .transferred_bytes
+        .store(report.received_bytes, std::sync::atomic::Ordering::Relaxed);
+    let result = (|| {
+        let state = device_state
+            .ok_or_else(|| Error::Incompatible("the stream carried no device state".into()))?;
+        report.device_state_bytes = state.len() as u64;
+        vm.load_device_state(&state)
+            .map_err(|e| Error::Guest(format!("loading device state: {e}")))?;
+        if verify {
+            report.ram_digest = Some(ram_digest(&ram));
+        }
+        vm.resume_vcpus()
+            .map_err(|e| Error::Guest(format!("resuming: {e}")))
+    })();
+    match result {
+        Ok(()) => {
+            rx.send_ack(true)?;
+            report.total_ms = start.elapsed().as_millis() as u64;
+            Ok(report)
+        }
+        Err(e) => {
+            let _ = rx.send_refusal(&e.to_string());
+            Err(e)
+        }
+    }
+}
+
+fn check_blocks(ram: &GuestRam, header: &transport::StreamHeader) -> Result<()> {
+    if u64::from(header.page_size) != PAGE_SIZE {
+        return Err(Error::Incompatible(format!(
+            "page size {} (this guest uses {PAGE_SIZE})",
+            header.page_size
+        )));
+    }
+    let ours = ram.blocks();
+    let same = ours.len() == header.blocks.len()
+        && ours
+            .iter()
+            .zip(&header.blocks)
+            .all(|(a, b)| a.id == b.id && a.size_bytes == b.size_bytes);
+    if !same {
+        let fmt = |v: Vec<(String, u64)>| {
+            v.iter()
+                .map(|(id, sz)| format!("{id}:{sz}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        return Err(Error::Incompatible(format!(
+            "RAM blocks differ: stream [{}], guest [{}]",
+            fmt(header
+                .blocks
+                .iter()
+                .map(|b| (b.id.clone(), b.size_bytes))
+                .collect()),
+            fmt(ours.iter().map(|b| (b.id.clone(), b.size_bytes)).collect())
+        )));
+    }
+    Ok(())
+}
+
+/// A 64-bit digest of every non-zero page of guest RAM and its index, so two guests
+/// with equal memory have equal digests. Pages the host never mapped are skipped
+/// without being read when RAM is private anonymous memory.
+pub fn ram_digest(ram: &GuestRam) -> u64 {
+    let mut digest = 0u64;
+    let anon = ram.vm().untouched_ram_is_zero();
+    for (bi, b) in ram.blocks().iter().enumerate() {
+        let touched = anon.then(|| {
+            let bm = dirty_sync::DirtyBitmap::new(b.first_page + b.pages());
+            crate::guest::mark_touched_pages(b, &bm).ok().map(|_| bm)
+        });
+        for p in 0..b.pages() {
+            if let Some(Some(bm)) = &touched {
+                if !bm.is_set(b.first_page + p) {
+                    continue;
+                }
+            }
+            let page = ram.page(bi, p);
+            if crate::guest::is_zero_page(page) {
+                continue;
+            }
+            // Order-independent combination of (global page, content hash).
+            let h = xxhash_rust::xxh3::xxh3_64_with_seed(page, b.first_page + p);
+            digest = digest.wrapping_add(h.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        }
+    }
+    digest
+}

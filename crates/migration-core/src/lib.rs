@@ -1,0 +1,23 @@
+//! Ferry's engine: the precopy source and destination, the numbers that steer them,
+//! and calc-dirty-rate.
+//!
+//! A VMM implements [`MigratableVm`] for its guest, hands it to a [`MigrationSource`]
+//! (source side) or [`incoming`] (destination side), and polls
+//! [`MigrationSource::query`] for QEMU-shaped `query-migrate` answers.
+
+mod destination;
+mod error;
+mod guest;
+mod params;
+mod rates;
+mod source;
+
+pub use destination::{incoming, ram_digest, Incoming, IncomingReport};
+pub use error::{Error, Result};
+pub use guest::{is_zero_page, mark_touched_pages, GuestError, GuestRam, MigratableVm};
+pub use params::{
+    Capabilities, Capability, CompressionParam, MigrationParameters, ParametersUpdate,
+    MAX_DOWNTIME_LIMIT_MS,
+};
+pub use rates::{predict_convergence, AutoConverge, BandwidthEstimator, DirtyRatePeriod};
+pub use source::{MigrationEvent, MigrationSource};

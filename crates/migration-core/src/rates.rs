@@ -1,0 +1,242 @@
+//! The numbers that steer a precopy: bandwidth, dirty rate, convergence, auto-converge.
+
+use stats::Convergence;
+
+/// Link bandwidth measured only over time the sender spent sending.
+///
+/// QEMU divides bytes by wall time over 100 ms windows, so a sender busy syncing or
+/// scanning zero pages reads as a slow link and the switch-over threshold collapses
+/// (reference §6 item 1). Here a sample is bytes ÷ time inside send calls, taken only
+/// when enough bytes went out to mean something, and smoothed with an EWMA.
+#[derive(Clone, Debug, Default)]
+pub struct BandwidthEstimator {
+    smoothed_bytes_per_sec: f64,
+    samples: u64,
+}
+
+/// Bytes a window must carry before it counts as a bandwidth sample.
+pub const MIN_SAMPLE_BYTES: u64 = 4 << 20;
+/// Weight of a new sample in the average.
+const EWMA_ALPHA: f64 = 0.4;
+
+impl BandwidthEstimator {
+    /// Feeds one window: `bytes` sent during `busy_ns` nanoseconds spent in send calls.
+    /// Returns whether the window counted.
+    pub fn add_sample(&mut self, bytes: u64, busy_ns: u64) -> bool {
+        if bytes < MIN_SAMPLE_BYTES || busy_ns == 0 {
+            return false;
+        }
+        let sample = bytes as f64 * 1e9 / busy_ns as f64;
+        self.smoothed_bytes_per_sec = if self.samples == 0 {
+            sample
+        } else {
+            EWMA_ALPHA * sample + (1.0 - EWMA_ALPHA) * self.smoothed_bytes_per_sec
+        };
+        self.samples += 1;
+        true
+    }
+
+    /// The smoothed estimate, bytes/s (0 before the first sample).
+    pub fn bytes_per_sec(&self) -> u64 {
+        self.smoothed_bytes_per_sec as u64
+    }
+
+    /// True once at least one sample counted.
+    pub fn has_estimate(&self) -> bool {
+        self.samples > 0
+    }
+}
+
+/// QEMU's dirty-rate period: new dirty pages accumulate until a period has lasted at
+/// least [`DirtyRatePeriod::MIN_PERIOD_MS`], then the rate is pages × 1000 / period ms.
+#[derive(Clone, Debug, Default)]
+pub struct DirtyRatePeriod {
+    start_ms: Option<u64>,
+    pages: u64,
+}
+
+impl DirtyRatePeriod {
+    /// Shortest period that yields a rate (QEMU's 1000 ms rule).
+    pub const MIN_PERIOD_MS: u64 = 1000;
+
+    /// Adds one sync's new pages at time `now_ms`; returns `Some((rate pages/s,
+    /// period ms))` when this sync closes a period.
+    pub fn add(&mut self, new_pages: u64, now_ms: u64) -> Option<(u64, u64)> {
+        let start = *self.start_ms.get_or_insert(now_ms);
+        self.pages += new_pages;
+        let period_ms = now_ms.saturating_sub(start);
+        if period_ms < Self::MIN_PERIOD_MS {
+            return None;
+        }
+        let rate = self.pages * 1000 / period_ms;
+        self.start_ms = Some(now_ms);
+        self.pages = 0;
+        Some((rate, period_ms))
+    }
+}
+
+/// Predicts whether precopy finishes at the current rates.
+///
+/// `remaining_bytes` is what is dirty now, `dirty_bytes_per_sec` the true write rate,
+/// `last_sync_dirty_bytes` what the last sync found (the floor the remaining set does
+/// not shrink below while the guest keeps writing it), `bandwidth_bytes_per_sec` the
+/// smoothed link rate and `downtime_limit_ms` the allowed pause.
+pub fn predict_convergence(
+    remaining_bytes: u64,
+    dirty_bytes_per_sec: u64,
+    last_sync_dirty_bytes: u64,
+    bandwidth_bytes_per_sec: u64,
+    downtime_limit_ms: u64,
+) -> Convergence {
+    if bandwidth_bytes_per_sec == 0 {
+        return Convergence::Unknown;
+    }
+    let bw = bandwidth_bytes_per_sec as f64;
+    let threshold = bw * downtime_limit_ms as f64 / 1000.0;
+    if remaining_bytes as f64 <= threshold {
+        return Convergence::Converging {
+            expected_completion_ms: 0,
+        };
+    }
+    // Bandwidth the switch-over needs: faster than the guest writes, and fast enough to
+    // send the set it keeps re-dirtying within the downtime limit.
+    let floor_bytes = last_sync_dirty_bytes.min(remaining_bytes);
+    let needed = (dirty_bytes_per_sec as f64 * 1.05)
+        .max(floor_bytes as f64 * 1000.0 / downtime_limit_ms.max(1) as f64);
+    if needed >= bw {
+        return Convergence::NotConverging {
+            needed_bandwidth_bytes_per_sec: needed.ceil() as u64,
+        };
+    }
+    // Each pass sends what is dirty while the guest dirties rate/bw of it again: a
+    // geometric series down to the threshold.
+    let q = dirty_bytes_per_sec as f64 / bw;
+    let mut left = remaining_bytes as f64;
+    let mut ms = 0.0;
+    for _ in 0..1000 {
+        if left <= threshold {
+            break;
+        }
+        ms += left / bw * 1000.0;
+        left *= q;
+    }
+    Convergence::Converging {
+        expected_completion_ms: ms.ceil() as u64,
+    }
+}
+
+/// QEMU's auto-converge: throttle the vCPUs up when, twice, a ≥ 1 s period dirtied more
+/// than `trigger %` of what it sent.
+#[derive(Clone, Debug, Default)]
+pub struct AutoConverge {
+    high_count: u32,
+    percent: u8,
+}
+
+impl AutoConverge {
+    /// Judges one closed period; returns the new throttle percentage if it changed.
+    pub fn on_period(
+        &mut self,
+        dirtied_bytes: u64,
+        sent_bytes: u64,
+        trigger_percent: u8,
+        initial: u8,
+        increment: u8,
+        max: u8,
+    ) -> Option<u8> {
+        if dirtied_bytes <= sent_bytes * u64::from(trigger_percent) / 100 {
+            return None;
+        }
+        self.high_count += 1;
+        if self.high_count < 2 {
+            return None;
+        }
+        self.high_count = 0;
+        let next = if self.percent == 0 {
+            initial
+        } else {
+            self.percent.saturating_add(increment)
+        };
+        self.percent = next.clamp(1, max.min(99));
+        Some(self.percent)
+    }
+
+    /// The current throttle, percent (0 = off).
+    pub fn percent(&self) -> u8 {
+        self.percent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bandwidth_ignores_small_windows_and_smooths() {
+        let mut b = BandwidthEstimator::default();
+        assert!(!b.add_sample(1000, 1_000_000), "too few bytes");
+        assert!(!b.has_estimate());
+        assert!(b.add_sample(100 << 20, 100_000_000));
+        assert_eq!(b.bytes_per_sec(), 1 << 30);
+        b.add_sample(50 << 20, 100_000_000);
+        let est = b.bytes_per_sec();
+        assert!(est < 1 << 30 && est > 512 << 20, "{est}");
+    }
+
+    #[test]
+    fn dirty_rate_needs_a_full_second() {
+        let mut p = DirtyRatePeriod::default();
+        assert_eq!(p.add(100, 0), None);
+        assert_eq!(p.add(300, 500), None);
+        assert_eq!(p.add(100, 1250), Some((400, 1250)));
+        assert_eq!(p.add(7, 1300), None, "a new period starts");
+    }
+
+    #[test]
+    fn convergence_cases() {
+        let gib = 1u64 << 30;
+        assert_eq!(
+            predict_convergence(10 << 20, 0, 0, gib, 300),
+            Convergence::Converging {
+                expected_completion_ms: 0
+            }
+        );
+        // 256 MiB working set at 128 MiB/s cannot converge; it needs ~853 MiB/s.
+        match predict_convergence(256 << 20, 256 << 20, 256 << 20, 128 << 20, 300) {
+            Convergence::NotConverging {
+                needed_bandwidth_bytes_per_sec,
+            } => {
+                assert!(
+                    needed_bandwidth_bytes_per_sec > 850 << 20
+                        && needed_bandwidth_bytes_per_sec < 860 << 20
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        match predict_convergence(gib, 16 << 20, 16 << 20, gib, 300) {
+            Convergence::Converging {
+                expected_completion_ms,
+            } => assert!((1000..1100).contains(&expected_completion_ms)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(predict_convergence(1, 1, 1, 0, 300), Convergence::Unknown);
+    }
+
+    #[test]
+    fn auto_converge_steps_like_qemu() {
+        let mut a = AutoConverge::default();
+        assert_eq!(
+            a.on_period(100, 100, 50, 20, 10, 99),
+            None,
+            "first high period"
+        );
+        assert_eq!(a.on_period(100, 100, 50, 20, 10, 99), Some(20));
+        assert_eq!(a.on_period(10, 100, 50, 20, 10, 99), None, "low period");
+        a.on_period(100, 100, 50, 20, 10, 99);
+        assert_eq!(a.on_period(100, 100, 50, 20, 10, 99), Some(30));
+        for _ in 0..40 {
+            a.on_period(100, 100, 50, 20, 10, 99);
+        }
+        assert_eq!(a.percent(), 99);
+    }
+}

@@ -1,0 +1,788 @@
+//! The precopy source: setup, iterate, converge, stop-and-copy, on its own thread.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver as ChanReceiver, Sender as ChanSender};
+use dirty_sync::{AddressSpace, DirtyBitmap, DirtyReason, BITS_PER_WORD, PAGE_SIZE};
+use stats::{MigStats, MigrationInfo, MigrationStatus};
+use transport::{BlockInfo, Compression, SendOptions, Sender, Uri};
+
+use crate::guest::{is_zero_page, mark_touched_pages, GuestRam, MigratableVm};
+use crate::params::{
+    Capabilities, Capability, CompressionParam, MigrationParameters, ParametersUpdate,
+};
+use crate::rates::{predict_convergence, AutoConverge, BandwidthEstimator, DirtyRatePeriod};
+use crate::{Error, Result};
+
+/// Something a watcher of the migration may want to hear (QMP events).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrationEvent {
+    /// The status changed (QMP `MIGRATION`).
+    Status(MigrationStatus),
+    /// A dirty-log sync finished pass `n` (QMP `MIGRATION_PASS`).
+    Pass(u64),
+}
+
+/// Bandwidth assumed for the switch-over decision before the first real sample, when
+/// no cap is set: what loopback TCP does on this machine kind, rounded down.
+const ASSUMED_BANDWIDTH_BYTES_PER_SEC: u64 = 1 << 30;
+/// How often the progress numbers (mbps, pages-per-second, bandwidth) are refreshed.
+const TICK_MS: u64 = 100;
+/// Longest time between two dirty-log syncs while a pass is still sending.
+const SYNC_PERIOD_MS: u64 = 1000;
+/// Pages a worker claims at a time (two bitmap words).
+const CHUNK_WORDS: usize = 2;
+
+/// Parameters that may change while a migration runs.
+#[derive(Debug)]
+struct LiveParams {
+    max_bandwidth: AtomicU64,
+    downtime_limit_ms: AtomicU64,
+    avail_switchover_bandwidth: AtomicU64,
+}
+
+struct Shared {
+    params: Mutex<MigrationParameters>,
+    caps: Mutex<Capabilities>,
+    live: Arc<LiveParams>,
+    stats: RwLock<Arc<MigStats>>,
+    cancel: Mutex<Arc<AtomicBool>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    subscribers: Mutex<Vec<ChanSender<MigrationEvent>>>,
+}
+
+/// The source side of migrations of one VM (QEMU's MigrationState): parameters,
+/// capabilities, and at most one migration at a time, running on its own thread.
+pub struct MigrationSource {
+    vm: Arc<dyn MigratableVm>,
+    shared: Arc<Shared>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MigrationSource {
+    /// A source for `vm`, with QEMU's default parameters.
+    pub fn new(vm: Arc<dyn MigratableVm>) -> Self {
+        let params = MigrationParameters::default();
+        let live = Arc::new(LiveParams {
+            max_bandwidth: AtomicU64::new(params.max_bandwidth),
+            downtime_limit_ms: AtomicU64::new(params.downtime_limit),
+            avail_switchover_bandwidth: AtomicU64::new(params.avail_switchover_bandwidth),
+        });
+        MigrationSource {
+            vm,
+            shared: Arc::new(Shared {
+                params: Mutex::new(params),
+                caps: Mutex::new(Capabilities::default()),
+                live,
+                stats: RwLock::new(Arc::new(MigStats::new())),
+                cancel: Mutex::new(Arc::new(AtomicBool::new(false))),
+                thread: Mutex::new(None),
+                subscribers: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// The current parameters.
+    pub fn parameters(&self) -> MigrationParameters {
+        lock(&self.shared.params).clone()
+    }
+
+    /// Updates parameters (all or nothing). max-bandwidth, downtime-limit and
+    /// avail-switchover-bandwidth also apply to a migration already running.
+    pub fn set_parameters(&self, update: &ParametersUpdate) -> Result<()> {
+        let mut p = lock(&self.shared.params);
+        p.apply(update)?;
+        let live = &self.shared.live;
+        live.max_bandwidth.store(p.max_bandwidth, Ordering::Relaxed);
+        live.downtime_limit_ms
+            .store(p.downtime_limit, Ordering::Relaxed);
+        live.avail_switchover_bandwidth
+            .store(p.avail_switchover_bandwidth, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The capabilities.
+    pub fn capabilities(&self) -> Capabilities {
+        *lock(&self.shared.caps)
+    }
+
+    /// Sets a capability; refused while a migration runs (as QEMU does).
+    pub fn set_capability(&self, cap: Capability, on: bool) -> Result<()> {
+        if self.is_active() {
+            return Err(Error::Busy(
+                "There's a migration process in progress".into(),
+            ));
+        }
+        lock(&self.shared.caps).set(cap, on);
+        Ok(())
+    }
+
+    /// True while a migration is between setup and its end.
+    pub fn is_active(&self) -> bool {
+        let s = self.stats().status();
+        s != MigrationStatus::None && !s.is_finished()
+    }
+
+    /// The counters of the current (or last) migration.
+    pub fn stats(&self) -> Arc<MigStats> {
+        self.shared
+            .stats
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The `query-migrate` answer; never waits for the migration thread.
+    pub fn query(&self) -> MigrationInfo {
+        self.stats().snapshot()
+    }
+
+    /// Receives status changes and passes from now on.
+    pub fn subscribe(&self) -> ChanReceiver<MigrationEvent> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        lock(&self.shared.subscribers).push(tx);
+        rx
+    }
+
+    /// Starts migrating to `uri` on a new thread (`mig/src`); returns once it started.
+    pub fn migrate(&self, uri: &str) -> Result<()> {
+        let uri: Uri = uri
+            .parse()
+            .map_err(|e: transport::Error| Error::InvalidParameter(e.to_string()))?;
+        let mut thread = lock(&self.shared.thread);
+        if self.is_active() {
+            return Err(Error::Busy(
+                "There's a migration process in progress".into(),
+            ));
+        }
+        if let Some(old) = thread.take() {
+            let _ = old.join();
+        }
+        let stats = Arc::new(MigStats::new());
+        stats.set_status(MigrationStatus::Setup);
+        *self.shared.stats.write().unwrap_or_else(|p| p.into_inner()) = stats.clone();
+        let cancel = Arc::new(AtomicBool::new(false));
+        *lock(&self.shared.cancel) = cancel.clone();
+        let run = Run::new(
+            self.vm.clone(),
+            stats,
+            self.parameters(),
+            self.capabilities(),
+            self.shared.live.clone(),
+            cancel,
+            self.shared.clone(),
+        );
+        run.emit(MigrationEvent::Status(MigrationStatus::Setup));
+        let handle = std::thread::Builder::new()
+            .name("mig/src".into())
+            .spawn(move || run.run(uri))
+            .map_err(|e| Error::Guest(format!("cannot start the migration thread: {e}")))?;
+        *thread = Some(handle);
+        Ok(())
+    }
+
+    /// Asks the running migration to stop; the guest keeps running on the source.
+    pub fn cancel(&self) {
+        let stats = self.stats();
+        for from in [
+            MigrationStatus::Setup,
+            MigrationStatus::Active,
+            MigrationStatus::Device,
+        ] {
+            if stats.transition(from, MigrationStatus::Cancelling) {
+                break;
+            }
+        }
+        lock(&self.shared.cancel).store(true, Ordering::Release);
+    }
+
+    /// Waits for the current migration to end and returns its final status.
+    pub fn wait(&self) -> MigrationStatus {
+        if let Some(h) = lock(&self.shared.thread).take() {
+            let _ = h.join();
+        }
+        self.stats().status()
+    }
+}
+
+impl Drop for MigrationSource {
+    fn drop(&mut self) {
+        if self.is_active() {
+            self.cancel();
+        }
+        let _ = self.wait();
+    }
+}
+
+/// Progress at the last tick, to turn counters into rates.
+struct Tick {
+    at: Instant,
+    bytes: u64,
+    pages: u64,
+    busy_ns: u64,
+}
+
+/// One migration, on its thread.
+struct Run {
+    vm: Arc<dyn MigratableVm>,
+    ram: GuestRam,
+    space: Arc<AddressSpace>,
+    stats: Arc<MigStats>,
+    params: MigrationParameters,
+    caps: Capabilities,
+    live: Arc<LiveParams>,
+    cancel: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    /// Nanoseconds the workers spent inside send calls (sum over workers).
+    busy_ns: AtomicU64,
+    paused: AtomicBool,
+}
+
+/// The state the iteration loop keeps between syncs (owned by the migration thread).
+struct Loop {
+    bitmap: Arc<DirtyBitmap>,
+    window: Arc<DirtyBitmap>,
+    bw: BandwidthEstimator,
+    period: DirtyRatePeriod,
+    auto: AutoConverge,
+    last_sync: Instant,
+    last_sync_dirty_pages: u64,
+    period_start_bytes: u64,
+    tick: Tick,
+    sender_counters: Arc<transport::ByteCounters>,
+    channels: usize,
+}
+
+impl Run {
+    fn new(
+        vm: Arc<dyn MigratableVm>,
+        stats: Arc<MigStats>,
+        params: MigrationParameters,
+        caps: Capabilities,
+        live: Arc<LiveParams>,
+        cancel: Arc<AtomicBool>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let space = vm.address_space().clone();
+        Run {
+            ram: GuestRam::new(vm.clone()),
+            vm,
+            space,
+            stats,
+            params,
+            caps,
+            live,
+            cancel,
+            shared,
+            busy_ns: AtomicU64::new(0),
+            paused: AtomicBool::new(false),
+        }
+    }
+
+    fn emit(&self, ev: MigrationEvent) {
+        lock(&self.shared.subscribers).retain(|s| s.send(ev).is_ok());
+    }
+
+    fn set_status(&self, s: MigrationStatus) {
+        self.stats.set_status(s);
+        self.emit(MigrationEvent::Status(s));
+    }
+
+    fn check_cancel(&self) -> Result<()> {
+        if self.cancel.load(Ordering::Acquire) {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn run(self, uri: Uri) {
+        let result = self.migrate(&uri);
+        let stats = &self.stats;
+        stats
+            .total_time_ms
+            .store(stats.elapsed_ms(), Ordering::Relaxed);
+        match result {
+            Ok(()) => self.set_status(MigrationStatus::Completed),
+            Err(e) => {
+                // Give the guest back to the source whatever happened.
+                self.vm.set_throttle_percent(0);
+                stats.cpu_throttle_percentage.store(0, Ordering::Relaxed);
+                if self.paused.swap(false, Ordering::AcqRel) {
+                    if let Err(re) = self.vm.resume_vcpus() {
+                        stats.set_error(format!("{e}; and resuming the source failed: {re}"));
+                    }
+                }
+                if self.space.reasons().contains(DirtyReason::Migration) {
+                    let _ = self.space.global_dirty_log_stop(DirtyReason::Migration);
+                }
+                if matches!(e, Error::Cancelled) {
+                    self.set_status(MigrationStatus::Cancelled);
+                } else {
+                    stats.set_error(e.to_string());
+                    self.set_status(MigrationStatus::Failed);
+                }
+            }
+        }
+    }
+
+    fn migrate(&self, uri: &Uri) -> Result<()> {
+        let blocks: Vec<BlockInfo> = self
+            .space
+            .blocks()
+            .iter()
+            .map(|b| BlockInfo {
+                id: b.id.clone(),
+                size_bytes: b.size_bytes,
+            })
+            .collect();
+        let channels = if self.caps.multifd {
+            usize::from(self.params.multifd_channels)
+        } else {
+            1
+        };
+        let opts = SendOptions {
+            channels: channels as u16,
+            compression: match self.params.multifd_compression {
+                CompressionParam::None => Compression::None,
+                CompressionParam::Zstd => Compression::Zstd,
+            },
+            max_bandwidth_bytes_per_sec: self.live.max_bandwidth.load(Ordering::Relaxed),
+        };
+        self.check_cancel()?;
+        let sender = Sender::connect(uri, PAGE_SIZE as u32, blocks, opts)?;
+        self.check_cancel()?;
+        let stats = &self.stats;
+        stats
+            .total_bytes
+            .store(self.space.total_pages() * PAGE_SIZE, Ordering::Relaxed);
+        stats.page_size_bytes.store(PAGE_SIZE, Ordering::Relaxed);
+
+        // Setup: the log on for MIGRATION, then everything the guest ever touched dirty.
+        let bitmap = self.space.global_dirty_log_start(DirtyReason::Migration)?;
+        let window = self.space.observe(DirtyReason::Migration)?;
+        // The first sync absorbs KVM's INITIALLY_SET (all ones) and anything from before.
+        self.space.global_dirty_log_sync(None)?;
+        stats.dirty_sync_count.fetch_add(1, Ordering::Relaxed);
+        bitmap.clear_all();
+        self.bulk_stage(&bitmap)?;
+        window.clear_all();
+        stats
+            .remaining_bytes
+            .store(bitmap.count() * PAGE_SIZE, Ordering::Relaxed);
+        stats
+            .setup_time_ms
+            .store(stats.elapsed_ms(), Ordering::Relaxed);
+        if !stats.transition(MigrationStatus::Setup, MigrationStatus::Active) {
+            return Err(Error::Cancelled);
+        }
+        self.emit(MigrationEvent::Status(MigrationStatus::Active));
+
+        let counters = sender.counters();
+        let mut lp = Loop {
+            bitmap,
+            window,
+            bw: BandwidthEstimator::default(),
+            period: DirtyRatePeriod::default(),
+            auto: AutoConverge::default(),
+            last_sync: Instant::now(),
+            last_sync_dirty_pages: 0,
+            period_start_bytes: 0,
+            tick: Tick {
+                at: Instant::now(),
+                bytes: 0,
+                pages: 0,
+                busy_ns: 0,
+            },
+            sender_counters: counters,
+            channels,
+        };
+        let mut iteration = 0u64;
+        loop {
+            self.check_cancel()?;
+            iteration += 1;
+            self.send_pass(&sender, &mut lp)?;
+            sender.iteration_end(iteration)?;
+            stats.iterations.store(iteration, Ordering::Relaxed);
+            self.sync(&mut lp)?;
+            if self.ready_to_switch(&lp) {
+                break;
+            }
+        }
+        self.complete(sender, &mut lp, iteration + 1)
+    }
+
+    /// Marks the pages to send first. With private anonymous guest RAM only pages the
+    /// host ever mapped are sent: never-touched pages read as zero on both sides, and
+    /// reading them here would fault each one in (225 ms per GiB on this machine kind).
+    fn bulk_stage(&self, bitmap: &DirtyBitmap) -> Result<()> {
+        if self.vm.untouched_ram_is_zero() {
+            let mut touched = 0;
+            for b in self.space.blocks() {
+                touched += mark_touched_pages(b, bitmap)
+                    .map_err(|e| Error::Guest(format!("reading /proc/self/pagemap: {e}")))?;
+            }
+            let untouched = self.space.total_pages() - touched;
+            self.stats
+                .zero_pages
+                .fetch_add(untouched, Ordering::Relaxed);
+        } else {
+            bitmap.set_all();
+        }
+        Ok(())
+    }
+
+    fn bandwidth(&self, lp: &Loop) -> u64 {
+        let avail = self.live.avail_switchover_bandwidth.load(Ordering::Relaxed);
+        if avail > 0 {
+            return avail;
+        }
+        let cap = self.live.max_bandwidth.load(Ordering::Relaxed);
+        match (lp.bw.has_estimate(), cap) {
+            (true, 0) => lp.bw.bytes_per_sec(),
+            (true, cap) => lp.bw.bytes_per_sec().min(cap),
+            (false, 0) => ASSUMED_BANDWIDTH_BYTES_PER_SEC,
+            (false, cap) => cap,
+        }
+    }
+
+    fn ready_to_switch(&self, lp: &Loop) -> bool {
+        let remaining = lp.bitmap.count() * PAGE_SIZE;
+        let limit_ms = self.live.downtime_limit_ms.load(Ordering::Relaxed);
+        let threshold = self.bandwidth(lp) as u128 * u128::from(limit_ms) / 1000;
+        u128::from(remaining) <= threshold
+    }
+
+    /// Refreshes the progress numbers; called every [`TICK_MS`] while sending.
+    fn tick(&self, lp: &mut Loop) {
+        let now = Instant::now();
+        let dt_ns = now.duration_since(lp.tick.at).as_nanos() as u64;
+        if dt_ns < TICK_MS * 1_000_000 {
+            return;
+        }
+        let stats = &self.stats;
+        let bytes = lp.sender_counters.total_bytes();
+        let pages =
+            stats.normal_pages.load(Ordering::Relaxed) + stats.zero_pages.load(Ordering::Relaxed);
+        let busy = self.busy_ns.load(Ordering::Relaxed);
+        let d_bytes = bytes - lp.tick.bytes;
+        let d_busy_wall = (busy - lp.tick.busy_ns) / lp.channels as u64;
+        // A window where the sender was busy sending most of the time measures the link.
+        lp.bw.add_sample(d_bytes, d_busy_wall.max(1));
+        stats
+            .bandwidth_bytes_per_sec
+            .store(lp.bw.bytes_per_sec(), Ordering::Relaxed);
+        stats.mbps.store(
+            d_bytes as f64 * 8.0 / (dt_ns as f64 / 1e9) / 1e6,
+            Ordering::Relaxed,
+        );
+        stats.pages_per_second.store(
+            (pages - lp.tick.pages) * 1_000_000_000 / dt_ns,
+            Ordering::Relaxed,
+        );
+        let remaining = lp.bitmap.count() * PAGE_SIZE;
+        stats.remaining_bytes.store(remaining, Ordering::Relaxed);
+        let bw = self.bandwidth(lp).max(1);
+        stats
+            .expected_downtime_ms
+            .store(remaining * 1000 / bw, Ordering::Relaxed);
+        lp.tick = Tick {
+            at: now,
+            bytes,
+            pages,
+            busy_ns: busy,
+        };
+    }
+
+    /// One global dirty-log sync and the accounting QEMU does around it.
+    fn sync(&self, lp: &mut Loop) -> Result<()> {
+        let report = self.space.global_dirty_log_sync(None)?;
+        lp.last_sync = Instant::now();
+        let stats = &self.stats;
+        let syncs = stats.dirty_sync_count.fetch_add(1, Ordering::Relaxed) + 1;
+        let new_pages = report.new_pages(DirtyReason::Migration);
+        lp.last_sync_dirty_pages = report.reported_pages;
+        let bytes = lp.sender_counters.total_bytes();
+        stats.transferred_bytes.store(bytes, Ordering::Relaxed);
+        if let Some((new_rate, period_ms)) = lp.period.add(new_pages, stats.elapsed_ms()) {
+            // QEMU's rule counts a page once per sync; Ferry's dirty-pages-rate counts it
+            // once per period (unique pages), which is the guest's write rate.
+            let unique = lp.window.count();
+            lp.window.clear_all();
+            stats
+                .dirty_pages_rate
+                .store(unique * 1000 / period_ms.max(1), Ordering::Relaxed);
+            stats
+                .true_dirty_pages_rate
+                .store(unique * 1000 / period_ms.max(1), Ordering::Relaxed);
+            stats
+                .new_dirty_pages_rate
+                .store(new_rate, Ordering::Relaxed);
+            let sent = bytes - lp.period_start_bytes;
+            lp.period_start_bytes = bytes;
+            if self.caps.auto_converge {
+                let p = &self.params;
+                if let Some(pct) = lp.auto.on_period(
+                    new_rate * period_ms / 1000 * PAGE_SIZE,
+                    sent,
+                    p.throttle_trigger_threshold,
+                    p.cpu_throttle_initial,
+                    p.cpu_throttle_increment,
+                    p.max_cpu_throttle,
+                ) {
+                    self.vm.set_throttle_percent(pct);
+                    stats
+                        .cpu_throttle_percentage
+                        .store(u64::from(pct), Ordering::Relaxed);
+                }
+            }
+        }
+        let remaining = lp.bitmap.count() * PAGE_SIZE;
+        stats.remaining_bytes.store(remaining, Ordering::Relaxed);
+        let rate_bytes = stats.dirty_pages_rate.load(Ordering::Relaxed) * PAGE_SIZE;
+        let conv = predict_convergence(
+            remaining,
+            rate_bytes,
+            lp.last_sync_dirty_pages * PAGE_SIZE,
+            self.bandwidth(lp),
+            self.live.downtime_limit_ms.load(Ordering::Relaxed),
+        );
+        stats.set_convergence(conv);
+        self.emit(MigrationEvent::Pass(syncs));
+        Ok(())
+    }
+
+    /// Sends every page dirty in the bitmap once, on `lp.channels` worker threads; the
+    /// calling thread refreshes the numbers and, while the guest runs, syncs the dirty
+    /// log at least every [`SYNC_PERIOD_MS`].
+    fn send_pass(&self, sender: &Sender, lp: &mut Loop) -> Result<()> {
+        let workers = lp.channels;
+        let bitmap = lp.bitmap.clone();
+        let abort = AtomicBool::new(false);
+        let first_error: Mutex<Option<Error>> = Mutex::new(None);
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(workers);
+        std::thread::scope(|s| {
+            for k in 0..workers {
+                let done_tx = done_tx.clone();
+                let (bitmap, abort, first_error) = (&bitmap, &abort, &first_error);
+                s.spawn(move || {
+                    if let Err(e) = self.send_share(sender, bitmap, k, workers, abort) {
+                        abort.store(true, Ordering::Release);
+                        lock(first_error).get_or_insert(e);
+                    }
+                    let _ = done_tx.send(());
+                });
+            }
+            drop(done_tx);
+            let mut finished = 0;
+            while finished < workers {
+                match done_rx.recv_timeout(Duration::from_millis(TICK_MS / 2)) {
+                    Ok(()) => finished += 1,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                }
+                self.tick(lp);
+                let paused = self.paused.load(Ordering::Acquire);
+                if !paused && lp.last_sync.elapsed() >= Duration::from_millis(SYNC_PERIOD_MS) {
+                    if let Err(e) = self.sync(lp) {
+                        abort.store(true, Ordering::Release);
+                        lock(&first_error).get_or_insert(e);
+                    }
+                }
+                if self.cancel.load(Ordering::Acquire) {
+                    abort.store(true, Ordering::Release);
+                }
+            }
+        });
+        self.tick(lp);
+        match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => self.check_cancel(),
+        }
+    }
+
+    /// Worker `k` of `n`: claims every `n`th chunk of bitmap words and sends its pages.
+    fn send_share(
+        &self,
+        sender: &Sender,
+        bitmap: &DirtyBitmap,
+        k: usize,
+        n: usize,
+        abort: &AtomicBool,
+    ) -> Result<()> {
+        let max_batch = sender.max_batch_pages().max(1);
+        let mut batch = Batch::with_capacity(max_batch);
+        let words = bitmap.words().len();
+        let paused = || self.paused.load(Ordering::Relaxed);
+        let mut chunk = k * CHUNK_WORDS;
+        while chunk < words {
+            if abort.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            for w in chunk..(chunk + CHUNK_WORDS).min(words) {
+                let mut bits = bitmap.take_word(w);
+                while bits != 0 {
+                    let page = w as u64 * BITS_PER_WORD + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    let Some((block_idx, offset)) = self.space.locate_page(page) else {
+                        continue;
+                    };
+                    if batch.block != Some(block_idx) || batch.len() >= max_batch {
+                        self.flush(sender, &mut batch, paused())?;
+                        batch.block = Some(block_idx);
+                    }
+                    let data = self.ram.page(block_idx, offset);
+                    if is_zero_page(data) {
+                        batch.zero.push(offset);
+                    } else if paused() {
+                        // The guest is stopped: its pages are stable, send them in place.
+                        batch.offsets.push(offset);
+                        batch.pages.push(data);
+                    } else {
+                        // The guest may write the page while the record is written, and
+                        // the record's checksum must match the bytes sent: stage a copy.
+                        batch.offsets.push(offset);
+                        batch.staged.extend_from_slice(data);
+                    }
+                }
+            }
+            self.flush(sender, &mut batch, paused())?;
+            chunk += n * CHUNK_WORDS;
+        }
+        Ok(())
+    }
+
+    fn flush<'a>(&self, sender: &Sender, batch: &mut Batch<'a>, paused: bool) -> Result<()> {
+        let Some(block) = batch.block else {
+            return Ok(());
+        };
+        let start = Instant::now();
+        let before = sender.counters().total_bytes();
+        if !batch.offsets.is_empty() {
+            if batch.pages.is_empty() {
+                let staged: Vec<&[u8]> = batch.staged.chunks_exact(PAGE_SIZE as usize).collect();
+                sender.send_pages(block, &batch.offsets, &staged)?;
+            } else {
+                sender.send_pages(block, &batch.offsets, &batch.pages)?;
+            }
+            self.stats
+                .normal_pages
+                .fetch_add(batch.offsets.len() as u64, Ordering::Relaxed);
+        }
+        if !batch.zero.is_empty() {
+            sender.send_zero_pages(block, &batch.zero)?;
+            self.stats
+                .zero_pages
+                .fetch_add(batch.zero.len() as u64, Ordering::Relaxed);
+        }
+        self.busy_ns
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let sent = sender.counters().total_bytes().saturating_sub(before);
+        let bucket = if paused {
+            &self.stats.downtime_bytes
+        } else {
+            &self.stats.precopy_bytes
+        };
+        bucket.fetch_add(sent, Ordering::Relaxed);
+        batch.clear();
+        Ok(())
+    }
+
+    /// Stop and copy: pause, final sync, the rest of the pages, device state, end of
+    /// stream, and the destination's word that the guest runs there.
+    fn complete(&self, sender: Sender, lp: &mut Loop, iteration: u64) -> Result<()> {
+        if !self
+            .stats
+            .transition(MigrationStatus::Active, MigrationStatus::Device)
+        {
+            return Err(Error::Cancelled);
+        }
+        self.emit(MigrationEvent::Status(MigrationStatus::Device));
+        let paused_at = Instant::now();
+        self.vm
+            .pause_vcpus()
+            .map_err(|e| Error::Guest(format!("pausing vCPUs: {e}")))?;
+        self.paused.store(true, Ordering::Release);
+        sender.set_max_bandwidth(0);
+        self.sync(lp)?;
+        self.send_pass(&sender, lp)?;
+        sender.iteration_end(iteration)?;
+        let state = self
+            .vm
+            .save_device_state()
+            .map_err(|e| Error::Guest(format!("saving device state: {e}")))?;
+        sender.send_device_state("vcpus", &state)?;
+        let before = sender.counters().total_bytes();
+        self.check_cancel()?;
+        let counters = sender.counters();
+        let ack = sender.finish()?;
+        let after = counters.total_bytes();
+        self.stats
+            .downtime_bytes
+            .fetch_add(after.saturating_sub(before), Ordering::Relaxed);
+        self.stats.transferred_bytes.store(after, Ordering::Relaxed);
+        if !ack.resumed {
+            return Err(Error::Destination(
+                "the destination did not resume the guest".into(),
+            ));
+        }
+        let downtime_ms = paused_at.elapsed().as_millis() as u64;
+        self.stats.downtime_ms.store(downtime_ms, Ordering::Relaxed);
+        // QEMU's final mbps: all bytes over the time after setup.
+        let stats = &self.stats;
+        let busy_ms = stats
+            .elapsed_ms()
+            .saturating_sub(stats.setup_time_ms.load(Ordering::Relaxed))
+            .max(1);
+        stats.mbps.store(
+            after as f64 * 8.0 / busy_ms as f64 / 1000.0,
+            Ordering::Relaxed,
+        );
+        self.stats.remaining_bytes.store(0, Ordering::Relaxed);
+        // The guest now runs on the destination; the source stays paused (postmigrate).
+        self.paused.store(false, Ordering::Release);
+        self.vm.set_throttle_percent(0);
+        self.space.global_dirty_log_stop(DirtyReason::Migration)?;
+        Ok(())
+    }
+}
+
+/// Pages of one block waiting to go out: in place (`pages`, guest paused) or copied
+/// (`staged`, guest running), never both in one batch.
+struct Batch<'a> {
+    block: Option<usize>,
+    offsets: Vec<u64>,
+    pages: Vec<&'a [u8]>,
+    staged: Vec<u8>,
+    zero: Vec<u64>,
+}
+
+impl<'a> Batch<'a> {
+    fn with_capacity(n: usize) -> Self {
+        Batch {
+            block: None,
+            offsets: Vec::with_capacity(n),
+            pages: Vec::with_capacity(n),
+            staged: Vec::with_capacity(n * PAGE_SIZE as usize),
+            zero: Vec::with_capacity(n),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.offsets.len() + self.zero.len()
+    }
+
+    fn clear(&mut self) {
+        self.block = None;
+        self.offsets.clear();
+        self.pages.clear();
+        self.staged.clear();
+        self.zero.clear();
+    }
+}

@@ -1,0 +1,84 @@
+//! A minivm as a migratable guest: the glue between the test guest and the engine.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use dirty_sync::AddressSpace;
+use migration_core::{GuestError, MigratableVm};
+use minivm::{DirtyTracking, MiniVm, VmConfig};
+
+/// A [`MiniVm`] and its address space, implementing [`MigratableVm`].
+pub struct GuestVm {
+    vm: Mutex<MiniVm>,
+    space: Arc<AddressSpace>,
+}
+
+impl GuestVm {
+    /// Boots a source guest (running) with dirty tracking `tracking`.
+    pub fn boot(cfg: VmConfig, tracking: DirtyTracking) -> minivm::Result<Self> {
+        let mut vm = MiniVm::new(cfg)?;
+        let space = vm.address_space(tracking)?;
+        vm.start()?;
+        Ok(GuestVm {
+            vm: Mutex::new(vm),
+            space,
+        })
+    }
+
+    /// Creates a destination guest: same layout, empty memory, not running.
+    pub fn incoming(cfg: VmConfig, tracking: DirtyTracking) -> minivm::Result<Self> {
+        let vm = MiniVm::new_incoming(cfg)?;
+        let space = vm.address_space(tracking)?;
+        Ok(GuestVm {
+            vm: Mutex::new(vm),
+            space,
+        })
+    }
+
+    /// The guest itself (counters, workload regions, backend).
+    pub fn vm(&self) -> MutexGuard<'_, MiniVm> {
+        self.vm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The round counters of every vCPU.
+    pub fn counters(&self) -> Vec<u64> {
+        let vm = self.vm();
+        (0..vm.vcpus()).map(|v| vm.counter(v)).collect()
+    }
+}
+
+impl MigratableVm for GuestVm {
+    fn address_space(&self) -> &Arc<AddressSpace> {
+        &self.space
+    }
+
+    fn pause_vcpus(&self) -> Result<(), GuestError> {
+        Ok(self.vm().pause()?)
+    }
+
+    fn resume_vcpus(&self) -> Result<(), GuestError> {
+        let mut vm = self.vm();
+        // A destination guest has no vCPU threads until its first resume.
+        match vm.start() {
+            Ok(()) => Ok(()),
+            Err(minivm::Error::AlreadyStarted) => Ok(vm.resume()?),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn save_device_state(&self) -> Result<Vec<u8>, GuestError> {
+        Ok(self.vm().save_state()?)
+    }
+
+    fn load_device_state(&self, state: &[u8]) -> Result<(), GuestError> {
+        Ok(self.vm().restore_state(state)?)
+    }
+
+    fn set_throttle_percent(&self, percent: u8) {
+        self.vm().set_throttle_percent(percent);
+    }
+
+    fn untouched_ram_is_zero(&self) -> bool {
+        // minivm maps guest RAM as private anonymous memory.
+        true
+    }
+}
