@@ -1,1 +1,48 @@
-//! placeholder
+//! Ferry's migration wire: a versioned, checksummed stream format, channels by
+//! URI (`tcp:`, `unix:`, `file:`, `mem:`), parallel connections with an
+//! iteration barrier, a rate limiter and byte counters.
+//!
+//! Send side: [`Sender::connect`], then [`Sender::send_pages`] (page slices
+//! borrowed from guest memory, written with one `writev`),
+//! [`Sender::send_zero_pages`], [`Sender::send_device_state`],
+//! [`Sender::iteration_end`] and [`Sender::finish`] (waits for the receiver's
+//! [`Ack`]). Receive side: [`Listener::bind`], [`Listener::accept`], then
+//! [`Receiver::receive`] writes pages through a [`PageSink`] straight into the
+//! destination's memory and hands device state and iteration ends to a callback;
+//! then [`Receiver::send_ack`]. The byte layout is in `FORMAT.md`.
+
+mod barrier;
+mod conn;
+mod counters;
+mod error;
+pub mod format;
+mod io;
+mod limiter;
+mod mem;
+mod recv;
+mod send;
+mod sink;
+mod uri;
+
+pub use counters::ByteCounters;
+pub use error::{Error, Result};
+pub use format::{BlockInfo, Compression, Features, StreamHeader};
+pub use limiter::RateLimiter;
+pub use recv::{decode_bytes, Decoded, Event, Listener, Receiver};
+pub use send::{Ack, SendOptions, Sender};
+pub use sink::{is_zero, PageSink, VecSink};
+pub use uri::Uri;
+
+/// Binds a fresh in-process endpoint: returns the `mem:` URI for the sender and
+/// the listener for the receiver.
+pub fn mem_pair() -> Result<(Uri, Listener)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let uri = Uri::Mem(format!(
+        "pair-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let listener = Listener::bind(&uri)?;
+    Ok((uri, listener))
+}
