@@ -1,0 +1,463 @@
+//! The wire format: constants, the connection preamble, record headers and the
+//! stream header. `FORMAT.md` beside `Cargo.toml` is the prose version.
+//!
+//! All integers are little-endian. Checksums are CRC32C (Castagnoli).
+
+use crate::error::{Error, Result};
+
+/// First four bytes of every connection.
+pub const MAGIC: [u8; 4] = *b"FRRY";
+/// Format version this build writes and reads.
+pub const VERSION: u16 = 1;
+/// Size of the connection preamble.
+pub const PREAMBLE_BYTES: usize = 24;
+/// Size of every record header.
+pub const RECORD_HEADER_BYTES: usize = 16;
+/// Cap on any record body: a hostile length cannot make the receiver allocate more.
+pub const MAX_BODY_BYTES: u32 = 16 << 20;
+/// Cap on pages in one page batch (further limited by [`MAX_BODY_BYTES`]).
+pub const MAX_BATCH_PAGES: u32 = 1024;
+/// Cap on offsets in one zero-page record.
+pub const MAX_ZERO_BATCH_PAGES: u32 = 65536;
+/// Cap on RAM blocks in the stream header.
+pub const MAX_BLOCKS: u32 = 1024;
+/// Cap on a RAM block id or device-state name, in bytes of UTF-8.
+pub const MAX_NAME_BYTES: usize = 255;
+/// Cap on parallel channels.
+pub const MAX_CHANNELS: u16 = 64;
+/// Smallest and largest page size accepted (both powers of two).
+pub const PAGE_SIZE_RANGE_BYTES: (u32, u32) = (512, 1 << 20);
+/// Cap on the message of a refusal record.
+pub const MAX_MESSAGE_BYTES: u32 = 4096;
+/// Page-batch flag: the page data is one zstd frame.
+pub const FLAG_ZSTD: u8 = 1;
+
+/// Record types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Stream header (control connection, first record).
+    Header = 1,
+    /// A batch of pages of one block: offsets, then page data.
+    Pages = 2,
+    /// Zero pages of one block: offsets only.
+    ZeroPages = 3,
+    /// Device state: name and bytes (control connection).
+    DeviceState = 4,
+    /// Iteration barrier / marker, on every connection.
+    Sync = 5,
+    /// End of stream on this connection, with its record count.
+    End = 6,
+    /// Back-channel: the receiver took the stream (and whether it resumed).
+    Ack = 7,
+    /// Back-channel: the receiver refused the stream, with a message.
+    Refuse = 8,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Result<Kind> {
+        Ok(match v {
+            1 => Kind::Header,
+            2 => Kind::Pages,
+            3 => Kind::ZeroPages,
+            4 => Kind::DeviceState,
+            5 => Kind::Sync,
+            6 => Kind::End,
+            7 => Kind::Ack,
+            8 => Kind::Refuse,
+            other => return Err(Error::UnknownRecord(other)),
+        })
+    }
+}
+
+/// Largest page batch for a page size: bounded by [`MAX_BATCH_PAGES`] and the body cap.
+pub fn max_batch_pages(page_size: u32) -> u32 {
+    let per_page = u64::from(page_size) + 8;
+    let fit = (u64::from(MAX_BODY_BYTES) - 8) / per_page;
+    MAX_BATCH_PAGES.min(fit as u32).max(1)
+}
+
+/// The 16-byte header in front of every record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// Record type.
+    pub kind: Kind,
+    /// Type-specific flags ([`FLAG_ZSTD`]).
+    pub flags: u8,
+    /// Body length in bytes.
+    pub body_len: u32,
+    /// CRC32C of the body.
+    pub body_crc: u32,
+}
+
+impl RecordHeader {
+    /// Encodes the header, with its own CRC in the last four bytes.
+    pub fn encode(&self) -> [u8; RECORD_HEADER_BYTES] {
+        let mut b = [0u8; RECORD_HEADER_BYTES];
+        b[0] = self.kind as u8;
+        b[1] = self.flags;
+        b[4..8].copy_from_slice(&self.body_len.to_le_bytes());
+        b[8..12].copy_from_slice(&self.body_crc.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..12]);
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks a header: its CRC, the type, reserved bits and the length cap.
+    pub fn decode(b: &[u8; RECORD_HEADER_BYTES]) -> Result<RecordHeader> {
+        if crc32c::crc32c(&b[..12]) != u32_at(b, 12) {
+            return Err(Error::Checksum {
+                what: "record header",
+            });
+        }
+        let kind = Kind::from_u8(b[0])?;
+        let flags = b[1];
+        let allowed = if kind == Kind::Pages { FLAG_ZSTD } else { 0 };
+        if flags & !allowed != 0 || b[2] != 0 || b[3] != 0 {
+            return Err(Error::Malformed(format!(
+                "reserved bits set in {kind:?} header"
+            )));
+        }
+        let body_len = u32_at(b, 4);
+        if body_len > MAX_BODY_BYTES {
+            return Err(Error::TooLong {
+                what: "record body",
+                len_bytes: body_len.into(),
+                max_bytes: MAX_BODY_BYTES.into(),
+            });
+        }
+        Ok(RecordHeader {
+            kind,
+            flags,
+            body_len,
+            body_crc: u32_at(b, 8),
+        })
+    }
+}
+
+/// The preamble every connection starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preamble {
+    /// This connection's index; 0 is the control connection.
+    pub channel_index: u16,
+    /// Number of connections in the stream.
+    pub channel_count: u16,
+    /// Random id shared by all connections of one stream.
+    pub session_id: u64,
+}
+
+impl Preamble {
+    /// Encodes the preamble with its CRC.
+    pub fn encode(&self) -> [u8; PREAMBLE_BYTES] {
+        let mut b = [0u8; PREAMBLE_BYTES];
+        b[0..4].copy_from_slice(&MAGIC);
+        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        b[6..8].copy_from_slice(&self.channel_index.to_le_bytes());
+        b[8..10].copy_from_slice(&self.channel_count.to_le_bytes());
+        b[12..20].copy_from_slice(&self.session_id.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..20]);
+        b[20..24].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes a preamble: magic, then version, then CRC and field ranges.
+    pub fn decode(b: &[u8; PREAMBLE_BYTES]) -> Result<Preamble> {
+        let mut found = [0u8; 4];
+        found.copy_from_slice(&b[0..4]);
+        if found != MAGIC {
+            return Err(Error::BadMagic { found });
+        }
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        if version != VERSION {
+            return Err(Error::BadVersion {
+                found: version,
+                supported: VERSION,
+            });
+        }
+        if crc32c::crc32c(&b[..20]) != u32_at(b, 20) {
+            return Err(Error::Checksum { what: "preamble" });
+        }
+        let p = Preamble {
+            channel_index: u16::from_le_bytes([b[6], b[7]]),
+            channel_count: u16::from_le_bytes([b[8], b[9]]),
+            session_id: u64_at(b, 12),
+        };
+        if b[10] != 0 || b[11] != 0 {
+            return Err(Error::Malformed("reserved preamble bytes set".into()));
+        }
+        if p.channel_count == 0
+            || p.channel_count > MAX_CHANNELS
+            || p.channel_index >= p.channel_count
+        {
+            return Err(Error::Malformed(format!(
+                "channel {} of {} (at most {MAX_CHANNELS})",
+                p.channel_index, p.channel_count
+            )));
+        }
+        Ok(p)
+    }
+}
+
+/// Page-batch compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Pages travel as they are (zero-copy send).
+    #[default]
+    None,
+    /// Each page batch is one zstd frame (level 1).
+    Zstd,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Compression::None),
+            "zstd" => Ok(Compression::Zstd),
+            _ => Err(Error::InvalidArgument(format!(
+                "compression {s:?}: expected none or zstd"
+            ))),
+        }
+    }
+}
+
+/// One RAM block of the guest, as named in the stream header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockInfo {
+    /// Block id (at most 255 bytes of UTF-8), e.g. `pc.ram`.
+    pub id: String,
+    /// Block size; a multiple of the page size.
+    pub size_bytes: u64,
+}
+
+/// Features in use for the stream, fixed at connect time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    /// Compression of page batches.
+    pub compression: Compression,
+    /// Number of connections (control included).
+    pub channels: u16,
+}
+
+/// The stream header: page size, RAM block table and features.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamHeader {
+    /// Guest page size in bytes (power of two).
+    pub page_size: u32,
+    /// RAM blocks; records address pages by index into this table.
+    pub blocks: Vec<BlockInfo>,
+    /// Features in use.
+    pub features: Features,
+}
+
+impl StreamHeader {
+    /// Checks the header's own consistency (page size, block sizes, names, channels).
+    pub fn validate(&self) -> Result<()> {
+        let (lo, hi) = PAGE_SIZE_RANGE_BYTES;
+        if !self.page_size.is_power_of_two() || self.page_size < lo || self.page_size > hi {
+            return Err(Error::Malformed(format!(
+                "page size {} (power of two in {lo}..={hi})",
+                self.page_size
+            )));
+        }
+        if self.blocks.len() > MAX_BLOCKS as usize {
+            return Err(Error::TooLong {
+                what: "block table",
+                len_bytes: self.blocks.len() as u64,
+                max_bytes: MAX_BLOCKS.into(),
+            });
+        }
+        for b in &self.blocks {
+            if b.id.is_empty() || b.id.len() > MAX_NAME_BYTES {
+                return Err(Error::Malformed(format!("block id {:?}", b.id)));
+            }
+            if b.size_bytes == 0 || b.size_bytes % u64::from(self.page_size) != 0 {
+                return Err(Error::Malformed(format!(
+                    "block {:?} size {} is not a positive multiple of the page size",
+                    b.id, b.size_bytes
+                )));
+            }
+        }
+        let c = self.features.channels;
+        if c == 0 || c > MAX_CHANNELS {
+            return Err(Error::Malformed(format!("{c} channels")));
+        }
+        Ok(())
+    }
+
+    /// Pages in block `idx`, if it exists.
+    pub fn block_pages(&self, idx: usize) -> Option<u64> {
+        self.blocks
+            .get(idx)
+            .map(|b| b.size_bytes / u64::from(self.page_size))
+    }
+
+    /// Encodes the header as a record body.
+    pub fn encode_body(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(16 + self.blocks.len() * 32);
+        v.extend_from_slice(&self.page_size.to_le_bytes());
+        v.push(match self.features.compression {
+            Compression::None => 0,
+            Compression::Zstd => 1,
+        });
+        v.push(0);
+        v.extend_from_slice(&self.features.channels.to_le_bytes());
+        v.extend_from_slice(&(self.blocks.len() as u32).to_le_bytes());
+        for b in &self.blocks {
+            v.push(b.id.len() as u8);
+            v.extend_from_slice(b.id.as_bytes());
+            v.extend_from_slice(&b.size_bytes.to_le_bytes());
+        }
+        v
+    }
+
+    /// Decodes and validates a header body.
+    pub fn decode_body(body: &[u8]) -> Result<StreamHeader> {
+        let mut c = Cursor::new(body);
+        let page_size = c.u32()?;
+        let compression = match c.u8()? {
+            0 => Compression::None,
+            1 => Compression::Zstd,
+            other => return Err(Error::Malformed(format!("compression {other}"))),
+        };
+        if c.u8()? != 0 {
+            return Err(Error::Malformed("reserved header byte set".into()));
+        }
+        let channels = c.u16()?;
+        let count = c.u32()?;
+        if count > MAX_BLOCKS {
+            return Err(Error::TooLong {
+                what: "block table",
+                len_bytes: count.into(),
+                max_bytes: MAX_BLOCKS.into(),
+            });
+        }
+        let mut blocks = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let len = c.u8()? as usize;
+            let id = std::str::from_utf8(c.bytes(len)?)
+                .map_err(|_| Error::Malformed("block id is not UTF-8".into()))?
+                .to_string();
+            let size_bytes = c.u64()?;
+            blocks.push(BlockInfo { id, size_bytes });
+        }
+        c.finish()?;
+        let h = StreamHeader {
+            page_size,
+            blocks,
+            features: Features {
+                compression,
+                channels,
+            },
+        };
+        h.validate()?;
+        Ok(h)
+    }
+}
+
+/// Reads a little-endian u32 at `at` (caller guarantees the bounds).
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(w)
+}
+
+/// Reads a little-endian u64 at `at` (caller guarantees the bounds).
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// Bounds-checked little-endian reader over a record body.
+pub(crate) struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub(crate) fn new(b: &'a [u8]) -> Self {
+        Cursor { b, at: 0 }
+    }
+    pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or_else(|| Error::Malformed("record body too short".into()))?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    pub(crate) fn u8(&mut self) -> Result<u8> {
+        Ok(self.bytes(1)?[0])
+    }
+    pub(crate) fn u16(&mut self) -> Result<u16> {
+        let s = self.bytes(2)?;
+        Ok(u16::from_le_bytes([s[0], s[1]]))
+    }
+    pub(crate) fn u32(&mut self) -> Result<u32> {
+        Ok(u32_at(self.bytes(4)?, 0))
+    }
+    pub(crate) fn u64(&mut self) -> Result<u64> {
+        Ok(u64_at(self.bytes(8)?, 0))
+    }
+    pub(crate) fn finish(&self) -> Result<()> {
+        if self.at == self.b.len() {
+            Ok(())
+        } else {
+            Err(Error::Malformed("trailing bytes in record body".into()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_header_round_trips_and_catches_flips() {
+        let h = RecordHeader {
+            kind: Kind::Pages,
+            flags: FLAG_ZSTD,
+            body_len: 1234,
+            body_crc: 0xdead_beef,
+        };
+        let b = h.encode();
+        assert_eq!(RecordHeader::decode(&b).unwrap(), h);
+        for bit in 0..RECORD_HEADER_BYTES * 8 {
+            let mut c = b;
+            c[bit / 8] ^= 1 << (bit % 8);
+            assert!(RecordHeader::decode(&c).is_err());
+        }
+    }
+
+    #[test]
+    fn header_round_trips() {
+        let h = StreamHeader {
+            page_size: 4096,
+            blocks: vec![
+                BlockInfo {
+                    id: "pc.ram".into(),
+                    size_bytes: 1 << 20,
+                },
+                BlockInfo {
+                    id: "vga".into(),
+                    size_bytes: 8192,
+                },
+            ],
+            features: Features {
+                compression: Compression::Zstd,
+                channels: 4,
+            },
+        };
+        assert_eq!(StreamHeader::decode_body(&h.encode_body()).unwrap(), h);
+    }
+
+    #[test]
+    fn batch_cap_respects_body_cap() {
+        assert_eq!(max_batch_pages(4096), 1024);
+        let big = max_batch_pages(1 << 20);
+        assert!(u64::from(big) * ((1 << 20) + 8) + 8 <= u64::from(MAX_BODY_BYTES));
+    }
+}

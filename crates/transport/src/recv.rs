@@ -1,0 +1,617 @@
+//! The receiving side: accepts every connection of a stream, reads the header,
+//! then runs one thread per data connection writing pages straight into the
+//! destination's memory, with the control connection read on the caller's thread.
+
+use std::sync::{Arc, Mutex};
+
+use crate::barrier::IterationBarrier;
+use crate::conn::{Closer, Conn, RawListener};
+use crate::counters::ByteCounters;
+use crate::error::{Error, Result};
+use crate::format::{
+    max_batch_pages, u32_at, u64_at, Compression, Kind, Preamble, RecordHeader, StreamHeader,
+    FLAG_ZSTD, MAX_MESSAGE_BYTES, MAX_ZERO_BATCH_PAGES, PREAMBLE_BYTES, RECORD_HEADER_BYTES,
+};
+use crate::io::{write_all, RecordReader};
+use crate::sink::{PageSink, VecSink};
+use crate::uri::Uri;
+
+/// What the control connection delivers besides pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// One device's state.
+    DeviceState {
+        /// Device name.
+        name: String,
+        /// Its serialized state.
+        data: Vec<u8>,
+    },
+    /// Every channel delivered every page of this iteration.
+    IterationEnd {
+        /// The iteration number the sender gave.
+        iteration: u64,
+    },
+}
+
+/// A bound endpoint waiting for a migration stream.
+pub struct Listener {
+    raw: RawListener,
+}
+
+impl Listener {
+    /// Binds `uri` (for `file:` nothing happens until `accept`).
+    pub fn bind(uri: &Uri) -> Result<Listener> {
+        Ok(Listener {
+            raw: RawListener::bind(uri)?,
+        })
+    }
+
+    /// The URI a sender should use (with the real port for `tcp:HOST:0`).
+    pub fn local_uri(&self) -> Result<Uri> {
+        self.raw.local_uri()
+    }
+
+    /// Accepts every connection of one stream and reads its header.
+    pub fn accept(&self) -> Result<Receiver> {
+        accept_from(|| self.raw.accept())
+    }
+}
+
+/// A whole one-channel stream decoded from memory (see [`decode_bytes`]).
+#[derive(Debug)]
+pub struct Decoded {
+    /// The stream header.
+    pub header: StreamHeader,
+    /// Guest memory, one vector per RAM block.
+    pub memory: Vec<Vec<u8>>,
+    /// Device state and iteration ends, in stream order.
+    pub events: Vec<Event>,
+}
+
+/// Decodes a complete one-channel stream held in memory (e.g. a snapshot file's
+/// bytes) into fresh memory. Refuses headers whose RAM exceeds `max_ram_bytes`.
+/// The fuzz target drives the decoder through this.
+pub fn decode_bytes(stream: &[u8], max_ram_bytes: u64) -> Result<Decoded> {
+    let mut source = Some(Conn::Bytes(bytes::Bytes::copy_from_slice(stream)));
+    let mut rx = accept_from(|| {
+        source
+            .take()
+            .ok_or_else(|| Error::Protocol("an in-memory stream carries one channel".into()))
+    })?;
+    let ram_bytes = rx
+        .header
+        .blocks
+        .iter()
+        .fold(0u64, |a, b| a.saturating_add(b.size_bytes));
+    if ram_bytes > max_ram_bytes {
+        return Err(Error::TooLong {
+            what: "guest RAM",
+            len_bytes: ram_bytes,
+            max_bytes: max_ram_bytes,
+        });
+    }
+    let sink = VecSink::for_header(&rx.header);
+    let mut events = Vec::new();
+    rx.receive(&sink, |e| {
+        events.push(e);
+        Ok(())
+    })?;
+    Ok(Decoded {
+        header: rx.header.clone(),
+        memory: sink.into_blocks(),
+        events,
+    })
+}
+
+/// Accepts the connections of one stream from `next` and reads the header.
+fn accept_from(mut next: impl FnMut() -> Result<Conn>) -> Result<Receiver> {
+    let mut slots: Vec<Option<RecordReader>> = Vec::new();
+    let mut session = None;
+    let mut filled = 0;
+    loop {
+        let conn = next()?;
+        let is_file = conn.is_file();
+        let mut r = RecordReader::new(conn);
+        let mut pb = [0u8; PREAMBLE_BYTES];
+        r.read_exact(&mut pb, "preamble")?;
+        let p = Preamble::decode(&pb)?;
+        match session {
+            None => {
+                if is_file && p.channel_count != 1 {
+                    return Err(Error::Protocol("a file carries exactly one channel".into()));
+                }
+                session = Some((p.session_id, p.channel_count));
+                slots.resize_with(p.channel_count.into(), || None);
+            }
+            Some((id, count)) if id != p.session_id || count != p.channel_count => {
+                return Err(Error::Protocol(
+                    "connection from another migration stream".into(),
+                ));
+            }
+            Some(_) => {}
+        }
+        let slot = &mut slots[usize::from(p.channel_index)];
+        if slot.is_some() {
+            return Err(Error::Protocol(format!(
+                "channel {} connected twice",
+                p.channel_index
+            )));
+        }
+        *slot = Some(r);
+        filled += 1;
+        if filled == slots.len() {
+            break;
+        }
+    }
+    let mut readers: Vec<RecordReader> = slots.into_iter().flatten().collect();
+    let counters = Arc::new(ByteCounters::new(readers.len()));
+    for i in 0..readers.len() {
+        counters.add(i, PREAMBLE_BYTES as u64, 0);
+    }
+    let control = &mut readers[0];
+    let mut hb = [0u8; RECORD_HEADER_BYTES];
+    control.read_exact(&mut hb, "record header")?;
+    let h = RecordHeader::decode(&hb)?;
+    if h.kind != Kind::Header {
+        return Err(Error::Protocol(format!(
+            "first record is {:?}, not the stream header",
+            h.kind
+        )));
+    }
+    let body = control.read_vec(h.body_len as usize, "stream header")?;
+    if crc32c::crc32c(&body) != h.body_crc {
+        return Err(Error::Checksum {
+            what: "stream header",
+        });
+    }
+    let header = StreamHeader::decode_body(&body)?;
+    if usize::from(header.features.channels) != readers.len() {
+        return Err(Error::Protocol(format!(
+            "header says {} channels, {} connected",
+            header.features.channels,
+            readers.len()
+        )));
+    }
+    counters.add(0, (RECORD_HEADER_BYTES + body.len()) as u64, 0);
+    Ok(Receiver {
+        header,
+        readers,
+        counters,
+        received: false,
+    })
+}
+
+/// The receiving end of one migration stream.
+pub struct Receiver {
+    header: StreamHeader,
+    readers: Vec<RecordReader>,
+    counters: Arc<ByteCounters>,
+    received: bool,
+}
+
+struct Shared<'a> {
+    header: &'a StreamHeader,
+    counters: &'a ByteCounters,
+    barrier: IterationBarrier,
+    closers: Vec<Closer>,
+    first_error: Mutex<Option<Error>>,
+}
+
+impl Shared<'_> {
+    /// Records the first error and stops every other channel.
+    fn fail(&self, e: Error) {
+        {
+            let mut g = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+            if g.is_none() {
+                *g = Some(e);
+            }
+        }
+        self.barrier.close("another channel failed");
+        for c in &self.closers {
+            c.close_read();
+        }
+    }
+}
+
+impl Receiver {
+    /// The stream header (page size, RAM blocks, features).
+    pub fn header(&self) -> &StreamHeader {
+        &self.header
+    }
+
+    /// Byte counters, readable from any thread at any time.
+    pub fn counters(&self) -> Arc<ByteCounters> {
+        self.counters.clone()
+    }
+
+    /// Receives the whole stream: pages go into `sink`, device state and
+    /// iteration ends go to `on_event` (on this thread). Returns `Ok` only after
+    /// every channel delivered its end-of-stream record with matching checksums
+    /// and record counts. On error the guest memory may hold partial pages; a
+    /// stream that did not end cleanly must never be resumed.
+    pub fn receive<S, F>(&mut self, sink: &S, mut on_event: F) -> Result<()>
+    where
+        S: PageSink + ?Sized,
+        F: FnMut(Event) -> Result<()>,
+    {
+        if std::mem::replace(&mut self.received, true) {
+            return Err(Error::Protocol("the stream was already received".into()));
+        }
+        let shared = Shared {
+            header: &self.header,
+            counters: &self.counters,
+            barrier: IterationBarrier::new(self.readers.len()),
+            closers: self.readers.iter().map(|r| r.conn.closer()).collect(),
+            first_error: Mutex::new(None),
+        };
+        let (control, data) = self.readers.split_at_mut(1);
+        std::thread::scope(|s| {
+            let shared = &shared;
+            let handles: Vec<_> = data
+                .iter_mut()
+                .enumerate()
+                .map(|(i, r)| {
+                    s.spawn(move || {
+                        if let Err(e) = run_channel(i + 1, r, sink, shared, None) {
+                            shared.fail(e);
+                        }
+                    })
+                })
+                .collect();
+            if let Err(e) = run_channel(0, &mut control[0], sink, shared, Some(&mut on_event)) {
+                shared.fail(e);
+            }
+            for h in handles {
+                if h.join().is_err() {
+                    shared.fail(Error::Aborted("a channel thread panicked".into()));
+                }
+            }
+        });
+        match shared
+            .first_error
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn answer(&mut self, kind: Kind, body: &[u8]) -> Result<()> {
+        let control = &mut self.readers[0].conn;
+        if control.is_file() {
+            return Ok(());
+        }
+        let hdr = RecordHeader {
+            kind,
+            flags: 0,
+            body_len: body.len() as u32,
+            body_crc: crc32c::crc32c(body),
+        }
+        .encode();
+        write_all(control, &[&hdr, body], None)
+    }
+
+    /// Acknowledges the stream on the control connection (no-op for `file:`).
+    pub fn send_ack(&mut self, resumed: bool) -> Result<()> {
+        self.answer(Kind::Ack, &[u8::from(resumed)])
+    }
+
+    /// Tells the sender the stream was refused, with a message (at most 4 KiB).
+    pub fn send_refusal(&mut self, message: &str) -> Result<()> {
+        let mut end = message.len().min(MAX_MESSAGE_BYTES as usize);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.answer(Kind::Refuse, &message.as_bytes()[..end])
+    }
+}
+
+type EventFn<'a> = Option<&'a mut dyn FnMut(Event) -> Result<()>>;
+
+/// Reads one connection's records until its `End`.
+fn run_channel<S: PageSink + ?Sized>(
+    idx: usize,
+    r: &mut RecordReader,
+    sink: &S,
+    sh: &Shared<'_>,
+    mut events: EventFn<'_>,
+) -> Result<()> {
+    let mut records: u64 = if idx == 0 { 1 } else { 0 };
+    let mut last_iteration: Option<u64> = None;
+    let mut scratch = PageScratch::default();
+    loop {
+        let mut hb = [0u8; RECORD_HEADER_BYTES];
+        r.read_exact(&mut hb, "record header")?;
+        let h = RecordHeader::decode(&hb)?;
+        match h.kind {
+            Kind::Pages => read_pages(idx, r, &h, sink, sh, &mut scratch)?,
+            Kind::ZeroPages => read_zero_pages(idx, r, &h, sink, sh, &mut scratch)?,
+            Kind::DeviceState if idx == 0 => {
+                let body = read_checked(r, &h, "device state")?;
+                let len = *body
+                    .first()
+                    .ok_or_else(|| Error::Malformed("empty device state".into()))?
+                    as usize;
+                if len == 0 || body.len() < 1 + len {
+                    return Err(Error::Malformed("device state name".into()));
+                }
+                let name = std::str::from_utf8(&body[1..1 + len])
+                    .map_err(|_| Error::Malformed("device name is not UTF-8".into()))?
+                    .to_string();
+                let data = body[1 + len..].to_vec();
+                sh.counters.add(
+                    idx,
+                    (RECORD_HEADER_BYTES + 1 + len) as u64,
+                    data.len() as u64,
+                );
+                if let Some(f) = events.as_mut() {
+                    f(Event::DeviceState { name, data })?;
+                }
+            }
+            Kind::Sync => {
+                let iteration = read_u64_body(r, &h, "iteration marker")?;
+                if last_iteration.is_some_and(|l| iteration <= l) {
+                    return Err(Error::Protocol(format!(
+                        "iteration {iteration} after {last_iteration:?}"
+                    )));
+                }
+                sh.counters.add(idx, (RECORD_HEADER_BYTES + 8) as u64, 0);
+                sh.barrier.wait(iteration)?;
+                last_iteration = Some(iteration);
+                if let Some(f) = events.as_mut() {
+                    f(Event::IterationEnd { iteration })?;
+                }
+            }
+            Kind::End => {
+                let sent = read_u64_body(r, &h, "end of stream")?;
+                if sent != records {
+                    return Err(Error::Protocol(format!(
+                        "channel {idx}: sender wrote {sent} records, {records} arrived"
+                    )));
+                }
+                sh.counters.add(idx, (RECORD_HEADER_BYTES + 8) as u64, 0);
+                sh.barrier
+                    .close("a channel ended while another waits at an iteration barrier");
+                return Ok(());
+            }
+            other => {
+                return Err(Error::Protocol(format!(
+                    "{other:?} record on channel {idx}"
+                )))
+            }
+        }
+        records += 1;
+    }
+}
+
+/// Reads a whole (small, capped) body and checks its CRC before anyone uses it.
+fn read_checked(r: &mut RecordReader, h: &RecordHeader, what: &'static str) -> Result<Vec<u8>> {
+    let body = r.read_vec(h.body_len as usize, what)?;
+    if crc32c::crc32c(&body) != h.body_crc {
+        return Err(Error::Checksum { what });
+    }
+    Ok(body)
+}
+
+fn read_u64_body(r: &mut RecordReader, h: &RecordHeader, what: &'static str) -> Result<u64> {
+    if h.body_len != 8 {
+        return Err(Error::Malformed(format!(
+            "{what} body of {} bytes",
+            h.body_len
+        )));
+    }
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b, what)?;
+    if crc32c::crc32c(&b) != h.body_crc {
+        return Err(Error::Checksum { what });
+    }
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Per-channel buffers reused across records.
+#[derive(Default)]
+struct PageScratch {
+    bytes: Vec<u8>,
+    pages: Vec<u8>,
+    offsets: Vec<u64>,
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+/// Parses `count` offsets and checks them against the block (and, for page data,
+/// that they strictly increase so no two destination slices overlap).
+fn parse_offsets(
+    raw: &[u8],
+    block_idx: usize,
+    block_pages: u64,
+    increasing: bool,
+    out: &mut Vec<u64>,
+) -> Result<()> {
+    out.clear();
+    let mut prev: Option<u64> = None;
+    for c in raw.chunks_exact(8) {
+        let o = u64_at(c, 0);
+        if o >= block_pages {
+            return Err(Error::OutOfBounds {
+                block_idx: block_idx as u64,
+                page_index: o,
+            });
+        }
+        if increasing && prev.is_some_and(|p| o <= p) {
+            return Err(Error::Malformed(
+                "page offsets do not strictly increase".into(),
+            ));
+        }
+        prev = Some(o);
+        out.push(o);
+    }
+    Ok(())
+}
+
+/// Looks up the block of a batch; errors if the index is not in the header.
+fn block_of(sh: &Shared<'_>, block_idx: u32) -> Result<(usize, u64)> {
+    let idx = block_idx as usize;
+    let pages = sh.header.block_pages(idx).ok_or(Error::OutOfBounds {
+        block_idx: block_idx.into(),
+        page_index: 0,
+    })?;
+    Ok((idx, pages))
+}
+
+fn page_ptr<S: PageSink + ?Sized>(sink: &S, block_idx: usize, page_index: u64) -> Result<*mut u8> {
+    let p = sink.page_ptr(block_idx, page_index);
+    if p.is_null() {
+        return Err(Error::OutOfBounds {
+            block_idx: block_idx as u64,
+            page_index,
+        });
+    }
+    Ok(p)
+}
+
+/// A page batch: prefix, offsets, then page data read straight into the sink
+/// (uncompressed) or decompressed after its CRC checked (zstd).
+fn read_pages<S: PageSink + ?Sized>(
+    idx: usize,
+    r: &mut RecordReader,
+    h: &RecordHeader,
+    sink: &S,
+    sh: &Shared<'_>,
+    sc: &mut PageScratch,
+) -> Result<()> {
+    let page_size = sh.header.page_size as usize;
+    let compressed = h.flags & FLAG_ZSTD != 0;
+    if compressed != (sh.header.features.compression == Compression::Zstd) {
+        return Err(Error::Protocol(
+            "page batch compression differs from the header".into(),
+        ));
+    }
+    let body_len = h.body_len as usize;
+    if body_len < 8 {
+        return Err(Error::Malformed(
+            "page batch shorter than its prefix".into(),
+        ));
+    }
+    let mut pre = [0u8; 8];
+    r.read_exact(&mut pre, "page batch")?;
+    let (block_idx, block_pages) = block_of(sh, u32_at(&pre, 0))?;
+    let count = u32_at(&pre, 4);
+    if count == 0 || count > max_batch_pages(sh.header.page_size) {
+        return Err(Error::Malformed(format!("page batch of {count} pages")));
+    }
+    let count = count as usize;
+    let offsets_bytes = 8 * count;
+    let data_bytes = body_len
+        .checked_sub(8 + offsets_bytes)
+        .ok_or_else(|| Error::Malformed("page batch shorter than its offsets".into()))?;
+    let expected_bytes = count * page_size;
+    if (!compressed && data_bytes != expected_bytes) || (compressed && data_bytes == 0) {
+        return Err(Error::Malformed(format!(
+            "page batch of {count} pages carries {data_bytes} data bytes"
+        )));
+    }
+    sc.bytes.resize(offsets_bytes, 0);
+    r.read_exact(&mut sc.bytes, "page offsets")?;
+    let mut crc = crc32c::crc32c_append(crc32c::crc32c(&pre), &sc.bytes);
+    parse_offsets(&sc.bytes, block_idx, block_pages, true, &mut sc.offsets)?;
+    let mut iov: Vec<(*mut u8, usize)> = Vec::with_capacity(count);
+    for &o in &sc.offsets {
+        iov.push((page_ptr(sink, block_idx, o)?, page_size));
+    }
+    if compressed {
+        sc.bytes.resize(data_bytes, 0);
+        r.read_exact(&mut sc.bytes, "compressed pages")?;
+        crc = crc32c::crc32c_append(crc, &sc.bytes);
+        if crc != h.body_crc {
+            return Err(Error::Checksum { what: "page batch" });
+        }
+        if sc.zstd.is_none() {
+            sc.zstd = Some(
+                zstd::bulk::Decompressor::new().map_err(|e| Error::Compression(e.to_string()))?,
+            );
+        }
+        let dec = sc
+            .zstd
+            .as_mut()
+            .ok_or_else(|| Error::Compression("no decompressor".into()))?;
+        sc.pages.clear();
+        sc.pages.reserve(expected_bytes);
+        let n = dec
+            .decompress_to_buffer(&sc.bytes, &mut sc.pages)
+            .map_err(|e| Error::Compression(e.to_string()))?;
+        if n != expected_bytes || sc.pages.len() != expected_bytes {
+            return Err(Error::Compression(format!(
+                "batch decompressed to {n} bytes, expected {expected_bytes}"
+            )));
+        }
+        for (&(p, len), src) in iov.iter().zip(sc.pages.chunks_exact(page_size)) {
+            // SAFETY: `p` is valid for `len == page_size` bytes of writes per the
+            // PageSink contract (bounds checked above); `src` is our own buffer.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p, len) };
+        }
+    } else {
+        // SAFETY: each `(p, page_size)` is a distinct page of the sink (offsets strictly
+        // increase), valid for writes per the PageSink contract, and never our buffer.
+        unsafe { r.read_exact_raw(&iov, "page data")? };
+        for &(p, len) in &iov {
+            // SAFETY: the page was just written by us and is valid for `len` bytes of
+            // reads per the PageSink contract.
+            let page = unsafe { std::slice::from_raw_parts(p, len) };
+            crc = crc32c::crc32c_append(crc, page);
+        }
+        if crc != h.body_crc {
+            return Err(Error::Checksum { what: "page batch" });
+        }
+    }
+    sh.counters.add(
+        idx,
+        (RECORD_HEADER_BYTES + 8 + offsets_bytes) as u64,
+        data_bytes as u64,
+    );
+    sh.counters.add_pages(count as u64, 0);
+    Ok(())
+}
+
+/// Zero pages: the whole (small) record is checked before any page is touched.
+fn read_zero_pages<S: PageSink + ?Sized>(
+    idx: usize,
+    r: &mut RecordReader,
+    h: &RecordHeader,
+    sink: &S,
+    sh: &Shared<'_>,
+    sc: &mut PageScratch,
+) -> Result<()> {
+    let body_len = h.body_len as usize;
+    if body_len < 8 || (body_len - 8) % 8 != 0 || (body_len - 8) / 8 > MAX_ZERO_BATCH_PAGES as usize
+    {
+        return Err(Error::Malformed(format!(
+            "zero-page record of {body_len} bytes"
+        )));
+    }
+    sc.bytes.resize(body_len, 0);
+    r.read_exact(&mut sc.bytes, "zero pages")?;
+    if crc32c::crc32c(&sc.bytes) != h.body_crc {
+        return Err(Error::Checksum { what: "zero pages" });
+    }
+    let (block_idx, block_pages) = block_of(sh, u32_at(&sc.bytes, 0))?;
+    let count = u32_at(&sc.bytes, 4) as usize;
+    if count == 0 || count * 8 != body_len - 8 {
+        return Err(Error::Malformed(format!("zero-page count {count}")));
+    }
+    parse_offsets(
+        &sc.bytes[8..],
+        block_idx,
+        block_pages,
+        false,
+        &mut sc.offsets,
+    )?;
+    let page_size = sh.header.page_size as usize;
+    for &o in &sc.offsets {
+        page_ptr(sink, block_idx, o)?;
+        sink.zero_page(block_idx, o, page_size);
+    }
+    sh.counters
+        .add(idx, (RECORD_HEADER_BYTES + body_len) as u64, 0);
+    sh.counters.add_pages(0, count as u64);
+    Ok(())
+}

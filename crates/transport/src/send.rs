@@ -1,0 +1,463 @@
+//! The sending side: connects every channel, writes the header, then page
+//! batches, zero pages, device state, iteration markers and the end of stream.
+//!
+//! Threading: [`Sender`] is `Sync`. Each call writes one record synchronously on
+//! one channel, picking a free one (round-robin, skipping channels another thread
+//! is writing). One thread drives the channels one batch at a time; to keep N
+//! connections busy at once, call `send_pages` from N threads (the engine's
+//! per-channel workers), each with its own borrowed page slices. Page slices are
+//! never copied on the uncompressed path: one `writev` carries header, offsets
+//! and the guest's pages.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::conn::Conn;
+use crate::counters::ByteCounters;
+use crate::error::{Error, Result};
+use crate::format::{
+    max_batch_pages, BlockInfo, Compression, Features, Kind, Preamble, RecordHeader, StreamHeader,
+    FLAG_ZSTD, MAX_BODY_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_ZERO_BATCH_PAGES,
+    PREAMBLE_BYTES, RECORD_HEADER_BYTES,
+};
+use crate::io::{write_all, RecordReader};
+use crate::limiter::RateLimiter;
+use crate::uri::Uri;
+
+/// zstd level for page batches (fast; guest pages compress well or not at all).
+const ZSTD_LEVEL: i32 = 1;
+
+/// How to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendOptions {
+    /// Number of connections, control included (1 = a single connection).
+    pub channels: u16,
+    /// Compression of page batches.
+    pub compression: Compression,
+    /// Bandwidth cap over all channels in bytes/s; 0 = unlimited.
+    pub max_bandwidth_bytes_per_sec: u64,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            channels: 1,
+            compression: Compression::None,
+            max_bandwidth_bytes_per_sec: 0,
+        }
+    }
+}
+
+/// The receiver's answer to the end of stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// Whether the destination resumed the guest. Always false for `file:`
+    /// (a snapshot has no reader to answer).
+    pub resumed: bool,
+}
+
+struct Channel {
+    conn: Conn,
+    records: u64,
+    prefix: Vec<u8>,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    zin: Vec<u8>,
+    zout: Vec<u8>,
+}
+
+/// The sending end of a migration stream over one or more connections.
+pub struct Sender {
+    header: StreamHeader,
+    channels: Vec<Mutex<Channel>>,
+    next: AtomicUsize,
+    last_iteration: Mutex<Option<u64>>,
+    limiter: RateLimiter,
+    counters: Arc<ByteCounters>,
+    is_file: bool,
+}
+
+fn session_id() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ (u64::from(std::process::id()) << 32)
+        ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(17)
+}
+
+fn lock(m: &Mutex<Channel>) -> MutexGuard<'_, Channel> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Sender {
+    /// Opens `opts.channels` connections to `uri` and writes the stream header.
+    pub fn connect(
+        uri: &Uri,
+        page_size: u32,
+        blocks: Vec<BlockInfo>,
+        opts: SendOptions,
+    ) -> Result<Sender> {
+        let header = StreamHeader {
+            page_size,
+            blocks,
+            features: Features {
+                compression: opts.compression,
+                channels: opts.channels,
+            },
+        };
+        header
+            .validate()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let is_file = matches!(uri, Uri::File(_));
+        if is_file && opts.channels != 1 {
+            return Err(Error::InvalidArgument(
+                "file: carries exactly one channel".into(),
+            ));
+        }
+        let counters = Arc::new(ByteCounters::new(opts.channels.into()));
+        let session_id = session_id();
+        let mut channels = Vec::with_capacity(opts.channels.into());
+        for channel_index in 0..opts.channels {
+            let mut conn = Conn::connect(uri)?;
+            let pre = Preamble {
+                channel_index,
+                channel_count: opts.channels,
+                session_id,
+            }
+            .encode();
+            write_all(&mut conn, &[&pre], None)?;
+            counters.add(channel_index.into(), PREAMBLE_BYTES as u64, 0);
+            let zstd = match opts.compression {
+                Compression::None => None,
+                Compression::Zstd => Some(
+                    zstd::bulk::Compressor::new(ZSTD_LEVEL)
+                        .map_err(|e| Error::Compression(e.to_string()))?,
+                ),
+            };
+            channels.push(Mutex::new(Channel {
+                conn,
+                records: 0,
+                prefix: Vec::new(),
+                zstd,
+                zin: Vec::new(),
+                zout: Vec::new(),
+            }));
+        }
+        let s = Sender {
+            header,
+            channels,
+            next: AtomicUsize::new(0),
+            last_iteration: Mutex::new(None),
+            limiter: RateLimiter::new(opts.max_bandwidth_bytes_per_sec),
+            counters,
+            is_file,
+        };
+        let body = s.header.encode_body();
+        s.write_record(0, &mut lock(&s.channels[0]), Kind::Header, 0, &[&body], 0)?;
+        Ok(s)
+    }
+
+    /// The stream header as sent.
+    pub fn header(&self) -> &StreamHeader {
+        &self.header
+    }
+
+    /// Byte counters, readable from any thread at any time.
+    pub fn counters(&self) -> Arc<ByteCounters> {
+        self.counters.clone()
+    }
+
+    /// Most pages one `send_pages` call may carry.
+    pub fn max_batch_pages(&self) -> usize {
+        max_batch_pages(self.header.page_size) as usize
+    }
+
+    /// Changes the bandwidth cap (bytes/s, 0 = unlimited) while sending.
+    pub fn set_max_bandwidth(&self, bytes_per_sec: u64) {
+        self.limiter.set_bytes_per_sec(bytes_per_sec);
+    }
+
+    fn pick(&self) -> (usize, MutexGuard<'_, Channel>) {
+        let n = self.channels.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if let Ok(g) = self.channels[i].try_lock() {
+                return (i, g);
+            }
+        }
+        (start, lock(&self.channels[start]))
+    }
+
+    fn limiter(&self) -> Option<&RateLimiter> {
+        (self.limiter.bytes_per_sec() != 0).then_some(&self.limiter)
+    }
+
+    /// Writes one record: header (with the CRC of `body`) then the body parts.
+    fn write_record(
+        &self,
+        ch_idx: usize,
+        ch: &mut Channel,
+        kind: Kind,
+        flags: u8,
+        body: &[&[u8]],
+        payload_bytes: u64,
+    ) -> Result<()> {
+        let body_len: usize = body.iter().map(|b| b.len()).sum();
+        let crc = body.iter().fold(0, |c, b| crc32c::crc32c_append(c, b));
+        let hdr = RecordHeader {
+            kind,
+            flags,
+            body_len: body_len as u32,
+            body_crc: crc,
+        }
+        .encode();
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(body.len() + 1);
+        parts.push(&hdr);
+        parts.extend_from_slice(body);
+        write_all(&mut ch.conn, &parts, self.limiter())?;
+        ch.records += 1;
+        let total = (RECORD_HEADER_BYTES + body_len) as u64;
+        self.counters
+            .add(ch_idx, total - payload_bytes, payload_bytes);
+        Ok(())
+    }
+
+    fn check_block(&self, block_idx: usize, offsets_pages: &[u64]) -> Result<()> {
+        let pages = self.header.block_pages(block_idx).ok_or_else(|| {
+            Error::InvalidArgument(format!("block index {block_idx} not in the header"))
+        })?;
+        if let Some(&bad) = offsets_pages.iter().find(|&&o| o >= pages) {
+            return Err(Error::InvalidArgument(format!(
+                "page {bad} outside block {block_idx} ({pages} pages)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends a batch of pages of one block: `offsets_pages[i]` is the page index
+    /// (strictly increasing) of `pages[i]`, a page-sized slice borrowed from guest
+    /// memory. Uncompressed, the slices go to the socket without a copy.
+    pub fn send_pages(
+        &self,
+        block_idx: usize,
+        offsets_pages: &[u64],
+        pages: &[&[u8]],
+    ) -> Result<()> {
+        let n = offsets_pages.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if pages.len() != n || n > self.max_batch_pages() {
+            return Err(Error::InvalidArgument(format!(
+                "{n} offsets, {} pages, at most {} per batch",
+                pages.len(),
+                self.max_batch_pages()
+            )));
+        }
+        let page_size = self.header.page_size as usize;
+        if pages.iter().any(|p| p.len() != page_size) {
+            return Err(Error::InvalidArgument(format!(
+                "every page must be {page_size} bytes"
+            )));
+        }
+        if offsets_pages.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::InvalidArgument(
+                "page offsets must be strictly increasing".into(),
+            ));
+        }
+        self.check_block(block_idx, offsets_pages)?;
+
+        let (ch_idx, mut guard) = self.pick();
+        let ch = &mut *guard;
+        ch.prefix.clear();
+        ch.prefix
+            .extend_from_slice(&(block_idx as u32).to_le_bytes());
+        ch.prefix.extend_from_slice(&(n as u32).to_le_bytes());
+        for o in offsets_pages {
+            ch.prefix.extend_from_slice(&o.to_le_bytes());
+        }
+        let prefix = std::mem::take(&mut ch.prefix);
+        let res = match ch.zstd.as_mut() {
+            None => {
+                let mut body: Vec<&[u8]> = Vec::with_capacity(n + 1);
+                body.push(&prefix);
+                body.extend_from_slice(pages);
+                self.write_record(ch_idx, ch, Kind::Pages, 0, &body, (n * page_size) as u64)
+            }
+            Some(z) => {
+                ch.zin.clear();
+                for p in pages {
+                    ch.zin.extend_from_slice(p);
+                }
+                ch.zout.clear();
+                ch.zout
+                    .reserve(zstd::zstd_safe::compress_bound(ch.zin.len()));
+                match z.compress_to_buffer(&ch.zin, &mut ch.zout) {
+                    Ok(_) => {
+                        let zout = std::mem::take(&mut ch.zout);
+                        let r = self.write_record(
+                            ch_idx,
+                            ch,
+                            Kind::Pages,
+                            FLAG_ZSTD,
+                            &[&prefix, &zout],
+                            zout.len() as u64,
+                        );
+                        ch.zout = zout;
+                        r
+                    }
+                    Err(e) => Err(Error::Compression(e.to_string())),
+                }
+            }
+        };
+        ch.prefix = prefix;
+        if res.is_ok() {
+            self.counters.add_pages(n as u64, 0);
+        }
+        res
+    }
+
+    /// Sends zero pages of one block as offsets only (any number; split as needed).
+    pub fn send_zero_pages(&self, block_idx: usize, offsets_pages: &[u64]) -> Result<()> {
+        self.check_block(block_idx, offsets_pages)?;
+        for chunk in offsets_pages.chunks(MAX_ZERO_BATCH_PAGES as usize) {
+            let (ch_idx, mut guard) = self.pick();
+            let ch = &mut *guard;
+            let mut body = std::mem::take(&mut ch.prefix);
+            body.clear();
+            body.extend_from_slice(&(block_idx as u32).to_le_bytes());
+            body.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
+            for o in chunk {
+                body.extend_from_slice(&o.to_le_bytes());
+            }
+            let r = self.write_record(ch_idx, ch, Kind::ZeroPages, 0, &[&body], 0);
+            ch.prefix = body;
+            r?;
+            self.counters.add_pages(0, chunk.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Sends one device's state on the control connection.
+    pub fn send_device_state(&self, name: &str, data: &[u8]) -> Result<()> {
+        if name.is_empty() || name.len() > MAX_NAME_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "device name {name:?}: 1..={MAX_NAME_BYTES} bytes"
+            )));
+        }
+        if 1 + name.len() + data.len() > MAX_BODY_BYTES as usize {
+            return Err(Error::InvalidArgument(format!(
+                "device state of {name} is {} bytes, cap {MAX_BODY_BYTES}",
+                data.len()
+            )));
+        }
+        let head = [&[name.len() as u8][..], name.as_bytes()].concat();
+        let mut ch = lock(&self.channels[0]);
+        self.write_record(
+            0,
+            &mut ch,
+            Kind::DeviceState,
+            0,
+            &[&head, data],
+            data.len() as u64,
+        )
+    }
+
+    /// Ends iteration `iteration` (strictly increasing): a `Sync` record on every
+    /// connection. The receiver applies no page of a later iteration before every
+    /// channel delivered this one. Call it after every `send_*` of the iteration
+    /// returned, and before any `send_*` of the next starts.
+    pub fn iteration_end(&self, iteration: u64) -> Result<()> {
+        let mut last = self
+            .last_iteration
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|l| iteration <= l) {
+            return Err(Error::InvalidArgument(format!(
+                "iteration {iteration} after {last:?}: must increase"
+            )));
+        }
+        let body = iteration.to_le_bytes();
+        let mut guards: Vec<_> = self.channels.iter().map(lock).collect();
+        for (i, g) in guards.iter_mut().enumerate().rev() {
+            self.write_record(i, g, Kind::Sync, 0, &[&body], 0)?;
+        }
+        *last = Some(iteration);
+        Ok(())
+    }
+
+    /// Ends the stream: `End` on every data connection, then on the control one,
+    /// and waits for the receiver's acknowledgement (not for `file:`).
+    pub fn finish(self) -> Result<Ack> {
+        let mut chans: Vec<Channel> = self
+            .channels
+            .iter()
+            .map(|m| std::mem::replace(&mut *lock(m), dummy_channel()))
+            .collect();
+        for (i, ch) in chans.iter_mut().enumerate().rev() {
+            let body = ch.records.to_le_bytes();
+            self.write_record(i, ch, Kind::End, 0, &[&body], 0)?;
+            ch.conn.flush()?;
+        }
+        if self.is_file {
+            return Ok(Ack { resumed: false });
+        }
+        let mut control = chans.swap_remove(0);
+        drop(chans);
+        read_answer(std::mem::replace(&mut control.conn, dummy_conn()))
+    }
+}
+
+fn dummy_conn() -> Conn {
+    let (a, _b) = crate::mem::pipe();
+    Conn::Mem(a)
+}
+
+fn dummy_channel() -> Channel {
+    Channel {
+        conn: dummy_conn(),
+        records: 0,
+        prefix: Vec::new(),
+        zstd: None,
+        zin: Vec::new(),
+        zout: Vec::new(),
+    }
+}
+
+/// Reads the receiver's `Ack` or `Refuse` on the control connection.
+fn read_answer(conn: Conn) -> Result<Ack> {
+    let mut r = RecordReader::new(conn);
+    let mut hb = [0u8; RECORD_HEADER_BYTES];
+    r.read_exact(&mut hb, "acknowledgement")?;
+    let h = RecordHeader::decode(&hb)?;
+    let cap = match h.kind {
+        Kind::Ack => 1,
+        Kind::Refuse => MAX_MESSAGE_BYTES,
+        other => {
+            return Err(Error::Protocol(format!(
+                "expected an acknowledgement, got {other:?}"
+            )))
+        }
+    };
+    if h.body_len > cap {
+        return Err(Error::TooLong {
+            what: "acknowledgement",
+            len_bytes: h.body_len.into(),
+            max_bytes: cap.into(),
+        });
+    }
+    let body = r.read_vec(h.body_len as usize, "acknowledgement")?;
+    if crc32c::crc32c(&body) != h.body_crc {
+        return Err(Error::Checksum {
+            what: "acknowledgement",
+        });
+    }
+    match h.kind {
+        Kind::Ack if body.len() == 1 && body[0] <= 1 => Ok(Ack {
+            resumed: body[0] == 1,
+        }),
+        Kind::Ack => Err(Error::Malformed("acknowledgement body".into())),
+        _ => Err(Error::Refused(String::from_utf8_lossy(&body).into_owned())),
+    }
+}
