@@ -1,2 +1,36 @@
-//! The `ferry` command line.
-fn main() {}
+//! The `ferry` command line: `demo`, `send`, `receive`.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// Ferry: live migration for KVM guests.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Migrate a running guest to a second local process and verify the result.
+    Demo(cmd::demo::DemoArgs),
+    /// Boot a guest and migrate it to a `ferry receive`.
+    Send(cmd::send::SendArgs),
+    /// Wait for a migration and run the guest it brings.
+    Receive(cmd::receive::ReceiveArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(a) => cmd::demo::run(a),
+        Command::Send(a) => cmd::send::run(a),
+        Command::Receive(a) => cmd::receive::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("ferry: {e}");
+        std::process::exit(1);
+    }
+}

@@ -38,6 +38,18 @@ pub enum Workload {
     },
 }
 
+impl std::fmt::Display for Workload {
+    /// The form [`Workload::from_str`] accepts (`working-set=4096`, `random=42,80`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Workload::Idle => write!(f, "idle"),
+            Workload::WorkingSet { pages } => write!(f, "working-set={pages}"),
+            Workload::Sweep { pages_per_sec } => write!(f, "sweep={pages_per_sec}"),
+            Workload::Random { seed, hot_percent } => write!(f, "random={seed},{hot_percent}"),
+        }
+    }
+}
+
 impl FromStr for Workload {
     type Err = Error;
 
@@ -208,6 +220,18 @@ impl VmConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn display_round_trips() {
+        for w in ["idle", "working-set=4096", "sweep=1000", "random=42,80"] {
+            let parsed: Workload = w.parse().unwrap();
+            assert_eq!(parsed.to_string(), w);
+        }
+        assert_eq!(
+            "working-set=16M".parse::<Workload>().unwrap().to_string(),
+            "working-set=4096"
+        );
+    }
 
     #[test]
     fn parses_workloads() {

@@ -103,7 +103,13 @@ pub struct MiniVm {
     handler: SharedHandler,
     errors: SharedErrors,
     last_pause_ns: AtomicU64,
+    /// The running vCPU threads, for kicks from outside the VM handle (the dirty ring's
+    /// flush); emptied before the threads are joined, so every entry is a live thread.
+    kick_targets: KickTargets,
 }
+
+/// The pthreads of the running vCPU threads.
+pub(crate) type KickTargets = Arc<Mutex<Vec<libc::pthread_t>>>;
 
 impl MiniVm {
     /// Builds the source guest: memory, page tables and program written, vCPU registers set,
@@ -149,6 +155,7 @@ impl MiniVm {
             layout,
             tsc_hz,
             handles: Vec::new(),
+            kick_targets: Arc::default(),
             ticker: None,
             engine,
             memory,
@@ -314,6 +321,8 @@ impl MiniVm {
                         }
                     }
                 }
+                *self.kick_targets.lock().unwrap_or_else(|p| p.into_inner()) =
+                    self.handles.iter().map(|h| h.as_pthread_t()).collect();
                 self.ticker = Some(self.spawn_ticker()?);
             }
             Engine::Threads(progress) => {
@@ -582,6 +591,10 @@ impl MiniVm {
             return;
         }
         self.control.set_request(Request::Stop);
+        self.kick_targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         if let Some(t) = self.ticker.take() {
             // A panicked ticker has nothing left to clean up.
             let _ignored = t.join();

@@ -1,0 +1,74 @@
+//! `ferry receive`: an empty guest waiting for a migration; resumes it when it arrives.
+//!
+//! Talks to a parent process in JSON lines on stdout: `listening` (with the real URI),
+//! then `completed` (with the RAM digest taken before resuming) or `failed`, then
+//! `running` once every vCPU has done two more rounds on this side.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use ferry::migration_core::incoming;
+use ferry::GuestVm;
+use serde_json::json;
+
+use super::VmArgs;
+
+/// Wait for a migration on URI and run the guest it brings.
+#[derive(Args, Debug)]
+pub struct ReceiveArgs {
+    /// Where to listen: tcp:HOST:PORT (port 0 = any) | unix:PATH | file:PATH.
+    #[arg(long)]
+    pub uri: String,
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Digest guest RAM before resuming (adds to the downtime; for checking).
+    #[arg(long)]
+    pub verify: bool,
+    /// Keep the guest running after it was seen running (until killed).
+    #[arg(long)]
+    pub stay: bool,
+}
+
+fn say(v: serde_json::Value) {
+    println!("{v}");
+}
+
+/// Runs `ferry receive`.
+pub fn run(args: ReceiveArgs) -> Result<(), String> {
+    let guest = Arc::new(
+        GuestVm::incoming(args.vm.config(), args.vm.tracking()).map_err(|e| e.to_string())?,
+    );
+    let inc = incoming(guest.clone(), &args.uri, args.verify).map_err(|e| e.to_string())?;
+    say(json!({"event": "listening", "uri": inc.uri().to_string()}));
+    let report = match inc.wait() {
+        Ok(r) => r,
+        Err(e) => {
+            say(json!({"event": "failed", "error": e.to_string()}));
+            return Err(format!("incoming migration failed: {e}"));
+        }
+    };
+    let at_resume = guest.counters();
+    say(json!({
+        "event": "completed",
+        "iterations": report.iterations,
+        "received-bytes": report.received_bytes,
+        "total-ms": report.total_ms,
+        "ram-digest": report.ram_digest,
+        "counters": at_resume,
+    }));
+    {
+        let vm = guest.vm();
+        for v in 0..vm.vcpus() {
+            vm.wait_rounds(v, 2, Duration::from_secs(60))
+                .map_err(|e| format!("the guest does not run on the destination: {e}"))?;
+        }
+    }
+    say(json!({"event": "running", "counters": guest.counters()}));
+    if args.stay {
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    Ok(())
+}

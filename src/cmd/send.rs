@@ -1,0 +1,121 @@
+//! `ferry send`: boot a guest and migrate it to a `ferry receive` elsewhere.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use ferry::migration_core::{ram_digest, GuestRam, MigrationSource};
+use ferry::stats::{MigrationInfo, MigrationStatus};
+use ferry::GuestVm;
+
+use super::progress::{bytes, watch};
+use super::{MigrateArgs, VmArgs};
+
+/// Boot a guest and migrate it to URI.
+#[derive(Args, Debug)]
+pub struct SendArgs {
+    /// Where `ferry receive` listens: tcp:HOST:PORT | unix:PATH | file:PATH.
+    #[arg(long)]
+    pub uri: String,
+    #[command(flatten)]
+    pub vm: VmArgs,
+    #[command(flatten)]
+    pub migrate: MigrateArgs,
+    /// Write the final query-migrate JSON (and the source RAM digest) to FILE.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// What a finished migration left on the source.
+pub struct Outcome {
+    /// The final `query-migrate` snapshot.
+    pub info: MigrationInfo,
+    /// Digest of the source RAM at switch-over (the source stays paused after it).
+    pub ram_digest: Option<u64>,
+    /// Round counters at switch-over.
+    pub counters: Vec<u64>,
+}
+
+/// Boots the source guest and lets it run two rounds.
+pub fn boot(vm: &VmArgs) -> Result<Arc<GuestVm>, String> {
+    let guest = GuestVm::boot(vm.config(), vm.tracking()).map_err(|e| e.to_string())?;
+    {
+        let g = guest.vm();
+        eprintln!(
+            "source guest: {} RAM, {} vCPU(s), workload {}, backend {}",
+            bytes(vm.mem),
+            vm.vcpus,
+            vm.workload,
+            g.backend_name()
+        );
+        for v in 0..g.vcpus() {
+            g.wait_rounds(v, 2, Duration::from_secs(60))
+                .map_err(|e| format!("guest did not start: {e}"))?;
+        }
+    }
+    Ok(Arc::new(guest))
+}
+
+/// Migrates `guest` to `uri` with a progress line; digests RAM once completed.
+pub fn migrate(guest: &Arc<GuestVm>, args: &MigrateArgs, uri: &str) -> Result<Outcome, String> {
+    let source = MigrationSource::new(guest.clone());
+    args.apply(&source)?;
+    source.migrate(uri).map_err(|e| e.to_string())?;
+    let info = watch(&source);
+    let completed = info.status == MigrationStatus::Completed;
+    Ok(Outcome {
+        ram_digest: completed.then(|| ram_digest(&GuestRam::new(guest.clone()))),
+        counters: guest.counters(),
+        info,
+    })
+}
+
+/// Prints the report of a finished migration.
+pub fn report(info: &MigrationInfo) {
+    let ram = info.ram.clone().unwrap_or_default();
+    println!("status            {}", info.status.as_str());
+    if let Some(e) = &info.error_desc {
+        println!("error             {e}");
+    }
+    println!("total-time        {} ms", info.total_time.unwrap_or(0));
+    println!("setup-time        {} ms", info.setup_time.unwrap_or(0));
+    println!("downtime          {} ms", info.downtime.unwrap_or(0));
+    println!("transferred       {}", bytes(ram.transferred));
+    println!(
+        "  normal pages    {} ({})",
+        ram.normal,
+        bytes(ram.normal_bytes)
+    );
+    println!("  zero pages      {}", ram.duplicate);
+    println!("  during downtime {}", bytes(ram.downtime_bytes));
+    println!("dirty-sync-count  {}", ram.dirty_sync_count);
+    println!("throughput        {:.0} Mbit/s", ram.mbps);
+    if let Some(f) = &info.ferry {
+        println!("passes            {}", f.iterations);
+    }
+}
+
+/// Writes the outcome as JSON.
+pub fn write_json(path: &PathBuf, value: &serde_json::Value) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// Runs `ferry send`.
+pub fn run(args: SendArgs) -> Result<(), String> {
+    let guest = boot(&args.vm)?;
+    let out = migrate(&guest, &args.migrate, &args.uri)?;
+    report(&out.info);
+    if let Some(path) = &args.json {
+        write_json(
+            path,
+            &serde_json::json!({"query-migrate": out.info, "source-ram-digest": out.ram_digest}),
+        )?;
+    }
+    if out.info.status == MigrationStatus::Completed {
+        Ok(())
+    } else {
+        Err(format!("migration {}", out.info.status.as_str()))
+    }
+}
