@@ -1,0 +1,484 @@
+//! End-to-end precopy: a source guest in this process, a `ferry receive` destination
+//! in another, over loopback TCP and Unix sockets; faults and cancel.
+//!
+//! A migration is correct when the destination's RAM digest (taken before it resumes)
+//! equals the source's at switch-over, and the guest's counters advance there.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{config, guest_lock, wait_all, TIMEOUT};
+use ferry::migration_core::{
+    ram_digest, Capability, GuestRam, MigratableVm, MigrationSource, ParametersUpdate,
+};
+use ferry::stats::{Convergence, MigrationStatus};
+use ferry::GuestVm;
+use minivm::{DirtyTracking, VmConfig, Workload};
+use serde_json::Value;
+
+/// A `ferry receive` child process.
+struct Dest {
+    child: Child,
+    lines: std::io::Lines<BufReader<ChildStdout>>,
+    uri: String,
+}
+
+impl Dest {
+    fn spawn(cfg: &VmConfig, uri: &str) -> Dest {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        cmd.args(["receive", "--verify", "--uri", uri])
+            .args(["--mem", &cfg.mem_bytes.to_string()])
+            .args(["--vcpus", &cfg.vcpus.to_string()])
+            .args(["--workload", &cfg.workload.to_string()])
+            .stdout(Stdio::piped());
+        if cfg.backend == minivm::Backend::Threads {
+            cmd.arg("--threads");
+        }
+        let mut child = cmd.spawn().expect("spawn ferry receive");
+        let stdout = child.stdout.take().unwrap();
+        let mut d = Dest {
+            child,
+            lines: BufReader::new(stdout).lines(),
+            uri: String::new(),
+        };
+        let l = d.next_event();
+        assert_eq!(l["event"], "listening", "{l}");
+        d.uri = l["uri"].as_str().unwrap().to_string();
+        d
+    }
+
+    fn next_event(&mut self) -> Value {
+        let line = self
+            .lines
+            .next()
+            .expect("destination exited")
+            .expect("read");
+        serde_json::from_str(&line).expect("json line")
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// After a completed migration: the digest before resume, then counters advancing.
+    fn check_completed(&mut self, src_digest: u64) {
+        let done = self.next_event();
+        assert_eq!(done["event"], "completed", "{done}");
+        assert_eq!(
+            done["ram-digest"].as_u64(),
+            Some(src_digest),
+            "destination RAM equals source RAM"
+        );
+        let running = self.next_event();
+        assert_eq!(
+            running["event"], "running",
+            "the guest runs on the destination: {running}"
+        );
+    }
+
+    /// After a failed migration: the destination reports failure and never resumes.
+    fn check_failed(&mut self) {
+        let l = self.next_event();
+        assert_eq!(l["event"], "failed", "{l}");
+        let status = self.child.wait().unwrap();
+        assert!(!status.success());
+    }
+}
+
+impl Drop for Dest {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn source_for(guest: &Arc<GuestVm>, max_bandwidth: u64, channels: u8) -> MigrationSource {
+    let s = MigrationSource::new(guest.clone());
+    s.set_parameters(&ParametersUpdate {
+        max_bandwidth: Some(max_bandwidth),
+        multifd_channels: Some(channels),
+        ..Default::default()
+    })
+    .unwrap();
+    s.set_capability(Capability::Multifd, channels > 1).unwrap();
+    s
+}
+
+fn boot(cfg: &VmConfig) -> Arc<GuestVm> {
+    let g = Arc::new(GuestVm::boot(cfg.clone(), DirtyTracking::default()).unwrap());
+    wait_all(&g.vm(), 2);
+    g
+}
+
+/// The source guest runs again: every vCPU advances.
+fn assert_source_runs(guest: &GuestVm) {
+    wait_all(&guest.vm(), 2);
+}
+
+fn full_migration(workload: Workload, uri: &str, channels: u8) {
+    let _g = guest_lock();
+    let cfg = config(1 << 30, 2, workload);
+    let guest = boot(&cfg);
+    let mut dest = Dest::spawn(&cfg, uri);
+    let source = source_for(&guest, 0, channels);
+    source.migrate(&dest.uri).unwrap();
+    let status = source.wait();
+    let info = source.query();
+    assert_eq!(
+        status,
+        MigrationStatus::Completed,
+        "{workload} over {uri} x{channels}: {info:?}"
+    );
+    let digest = ram_digest(&GuestRam::new(guest.clone()));
+    dest.check_completed(digest);
+    let ram = info.ram.unwrap();
+    assert_eq!(
+        ram.dirty_sync_count,
+        guest.address_space().stats().snapshot().syncs,
+        "one count per sync"
+    );
+    assert!(info.downtime.is_some());
+}
+
+fn unix_uri(tag: &str) -> String {
+    let path = std::env::temp_dir().join(format!("ferry-test-{}-{tag}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    format!("unix:{}", path.display())
+}
+
+const WORKLOADS: [Workload; 4] = [
+    Workload::Idle,
+    Workload::WorkingSet { pages: 4096 },
+    Workload::WorkingSet { pages: 65536 },
+    Workload::Sweep {
+        pages_per_sec: 20_000,
+    },
+];
+
+#[test]
+fn tcp_one_channel_every_workload() {
+    for w in WORKLOADS {
+        full_migration(w, "tcp:127.0.0.1:0", 1);
+    }
+}
+
+#[test]
+fn tcp_two_channels_every_workload() {
+    for w in WORKLOADS {
+        full_migration(w, "tcp:127.0.0.1:0", 2);
+    }
+}
+
+#[test]
+fn unix_one_and_two_channels_every_workload() {
+    for (i, w) in WORKLOADS.into_iter().enumerate() {
+        full_migration(w, &unix_uri(&format!("a{i}")), 1);
+        full_migration(w, &unix_uri(&format!("b{i}")), 2);
+    }
+}
+
+/// Polls until `pred` holds on the source's snapshot.
+fn poll_until(
+    source: &MigrationSource,
+    what: &str,
+    pred: impl Fn(&ferry::stats::MigrationInfo) -> bool,
+) -> ferry::stats::MigrationInfo {
+    let t0 = Instant::now();
+    loop {
+        let info = source.query();
+        if pred(&info) {
+            return info;
+        }
+        assert!(
+            !info.status.is_finished() || pred(&info),
+            "ended before {what}: {info:?}"
+        );
+        assert!(
+            t0.elapsed() < TIMEOUT,
+            "timed out waiting for {what}: {info:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn dirty_pages_rate_matches_the_working_set_and_non_convergence_is_reported() {
+    let _g = guest_lock();
+    let w = 65536u64;
+    let cfg = config(1 << 30, 2, Workload::WorkingSet { pages: w });
+    let guest = boot(&cfg);
+    let dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
+    // 256 MiB of working set at 128 MiB/s cannot converge within 300 ms of downtime.
+    let source = source_for(&guest, 128 << 20, 1);
+    source.migrate(&dest.uri).unwrap();
+    // Past the first pass (the bulk stage), a period has closed: read the rate.
+    let info = poll_until(&source, "a dirty rate after pass 1", |i| {
+        i.ferry.as_ref().is_some_and(|f| f.iterations >= 2)
+            && i.ram.as_ref().is_some_and(|r| r.dirty_pages_rate > 0)
+    });
+    let rate = info.ram.as_ref().unwrap().dirty_pages_rate as f64;
+    let truth = (w + 2) as f64; // the working set and two counter pages, per second
+    assert!(
+        (rate - truth).abs() / truth <= 0.05,
+        "dirty-pages-rate {rate} vs {truth}"
+    );
+    match info.ferry.unwrap().convergence {
+        Convergence::NotConverging {
+            needed_bandwidth_bytes_per_sec,
+        } => {
+            assert!(needed_bandwidth_bytes_per_sec > 128 << 20)
+        }
+        other => panic!("expected not-converging, got {other:?}"),
+    }
+    assert_eq!(
+        source.query().status,
+        MigrationStatus::Active,
+        "keeps iterating"
+    );
+    source.cancel();
+    assert_eq!(source.wait(), MigrationStatus::Cancelled);
+    assert_source_runs(&guest);
+}
+
+#[test]
+fn auto_converge_completes_a_migration_that_would_not() {
+    let _g = guest_lock();
+    // Random writes over all of RAM: ~1 GiB/s of unique pages at full speed; throttling
+    // the vCPUs cuts that, unlike a working set that is rewritten whole every round.
+    let cfg = config(
+        1 << 30,
+        1,
+        Workload::Random {
+            seed: 7,
+            hot_percent: 0,
+        },
+    );
+    let guest = boot(&cfg);
+    let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
+    let source = source_for(&guest, 128 << 20, 1);
+    source
+        .set_capability(Capability::AutoConverge, true)
+        .unwrap();
+    source.migrate(&dest.uri).unwrap();
+    let status = source.wait();
+    let info = source.query();
+    assert_eq!(status, MigrationStatus::Completed, "{info:?}");
+    dest.check_completed(ram_digest(&GuestRam::new(guest.clone())));
+}
+
+/// Forwards one TCP connection at a time to `upstream`, at most `rate` bytes/s
+/// (0 = unlimited), and cuts every connection once `cut` is set or `limit_bytes` passed.
+struct Proxy {
+    uri: String,
+    cut: Arc<AtomicBool>,
+    forwarded: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    fn start(upstream: &str, rate: u64, limit_bytes: u64) -> Proxy {
+        let up = upstream.trim_start_matches("tcp:").to_string();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = format!("tcp:{}", l.local_addr().unwrap());
+        let cut = Arc::new(AtomicBool::new(false));
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let (c2, f2) = (cut.clone(), forwarded.clone());
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(down) = conn else { return };
+                let Ok(upc) = TcpStream::connect(&up) else {
+                    return;
+                };
+                let pipe = |mut from: TcpStream,
+                            mut to: TcpStream,
+                            count: bool,
+                            cut: Arc<AtomicBool>,
+                            fwd: Arc<AtomicU64>| {
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 << 10];
+                        let t0 = Instant::now();
+                        let mut sent = 0u64;
+                        loop {
+                            if cut.load(Ordering::Acquire) {
+                                break;
+                            }
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if count {
+                                let total = fwd.fetch_add(n as u64, Ordering::AcqRel) + n as u64;
+                                if limit_bytes > 0 && total >= limit_bytes {
+                                    cut.store(true, Ordering::Release);
+                                    break;
+                                }
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            sent += n as u64;
+                            if rate > 0 {
+                                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                                if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                                    std::thread::sleep(wait);
+                                }
+                            }
+                        }
+                        let _ = from.shutdown(Shutdown::Both);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                };
+                pipe(
+                    down.try_clone().unwrap(),
+                    upc.try_clone().unwrap(),
+                    true,
+                    c2.clone(),
+                    f2.clone(),
+                );
+                pipe(upc, down, false, c2.clone(), f2.clone());
+            }
+        });
+        Proxy {
+            uri,
+            cut,
+            forwarded,
+        }
+    }
+}
+
+/// A second migration to a fresh destination succeeds after a failure or cancel.
+fn second_migration_succeeds(guest: &Arc<GuestVm>, cfg: &VmConfig) {
+    let mut dest = Dest::spawn(cfg, "tcp:127.0.0.1:0");
+    let source = source_for(guest, 0, 1);
+    source.migrate(&dest.uri).unwrap();
+    assert_eq!(
+        source.wait(),
+        MigrationStatus::Completed,
+        "{:?}",
+        source.query()
+    );
+    dest.check_completed(ram_digest(&GuestRam::new(guest.clone())));
+}
+
+#[test]
+fn destination_killed_mid_stream() {
+    let _g = guest_lock();
+    let cfg = config(1 << 30, 2, Workload::WorkingSet { pages: 65536 });
+    let guest = boot(&cfg);
+    let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
+    let source = source_for(&guest, 64 << 20, 1);
+    source.migrate(&dest.uri).unwrap();
+    poll_until(&source, "active", |i| {
+        i.status == MigrationStatus::Active
+            && i.ram.as_ref().is_some_and(|r| r.transferred > 8 << 20)
+    });
+    dest.kill();
+    assert_eq!(source.wait(), MigrationStatus::Failed);
+    assert!(source.query().error_desc.is_some());
+    assert_source_runs(&guest);
+    assert!(
+        !guest.address_space().logging(),
+        "the MIGRATION reason was dropped"
+    );
+    second_migration_succeeds(&guest, &cfg);
+}
+
+#[test]
+fn truncated_stream_fails_both_sides_and_never_resumes() {
+    let _g = guest_lock();
+    let cfg = config(256 << 20, 1, Workload::WorkingSet { pages: 4096 });
+    let guest = boot(&cfg);
+    let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
+    // The stream is cut after 5 MiB, in the middle of a record.
+    let proxy = Proxy::start(&dest.uri, 0, (5 << 20) + 1234);
+    let source = source_for(&guest, 0, 1);
+    source.migrate(&proxy.uri).unwrap();
+    assert_eq!(
+        source.wait(),
+        MigrationStatus::Failed,
+        "{:?}",
+        source.query()
+    );
+    assert!(proxy.forwarded.load(Ordering::Acquire) >= 5 << 20);
+    dest.check_failed();
+    assert_source_runs(&guest);
+    second_migration_succeeds(&guest, &cfg);
+}
+
+#[test]
+fn connection_cut_during_the_final_copy() {
+    let _g = guest_lock();
+    let cfg = config(1 << 30, 2, Workload::WorkingSet { pages: 16384 });
+    let guest = boot(&cfg);
+    let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
+    // A 32 MiB/s link and a long downtime limit: the stop-and-copy of 64 MiB takes ~2 s.
+    let proxy = Proxy::start(&dest.uri, 32 << 20, 0);
+    let source = source_for(&guest, 0, 1);
+    source
+        .set_parameters(&ParametersUpdate {
+            downtime_limit: Some(20_000),
+            ..Default::default()
+        })
+        .unwrap();
+    source.migrate(&proxy.uri).unwrap();
+    poll_until(&source, "stop-and-copy", |i| {
+        i.status == MigrationStatus::Device
+    });
+    proxy.cut.store(true, Ordering::Release);
+    assert_eq!(
+        source.wait(),
+        MigrationStatus::Failed,
+        "{:?}",
+        source.query()
+    );
+    dest.check_failed();
+    assert_source_runs(&guest);
+    second_migration_succeeds(&guest, &cfg);
+}
+
+#[test]
+fn cancel_in_every_state() {
+    let _g = guest_lock();
+    let cfg = config(1 << 30, 2, Workload::WorkingSet { pages: 16384 });
+    let guest = boot(&cfg);
+    for state in [
+        MigrationStatus::Setup,
+        MigrationStatus::Active,
+        MigrationStatus::Device,
+    ] {
+        let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
+        let proxy = Proxy::start(&dest.uri, 32 << 20, 0);
+        let source = source_for(&guest, 0, 1);
+        source
+            .set_parameters(&ParametersUpdate {
+                downtime_limit: Some(20_000),
+                ..Default::default()
+            })
+            .unwrap();
+        source.migrate(&proxy.uri).unwrap();
+        if state != MigrationStatus::Setup {
+            poll_until(&source, "the state to cancel in", |i| i.status == state);
+        }
+        source.cancel();
+        assert_eq!(
+            source.wait(),
+            MigrationStatus::Cancelled,
+            "cancel in {state:?}: {:?}",
+            source.query()
+        );
+        assert_source_runs(&guest);
+        assert!(!guest.address_space().logging());
+        if state == MigrationStatus::Setup {
+            // Cancelled before or while connecting: the destination may never see a stream.
+            dest.kill();
+        } else {
+            dest.check_failed();
+        }
+    }
+    second_migration_succeeds(&guest, &cfg);
+}
