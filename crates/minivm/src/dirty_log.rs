@@ -39,8 +39,8 @@ impl MiniVm {
     }
 
     /// An address space over the guest's RAM with its listeners registered: the KVM
-    /// listener chosen by `tracking` (KVM backend only) and the VMM-writes listener
-    /// (always; it is what sees the host-thread fallback's writes).
+    /// listener chosen by `tracking` (KVM backend), or the VMM-writes listener (the
+    /// host-thread fallback, whose writes go through vm-memory).
     pub fn address_space(&self, tracking: DirtyTracking) -> Result<Arc<AddressSpace>> {
         let space = AddressSpace::new(self.ram_blocks()).map_err(Error::DirtyLog)?;
         if let Some(vm) = self.vm_fd() {
@@ -59,9 +59,14 @@ impl MiniVm {
                 }
             }
         }
-        space
-            .register_listener(Arc::new(VmmWritesListener::new(self.memory().clone())))
-            .map_err(Error::DirtyLog)?;
+        // The host-thread fallback writes through vm-memory, so its bitmap is the log.
+        // A KVM guest's VMM writes nothing here; a VMM that DMA-writes through vm-memory
+        // registers `VmmWritesListener` itself (one atomic swap per 64 pages per sync).
+        if !self.is_kvm() {
+            space
+                .register_listener(Arc::new(VmmWritesListener::new(self.memory().clone())))
+                .map_err(Error::DirtyLog)?;
+        }
         Ok(Arc::new(space))
     }
 }
