@@ -1,0 +1,283 @@
+//! End-to-end precopy benchmark: real KVM guests (host threads without /dev/kvm),
+//! loopback TCP, destination in this process. Prints a table of medians.
+//!
+//! `cargo bench --bench migration` (set `FERRY_BENCH_REPS` to change the 3 repetitions).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry::migration_core::{incoming, Capability, MigrationSource, ParametersUpdate};
+use ferry::stats::{Convergence, MigrationInfo, MigrationStatus};
+use ferry::GuestVm;
+use minivm::{DirtyTracking, VmConfig, Workload};
+
+/// One row of the table.
+struct Scenario {
+    name: &'static str,
+    mem_bytes: u64,
+    workload: Workload,
+    channels: u8,
+    max_bandwidth: u64,
+    auto_converge: bool,
+}
+
+/// What one migration measured.
+#[derive(Clone, Default)]
+struct Run {
+    status: String,
+    total_ms: u64,
+    downtime_ms: u64,
+    setup_ms: u64,
+    transferred: u64,
+    passes: u64,
+    gib_per_s: f64,
+    not_converging_ms: Option<u64>,
+    query_max_us: u64,
+    query_p99_us: u64,
+}
+
+fn config(mem_bytes: u64, workload: Workload) -> VmConfig {
+    VmConfig {
+        mem_bytes,
+        vcpus: 2,
+        workload,
+        ..Default::default()
+    }
+}
+
+/// Migrates once; with `poll_hz`, a thread polls query-migrate at that rate and
+/// records its latencies. Gives up (cancels) after `limit`.
+fn migrate(s: &Scenario, poll_hz: u64, limit: Duration) -> Run {
+    let cfg = config(s.mem_bytes, s.workload);
+    let src = Arc::new(GuestVm::boot(cfg.clone(), DirtyTracking::default()).expect("boot"));
+    for v in 0..cfg.vcpus {
+        src.vm()
+            .wait_rounds(v, 2, Duration::from_secs(30))
+            .expect("guest runs");
+    }
+    let dst = Arc::new(GuestVm::incoming(cfg, DirtyTracking::default()).expect("incoming"));
+    let inc = incoming(dst.clone(), "tcp:127.0.0.1:0", false).expect("listen");
+    let source = Arc::new(MigrationSource::new(src.clone()));
+    source
+        .set_parameters(&ParametersUpdate {
+            max_bandwidth: Some(s.max_bandwidth),
+            multifd_channels: Some(s.channels),
+            ..Default::default()
+        })
+        .unwrap();
+    source
+        .set_capability(Capability::Multifd, s.channels > 1)
+        .unwrap();
+    source
+        .set_capability(Capability::AutoConverge, s.auto_converge)
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = (poll_hz > 0).then(|| {
+        let (source, stop) = (source.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let period = Duration::from_nanos(1_000_000_000 / poll_hz);
+            let mut lat = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                let t = Instant::now();
+                let info = source.query();
+                lat.push(t.elapsed().as_micros() as u64);
+                std::hint::black_box(info);
+                std::thread::sleep(period.saturating_sub(t.elapsed()));
+            }
+            lat
+        })
+    });
+    let t0 = Instant::now();
+    source.migrate(&inc.uri().to_string()).expect("migrate");
+    let mut not_converging_ms = None;
+    let info: MigrationInfo = loop {
+        let info = source.query();
+        if info.status.is_finished() {
+            break info;
+        }
+        if not_converging_ms.is_none() {
+            if let Some(f) = &info.ferry {
+                if matches!(f.convergence, Convergence::NotConverging { .. }) {
+                    not_converging_ms = Some(t0.elapsed().as_millis() as u64);
+                }
+            }
+        }
+        if t0.elapsed() > limit {
+            source.cancel();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    stop.store(true, Ordering::Release);
+    let mut lat = poller.map(|p| p.join().unwrap()).unwrap_or_default();
+    lat.sort_unstable();
+    if info.status == MigrationStatus::Completed {
+        inc.wait().expect("destination");
+    }
+    let ram = info.ram.clone().unwrap_or_default();
+    let total_ms = info.total_time.unwrap_or(0);
+    Run {
+        status: info.status.as_str().to_string(),
+        total_ms,
+        downtime_ms: info.downtime.unwrap_or(0),
+        setup_ms: info.setup_time.unwrap_or(0),
+        transferred: ram.transferred,
+        passes: info.ferry.map_or(0, |f| f.iterations),
+        gib_per_s: ram.transferred as f64 / (1u64 << 30) as f64 / (total_ms.max(1) as f64 / 1000.0),
+        not_converging_ms,
+        query_max_us: lat.last().copied().unwrap_or(0),
+        query_p99_us: lat.get(lat.len() * 99 / 100).copied().unwrap_or(0),
+    }
+}
+
+fn median_by<F: Fn(&Run) -> u64>(runs: &[Run], f: F) -> Run {
+    let mut v: Vec<Run> = runs.to_vec();
+    v.sort_by_key(|r| f(r));
+    v[v.len() / 2].clone()
+}
+
+/// A raw loopback TCP copy of `bytes` with 1 MiB writes: the ceiling for the stream.
+fn raw_tcp_gib_per_s(bytes: u64) -> f64 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let reader = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        while n < bytes {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k as u64,
+            }
+        }
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    let buf = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        c.write_all(&buf).unwrap();
+        sent += buf.len() as u64;
+    }
+    drop(c);
+    reader.join().unwrap();
+    bytes as f64 / (1u64 << 30) as f64 / t.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let reps: usize = std::env::var("FERRY_BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let gib = 1u64 << 30;
+    let ws = |pages| Workload::WorkingSet { pages };
+    let scenarios = [
+        Scenario {
+            name: "idle 4 GiB",
+            mem_bytes: 4 * gib,
+            workload: Workload::Idle,
+            channels: 1,
+            max_bandwidth: 0,
+            auto_converge: false,
+        },
+        Scenario {
+            name: "1 GiB, ws 4096",
+            mem_bytes: gib,
+            workload: ws(4096),
+            channels: 1,
+            max_bandwidth: 0,
+            auto_converge: false,
+        },
+        Scenario {
+            name: "1 GiB, ws 65536, 1 ch",
+            mem_bytes: gib,
+            workload: ws(65536),
+            channels: 1,
+            max_bandwidth: 0,
+            auto_converge: false,
+        },
+        Scenario {
+            name: "1 GiB, ws 65536, 2 ch",
+            mem_bytes: gib,
+            workload: ws(65536),
+            channels: 2,
+            max_bandwidth: 0,
+            auto_converge: false,
+        },
+        Scenario {
+            name: "1 GiB, ws 65536, 128 MiB/s",
+            mem_bytes: gib,
+            workload: ws(65536),
+            channels: 1,
+            max_bandwidth: 128 << 20,
+            auto_converge: false,
+        },
+        Scenario {
+            name: "1 GiB, random, 128 MiB/s, auto-converge",
+            mem_bytes: gib,
+            workload: Workload::Random {
+                seed: 7,
+                hot_percent: 0,
+            },
+            channels: 1,
+            max_bandwidth: 128 << 20,
+            auto_converge: true,
+        },
+    ];
+    println!("| scenario | status | total ms | downtime ms | setup ms | transferred MiB | passes | GiB/s | 'not converging' at ms |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for s in &scenarios {
+        let limit = if s.max_bandwidth > 0 && !s.auto_converge {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(60)
+        };
+        let runs: Vec<Run> = (0..reps).map(|_| migrate(s, 0, limit)).collect();
+        let m = median_by(&runs, |r| r.total_ms);
+        println!(
+            "| {} | {} | {} | {} | {} | {:.1} | {} | {:.2} | {} |",
+            s.name,
+            m.status,
+            m.total_ms,
+            median_by(&runs, |r| r.downtime_ms).downtime_ms,
+            m.setup_ms,
+            m.transferred as f64 / (1 << 20) as f64,
+            m.passes,
+            m.gib_per_s,
+            m.not_converging_ms
+                .map_or("-".to_string(), |v| v.to_string()),
+        );
+    }
+    // Throughput of non-zero pages beside a raw socket copy, and the cost of polling.
+    let heavy = &scenarios[2];
+    let quiet: Vec<Run> = (0..reps)
+        .map(|_| migrate(heavy, 0, Duration::from_secs(60)))
+        .collect();
+    let polled: Vec<Run> = (0..reps)
+        .map(|_| migrate(heavy, 10_000, Duration::from_secs(60)))
+        .collect();
+    let q = median_by(&quiet, |r| (r.gib_per_s * 1000.0) as u64);
+    let p = median_by(&polled, |r| (r.gib_per_s * 1000.0) as u64);
+    let raw = raw_tcp_gib_per_s(q.transferred.max(256 << 20));
+    println!();
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| raw loopback TCP copy, same bytes | {raw:.2} GiB/s |");
+    println!(
+        "| migration '{}' (unpolled) | {:.2} GiB/s ({:.0} % of raw) |",
+        heavy.name,
+        q.gib_per_s,
+        q.gib_per_s / raw * 100.0
+    );
+    println!(
+        "| same, query-migrate polled at 10 kHz | {:.2} GiB/s ({:+.1} %) |",
+        p.gib_per_s,
+        (p.gib_per_s / q.gib_per_s - 1.0) * 100.0
+    );
+    println!(
+        "| query-migrate latency during it (in-process) | p99 {} µs, max {} µs |",
+        p.query_p99_us, p.query_max_us
+    );
+}
