@@ -257,6 +257,7 @@ struct Loop {
     tick: Tick,
     sender_counters: Arc<transport::ByteCounters>,
     channels: usize,
+    applied_max_bandwidth: u64,
 }
 
 impl Run {
@@ -402,6 +403,7 @@ impl Run {
             },
             sender_counters: counters,
             channels,
+            applied_max_bandwidth: opts.max_bandwidth_bytes_per_sec,
         };
         let mut iteration = 0u64;
         loop {
@@ -460,14 +462,26 @@ impl Run {
     }
 
     /// Refreshes the progress numbers; called every [`TICK_MS`] while sending.
-    fn tick(&self, lp: &mut Loop) {
+    fn tick(&self, sender: &Sender, lp: &mut Loop) {
         let now = Instant::now();
         let dt_ns = now.duration_since(lp.tick.at).as_nanos() as u64;
         if dt_ns < TICK_MS * 1_000_000 {
             return;
         }
+        // max-bandwidth may be changed while running; stop-and-copy runs unlimited.
+        if !self.paused.load(Ordering::Acquire) {
+            let cap = self.live.max_bandwidth.load(Ordering::Relaxed);
+            if cap != lp.applied_max_bandwidth {
+                sender.set_max_bandwidth(cap);
+                lp.applied_max_bandwidth = cap;
+            }
+        }
         let stats = &self.stats;
         let bytes = lp.sender_counters.total_bytes();
+        stats.transferred_bytes.store(bytes, Ordering::Relaxed);
+        let c = &lp.sender_counters;
+        let multifd: u64 = (1..c.channels()).map(|i| c.channel_bytes(i)).sum();
+        stats.multifd_bytes.store(multifd, Ordering::Relaxed);
         let pages =
             stats.normal_pages.load(Ordering::Relaxed) + stats.zero_pages.load(Ordering::Relaxed);
         let busy = self.busy_ns.load(Ordering::Relaxed);
@@ -587,7 +601,7 @@ impl Run {
                     Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                     Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
                 }
-                self.tick(lp);
+                self.tick(sender, lp);
                 let paused = self.paused.load(Ordering::Acquire);
                 if !paused && lp.last_sync.elapsed() >= Duration::from_millis(SYNC_PERIOD_MS) {
                     if let Err(e) = self.sync(lp) {
@@ -600,7 +614,7 @@ impl Run {
                 }
             }
         });
-        self.tick(lp);
+        self.tick(sender, lp);
         match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(e),
             None => self.check_cancel(),
