@@ -53,3 +53,71 @@ impl VmmWritesListener {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use vm_memory::{Bytes, GuestRegionMmap};
+
+    use super::*;
+    use crate::{AddressSpace, DirtyReason};
+
+    #[test]
+    fn writes_through_vm_memory_are_harvested_once() {
+        let size = 1u64 << 20;
+        let mem: GuestMemoryMmap<AtomicBitmap> = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), size as usize),
+            (GuestAddress(size), size as usize),
+        ])
+        .unwrap();
+        let blocks: Vec<RamBlock> = mem
+            .iter()
+            .enumerate()
+            .map(|(i, r): (usize, &GuestRegionMmap<AtomicBitmap>)| RamBlock {
+                id: format!("ram{i}"),
+                gpa: r.start_addr().0,
+                size_bytes: r.len(),
+                host_addr: r.as_ptr() as u64,
+                kvm_slot: i as u32,
+                first_page: r.start_addr().0 / 4096,
+            })
+            .collect();
+        let space = AddressSpace::new(blocks).unwrap();
+        space
+            .register_listener(Arc::new(VmmWritesListener::new(mem.clone())))
+            .unwrap();
+        mem.write_obj(1u64, GuestAddress(0x1000)).unwrap(); // before logging: forgotten
+        let bitmap = space
+            .global_dirty_log_start(DirtyReason::Migration)
+            .unwrap();
+        mem.write_obj(2u64, GuestAddress(0x3008)).unwrap();
+        mem.write_slice(&[7u8; 8192], GuestAddress(size + 0x2000))
+            .unwrap();
+        let r = space.global_dirty_log_sync(None).unwrap();
+        assert_eq!(
+            bitmap.iter_set().collect::<Vec<_>>(),
+            vec![3, 256 + 2, 256 + 3]
+        );
+        assert_eq!(r.new_pages(DirtyReason::Migration), 3);
+        bitmap.clear_all();
+        space.global_dirty_log_sync(None).unwrap();
+        assert_eq!(bitmap.count(), 0, "harvested writes are not reported twice");
+    }
+
+    #[test]
+    fn a_block_without_a_matching_region_is_an_error() {
+        let mem: GuestMemoryMmap<AtomicBitmap> =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let l = VmmWritesListener::new(mem);
+        let bogus = RamBlock {
+            id: "x".into(),
+            gpa: 0,
+            size_bytes: 2 << 20,
+            host_addr: 0,
+            kvm_slot: 0,
+            first_page: 0,
+        };
+        assert!(l.log_start(&bogus).is_err());
+    }
+}
