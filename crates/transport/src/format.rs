@@ -271,7 +271,7 @@ impl StreamHeader {
             if b.id.is_empty() || b.id.len() > MAX_NAME_BYTES {
                 return Err(Error::Malformed(format!("block id {:?}", b.id)));
             }
-            if b.size_bytes == 0 || b.size_bytes % u64::from(self.page_size) != 0 {
+            if b.size_bytes == 0 || b.size_bytes & (u64::from(self.page_size) - 1) != 0 {
                 return Err(Error::Malformed(format!(
                     "block {:?} size {} is not a positive multiple of the page size",
                     b.id, b.size_bytes

@@ -96,7 +96,8 @@ impl RecordReader {
     }
 
     /// Reads exactly the total length of `iov` into those raw buffers, in order,
-    /// with `readv` straight into them (page data lands in guest memory directly).
+    /// with `readv` straight into them (page data lands in guest memory directly),
+    /// folding each range into `crc` as it arrives (while it is still in cache).
     ///
     /// # Safety
     /// Every `(ptr, len)` must be valid for writes of `len` bytes and must not
@@ -104,6 +105,7 @@ impl RecordReader {
     pub(crate) unsafe fn read_exact_raw(
         &mut self,
         iov: &[(*mut u8, usize)],
+        crc: &mut u32,
         what: &'static str,
     ) -> Result<()> {
         let (mut i, mut off) = (0usize, 0usize);
@@ -117,6 +119,7 @@ impl RecordReader {
             unsafe {
                 std::ptr::copy_nonoverlapping(self.buf.as_ptr().add(self.start), p.add(off), n)
             };
+            *crc = crc32c::crc32c_append(*crc, &self.buf[self.start..self.start + n]);
             self.start += n;
             off += n;
             if off == len {
@@ -155,6 +158,10 @@ impl RecordReader {
             while n_left > 0 {
                 let len = iov[i].1;
                 let step = (len - off).min(n_left);
+                // SAFETY: `readv` just filled these `step` bytes of buffer `i`, which the
+                // caller guarantees is valid (and so readable) for `len` bytes.
+                let filled = unsafe { std::slice::from_raw_parts(iov[i].0.add(off), step) };
+                *crc = crc32c::crc32c_append(*crc, filled);
                 n_left -= step;
                 off += step;
                 if off == len {

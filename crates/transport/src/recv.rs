@@ -51,7 +51,9 @@ impl Listener {
         self.raw.local_uri()
     }
 
-    /// Accepts every connection of one stream and reads its header.
+    /// Accepts every connection of one stream (as many as its first preamble
+    /// announces, in any order) and reads its header. Blocks until all have
+    /// connected: there is no accept timeout yet.
     pub fn accept(&self) -> Result<Receiver> {
         accept_from(|| self.raw.accept())
     }
@@ -552,13 +554,7 @@ fn read_pages<S: PageSink + ?Sized>(
     } else {
         // SAFETY: each `(p, page_size)` is a distinct page of the sink (offsets strictly
         // increase), valid for writes per the PageSink contract, and never our buffer.
-        unsafe { r.read_exact_raw(&iov, "page data")? };
-        for &(p, len) in &iov {
-            // SAFETY: the page was just written by us and is valid for `len` bytes of
-            // reads per the PageSink contract.
-            let page = unsafe { std::slice::from_raw_parts(p, len) };
-            crc = crc32c::crc32c_append(crc, page);
-        }
+        unsafe { r.read_exact_raw(&iov, &mut crc, "page data")? };
         if crc != h.body_crc {
             return Err(Error::Checksum { what: "page batch" });
         }
@@ -582,7 +578,7 @@ fn read_zero_pages<S: PageSink + ?Sized>(
     sc: &mut PageScratch,
 ) -> Result<()> {
     let body_len = h.body_len as usize;
-    if body_len < 8 || (body_len - 8) % 8 != 0 || (body_len - 8) / 8 > MAX_ZERO_BATCH_PAGES as usize
+    if body_len < 8 || (body_len - 8) & 7 != 0 || (body_len - 8) / 8 > MAX_ZERO_BATCH_PAGES as usize
     {
         return Err(Error::Malformed(format!(
             "zero-page record of {body_len} bytes"

@@ -1,0 +1,373 @@
+//! Bad input: truncation at every byte, every bit flipped, wrong magic and
+//! version, oversized lengths, unknown record types, out-of-bounds pages, and
+//! connections closed mid-record. Each must give a typed error and no panic.
+
+mod common;
+
+use std::io::Write;
+
+use common::*;
+use transport::format::{
+    Kind as RecordKind, Preamble, RecordHeader, MAX_BODY_BYTES, PREAMBLE_BYTES, RECORD_HEADER_BYTES,
+};
+use transport::{decode_bytes, BlockInfo, Compression, Error, Listener, Sender, Uri, VecSink};
+
+const PAGE_SIZE: u32 = 512;
+const MAX_RAM: u64 = 1 << 20;
+
+fn blocks() -> Vec<BlockInfo> {
+    vec![
+        BlockInfo {
+            id: "ram".into(),
+            size_bytes: 8 * u64::from(PAGE_SIZE),
+        },
+        BlockInfo {
+            id: "rom".into(),
+            size_bytes: 2 * u64::from(PAGE_SIZE),
+        },
+    ]
+}
+
+fn ops() -> Vec<Op> {
+    vec![
+        Op::Pages {
+            block: 0,
+            offsets: vec![1, 3],
+            fill: vec![9, 10],
+        },
+        Op::Zero {
+            block: 0,
+            offsets: vec![2],
+        },
+        Op::IterationEnd(1),
+        Op::Pages {
+            block: 1,
+            offsets: vec![1],
+            fill: vec![11],
+        },
+        Op::Device {
+            name: "cpu".into(),
+            data: vec![5; 20],
+        },
+    ]
+}
+
+/// A small valid one-channel stream, as written to a file.
+pub fn small_stream(compression: Compression) -> Vec<u8> {
+    let path = temp_path("small");
+    let s = Sender::connect(
+        &Uri::File(path.clone()),
+        PAGE_SIZE,
+        blocks(),
+        opts(1, compression),
+    )
+    .unwrap();
+    send_ops(s, &ops()).unwrap();
+    let b = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    b
+}
+
+/// Preamble + header record of a valid stream, followed by `records`.
+fn stream_with(records: &[u8]) -> Vec<u8> {
+    let good = small_stream(Compression::None);
+    // Preamble, then the header record: its length is in the record header.
+    let h = RecordHeader::decode(
+        good[PREAMBLE_BYTES..PREAMBLE_BYTES + RECORD_HEADER_BYTES]
+            .try_into()
+            .unwrap(),
+    )
+    .unwrap();
+    let end = PREAMBLE_BYTES + RECORD_HEADER_BYTES + h.body_len as usize;
+    let mut v = good[..end].to_vec();
+    v.extend_from_slice(records);
+    v
+}
+
+fn record(kind: RecordKind, body: &[u8]) -> Vec<u8> {
+    let mut v = RecordHeader {
+        kind,
+        flags: 0,
+        body_len: body.len() as u32,
+        body_crc: crc32c::crc32c(body),
+    }
+    .encode()
+    .to_vec();
+    v.extend_from_slice(body);
+    v
+}
+
+#[test]
+fn small_streams_decode() {
+    for c in [Compression::None, Compression::Zstd] {
+        let d = decode_bytes(&small_stream(c), MAX_RAM).unwrap();
+        assert_eq!(d.memory, model(PAGE_SIZE as usize, &blocks(), &ops()));
+        assert_eq!(d.events.len(), 2);
+    }
+}
+
+#[test]
+fn truncated_at_every_byte_is_truncated() {
+    for c in [Compression::None, Compression::Zstd] {
+        let s = small_stream(c);
+        for len in 0..s.len() {
+            match decode_bytes(&s[..len], MAX_RAM) {
+                Err(Error::Truncated { .. }) => {}
+                other => panic!("{c:?} cut at {len}/{}: {other:?}", s.len()),
+            }
+        }
+    }
+}
+
+#[test]
+fn every_flipped_bit_is_an_error() {
+    for c in [Compression::None, Compression::Zstd] {
+        let s = small_stream(c);
+        for bit in 0..s.len() * 8 {
+            let mut m = s.clone();
+            m[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                decode_bytes(&m, MAX_RAM).is_err(),
+                "{c:?}: flip of bit {bit} went unnoticed"
+            );
+        }
+    }
+}
+
+#[test]
+fn wrong_magic_and_version() {
+    let mut s = small_stream(Compression::None);
+    s[0] = b'X';
+    assert!(matches!(
+        decode_bytes(&s, MAX_RAM),
+        Err(Error::BadMagic { .. })
+    ));
+    let mut s = small_stream(Compression::None);
+    let mut pre = Preamble {
+        channel_index: 0,
+        channel_count: 1,
+        session_id: 7,
+    }
+    .encode();
+    pre[4] = 2; // version 2
+    let crc = crc32c::crc32c(&pre[..20]);
+    pre[20..24].copy_from_slice(&crc.to_le_bytes());
+    s[..PREAMBLE_BYTES].copy_from_slice(&pre);
+    assert!(matches!(
+        decode_bytes(&s, MAX_RAM),
+        Err(Error::BadVersion { found: 2, .. })
+    ));
+}
+
+#[test]
+fn oversized_lengths_are_refused_before_allocating() {
+    // A record header announcing a body just over the cap.
+    let mut hdr = RecordHeader {
+        kind: RecordKind::DeviceState,
+        flags: 0,
+        body_len: 0,
+        body_crc: 0,
+    }
+    .encode();
+    hdr[4..8].copy_from_slice(&(MAX_BODY_BYTES + 1).to_le_bytes());
+    let crc = crc32c::crc32c(&hdr[..12]);
+    hdr[12..16].copy_from_slice(&crc.to_le_bytes());
+    assert!(matches!(
+        decode_bytes(&stream_with(&hdr), MAX_RAM),
+        Err(Error::TooLong { .. })
+    ));
+    // A page batch claiming more pages than a batch may hold.
+    let mut body = 0u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(
+        decode_bytes(&stream_with(&record(RecordKind::Pages, &body)), MAX_RAM),
+        Err(Error::Malformed(_))
+    ));
+    // A header whose block table is huge.
+    let mut h = 4096u32.to_le_bytes().to_vec();
+    h.extend_from_slice(&[0, 0, 1, 0]);
+    h.extend_from_slice(&u32::MAX.to_le_bytes());
+    let mut s = small_stream(Compression::None)[..PREAMBLE_BYTES].to_vec();
+    s.extend_from_slice(&record(RecordKind::Header, &h));
+    assert!(matches!(
+        decode_bytes(&s, MAX_RAM),
+        Err(Error::TooLong { .. })
+    ));
+    // A header whose RAM is larger than the caller allows.
+    let mut h = 4096u32.to_le_bytes().to_vec();
+    h.extend_from_slice(&[0, 0, 1, 0]);
+    h.extend_from_slice(&1u32.to_le_bytes());
+    h.push(1);
+    h.push(b'r');
+    h.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    let mut s = small_stream(Compression::None)[..PREAMBLE_BYTES].to_vec();
+    s.extend_from_slice(&record(RecordKind::Header, &h));
+    assert!(matches!(
+        decode_bytes(&s, MAX_RAM),
+        Err(Error::TooLong {
+            what: "guest RAM",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn unknown_record_type() {
+    let mut hdr = RecordHeader {
+        kind: RecordKind::End,
+        flags: 0,
+        body_len: 0,
+        body_crc: 0,
+    }
+    .encode();
+    hdr[0] = 99;
+    let crc = crc32c::crc32c(&hdr[..12]);
+    hdr[12..16].copy_from_slice(&crc.to_le_bytes());
+    assert!(matches!(
+        decode_bytes(&stream_with(&hdr), MAX_RAM),
+        Err(Error::UnknownRecord(99))
+    ));
+}
+
+#[test]
+fn out_of_bounds_pages_are_refused_before_any_write() {
+    let page = vec![0xAAu8; PAGE_SIZE as usize];
+    // Page 8 of an 8-page block.
+    let mut body = 0u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.extend_from_slice(&8u64.to_le_bytes());
+    body.extend_from_slice(&page);
+    assert!(matches!(
+        decode_bytes(&stream_with(&record(RecordKind::Pages, &body)), MAX_RAM),
+        Err(Error::OutOfBounds {
+            block_idx: 0,
+            page_index: 8
+        })
+    ));
+    // Block 2 of a two-block table.
+    let mut body = 2u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.extend_from_slice(&0u64.to_le_bytes());
+    assert!(matches!(
+        decode_bytes(&stream_with(&record(RecordKind::ZeroPages, &body)), MAX_RAM),
+        Err(Error::OutOfBounds { block_idx: 2, .. })
+    ));
+    // Duplicate offsets in one batch.
+    let mut body = 0u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&2u32.to_le_bytes());
+    body.extend_from_slice(&1u64.to_le_bytes());
+    body.extend_from_slice(&1u64.to_le_bytes());
+    body.extend_from_slice(&page);
+    body.extend_from_slice(&page);
+    assert!(matches!(
+        decode_bytes(&stream_with(&record(RecordKind::Pages, &body)), MAX_RAM),
+        Err(Error::Malformed(_))
+    ));
+}
+
+#[test]
+fn records_in_the_wrong_place_are_protocol_errors() {
+    // A second header, an Ack from the sender, an End with the wrong count.
+    let h = small_stream(Compression::None);
+    for rec in [
+        record(RecordKind::Ack, &[1]),
+        record(RecordKind::End, &7u64.to_le_bytes()),
+    ] {
+        assert!(
+            matches!(
+                decode_bytes(&stream_with(&rec), MAX_RAM),
+                Err(Error::Protocol(_))
+            ),
+            "{h:?}"
+        );
+    }
+    let mut two = record(RecordKind::Sync, &2u64.to_le_bytes());
+    two.extend_from_slice(&record(RecordKind::Sync, &1u64.to_le_bytes()));
+    assert!(matches!(
+        decode_bytes(&stream_with(&two), MAX_RAM),
+        Err(Error::Protocol(_))
+    ));
+}
+
+#[test]
+fn connection_closed_mid_record_over_tcp() {
+    let s = small_stream(Compression::None);
+    for cut in [PREAMBLE_BYTES + 5, s.len() / 2, s.len() - 3] {
+        let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+        let Uri::Tcp { port, .. } = l.local_uri().unwrap() else {
+            unreachable!()
+        };
+        let bytes = s[..cut].to_vec();
+        let w = std::thread::spawn(move || {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            c.write_all(&bytes).unwrap();
+        });
+        let r = l.accept().and_then(|mut rx| {
+            let sink = VecSink::for_header(rx.header());
+            rx.receive(&sink, |_| Ok(()))
+        });
+        w.join().unwrap();
+        assert!(
+            matches!(r, Err(Error::Truncated { .. })),
+            "cut {cut}: {r:?}"
+        );
+    }
+}
+
+#[test]
+fn sender_dropped_mid_stream_on_four_channels() {
+    for kind in [Kind::Tcp, Kind::Unix, Kind::Mem] {
+        let (uri, l) = endpoint(kind);
+        let h = std::thread::spawn(move || {
+            let mut rx = l.accept()?;
+            let sink = VecSink::for_header(rx.header());
+            rx.receive(&sink, |_| Ok(()))
+        });
+        let s = Sender::connect(&uri, PAGE_SIZE, blocks(), opts(4, Compression::None)).unwrap();
+        let page = vec![1u8; PAGE_SIZE as usize];
+        for i in 0..6u64 {
+            s.send_pages(0, &[i], &[&page]).unwrap();
+        }
+        s.iteration_end(1).unwrap();
+        drop(s);
+        let r = h.join().unwrap();
+        assert!(matches!(r, Err(Error::Truncated { .. })), "{kind:?}: {r:?}");
+    }
+}
+
+#[test]
+fn refusal_reaches_the_sender() {
+    let (uri, l) = endpoint(Kind::Tcp);
+    let h = std::thread::spawn(move || {
+        let mut rx = l.accept().unwrap();
+        let sink = VecSink::for_header(rx.header());
+        let r = rx.receive(&sink, |e| match e {
+            transport::Event::DeviceState { .. } => Err(Error::Protocol("no such device".into())),
+            _ => Ok(()),
+        });
+        assert!(r.is_err());
+        rx.send_refusal("no such device").unwrap();
+        rx
+    });
+    let s = Sender::connect(&uri, PAGE_SIZE, blocks(), opts(2, Compression::None)).unwrap();
+    let r = send_ops(s, &ops());
+    drop(h.join().unwrap()); // the receiver closes only after the sender read the answer
+    assert!(
+        matches!(&r, Err(Error::Refused(m)) if m == "no such device"),
+        "{r:?}"
+    );
+}
+
+/// Writes seed streams for the fuzzer into `$FERRY_FUZZ_SEEDS` (run by hand).
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let dir = std::env::var("FERRY_FUZZ_SEEDS").expect("set FERRY_FUZZ_SEEDS");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, c) in [Compression::None, Compression::Zstd]
+        .into_iter()
+        .enumerate()
+    {
+        std::fs::write(format!("{dir}/small-{i}"), small_stream(c)).unwrap();
+    }
+}

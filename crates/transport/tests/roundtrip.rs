@@ -1,0 +1,224 @@
+//! Round-trip property tests: random page batches, zero pages, device state and
+//! iteration markers, on every channel kind, with 1 and 4 parallel channels,
+//! uncompressed and zstd.
+
+mod common;
+
+use common::*;
+use proptest::prelude::*;
+use transport::{BlockInfo, Compression, Event};
+
+const PAGE_SIZE: u32 = 4096;
+
+/// One iteration as generated: (block, page, Some(fill) | None = zero page).
+type RawIteration = Vec<(usize, u64, Option<u8>)>;
+
+fn blocks_strategy() -> impl Strategy<Value = Vec<BlockInfo>> {
+    prop::collection::vec(1u64..48, 1..4).prop_map(|sizes| {
+        sizes
+            .into_iter()
+            .enumerate()
+            .map(|(i, pages)| BlockInfo {
+                id: format!("block{i}"),
+                size_bytes: pages * u64::from(PAGE_SIZE),
+            })
+            .collect()
+    })
+}
+
+/// Turns raw iterations into a valid script: within an iteration each page is
+/// sent once; batches are runs of increasing offsets split every `split` pages.
+fn script(
+    blocks: &[BlockInfo],
+    iters: &[RawIteration],
+    split: usize,
+    devices: &[(String, Vec<u8>)],
+) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for (n, it) in iters.iter().enumerate() {
+        let mut seen = std::collections::BTreeMap::new();
+        for &(b, p, f) in it {
+            let b = b % blocks.len();
+            let pages = blocks[b].size_bytes / u64::from(PAGE_SIZE);
+            seen.insert((b, p % pages), f);
+        }
+        for b in 0..blocks.len() {
+            let (mut offs, mut fills, mut zeros) = (Vec::new(), Vec::new(), Vec::new());
+            for (&(bb, p), f) in &seen {
+                if bb != b {
+                    continue;
+                }
+                match f {
+                    Some(f) => {
+                        offs.push(p);
+                        fills.push(*f);
+                    }
+                    None => zeros.push(p),
+                }
+            }
+            for (o, f) in offs.chunks(split).zip(fills.chunks(split)) {
+                ops.push(Op::Pages {
+                    block: b,
+                    offsets: o.to_vec(),
+                    fill: f.to_vec(),
+                });
+            }
+            if !zeros.is_empty() {
+                ops.push(Op::Zero {
+                    block: b,
+                    offsets: zeros,
+                });
+            }
+        }
+        ops.push(Op::IterationEnd(n as u64 + 1));
+    }
+    for (name, data) in devices {
+        ops.push(Op::Device {
+            name: name.clone(),
+            data: data.clone(),
+        });
+    }
+    ops
+}
+
+fn check(
+    kind: Kind,
+    channels: u16,
+    compression: Compression,
+    blocks: Vec<BlockInfo>,
+    ops: Vec<Op>,
+) {
+    let out = round_trip(kind, PAGE_SIZE, &blocks, opts(channels, compression), &ops)
+        .unwrap_or_else(|e| panic!("{kind:?} x{channels} {compression:?}: {e}"));
+    let want = model(PAGE_SIZE as usize, &blocks, &ops);
+    assert!(out.memory == want, "{kind:?} x{channels}: memory differs");
+    let want_events: Vec<Event> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Device { name, data } => Some(Event::DeviceState {
+                name: name.clone(),
+                data: data.clone(),
+            }),
+            Op::IterationEnd(i) => Some(Event::IterationEnd { iteration: *i }),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(out.events, want_events);
+    assert_eq!(out.ack.resumed, kind != Kind::File);
+    assert_eq!(out.sent_total_bytes, out.received_total_bytes);
+}
+
+/// A generated stream: blocks, raw iterations, batch split, device states.
+type Stream = (
+    Vec<BlockInfo>,
+    Vec<RawIteration>,
+    usize,
+    Vec<(String, Vec<u8>)>,
+);
+
+fn stream_strategy() -> impl Strategy<Value = Stream> {
+    (
+        blocks_strategy(),
+        prop::collection::vec(
+            prop::collection::vec(
+                (
+                    0usize..4,
+                    0u64..48,
+                    prop::option::weighted(0.7, any::<u8>()),
+                ),
+                0..40,
+            ),
+            0..4,
+        ),
+        1usize..20,
+        prop::collection::vec(
+            ("[a-z]{1,12}", prop::collection::vec(any::<u8>(), 0..300)),
+            0..3,
+        ),
+    )
+}
+
+macro_rules! round_trip_test {
+    ($name:ident, $kind:expr, $channels:expr, $compression:expr) => {
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+            #[test]
+            fn $name((blocks, iters, split, devices) in stream_strategy()) {
+                let ops = script(&blocks, &iters, split, &devices);
+                check($kind, $channels, $compression, blocks, ops);
+            }
+        }
+    };
+}
+
+round_trip_test!(tcp_1_channel, Kind::Tcp, 1, Compression::None);
+round_trip_test!(tcp_4_channels, Kind::Tcp, 4, Compression::None);
+round_trip_test!(unix_1_channel, Kind::Unix, 1, Compression::None);
+round_trip_test!(unix_4_channels, Kind::Unix, 4, Compression::None);
+round_trip_test!(mem_1_channel, Kind::Mem, 1, Compression::None);
+round_trip_test!(mem_4_channels, Kind::Mem, 4, Compression::None);
+round_trip_test!(file_1_channel, Kind::File, 1, Compression::None);
+round_trip_test!(tcp_4_channels_zstd, Kind::Tcp, 4, Compression::Zstd);
+round_trip_test!(unix_1_channel_zstd, Kind::Unix, 1, Compression::Zstd);
+round_trip_test!(file_1_channel_zstd, Kind::File, 1, Compression::Zstd);
+round_trip_test!(mem_4_channels_zstd, Kind::Mem, 4, Compression::Zstd);
+
+#[test]
+fn file_refuses_parallel_channels() {
+    let (uri, _l) = endpoint(Kind::File);
+    let e = transport::Sender::connect(
+        &uri,
+        PAGE_SIZE,
+        vec![BlockInfo {
+            id: "r".into(),
+            size_bytes: 4096,
+        }],
+        opts(4, Compression::None),
+    );
+    assert!(matches!(e, Err(transport::Error::InvalidArgument(_))));
+}
+
+#[test]
+fn counters_split_payload_and_headers() {
+    let blocks = vec![BlockInfo {
+        id: "ram".into(),
+        size_bytes: 64 * 4096,
+    }];
+    let ops = vec![
+        Op::Pages {
+            block: 0,
+            offsets: vec![1, 2, 3],
+            fill: vec![1, 2, 3],
+        },
+        Op::Zero {
+            block: 0,
+            offsets: vec![5, 6],
+        },
+        Op::Device {
+            name: "cpu".into(),
+            data: vec![7; 100],
+        },
+        Op::IterationEnd(1),
+    ];
+    let (uri, listener) = endpoint(Kind::Mem);
+    let h = std::thread::spawn(move || {
+        let mut rx = listener.accept().unwrap();
+        let sink = transport::VecSink::for_header(rx.header());
+        rx.receive(&sink, |_| Ok(())).unwrap();
+        rx.send_ack(false).unwrap();
+        rx.counters()
+    });
+    let s =
+        transport::Sender::connect(&uri, PAGE_SIZE, blocks, opts(2, Compression::None)).unwrap();
+    let c = s.counters();
+    let ack = send_ops(s, &ops).unwrap();
+    assert!(!ack.resumed);
+    let rc = h.join().unwrap();
+    assert_eq!(c.payload_bytes(), 3 * 4096 + 100);
+    assert_eq!(c.pages(), 3);
+    assert_eq!(c.zero_pages(), 2);
+    assert_eq!(c.total_bytes(), c.channel_bytes(0) + c.channel_bytes(1));
+    assert_eq!(rc.payload_bytes(), c.payload_bytes());
+    assert_eq!(rc.header_bytes(), c.header_bytes());
+    assert_eq!(rc.zero_pages(), 2);
+}
