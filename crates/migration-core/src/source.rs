@@ -654,15 +654,12 @@ impl Run {
                     let data = self.ram.page(block_idx, offset);
                     if is_zero_page(data) {
                         batch.zero.push(offset);
-                    } else if paused() {
-                        // The guest is stopped: its pages are stable, send them in place.
+                    } else {
+                        // Sent in place, no copy. While the guest runs the batch goes
+                        // out live: a page torn by a write in flight is resent, because
+                        // that write dirtied it again (transport FORMAT.md, torn pages).
                         batch.offsets.push(offset);
                         batch.pages.push(data);
-                    } else {
-                        // The guest may write the page while the record is written, and
-                        // the record's checksum must match the bytes sent: stage a copy.
-                        batch.offsets.push(offset);
-                        batch.staged.extend_from_slice(data);
                     }
                 }
             }
@@ -679,11 +676,10 @@ impl Run {
         let start = Instant::now();
         let before = sender.counters().total_bytes();
         if !batch.offsets.is_empty() {
-            if batch.pages.is_empty() {
-                let staged: Vec<&[u8]> = batch.staged.chunks_exact(PAGE_SIZE as usize).collect();
-                sender.send_pages(block, &batch.offsets, &staged)?;
-            } else {
+            if paused {
                 sender.send_pages(block, &batch.offsets, &batch.pages)?;
+            } else {
+                sender.send_live_pages(block, &batch.offsets, &batch.pages)?;
             }
             self.stats
                 .normal_pages
@@ -767,13 +763,11 @@ impl Run {
     }
 }
 
-/// Pages of one block waiting to go out: in place (`pages`, guest paused) or copied
-/// (`staged`, guest running), never both in one batch.
+/// Pages of one block waiting to go out, borrowed from guest memory.
 struct Batch<'a> {
     block: Option<usize>,
     offsets: Vec<u64>,
     pages: Vec<&'a [u8]>,
-    staged: Vec<u8>,
     zero: Vec<u64>,
 }
 
@@ -783,7 +777,6 @@ impl<'a> Batch<'a> {
             block: None,
             offsets: Vec::with_capacity(n),
             pages: Vec::with_capacity(n),
-            staged: Vec::with_capacity(n * PAGE_SIZE as usize),
             zero: Vec::with_capacity(n),
         }
     }
@@ -796,7 +789,6 @@ impl<'a> Batch<'a> {
         self.block = None;
         self.offsets.clear();
         self.pages.clear();
-        self.staged.clear();
         self.zero.clear();
     }
 }

@@ -31,6 +31,11 @@ pub const PAGE_SIZE_RANGE_BYTES: (u32, u32) = (512, 1 << 20);
 pub const MAX_MESSAGE_BYTES: u32 = 4096;
 /// Page-batch flag: the page data is one zstd frame.
 pub const FLAG_ZSTD: u8 = 1;
+/// Page-batch flag: the pages were read while the guest ran, so they may change while
+/// the record is written. The offsets are followed by one CRC32C per page, the header
+/// CRC covers prefix, offsets and those CRCs, and a page whose CRC does not match is
+/// *torn* (it must come again) instead of failing the stream. See FORMAT.md.
+pub const FLAG_LIVE: u8 = 2;
 
 /// Record types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,7 +117,11 @@ impl RecordHeader {
         }
         let kind = Kind::from_u8(b[0])?;
         let flags = b[1];
-        let allowed = if kind == Kind::Pages { FLAG_ZSTD } else { 0 };
+        let allowed = if kind == Kind::Pages {
+            FLAG_ZSTD | FLAG_LIVE
+        } else {
+            0
+        };
         if flags & !allowed != 0 || b[2] != 0 || b[3] != 0 {
             return Err(Error::Malformed(format!(
                 "reserved bits set in {kind:?} header"

@@ -10,7 +10,8 @@ use crate::counters::ByteCounters;
 use crate::error::{Error, Result};
 use crate::format::{
     max_batch_pages, u32_at, u64_at, Compression, Kind, Preamble, RecordHeader, StreamHeader,
-    FLAG_ZSTD, MAX_MESSAGE_BYTES, MAX_ZERO_BATCH_PAGES, PREAMBLE_BYTES, RECORD_HEADER_BYTES,
+    FLAG_LIVE, FLAG_ZSTD, MAX_MESSAGE_BYTES, MAX_ZERO_BATCH_PAGES, PREAMBLE_BYTES,
+    RECORD_HEADER_BYTES,
 };
 use crate::io::{write_all, RecordReader};
 use crate::sink::{PageSink, VecSink};
@@ -197,6 +198,48 @@ struct Shared<'a> {
     barrier: IterationBarrier,
     closers: Vec<Closer>,
     first_error: Mutex<Option<Error>>,
+    torn: Torn,
+}
+
+/// Pages that arrived torn (a live page's data checksum did not match) and have not
+/// been received intact since. The stream ends cleanly only when this is empty.
+#[derive(Default)]
+struct Torn {
+    pages: Mutex<std::collections::HashSet<(usize, u64)>>,
+    count: std::sync::atomic::AtomicUsize,
+}
+
+impl Torn {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<(usize, u64)>> {
+        self.pages.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks `offsets` of `block` torn.
+    fn mark(&self, block: usize, offsets: &[u64]) {
+        let mut set = self.lock();
+        for &o in offsets {
+            set.insert((block, o));
+        }
+        self.count
+            .store(set.len(), std::sync::atomic::Ordering::Release);
+    }
+
+    /// `offsets` of `block` arrived intact. Free while nothing is torn.
+    fn clear(&self, block: usize, offsets: &[u64]) {
+        if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut set = self.lock();
+        for &o in offsets {
+            set.remove(&(block, o));
+        }
+        self.count
+            .store(set.len(), std::sync::atomic::Ordering::Release);
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl Shared<'_> {
@@ -245,6 +288,7 @@ impl Receiver {
             barrier: IterationBarrier::new(self.readers.len()),
             closers: self.readers.iter().map(|r| r.conn.closer()).collect(),
             first_error: Mutex::new(None),
+            torn: Torn::default(),
         };
         let (control, data) = self.readers.split_at_mut(1);
         std::thread::scope(|s| {
@@ -269,12 +313,16 @@ impl Receiver {
                 }
             }
         });
+        let torn = shared.torn.count();
         match shared
             .first_error
             .into_inner()
             .unwrap_or_else(|p| p.into_inner())
         {
             Some(e) => Err(e),
+            None if torn > 0 => Err(Error::Checksum {
+                what: "pages torn in flight and never sent again",
+            }),
             None => Ok(()),
         }
     }
@@ -415,6 +463,7 @@ fn read_u64_body(r: &mut RecordReader, h: &RecordHeader, what: &'static str) -> 
 #[derive(Default)]
 struct PageScratch {
     bytes: Vec<u8>,
+    crcs: Vec<u8>,
     pages: Vec<u8>,
     offsets: Vec<u64>,
     zstd: Option<zstd::bulk::Decompressor<'static>>,
@@ -483,11 +532,18 @@ fn read_pages<S: PageSink + ?Sized>(
 ) -> Result<()> {
     let page_size = sh.header.page_size as usize;
     let compressed = h.flags & FLAG_ZSTD != 0;
+    let live = h.flags & FLAG_LIVE != 0;
     if compressed != (sh.header.features.compression == Compression::Zstd) {
         return Err(Error::Protocol(
             "page batch compression differs from the header".into(),
         ));
     }
+    if compressed && live {
+        return Err(Error::Malformed(
+            "a compressed page batch marked live".into(),
+        ));
+    }
+    let crc_bytes_per_page = if live { 4 } else { 0 };
     let body_len = h.body_len as usize;
     if body_len < 8 {
         return Err(Error::Malformed(
@@ -503,8 +559,9 @@ fn read_pages<S: PageSink + ?Sized>(
     }
     let count = count as usize;
     let offsets_bytes = 8 * count;
+    let crc_bytes = crc_bytes_per_page * count;
     let data_bytes = body_len
-        .checked_sub(8 + offsets_bytes)
+        .checked_sub(8 + offsets_bytes + crc_bytes)
         .ok_or_else(|| Error::Malformed("page batch shorter than its offsets".into()))?;
     let expected_bytes = count * page_size;
     if (!compressed && data_bytes != expected_bytes) || (compressed && data_bytes == 0) {
@@ -551,6 +608,28 @@ fn read_pages<S: PageSink + ?Sized>(
             // PageSink contract (bounds checked above); `src` is our own buffer.
             unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p, len) };
         }
+    } else if live {
+        sc.crcs.resize(crc_bytes, 0);
+        r.read_exact(&mut sc.crcs, "page checksums")?;
+        if crc32c::crc32c_append(crc, &sc.crcs) != h.body_crc {
+            return Err(Error::Checksum {
+                what: "page batch offsets",
+            });
+        }
+        let mut ignored = 0;
+        // SAFETY: as below: distinct pages of the sink, valid for writes.
+        unsafe { r.read_exact_raw(&iov, &mut ignored, "page data")? };
+        for (i, (&(p, len), &o)) in iov.iter().zip(&sc.offsets).enumerate() {
+            // SAFETY: `p` is the sink page just written, valid for `len` bytes of reads.
+            let page = unsafe { std::slice::from_raw_parts(p, len) };
+            let one = [o];
+            if crc32c::crc32c(page) == u32_at(&sc.crcs, 4 * i) {
+                sh.torn.clear(block_idx, &one);
+            } else {
+                // The guest wrote this page while it was sent: it must come again.
+                sh.torn.mark(block_idx, &one);
+            }
+        }
     } else {
         // SAFETY: each `(p, page_size)` is a distinct page of the sink (offsets strictly
         // increase), valid for writes per the PageSink contract, and never our buffer.
@@ -559,9 +638,12 @@ fn read_pages<S: PageSink + ?Sized>(
             return Err(Error::Checksum { what: "page batch" });
         }
     }
+    if !live {
+        sh.torn.clear(block_idx, &sc.offsets);
+    }
     sh.counters.add(
         idx,
-        (RECORD_HEADER_BYTES + 8 + offsets_bytes) as u64,
+        (RECORD_HEADER_BYTES + 8 + offsets_bytes + crc_bytes) as u64,
         data_bytes as u64,
     );
     sh.counters.add_pages(count as u64, 0);
@@ -606,6 +688,7 @@ fn read_zero_pages<S: PageSink + ?Sized>(
         page_ptr(sink, block_idx, o)?;
         sink.zero_page(block_idx, o, page_size);
     }
+    sh.torn.clear(block_idx, &sc.offsets);
     sh.counters
         .add(idx, (RECORD_HEADER_BYTES + body_len) as u64, 0);
     sh.counters.add_pages(0, count as u64);

@@ -17,7 +17,7 @@ use crate::counters::ByteCounters;
 use crate::error::{Error, Result};
 use crate::format::{
     max_batch_pages, BlockInfo, Compression, Features, Kind, Preamble, RecordHeader, StreamHeader,
-    FLAG_ZSTD, MAX_BODY_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_ZERO_BATCH_PAGES,
+    FLAG_LIVE, FLAG_ZSTD, MAX_BODY_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_ZERO_BATCH_PAGES,
     PREAMBLE_BYTES, RECORD_HEADER_BYTES,
 };
 use crate::io::{write_all, RecordReader};
@@ -203,8 +203,25 @@ impl Sender {
         body: &[&[u8]],
         payload_bytes: u64,
     ) -> Result<()> {
+        self.write_record_crc(ch_idx, ch, kind, flags, body, body.len(), payload_bytes)
+    }
+
+    /// Writes one record whose header CRC covers the first `crc_parts` body parts.
+    #[allow(clippy::too_many_arguments)]
+    fn write_record_crc(
+        &self,
+        ch_idx: usize,
+        ch: &mut Channel,
+        kind: Kind,
+        flags: u8,
+        body: &[&[u8]],
+        crc_parts: usize,
+        payload_bytes: u64,
+    ) -> Result<()> {
         let body_len: usize = body.iter().map(|b| b.len()).sum();
-        let crc = body.iter().fold(0, |c, b| crc32c::crc32c_append(c, b));
+        let crc = body[..crc_parts]
+            .iter()
+            .fold(0, |c, b| crc32c::crc32c_append(c, b));
         let hdr = RecordHeader {
             kind,
             flags,
@@ -244,6 +261,31 @@ impl Sender {
         offsets_pages: &[u64],
         pages: &[&[u8]],
     ) -> Result<()> {
+        self.send_pages_flagged(block_idx, offsets_pages, pages, false)
+    }
+
+    /// Like [`Sender::send_pages`], for pages of a guest that is still running: the
+    /// guest may write a page while it is on its way. Uncompressed, the record carries
+    /// a separate data checksum; a page whose bytes changed in flight arrives *torn*,
+    /// and the receiver fails the stream at its end unless the page was sent again
+    /// (the dirty log guarantees that: the write that tore it dirtied it). Compressed
+    /// batches are copied before compression, so they never tear.
+    pub fn send_live_pages(
+        &self,
+        block_idx: usize,
+        offsets_pages: &[u64],
+        pages: &[&[u8]],
+    ) -> Result<()> {
+        self.send_pages_flagged(block_idx, offsets_pages, pages, true)
+    }
+
+    fn send_pages_flagged(
+        &self,
+        block_idx: usize,
+        offsets_pages: &[u64],
+        pages: &[&[u8]],
+        live: bool,
+    ) -> Result<()> {
         let n = offsets_pages.len();
         if n == 0 {
             return Ok(());
@@ -279,6 +321,19 @@ impl Sender {
         }
         let prefix = std::mem::take(&mut ch.prefix);
         let res = match ch.zstd.as_mut() {
+            None if live => {
+                // One CRC per page, so a page torn in flight condemns only itself.
+                let mut crcs = Vec::with_capacity(4 * n);
+                for p in pages {
+                    crcs.extend_from_slice(&crc32c::crc32c(p).to_le_bytes());
+                }
+                let mut body: Vec<&[u8]> = Vec::with_capacity(n + 2);
+                body.push(&prefix);
+                body.push(&crcs);
+                body.extend_from_slice(pages);
+                let payload = (n * page_size) as u64;
+                self.write_record_crc(ch_idx, ch, Kind::Pages, FLAG_LIVE, &body, 2, payload)
+            }
             None => {
                 let mut body: Vec<&[u8]> = Vec::with_capacity(n + 1);
                 body.push(&prefix);

@@ -99,7 +99,16 @@ fn record(kind: RecordKind, body: &[u8]) -> Vec<u8> {
 
 #[test]
 fn small_streams_decode() {
-    for c in [Compression::None, Compression::Zstd] {
+    // With FERRY_FUZZ_SEEDS=DIR, also leave them there as seeds for the fuzzer.
+    let seeds = std::env::var("FERRY_FUZZ_SEEDS").ok();
+    for (i, c) in [Compression::None, Compression::Zstd]
+        .into_iter()
+        .enumerate()
+    {
+        if let Some(dir) = &seeds {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(format!("{dir}/small-{i}"), small_stream(c)).unwrap();
+        }
         let d = decode_bytes(&small_stream(c), MAX_RAM).unwrap();
         assert_eq!(d.memory, model(PAGE_SIZE as usize, &blocks(), &ops()));
         assert_eq!(d.events.len(), 2);
@@ -356,18 +365,4 @@ fn refusal_reaches_the_sender() {
         matches!(&r, Err(Error::Refused(m)) if m == "no such device"),
         "{r:?}"
     );
-}
-
-/// Writes seed streams for the fuzzer into `$FERRY_FUZZ_SEEDS` (run by hand).
-#[test]
-#[ignore]
-fn write_fuzz_seeds() {
-    let dir = std::env::var("FERRY_FUZZ_SEEDS").expect("set FERRY_FUZZ_SEEDS");
-    std::fs::create_dir_all(&dir).unwrap();
-    for (i, c) in [Compression::None, Compression::Zstd]
-        .into_iter()
-        .enumerate()
-    {
-        std::fs::write(format!("{dir}/small-{i}"), small_stream(c)).unwrap();
-    }
 }
