@@ -442,6 +442,43 @@ fn connection_cut_during_the_final_copy() {
 }
 
 #[test]
+fn cancel_with_a_stalled_destination() {
+    let _g = guest_lock();
+    let cfg = config(256 << 20, 1, Workload::WorkingSet { pages: 16384 });
+    let guest = boot(&cfg);
+    // A destination that accepts and never reads: the sender blocks on a full socket.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri = format!("tcp:{}", l.local_addr().unwrap());
+    let hold = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        l.set_nonblocking(true).unwrap();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) {
+            if let Ok((c, _)) = l.accept() {
+                conns.push(c);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let source = source_for(&guest, 0, 1);
+    source.migrate(&uri).unwrap();
+    poll_until(&source, "the sender to stall", |i| {
+        i.status == MigrationStatus::Active
+            && i.ram.as_ref().is_some_and(|r| r.transferred > 1 << 20)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    source.cancel();
+    assert_eq!(
+        source.wait(),
+        MigrationStatus::Cancelled,
+        "{:?}",
+        source.query()
+    );
+    assert_source_runs(&guest);
+    drop(hold);
+}
+
+#[test]
 fn cancel_in_every_state() {
     let _g = guest_lock();
     let cfg = config(1 << 30, 2, Workload::WorkingSet { pages: 16384 });

@@ -50,6 +50,8 @@ struct Shared {
     live: Arc<LiveParams>,
     stats: RwLock<Arc<MigStats>>,
     cancel: Mutex<Arc<AtomicBool>>,
+    /// Aborts the running migration's connections (set once connected).
+    abort: Mutex<Option<transport::AbortHandle>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     subscribers: Mutex<Vec<ChanSender<MigrationEvent>>>,
 }
@@ -82,6 +84,7 @@ impl MigrationSource {
                 live,
                 stats: RwLock::new(Arc::new(MigStats::new())),
                 cancel: Mutex::new(Arc::new(AtomicBool::new(false))),
+                abort: Mutex::new(None),
                 thread: Mutex::new(None),
                 subscribers: Mutex::new(Vec::new()),
             }),
@@ -200,6 +203,11 @@ impl MigrationSource {
             }
         }
         lock(&self.shared.cancel).store(true, Ordering::Release);
+        // A send or the wait for the destination's answer may be blocked on a stalled
+        // peer: shut the connections so the migration thread sees the cancel at once.
+        if let Some(abort) = lock(&self.shared.abort).as_ref() {
+            abort.abort();
+        }
     }
 
     /// Waits for the current migration to end and returns its final status.
@@ -305,6 +313,7 @@ impl Run {
 
     fn run(self, uri: Uri) {
         let result = self.migrate(&uri);
+        lock(&self.shared.abort).take();
         let stats = &self.stats;
         stats
             .total_time_ms
@@ -323,7 +332,9 @@ impl Run {
                 if self.space.reasons().contains(DirtyReason::Migration) {
                     let _ = self.space.global_dirty_log_stop(DirtyReason::Migration);
                 }
-                if matches!(e, Error::Cancelled) {
+                // After a cancel, whatever error the aborted connections produced is
+                // the cancel's doing.
+                if matches!(e, Error::Cancelled) || self.cancel.load(Ordering::Acquire) {
                     self.set_status(MigrationStatus::Cancelled);
                 } else {
                     stats.set_error(e.to_string());
@@ -358,6 +369,7 @@ impl Run {
         };
         self.check_cancel()?;
         let sender = Sender::connect(uri, PAGE_SIZE as u32, blocks, opts)?;
+        *lock(&self.shared.abort) = Some(sender.abort_handle());
         self.check_cancel()?;
         let stats = &self.stats;
         stats

@@ -35,8 +35,9 @@ pub(crate) enum Closer {
 }
 
 impl Closer {
-    /// Ends reading on the connection: blocked and future reads see end of file.
-    pub(crate) fn close_read(&self) {
+    /// Shuts the connection down in the direction the closer was made for (reads end
+    /// with end of file; with an aborter, writes fail too).
+    pub(crate) fn close(&self) {
         match self {
             Closer::Socket(f) => f(),
             Closer::Mem(flag) => flag.store(true, Ordering::Release),
@@ -65,18 +66,27 @@ impl Conn {
         matches!(self, Conn::File(_) | Conn::Bytes(_))
     }
 
-    /// A closer for this connection.
+    /// A closer for this connection: ends reading on it.
     pub(crate) fn closer(&self) -> Closer {
+        self.closer_how(Shutdown::Read)
+    }
+
+    /// A closer that ends both directions: blocked writes and reads fail at once.
+    pub(crate) fn aborter(&self) -> Closer {
+        self.closer_how(Shutdown::Both)
+    }
+
+    fn closer_how(&self, how: Shutdown) -> Closer {
         match self {
             Conn::Tcp(s) => match s.try_clone() {
                 Ok(c) => Closer::Socket(Box::new(move || {
-                    let _ = c.shutdown(Shutdown::Read);
+                    let _ = c.shutdown(how);
                 })),
                 Err(_) => Closer::None,
             },
             Conn::Unix(s) => match s.try_clone() {
                 Ok(c) => Closer::Socket(Box::new(move || {
-                    let _ = c.shutdown(Shutdown::Read);
+                    let _ = c.shutdown(how);
                 })),
                 Err(_) => Closer::None,
             },

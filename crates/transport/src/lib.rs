@@ -29,7 +29,7 @@ pub use error::{Error, Result};
 pub use format::{BlockInfo, Compression, Features, StreamHeader};
 pub use limiter::RateLimiter;
 pub use recv::{decode_bytes, Decoded, Event, Listener, Receiver};
-pub use send::{Ack, SendOptions, Sender};
+pub use send::{AbortHandle, Ack, SendOptions, Sender};
 pub use sink::{is_zero, PageSink, VecSink};
 pub use uri::Uri;
 

@@ -253,7 +253,7 @@ impl Shared<'_> {
         }
         self.barrier.close("another channel failed");
         for c in &self.closers {
-            c.close_read();
+            c.close();
         }
     }
 }

@@ -65,8 +65,25 @@ struct Channel {
     zout: Vec<u8>,
 }
 
+/// Stops a [`Sender`] from another thread: every connection is shut down, so a send
+/// blocked on a stalled peer returns an error at once.
+#[derive(Clone)]
+pub struct AbortHandle {
+    closers: Arc<Vec<crate::conn::Closer>>,
+}
+
+impl AbortHandle {
+    /// Shuts every connection of the stream down (both directions).
+    pub fn abort(&self) {
+        for c in self.closers.iter() {
+            c.close();
+        }
+    }
+}
+
 /// The sending end of a migration stream over one or more connections.
 pub struct Sender {
+    aborters: Arc<Vec<crate::conn::Closer>>,
     header: StreamHeader,
     channels: Vec<Mutex<Channel>>,
     next: AtomicUsize,
@@ -143,7 +160,9 @@ impl Sender {
                 zout: Vec::new(),
             }));
         }
+        let aborters = Arc::new(channels.iter().map(|c| lock(c).conn.aborter()).collect());
         let s = Sender {
+            aborters,
             header,
             channels,
             next: AtomicUsize::new(0),
@@ -160,6 +179,13 @@ impl Sender {
     /// The stream header as sent.
     pub fn header(&self) -> &StreamHeader {
         &self.header
+    }
+
+    /// A handle that aborts this stream from any thread.
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle {
+            closers: self.aborters.clone(),
+        }
     }
 
     /// Byte counters, readable from any thread at any time.
