@@ -3,12 +3,13 @@
 //! ```sh
 //! cargo run --release --example dirty_log -- --mem 1G --vcpus 1 \
 //!     --workload working-set=4096 --syncs 5 --interval-ms 1000 --json
+//! cargo run --release --example dirty_log -- --dirty-ring 65536 --reap-period-ms 1000
 //! ```
 
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use dirty_sync::kvm::KvmBitmapConfig;
+use dirty_sync::kvm::{KvmBitmapConfig, KvmRingConfig};
 use dirty_sync::DirtyReason;
 use minivm::{parse_size_bytes, Backend, DirtyTracking, MiniVm, VmConfig, Workload};
 
@@ -42,6 +43,15 @@ struct Args {
     /// Force the host-thread fallback.
     #[arg(long)]
     threads: bool,
+    /// Track with the KVM dirty ring of this many entries per vCPU (0: the bitmap).
+    #[arg(long, default_value_t = 0)]
+    dirty_ring: u32,
+    /// Dirty ring: the reaper's period, ms (0: only on ring-full and fill level).
+    #[arg(long, default_value_t = 1000)]
+    reap_period_ms: u64,
+    /// Dirty ring: the reaper reaps once a ring is this many percent full (0: off).
+    #[arg(long, default_value_t = 0)]
+    fill_wake_percent: u8,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -55,18 +65,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         } else {
             Backend::Auto
         },
+        dirty_ring_entries: args.dirty_ring,
         ..Default::default()
     })?;
-    let tracking = DirtyTracking::Bitmap(KvmBitmapConfig {
-        manual_protect: !args.classic,
-        clear_chunk_bytes: args.clear_chunk,
-        ..Default::default()
-    });
+    let tracking = if args.dirty_ring > 0 {
+        DirtyTracking::Ring(KvmRingConfig {
+            entries: args.dirty_ring,
+            reap_period_ms: args.reap_period_ms,
+            fill_wake_percent: args.fill_wake_percent,
+            ..Default::default()
+        })
+    } else {
+        DirtyTracking::Bitmap(KvmBitmapConfig {
+            manual_protect: !args.classic,
+            clear_chunk_bytes: args.clear_chunk,
+            ..Default::default()
+        })
+    };
     let space = vm.address_space(tracking)?;
-    let mode = match (vm.is_kvm(), args.classic) {
-        (false, _) => "vmm-writes (host threads, no /dev/kvm)",
-        (true, true) => "kvm-bitmap classic",
-        (true, false) => "kvm-bitmap manual-protect",
+    let ring = vm.dirty_ring_listener();
+    let mode = match (vm.is_kvm(), args.classic, args.dirty_ring) {
+        (false, _, _) => "vmm-writes (host threads, no /dev/kvm)",
+        (true, _, 1..) => "kvm-ring",
+        (true, true, 0) => "kvm-bitmap classic",
+        (true, false, 0) => "kvm-bitmap manual-protect",
     };
     if !args.json {
         eprintln!(
@@ -86,6 +108,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     space.global_dirty_log_sync(None)?; // baseline (absorbs KVM's INITIALLY_SET)
     bitmap.clear_all();
     let mut last = Instant::now();
+    let mut last_rounds: Vec<u64> = (0..vm.vcpus()).map(|v| vm.counter(v)).collect();
+    let mut last_entries = ring
+        .as_ref()
+        .map(|r| r.vcpu_dirty_entries())
+        .unwrap_or_default();
     for sync in 1..=args.syncs {
         std::thread::sleep(Duration::from_millis(args.interval_ms));
         let report = space.global_dirty_log_sync(None)?;
@@ -94,6 +121,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let dirty = bitmap.count();
         bitmap.clear_all();
         let rounds: Vec<u64> = (0..vm.vcpus()).map(|v| vm.counter(v)).collect();
+        let rounds_per_s: Vec<f64> = rounds
+            .iter()
+            .zip(&last_rounds)
+            .map(|(n, o)| ((n - o) as f64 * 1000.0 / window_ms).round())
+            .collect();
+        last_rounds.clone_from(&rounds);
+        let ring_json = ring.as_ref().map(|r| {
+            let now = r.vcpu_dirty_entries();
+            let per_vcpu: Vec<u64> = now.iter().zip(&last_entries).map(|(n, o)| n - o).collect();
+            last_entries = now;
+            let st = r.stats();
+            serde_json::json!({
+                "vcpu_dirty_entries": per_vcpu,
+                "entries": st.last_sync_entries,
+                "unique_pages": st.last_sync_unique_pages,
+                "ring_full_exits_total": st.ring_full_exits,
+                "reaper_reaps_total": st.reaper_reaps,
+                "resets_total": st.resets,
+                "rejected_entries_total": st.rejected_entries,
+            })
+        });
         if args.json {
             println!(
                 "{}",
@@ -105,6 +153,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "window_ms": (window_ms * 10.0).round() / 10.0,
                     "mode": mode,
                     "guest_rounds": rounds,
+                    "guest_rounds_per_s": rounds_per_s,
+                    "ring": ring_json,
                 })
             );
         } else {
@@ -112,6 +162,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "{sync:>5} {dirty:>12} {:>10} {window_ms:>12.1}",
                 report.sync_ns / 1000
             );
+            if let Some(r) = &ring_json {
+                println!("      ring {r} guest_rounds_per_s {rounds_per_s:?}");
+            }
         }
     }
     space.global_dirty_log_stop(DirtyReason::DirtyRate)?;

@@ -1,6 +1,6 @@
 //! The run/pause/stop/kick state machine shared by the VM handle and its vCPU workers.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,8 @@ pub struct Control {
     state: Mutex<State>,
     cv: Condvar,
     throttle_pct: AtomicU8,
+    /// Per vCPU: inside KVM_RUN (set just before the ioctl, cleared once it returned).
+    in_guest: Box<[AtomicBool]>,
 }
 
 /// A throttle slice: vCPUs run this long between throttle sleeps.
@@ -55,6 +57,7 @@ impl Control {
             }),
             cv: Condvar::new(),
             throttle_pct: AtomicU8::new(0),
+            in_guest: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -65,6 +68,20 @@ impl Control {
 
     fn wait<'a>(&self, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         self.cv.wait(g).unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks vCPU `id` as entering (true) or having left (false) KVM_RUN.
+    pub fn set_in_guest(&self, id: usize, inside: bool) {
+        if let Some(f) = self.in_guest.get(id) {
+            f.store(inside, Ordering::SeqCst);
+        }
+    }
+
+    /// True when some vCPU may be inside KVM_RUN. A vCPU seen outside has had every
+    /// exit's buffered dirty state flushed by KVM already; one that enters later
+    /// dirties pages after the caller's flush point.
+    pub fn any_in_guest(&self) -> bool {
+        self.in_guest.iter().any(|f| f.load(Ordering::SeqCst))
     }
 
     // ---- worker side ----

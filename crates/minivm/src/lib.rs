@@ -106,6 +106,8 @@ pub struct MiniVm {
     /// The running vCPU threads, for kicks from outside the VM handle (the dirty ring's
     /// flush); emptied before the threads are joined, so every entry is a live thread.
     kick_targets: KickTargets,
+    /// The dirty-ring listener made by [`MiniVm::ring_listener`], if any.
+    ring: Mutex<Option<Arc<dirty_sync::kvm::KvmRingListener>>>,
 }
 
 /// The pthreads of the running vCPU threads.
@@ -156,6 +158,7 @@ impl MiniVm {
             tsc_hz,
             handles: Vec::new(),
             kick_targets: Arc::default(),
+            ring: Mutex::new(None),
             ticker: None,
             engine,
             memory,

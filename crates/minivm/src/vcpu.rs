@@ -78,6 +78,23 @@ pub fn kick(handle: &JoinHandle<()>) {
     let _ignored = handle.kill(kick_signal());
 }
 
+/// Blocks (or unblocks) the kick signal on the calling thread; true on success.
+fn block_kick_signal(block: bool) -> bool {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset/sigaddset before use;
+    // pthread_sigmask only changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, kick_signal());
+        let how = if block {
+            libc::SIG_BLOCK
+        } else {
+            libc::SIG_UNBLOCK
+        };
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut()) == 0
+    }
+}
+
 /// Sets the host-supported CPUID on a fresh vCPU (needed for long mode under PVM).
 pub fn setup_cpuid(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<()> {
     let cpuid = kvm_fd
@@ -228,7 +245,16 @@ impl VcpuThread {
                         .unwrap_or_else(|p| p.into_inner())
                         .clone();
                     match h {
-                        Some(h) => h.dirty_ring_full(self.id),
+                        Some(h) => {
+                            // Kicks wait until the handler is done: a pending signal makes
+                            // KVM_RESET_DIRTY_RINGS stop early. The kick is delivered on
+                            // unblock and ends the next KVM_RUN at once (immediate_exit).
+                            let blocked = block_kick_signal(true);
+                            h.dirty_ring_full(self.id);
+                            if blocked {
+                                block_kick_signal(false);
+                            }
+                        }
                         // Nobody reaps the ring yet: wait a little instead of spinning.
                         None => self.control.nap(id, SWEEP_NAP),
                     }
@@ -248,7 +274,10 @@ impl VcpuThread {
 
     fn run_once(&self) -> Outcome {
         let mut v = self.lock_vcpu();
-        let outcome = match v.run() {
+        self.control.set_in_guest(self.id as usize, true);
+        let result = v.run();
+        self.control.set_in_guest(self.id as usize, false);
+        let outcome = match result {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Outcome::Again,
             Err(e) => Outcome::Fatal(format!("KVM_RUN failed: {e}")),
             Ok(VcpuExit::IoOut(IDLE_PORT, _)) => Outcome::Nap(IDLE_NAP),

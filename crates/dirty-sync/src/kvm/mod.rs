@@ -1,6 +1,11 @@
-//! KVM dirty tracking: the dirty-bitmap listener and the raw ioctls it needs.
+//! KVM dirty tracking: the dirty-bitmap and dirty-ring listeners and the raw ioctls they need.
 
 mod bitmap_listener;
 pub mod ioctls;
+mod ring_listener;
 
 pub use bitmap_listener::{KvmBitmapConfig, KvmBitmapListener, ProtectMode};
+pub use ring_listener::{
+    KickFn, KvmRingConfig, KvmRingListener, RingStats, DEFAULT_RING_ENTRIES, DIRTY_GFN_BYTES,
+    KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET,
+};
