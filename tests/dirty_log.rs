@@ -7,9 +7,9 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{config, guest_lock, start, wait_all};
+use common::{config, expected_working_set, guest_lock, start, wait_all, Shadow};
 use dirty_sync::kvm::{KvmBitmapConfig, KvmBitmapListener, ProtectMode};
-use dirty_sync::{AddressSpace, DirtyReason, MemoryListener, RamBlock, PAGE_SIZE};
+use dirty_sync::{DirtyReason, MemoryListener, RamBlock, PAGE_SIZE};
 use minivm::{DirtyTracking, MiniVm, Workload};
 
 fn tracking(manual: bool, deferred: bool) -> DirtyTracking {
@@ -18,18 +18,6 @@ fn tracking(manual: bool, deferred: bool) -> DirtyTracking {
         deferred_clear: deferred,
         ..Default::default()
     })
-}
-
-/// The pages a working-set guest dirties in a steady window: its W pages and each
-/// vCPU's counter page.
-fn expected_set(vm: &MiniVm) -> BTreeSet<u64> {
-    let mut set = BTreeSet::new();
-    for v in 0..vm.vcpus() {
-        let (gpa, pages) = vm.workload_region(v);
-        set.extend((0..pages).map(|p| gpa / PAGE_SIZE + p));
-        set.insert(vm.counter_gpa(v) / PAGE_SIZE);
-    }
-    set
 }
 
 fn exact_set(w: u64, vcpus: u32, manual: bool) {
@@ -46,7 +34,7 @@ fn exact_set(w: u64, vcpus: u32, manual: bool) {
     wait_all(&vm, 3);
     let report = space.global_dirty_log_sync(None).unwrap();
     let got: BTreeSet<u64> = bitmap.iter_set().collect();
-    let want = expected_set(&vm);
+    let want = expected_working_set(&vm);
     assert_eq!(
         got.len(),
         want.len(),
@@ -82,31 +70,6 @@ fn exact_dirty_set_manual_protect() {
     exact_sets(true);
 }
 
-/// Copies the dirty pages of `bitmap` from guest RAM into `shadow`.
-fn copy_dirty(space: &AddressSpace, bitmap: &dirty_sync::DirtyBitmap, shadow: &mut [u8]) -> u64 {
-    let mut n = 0;
-    for w in 0..bitmap.words().len() {
-        let mut bits = bitmap.take_word(w);
-        while bits != 0 {
-            let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
-            bits &= bits - 1;
-            copy_page(space, page, shadow);
-            n += 1;
-        }
-    }
-    n
-}
-
-fn copy_page(space: &AddressSpace, page: u64, shadow: &mut [u8]) {
-    let (bi, off) = space.locate_page(page).expect("page in RAM");
-    let b = &space.blocks()[bi];
-    let src = (b.host_addr + off * PAGE_SIZE) as *const u8;
-    let dst = &mut shadow[(page * PAGE_SIZE) as usize..((page + 1) * PAGE_SIZE) as usize];
-    // SAFETY: src is inside the block's live mapping (the VM outlives this call); the
-    // guest may write it concurrently, which is what the test races on purpose.
-    unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE as usize) };
-}
-
 fn no_lost_write(manual: bool, deferred: bool) {
     let _g = guest_lock();
     let mem = 64u64 << 20;
@@ -124,13 +87,13 @@ fn no_lost_write(manual: bool, deferred: bool) {
         .unwrap();
     space.global_dirty_log_sync(None).unwrap();
     bitmap.set_all();
-    let mut shadow = vec![0u8; mem as usize];
+    let mut shadow = Shadow::new(mem);
     let rounds_at_start = vm.counter(0);
     for round in 0..40 {
         if deferred {
             space.clear_dirty_log(0, space.total_pages()).unwrap();
         }
-        copy_dirty(&space, &bitmap, &mut shadow);
+        shadow.copy_dirty(&space, &bitmap);
         space.global_dirty_log_sync(None).unwrap();
         if round % 8 == 0 {
             wait_all(&vm, 1);
@@ -141,20 +104,8 @@ fn no_lost_write(manual: bool, deferred: bool) {
     if deferred {
         space.clear_dirty_log(0, space.total_pages()).unwrap();
     }
-    copy_dirty(&space, &bitmap, &mut shadow);
-    for b in space.blocks() {
-        // SAFETY: the block's mapping is live and the guest is paused.
-        let ram =
-            unsafe { std::slice::from_raw_parts(b.host_addr as *const u8, b.size_bytes as usize) };
-        let sh = &shadow[b.gpa as usize..(b.gpa + b.size_bytes) as usize];
-        if ram != sh {
-            let bad = (0..b.pages()).find(|p| {
-                let r = (p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize;
-                ram[r.clone()] != sh[r]
-            });
-            panic!("manual={manual} deferred={deferred}: shadow differs from guest RAM at page {bad:?} of {}", b.id);
-        }
-    }
+    shadow.copy_dirty(&space, &bitmap);
+    shadow.assert_equals_ram(&space, &format!("manual={manual} deferred={deferred}"));
     assert!(
         vm.counter(0) - rounds_at_start >= 5,
         "the guest wrote while the syncs ran"

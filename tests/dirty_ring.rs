@@ -8,9 +8,9 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{backend, config, guest_lock, start, wait_all};
+use common::{backend, config, expected_working_set, guest_lock, start, wait_all, Shadow};
 use dirty_sync::kvm::KvmRingConfig;
-use dirty_sync::{AddressSpace, DirtyReason, PAGE_SIZE};
+use dirty_sync::{DirtyReason, PAGE_SIZE};
 use minivm::{Backend, DirtyTracking, MiniVm, VmConfig, Workload};
 
 fn kvm() -> bool {
@@ -29,16 +29,6 @@ fn tracking(entries: u32) -> DirtyTracking {
         entries,
         ..Default::default()
     })
-}
-
-fn expected_set(vm: &MiniVm) -> BTreeSet<u64> {
-    let mut set = BTreeSet::new();
-    for v in 0..vm.vcpus() {
-        let (gpa, pages) = vm.workload_region(v);
-        set.extend((0..pages).map(|p| gpa / PAGE_SIZE + p));
-        set.insert(vm.counter_gpa(v) / PAGE_SIZE);
-    }
-    set
 }
 
 fn exact_set(w: u64, vcpus: u32, entries: u32) {
@@ -61,7 +51,7 @@ fn exact_set(w: u64, vcpus: u32, entries: u32) {
     wait_all(&vm, 3);
     let report = space.global_dirty_log_sync(None).unwrap();
     let got: BTreeSet<u64> = bitmap.iter_set().collect();
-    let want = expected_set(&vm);
+    let want = expected_working_set(&vm);
     assert!(
         got == want,
         "W={w} vcpus={vcpus}: {} pages, want {}: extra {:?} missing {:?}",
@@ -119,27 +109,6 @@ fn ring_exact_dirty_set_small_ring_with_ring_full() {
     exact_set(65536, 2, 4096);
 }
 
-fn copy_page(space: &AddressSpace, page: u64, shadow: &mut [u8]) {
-    let (bi, off) = space.locate_page(page).expect("page in RAM");
-    let b = &space.blocks()[bi];
-    let src = (b.host_addr + off * PAGE_SIZE) as *const u8;
-    let dst = &mut shadow[(page * PAGE_SIZE) as usize..((page + 1) * PAGE_SIZE) as usize];
-    // SAFETY: src is inside the block's live mapping (the VM outlives this call); the
-    // guest may write it concurrently, which is what the test races on purpose.
-    unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE as usize) };
-}
-
-fn copy_dirty(space: &AddressSpace, bitmap: &dirty_sync::DirtyBitmap, shadow: &mut [u8]) {
-    for w in 0..bitmap.words().len() {
-        let mut bits = bitmap.take_word(w);
-        while bits != 0 {
-            let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
-            bits &= bits - 1;
-            copy_page(space, page, shadow);
-        }
-    }
-}
-
 #[test]
 fn ring_full_stress_no_lost_write() {
     if !kvm() {
@@ -164,10 +133,10 @@ fn ring_full_stress_no_lost_write() {
         .unwrap();
     space.global_dirty_log_sync(None).unwrap();
     bitmap.set_all();
-    let mut shadow = vec![0u8; mem as usize];
+    let mut shadow = Shadow::new(mem);
     let rounds_at_start = vm.counter(0);
     for round in 0..30 {
-        copy_dirty(&space, &bitmap, &mut shadow);
+        shadow.copy_dirty(&space, &bitmap);
         space.global_dirty_log_sync(None).unwrap();
         if round % 6 == 0 {
             wait_all(&vm, 1);
@@ -175,20 +144,8 @@ fn ring_full_stress_no_lost_write() {
     }
     vm.pause().unwrap();
     space.global_dirty_log_sync(None).unwrap();
-    copy_dirty(&space, &bitmap, &mut shadow);
-    for b in space.blocks() {
-        // SAFETY: the block's mapping is live and the guest is paused.
-        let ram =
-            unsafe { std::slice::from_raw_parts(b.host_addr as *const u8, b.size_bytes as usize) };
-        let sh = &shadow[b.gpa as usize..(b.gpa + b.size_bytes) as usize];
-        if ram != sh {
-            let bad = (0..b.pages()).find(|p| {
-                let r = (p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize;
-                ram[r.clone()] != sh[r]
-            });
-            panic!("shadow differs from guest RAM at page {bad:?} of {}", b.id);
-        }
-    }
+    shadow.copy_dirty(&space, &bitmap);
+    shadow.assert_equals_ram(&space, "ring of 512 entries");
     let stats = ring.stats();
     eprintln!("ring stats: {stats:?}");
     assert!(

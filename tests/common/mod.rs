@@ -63,3 +63,81 @@ pub fn wait_all(vm: &MiniVm, rounds: u64) {
         }
     }
 }
+
+/// The pages a working-set guest dirties in a steady window: its W pages and each
+/// vCPU's counter page (global page indices).
+pub fn expected_working_set(vm: &MiniVm) -> std::collections::BTreeSet<u64> {
+    use minivm::PAGE_SIZE;
+    let mut set = std::collections::BTreeSet::new();
+    for v in 0..vm.vcpus() {
+        let (gpa, pages) = vm.workload_region(v);
+        set.extend((0..pages).map(|p| gpa / PAGE_SIZE + p));
+        set.insert(vm.counter_gpa(v) / PAGE_SIZE);
+    }
+    set
+}
+
+/// A host-side copy of guest RAM kept up to date from the dirty log: what a precopy
+/// destination would hold. Equal to guest RAM after a final sync with vCPUs paused,
+/// or a write was lost.
+pub struct Shadow {
+    bytes: Vec<u8>,
+}
+
+impl Shadow {
+    /// An all-zero shadow of `mem_bytes` of RAM (guest physical addresses from 0).
+    pub fn new(mem_bytes: u64) -> Shadow {
+        Shadow {
+            bytes: vec![0; mem_bytes as usize],
+        }
+    }
+
+    /// Copies every page dirty in `bitmap` from guest RAM, clearing it; returns how many.
+    pub fn copy_dirty(
+        &mut self,
+        space: &dirty_sync::AddressSpace,
+        bitmap: &dirty_sync::DirtyBitmap,
+    ) -> u64 {
+        use dirty_sync::PAGE_SIZE;
+        let mut n = 0;
+        for w in 0..bitmap.words().len() {
+            let mut bits = bitmap.take_word(w);
+            while bits != 0 {
+                let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                let (bi, off) = space.locate_page(page).expect("page in RAM");
+                let b = &space.blocks()[bi];
+                let src = (b.host_addr + off * PAGE_SIZE) as *const u8;
+                let dst =
+                    &mut self.bytes[(page * PAGE_SIZE) as usize..((page + 1) * PAGE_SIZE) as usize];
+                // SAFETY: src is inside the block's live mapping (the VM outlives this
+                // call); the guest may write it meanwhile, which the tests race on purpose.
+                unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE as usize) };
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Panics, naming the first differing page, unless the shadow equals guest RAM.
+    pub fn assert_equals_ram(&self, space: &dirty_sync::AddressSpace, what: &str) {
+        use dirty_sync::PAGE_SIZE;
+        for b in space.blocks() {
+            // SAFETY: the block's mapping is live and the caller paused the guest.
+            let ram = unsafe {
+                std::slice::from_raw_parts(b.host_addr as *const u8, b.size_bytes as usize)
+            };
+            let sh = &self.bytes[b.gpa as usize..(b.gpa + b.size_bytes) as usize];
+            if ram != sh {
+                let bad = (0..b.pages()).find(|p| {
+                    let r = (p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize;
+                    ram[r.clone()] != sh[r]
+                });
+                panic!(
+                    "{what}: shadow differs from guest RAM at page {bad:?} of {}",
+                    b.id
+                );
+            }
+        }
+    }
+}
