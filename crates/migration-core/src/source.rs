@@ -172,15 +172,19 @@ impl MigrationSource {
         *self.shared.stats.write().unwrap_or_else(|p| p.into_inner()) = stats.clone();
         let cancel = Arc::new(AtomicBool::new(false));
         *lock(&self.shared.cancel) = cancel.clone();
-        let run = Run::new(
-            self.vm.clone(),
+        let run = Run {
+            ram: GuestRam::new(self.vm.clone()),
+            space: self.vm.address_space().clone(),
+            vm: self.vm.clone(),
             stats,
-            self.parameters(),
-            self.capabilities(),
-            self.shared.live.clone(),
+            params: self.parameters(),
+            caps: self.capabilities(),
+            live: self.shared.live.clone(),
             cancel,
-            self.shared.clone(),
-        );
+            shared: self.shared.clone(),
+            busy_ns: AtomicU64::new(0),
+            paused: AtomicBool::new(false),
+        };
         run.emit(MigrationEvent::Status(MigrationStatus::Setup));
         let handle = std::thread::Builder::new()
             .name("mig/src".into())
@@ -269,31 +273,6 @@ struct Loop {
 }
 
 impl Run {
-    fn new(
-        vm: Arc<dyn MigratableVm>,
-        stats: Arc<MigStats>,
-        params: MigrationParameters,
-        caps: Capabilities,
-        live: Arc<LiveParams>,
-        cancel: Arc<AtomicBool>,
-        shared: Arc<Shared>,
-    ) -> Self {
-        let space = vm.address_space().clone();
-        Run {
-            ram: GuestRam::new(vm.clone()),
-            vm,
-            space,
-            stats,
-            params,
-            caps,
-            live,
-            cancel,
-            shared,
-            busy_ns: AtomicU64::new(0),
-            paused: AtomicBool::new(false),
-        }
-    }
-
     fn emit(&self, ev: MigrationEvent) {
         lock(&self.shared.subscribers).retain(|s| s.send(ev).is_ok());
     }
