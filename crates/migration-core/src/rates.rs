@@ -59,6 +59,12 @@ impl DirtyRatePeriod {
     /// Shortest period that yields a rate (QEMU's 1000 ms rule).
     pub const MIN_PERIOD_MS: u64 = 1000;
 
+    /// True when a sync at `now_ms` would close the period.
+    pub fn is_due(&self, now_ms: u64) -> bool {
+        self.start_ms
+            .is_some_and(|start| now_ms.saturating_sub(start) >= Self::MIN_PERIOD_MS)
+    }
+
     /// Adds one sync's new pages at time `now_ms`; returns `Some((rate pages/s,
     /// period ms))` when this sync closes a period.
     pub fn add(&mut self, new_pages: u64, now_ms: u64) -> Option<(u64, u64)> {
@@ -186,7 +192,9 @@ mod tests {
     #[test]
     fn dirty_rate_needs_a_full_second() {
         let mut p = DirtyRatePeriod::default();
+        assert!(!p.is_due(5000), "no period before the first sync");
         assert_eq!(p.add(100, 0), None);
+        assert!(!p.is_due(999) && p.is_due(1000));
         assert_eq!(p.add(300, 500), None);
         assert_eq!(p.add(100, 1250), Some((400, 1250)));
         assert_eq!(p.add(7, 1300), None, "a new period starts");

@@ -31,8 +31,9 @@ pub enum MigrationEvent {
 const ASSUMED_BANDWIDTH_BYTES_PER_SEC: u64 = 1 << 30;
 /// How often the progress numbers (mbps, pages-per-second, bandwidth) are refreshed.
 const TICK_MS: u64 = 100;
-/// Longest time between two dirty-log syncs while a pass is still sending.
-const SYNC_PERIOD_MS: u64 = 1000;
+/// How often the sending thread looks at the clock: the dirty-rate period closes at
+/// most this late, so a 1 s window is measured to within 1 %.
+const POLL_MS: u64 = 10;
 /// Pages a worker claims at a time (two bitmap words).
 const CHUNK_WORDS: usize = 2;
 
@@ -263,7 +264,6 @@ struct Loop {
     bw: BandwidthEstimator,
     period: DirtyRatePeriod,
     auto: AutoConverge,
-    last_sync: Instant,
     last_sync_dirty_pages: u64,
     period_start_bytes: u64,
     tick: Tick,
@@ -383,7 +383,6 @@ impl Run {
             bw: BandwidthEstimator::default(),
             period: DirtyRatePeriod::default(),
             auto: AutoConverge::default(),
-            last_sync: Instant::now(),
             last_sync_dirty_pages: 0,
             period_start_bytes: 0,
             tick: Tick {
@@ -396,6 +395,9 @@ impl Run {
             channels,
             applied_max_bandwidth: opts.max_bandwidth_bytes_per_sec,
         };
+        // The first dirty-rate period starts with the setup sync (the window was
+        // cleared then), so a rate is known a second in, even during a long bulk pass.
+        lp.period.add(0, stats.elapsed_ms());
         let mut iteration = 0u64;
         loop {
             self.check_cancel()?;
@@ -508,7 +510,6 @@ impl Run {
     /// One global dirty-log sync and the accounting QEMU does around it.
     fn sync(&self, lp: &mut Loop) -> Result<()> {
         let report = self.space.global_dirty_log_sync(None)?;
-        lp.last_sync = Instant::now();
         let stats = &self.stats;
         let syncs = stats.dirty_sync_count.fetch_add(1, Ordering::Relaxed) + 1;
         let new_pages = report.new_pages(DirtyReason::Migration);
@@ -565,7 +566,8 @@ impl Run {
 
     /// Sends every page dirty in the bitmap once, on `lp.channels` worker threads; the
     /// calling thread refreshes the numbers and, while the guest runs, syncs the dirty
-    /// log at least every [`SYNC_PERIOD_MS`].
+    /// log whenever a dirty-rate period is due (at least once a second), so the rate
+    /// is measured over 1 s windows however long a pass takes.
     fn send_pass(&self, sender: &Sender, lp: &mut Loop) -> Result<()> {
         let workers = lp.channels;
         let bitmap = lp.bitmap.clone();
@@ -587,14 +589,14 @@ impl Run {
             drop(done_tx);
             let mut finished = 0;
             while finished < workers {
-                match done_rx.recv_timeout(Duration::from_millis(TICK_MS / 2)) {
+                match done_rx.recv_timeout(Duration::from_millis(POLL_MS)) {
                     Ok(()) => finished += 1,
                     Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                     Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
                 }
                 self.tick(sender, lp);
                 let paused = self.paused.load(Ordering::Acquire);
-                if !paused && lp.last_sync.elapsed() >= Duration::from_millis(SYNC_PERIOD_MS) {
+                if !paused && lp.period.is_due(self.stats.elapsed_ms()) {
                     if let Err(e) = self.sync(lp) {
                         abort.store(true, Ordering::Release);
                         lock(&first_error).get_or_insert(e);

@@ -63,6 +63,12 @@ pub struct KvmBitmapListener {
     chunk_pages: u64,
     deferred_clear: bool,
     slots: Mutex<HashMap<u32, SlotLog>>,
+    /// Slots with KVM_MEM_LOG_DIRTY_PAGES set. Logging stays armed in KVM after the
+    /// last reason stops: flipping the flag costs an SRCU grace period and a zap of the
+    /// slot's mappings each time (QEMU defers the stop for that reason), while an armed
+    /// slot nobody syncs costs nothing with manual protect (and one fault per page,
+    /// once, without). The next start's baseline sync absorbs what accumulated.
+    armed: Mutex<std::collections::HashSet<u32>>,
 }
 
 impl KvmBitmapListener {
@@ -97,6 +103,7 @@ impl KvmBitmapListener {
             chunk_pages: chunk_bytes / PAGE_SIZE,
             deferred_clear: config.deferred_clear,
             slots: Mutex::new(HashMap::new()),
+            armed: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -154,12 +161,18 @@ impl MemoryListener for KvmBitmapListener {
                 },
             },
         );
-        ioctls::set_slot_logging(&self.vm, block, true)
+        let mut armed = self.armed.lock().unwrap_or_else(|p| p.into_inner());
+        if !armed.contains(&block.kvm_slot) {
+            ioctls::set_slot_logging(&self.vm, block, true)?;
+            armed.insert(block.kvm_slot);
+        }
+        Ok(())
     }
 
     fn log_stop(&self, block: &RamBlock) -> Result<()> {
+        // The buffers go; the slot stays armed in KVM (see `armed`).
         self.lock().remove(&block.kvm_slot);
-        ioctls::set_slot_logging(&self.vm, block, false)
+        Ok(())
     }
 
     fn log_sync(&self, block: &RamBlock, sink: &mut DirtySink<'_>) -> Result<()> {
