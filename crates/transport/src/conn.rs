@@ -172,6 +172,16 @@ impl Conn {
         }
     }
 
+    /// Ends the writing direction of a socket, so the peer reads end of file even while
+    /// a duplicate of the descriptor (an abort handle) is still open.
+    pub(crate) fn shutdown_write(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.shutdown(Shutdown::Write),
+            Conn::Unix(s) => s.shutdown(Shutdown::Write),
+            _ => Ok(()),
+        }
+    }
+
     /// Flushes buffered data to durable storage for files; nothing for sockets.
     pub(crate) fn flush(&mut self) -> io::Result<()> {
         match self {

@@ -480,6 +480,7 @@ impl Sender {
             let body = ch.records.to_le_bytes();
             self.write_record(i, ch, Kind::End, 0, &[&body], 0)?;
             ch.conn.flush()?;
+            ch.conn.shutdown_write()?;
         }
         if self.is_file {
             return Ok(Ack { resumed: false });
@@ -487,6 +488,16 @@ impl Sender {
         let mut control = chans.swap_remove(0);
         drop(chans);
         read_answer(std::mem::replace(&mut control.conn, dummy_conn()))
+    }
+}
+
+impl Drop for Sender {
+    /// Shuts every connection down: the abort handles hold duplicates of the sockets,
+    /// so closing ours alone would not end the stream for the peer.
+    fn drop(&mut self) {
+        for c in self.aborters.iter() {
+            c.close();
+        }
     }
 }
 
