@@ -1,4 +1,4 @@
-//! The `ferry` command line: `demo`, `send`, `receive`.
+//! The `ferry` command line: `demo`, `send`, `receive`, `vm`.
 
 mod cmd;
 
@@ -20,6 +20,10 @@ enum Command {
     Send(cmd::send::SendArgs),
     /// Wait for a migration and run the guest it brings.
     Receive(cmd::receive::ReceiveArgs),
+    /// Run a guest with a QMP endpoint (like `qemu-system-x86_64 -qmp ... -incoming ...`).
+    Vm(cmd::vm::VmCmdArgs),
+    /// Boot a guest and measure its dirty rate (calc-dirty-rate), print query-dirty-rate.
+    DirtyRate(cmd::dirty_rate::DirtyRateCmdArgs),
 }
 
 fn main() {
@@ -28,6 +32,8 @@ fn main() {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Send(a) => cmd::send::run(a),
         Command::Receive(a) => cmd::receive::run(a),
+        Command::Vm(a) => cmd::vm::run(a),
+        Command::DirtyRate(a) => cmd::dirty_rate::run(a),
     };
     if let Err(e) = result {
         eprintln!("ferry: {e}");

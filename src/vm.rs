@@ -81,4 +81,9 @@ impl MigratableVm for GuestVm {
         // minivm maps guest RAM as private anonymous memory.
         true
     }
+
+    fn vcpu_dirty_entries(&self) -> Option<Vec<u64>> {
+        let ring = self.vm().dirty_ring_listener()?;
+        Some(ring.vcpu_dirty_entries())
+    }
 }

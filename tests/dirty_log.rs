@@ -132,6 +132,8 @@ fn no_lost_write_manual_protect_deferred_clear() {
 fn stopping_dirty_rate_keeps_migration_logging() {
     let _g = guest_lock();
     let vm = start(config(64 << 20, 1, Workload::WorkingSet { pages: 64 }));
+    // Past the guest's start-up writes, so the windows below are steady.
+    wait_all(&vm, 2);
     let space = vm.address_space(DirtyTracking::default()).unwrap();
     let mig = space
         .global_dirty_log_start(DirtyReason::Migration)

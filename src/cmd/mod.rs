@@ -1,9 +1,11 @@
 //! The `ferry` subcommands and the flags they share.
 
 pub mod demo;
+pub mod dirty_rate;
 pub mod progress;
 pub mod receive;
 pub mod send;
+pub mod vm;
 
 use clap::Args;
 use dirty_sync::kvm::KvmBitmapConfig;

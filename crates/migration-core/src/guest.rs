@@ -29,6 +29,11 @@ pub trait MigratableVm: Send + Sync {
     fn untouched_ram_is_zero(&self) -> bool {
         false
     }
+    /// Per vCPU: dirty-ring entries harvested so far (QEMU's `cpu->dirty_pages`), or
+    /// None when the guest has no dirty ring (calc-dirty-rate's dirty-ring mode needs it).
+    fn vcpu_dirty_entries(&self) -> Option<Vec<u64>> {
+        None
+    }
 }
 
 /// Byte-level access to guest RAM through the blocks' host addresses.

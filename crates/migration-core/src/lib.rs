@@ -3,9 +3,11 @@
 //!
 //! A VMM implements [`MigratableVm`] for its guest, hands it to a [`MigrationSource`]
 //! (source side) or [`incoming`] (destination side), and polls
-//! [`MigrationSource::query`] for QEMU-shaped `query-migrate` answers.
+//! [`MigrationSource::query`] for QEMU-shaped `query-migrate` answers. A
+//! [`DirtyRateJob`] answers `calc-dirty-rate` / `query-dirty-rate` for the same guest.
 
 mod destination;
+mod dirtyrate;
 mod error;
 mod guest;
 mod params;
@@ -13,6 +15,11 @@ mod rates;
 mod source;
 
 pub use destination::{incoming, ram_digest, Incoming, IncomingReport};
+pub use dirtyrate::{
+    wilson_interval, DirtyRateArgs, DirtyRateJob, SamplePlan, SamplingResult, DEFAULT_SAMPLE_PAGES,
+    MAX_CALC_TIME_MS, MAX_SAMPLE_PAGES, MIN_CALC_TIME_MS, MIN_SAMPLED_BLOCK_BYTES,
+    MIN_SAMPLE_PAGES, THREAD_NAME,
+};
 pub use error::{Error, Result};
 pub use guest::{is_zero_page, mark_touched_pages, GuestError, GuestRam, MigratableVm};
 pub use params::{
@@ -21,3 +28,4 @@ pub use params::{
 };
 pub use rates::{predict_convergence, AutoConverge, BandwidthEstimator, DirtyRatePeriod};
 pub use source::{MigrationEvent, MigrationSource};
+pub use stats::{DirtyRateInfo, DirtyRateMode, DirtyRateStatus, TimeUnit};

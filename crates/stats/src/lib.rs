@@ -5,9 +5,14 @@
 //! the snapshots serialize to exactly QEMU's JSON field names and units.
 
 mod dirty_log;
+mod dirty_rate;
 mod migration;
 
 pub use dirty_log::{DirtyLogSnapshot, DirtyLogStats};
+pub use dirty_rate::{
+    ConfidenceInterval, DirtyRateInfo, DirtyRateMode, DirtyRateResult, DirtyRateStats,
+    DirtyRateStatus, DirtyRateVcpu, FerryDirtyRateInfo, TimeUnit,
+};
 pub use migration::{
     Convergence, FerryMigrationInfo, MigStats, MigrationInfo, MigrationStats, MigrationStatus,
 };

@@ -1,0 +1,332 @@
+//! calc-dirty-rate accuracy benchmark: workload × mode → estimate, truth, error %,
+//! measurement cost (host CPU ms of the measuring thread) and guest slowdown % (guest
+//! rounds/s during the measurement against the mean of an unmeasured window before and
+//! after it; working sets only, sweeps and idle are paced).
+//!
+//! `cargo bench -p ferry --bench dirty_rate_accuracy` (FERRY_BENCH_REPEATS=N windows
+//! per cell, default 3; FERRY_BENCH_WINDOW_MS, default 1000). Each cell boots a 1 GiB,
+//! 2-vCPU minivm, measures the guest's speed over one window without measuring, then
+//! runs calc-dirty-rate windows. Truth: a working set W dirties W + 2 counter pages in
+//! every window of ≥ 1 round; a sweep's truth is its own page counter over the window.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dirty_sync::kvm::KvmRingConfig;
+use ferry::migration_core::{DirtyRateArgs, DirtyRateJob, DirtyRateMode};
+use ferry::GuestVm;
+use minivm::{Backend, DirtyTracking, VmConfig, Workload};
+
+const GIB: u64 = 1 << 30;
+const VCPUS: u32 = 2;
+
+/// One way of measuring.
+#[derive(Clone, Copy)]
+struct Method {
+    name: &'static str,
+    mode: DirtyRateMode,
+    ring_entries: u32,
+    sample_pages: Option<i64>,
+}
+
+const METHODS: [Method; 5] = [
+    Method {
+        name: "dirty-bitmap",
+        mode: DirtyRateMode::DirtyBitmap,
+        ring_entries: 0,
+        sample_pages: None,
+    },
+    Method {
+        name: "dirty-ring 65536",
+        mode: DirtyRateMode::DirtyRing,
+        ring_entries: 65536,
+        sample_pages: None,
+    },
+    Method {
+        name: "dirty-ring 4096",
+        mode: DirtyRateMode::DirtyRing,
+        ring_entries: 4096,
+        sample_pages: None,
+    },
+    Method {
+        name: "sampling 512",
+        mode: DirtyRateMode::PageSampling,
+        ring_entries: 0,
+        sample_pages: Some(512),
+    },
+    Method {
+        name: "sampling 16384",
+        mode: DirtyRateMode::PageSampling,
+        ring_entries: 0,
+        sample_pages: Some(16384),
+    },
+];
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn boot(workload: Workload, ring_entries: u32) -> Result<Arc<GuestVm>, String> {
+    let cfg = VmConfig {
+        mem_bytes: GIB,
+        vcpus: VCPUS,
+        workload,
+        backend: Backend::Auto,
+        dirty_ring_entries: ring_entries,
+        ..Default::default()
+    };
+    let tracking = if ring_entries == 0 {
+        DirtyTracking::default()
+    } else {
+        DirtyTracking::Ring(KvmRingConfig {
+            entries: ring_entries,
+            ..Default::default()
+        })
+    };
+    let guest = GuestVm::boot(cfg, tracking).map_err(|e| e.to_string())?;
+    {
+        let vm = guest.vm();
+        for v in 0..VCPUS {
+            vm.wait_rounds(v, 2, Duration::from_secs(60))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(Arc::new(guest))
+}
+
+fn total(c: &[u64]) -> u64 {
+    c.iter().sum()
+}
+
+/// Records (time, sum of the guest's counters) every millisecond until dropped, so a
+/// sweep's truth can be read at the job's own window boundaries.
+struct CounterLog {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Vec<(u64, u64)>>>,
+}
+
+impl CounterLog {
+    fn start(guest: &Arc<GuestVm>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (g, s) = (Arc::clone(guest), Arc::clone(&stop));
+        let handle = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                v.push((unix_us(), total(&g.counters())));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            v
+        });
+        CounterLog {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn finish(mut self) -> Vec<(u64, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+/// Now on the host wall clock, µs since the Unix epoch (the job's window timestamps).
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The counter sum at `t_us`, interpolated between the records around it.
+fn counter_at(log: &[(u64, u64)], t_us: u64) -> f64 {
+    let i = log.partition_point(|(at, _)| *at <= t_us);
+    match (i.checked_sub(1).and_then(|j| log.get(j)), log.get(i)) {
+        (Some(&(ta, a)), Some(&(tb, b))) if tb > ta => {
+            a as f64 + (b as f64 - a as f64) * t_us.saturating_sub(ta) as f64 / (tb - ta) as f64
+        }
+        (Some(&(_, a)), _) => a as f64,
+        (None, Some(&(_, b))) => b as f64,
+        (None, None) => 0.0,
+    }
+}
+
+/// One cell's result.
+struct Cell {
+    estimate_mib: f64,
+    truth_mib: f64,
+    mean_abs_err_pct: f64,
+    job_cpu_ms: f64,
+    slowdown_pct: Option<f64>,
+    note: String,
+}
+
+fn run_cell(workload: Workload, m: Method, repeats: u64, window_ms: u64) -> Result<Cell, String> {
+    let guest = boot(workload, m.ring_entries)?;
+    let job = DirtyRateJob::new(guest.clone());
+    let paced = !matches!(workload, Workload::WorkingSet { .. });
+    let mut estimates = Vec::new();
+    let mut truths = Vec::new();
+    let mut errs = Vec::new();
+    let mut job_cpu = Vec::new();
+    let mut slowdowns = Vec::new();
+    let mut entries_mib = Vec::new();
+    let mut ci_hits = 0;
+    let mut starved = 0;
+    let mut done = 0;
+    while done < repeats {
+        // The guest's speed over an unmeasured window before and after the measured one.
+        let base = |secs: &mut f64| {
+            let c0 = guest.counters();
+            let t0 = Instant::now();
+            std::thread::sleep(Duration::from_millis(window_ms));
+            *secs = t0.elapsed().as_secs_f64();
+            (total(&guest.counters()) - total(&c0)) as f64 / *secs
+        };
+        let mut secs = 0.0;
+        let before_rate = base(&mut secs);
+
+        // Only the paced workloads need the counter log (its 1 ms polling would count
+        // as measurement cost in the working sets' slowdown).
+        let log = paced.then(|| CounterLog::start(&guest));
+        let c1 = guest.counters();
+        let t1 = Instant::now();
+        job.calc(&DirtyRateArgs {
+            calc_time: window_ms as i64,
+            calc_time_unit: Some(stats::TimeUnit::Millisecond),
+            sample_pages: m.sample_pages,
+            mode: Some(m.mode),
+        })
+        .map_err(|e| e.to_string())?;
+        let info = job.wait(None);
+        let span_secs = t1.elapsed().as_secs_f64();
+        let c2 = guest.counters();
+        let records = log.map(CounterLog::finish).unwrap_or_default();
+        let after_rate = base(&mut secs);
+        let base_rate = (before_rate + after_rate) / 2.0;
+        let x = info
+            .ferry
+            .clone()
+            .ok_or_else(|| format!("no result: {info:?}"))?;
+        if let Some(e) = &x.error {
+            return Err(e.clone());
+        }
+        // A working set's truth needs a whole round in the window: a window in which
+        // the shared host starved a vCPU (< 3 rounds over the job) is measured again.
+        if !paced && c2.iter().zip(&c1).any(|(b, a)| b - a < 3) && starved < 3 * repeats {
+            starved += 1;
+            continue;
+        }
+        done += 1;
+        let during_rate = (total(&c2) - total(&c1)) as f64 / span_secs;
+        let window_secs = x.window_us as f64 / 1e6;
+        let truth_pages = match workload {
+            Workload::Idle => f64::from(VCPUS),
+            Workload::WorkingSet { pages } => (pages + u64::from(VCPUS)) as f64,
+            _ => {
+                let start = x.window_start_unix_us;
+                counter_at(&records, start + x.window_us) - counter_at(&records, start)
+                    + f64::from(VCPUS)
+            }
+        };
+        let truth = truth_pages / window_secs / 256.0;
+        let est = x.dirty_rate_mib_per_sec;
+        if let Some(ci) = x.confidence_95 {
+            if ci.low_mib_per_sec <= truth && truth <= ci.high_mib_per_sec {
+                ci_hits += 1;
+            }
+        }
+        if let Some(e) = x.ring_entries_mib_per_sec {
+            entries_mib.push(e);
+        }
+        estimates.push(est);
+        truths.push(truth);
+        errs.push(((est - truth) / truth * 100.0).abs());
+        job_cpu.push(x.cpu_ms);
+        if !paced && base_rate > 0.0 {
+            slowdowns.push((1.0 - during_rate / base_rate) * 100.0);
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let mut note = String::new();
+    if m.mode == DirtyRateMode::PageSampling {
+        note = format!("95% CI held truth {ci_hits}/{repeats}");
+    }
+    if !entries_mib.is_empty() {
+        note = format!(
+            "ring entries {:.1} MiB/s (QEMU's number)",
+            med(&mut entries_mib)
+        );
+    }
+    let n = errs.len() as f64;
+    Ok(Cell {
+        estimate_mib: med(&mut estimates),
+        truth_mib: med(&mut truths),
+        mean_abs_err_pct: errs.iter().sum::<f64>() / n,
+        job_cpu_ms: med(&mut job_cpu),
+        slowdown_pct: (!slowdowns.is_empty()).then(|| med(&mut slowdowns)),
+        note,
+    })
+}
+
+fn main() {
+    let repeats = env_u64("FERRY_BENCH_REPEATS", 3).max(1);
+    let window_ms = env_u64("FERRY_BENCH_WINDOW_MS", 1000).clamp(50, 60_000);
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    println!(
+        "calc-dirty-rate accuracy: 1 GiB, {VCPUS} vCPUs, {window_ms} ms windows, {repeats} per cell, backend {}",
+        if kvm { "kvm" } else { "host threads" }
+    );
+    println!(
+        "{:<18} {:<17} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7}  note",
+        "workload", "mode", "est MiB/s", "true MiB/s", "err %", "|err| %", "cpu ms", "slow %"
+    );
+    let workloads = [
+        Workload::Idle,
+        Workload::WorkingSet { pages: 4096 },
+        Workload::WorkingSet { pages: 65536 },
+        Workload::Sweep {
+            pages_per_sec: 25600,
+        },
+    ];
+    for w in workloads {
+        for m in METHODS {
+            if m.ring_entries > 0 && !kvm {
+                continue;
+            }
+            match run_cell(w, m, repeats, window_ms) {
+                Ok(c) => println!(
+                    "{:<18} {:<17} {:>10.2} {:>10.2} {:>+8.2} {:>8.2} {:>8.2} {:>7}  {}",
+                    w.to_string(),
+                    m.name,
+                    c.estimate_mib,
+                    c.truth_mib,
+                    (c.estimate_mib - c.truth_mib) / c.truth_mib * 100.0,
+                    c.mean_abs_err_pct,
+                    c.job_cpu_ms,
+                    c.slowdown_pct
+                        .map_or("-".to_string(), |s| format!("{s:+.1}")),
+                    c.note
+                ),
+                Err(e) => println!("{:<18} {:<17} failed: {e}", w.to_string(), m.name),
+            }
+        }
+    }
+    println!(
+        "est/true: medians over the windows; err %: of the medians; |err| %: mean absolute \
+         error per window; cpu ms: CPU time of the mig/dirtyrate thread per window; slow %: \
+         guest rounds/s lost while measuring (working sets; noisy on a shared host)"
+    );
+}

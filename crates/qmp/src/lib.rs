@@ -1,0 +1,26 @@
+//! Ferry's QMP server: the QEMU Machine Protocol over a unix or tcp socket, so the
+//! tools that drive QEMU migrations (libvirt, KubeVirt, `qemu.qmp` scripts) drive
+//! Ferry's unchanged.
+//!
+//! A VMM implements [`Machine`] (run state, stop, cont, quit), builds a [`Monitor`]
+//! over it and its [`migration_core::MigratableVm`], and [`Server::bind`]s it to an
+//! address. The monitor owns the migration source, the incoming migration and the
+//! dirty-rate job; `query-migrate` reads the engine's atomics and never waits for the
+//! migration thread.
+
+mod args;
+mod error;
+mod framing;
+mod machine;
+mod monitor;
+mod server;
+
+pub use args::Args;
+pub use error::{Error, ErrorClass, QmpError, Result};
+pub use framing::{Frame, Framer, MAX_MESSAGE_BYTES, MAX_NESTING};
+pub use machine::{Machine, RunState};
+pub use monitor::{
+    error_reply, event_json, After, IncomingStart, Monitor, Session, COMMANDS, EVENT_QUEUE,
+    QEMU_VERSION,
+};
+pub use server::{answer, greeting, Address, Server, MAX_CLIENTS};

@@ -1,0 +1,1015 @@
+//! The monitor: state shared by every client (the machine, the migration source, the
+//! incoming migration, the dirty-rate job, the event hub) and command dispatch.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Sender, TrySendError};
+use migration_core::{
+    incoming, Capability, DirtyRateArgs, DirtyRateJob, MigratableVm, MigrationEvent,
+    MigrationSource, ParametersUpdate,
+};
+use serde_json::{json, Map, Value};
+use stats::{DirtyRateMode, MigStats, MigrationInfo, MigrationStatus, TimeUnit};
+
+use crate::args::{object, Args};
+use crate::error::QmpError;
+use crate::machine::{Machine, RunState};
+
+/// The QEMU version the greeting and `query-version` report: the QMP surface Ferry
+/// follows (calc-dirty-rate's `calc-time-unit` is 8.2's).
+pub const QEMU_VERSION: (u32, u32, u32) = (8, 2, 0);
+
+/// Events queued for one client before it counts as stuck and is disconnected.
+pub const EVENT_QUEUE: usize = 4096;
+
+/// How often the incoming-migration watcher looks at the destination's status.
+const INCOMING_POLL: Duration = Duration::from_millis(2);
+
+/// The commands Ferry answers (`query-commands`).
+pub const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-version",
+    "query-commands",
+    "query-status",
+    "stop",
+    "cont",
+    "quit",
+    "migrate",
+    "migrate-incoming",
+    "migrate_cancel",
+    "migrate-set-parameters",
+    "query-migrate-parameters",
+    "migrate-set-capabilities",
+    "query-migrate-capabilities",
+    "query-migrate",
+    "calc-dirty-rate",
+    "query-dirty-rate",
+];
+
+/// How the destination side starts (QEMU's `-incoming`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IncomingStart {
+    /// Not a destination: the guest runs.
+    None,
+    /// `-incoming URI`: listen at once.
+    Now(String),
+    /// `-incoming defer`: wait for `migrate-incoming`.
+    Defer,
+}
+
+/// Where the incoming side is.
+enum IncomingState {
+    /// Not a destination.
+    None,
+    /// `-incoming defer`, no `migrate-incoming` yet.
+    Deferred,
+    /// Listening or receiving (or done): the destination's counters.
+    Started(Arc<MigStats>),
+}
+
+/// What the connection should do after a reply was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum After {
+    /// Go on reading.
+    Continue,
+    /// `quit`: end the process.
+    Quit,
+}
+
+/// One client's protocol state.
+#[derive(Debug, Default)]
+pub struct Session {
+    negotiated: bool,
+}
+
+impl Session {
+    /// True once `qmp_capabilities` succeeded.
+    pub fn negotiated(&self) -> bool {
+        self.negotiated
+    }
+}
+
+/// Fan-out of events to negotiated clients; never blocks on a client.
+#[derive(Default)]
+struct EventHub {
+    clients: Mutex<Vec<(u64, Sender<Arc<str>>)>>,
+    next_id: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The event JSON with QEMU's timestamp (wall clock, seconds and microseconds).
+pub fn event_json(name: &str, data: Option<Value>) -> Value {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut ev = json!({
+        "event": name,
+        "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()},
+    });
+    if let (Some(d), Some(m)) = (data, ev.as_object_mut()) {
+        m.insert("data".into(), d);
+    }
+    ev
+}
+
+impl EventHub {
+    fn subscribe(&self, tx: Sender<Arc<str>>) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.clients).push((id, tx));
+        id
+    }
+
+    fn unsubscribe(&self, id: u64) {
+        lock(&self.clients).retain(|(i, _)| *i != id);
+    }
+
+    /// Queues `ev` for every client; a client whose queue is full is dropped (its
+    /// event thread ends and closes the connection).
+    fn broadcast(&self, ev: &Value) {
+        let mut line = ev.to_string();
+        line.push_str("\r\n");
+        let line: Arc<str> = line.into();
+        lock(&self.clients).retain(|(_, tx)| match tx.try_send(line.clone()) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+        });
+    }
+}
+
+/// The state every client shares.
+pub struct Monitor {
+    machine: Arc<dyn Machine>,
+    vm: Arc<dyn MigratableVm>,
+    source: MigrationSource,
+    dirty_rate: DirtyRateJob,
+    incoming: Mutex<IncomingState>,
+    /// Cleared by `stop` while in inmigrate: stay paused after the migration (QEMU's
+    /// autostart).
+    autostart: AtomicBool,
+    /// Set by `cont` after a completed outgoing migration (leaves postmigrate).
+    left_postmigrate: AtomicBool,
+    quitting: AtomicBool,
+    events: EventHub,
+}
+
+impl Monitor {
+    /// A monitor for `machine` (whose guest is `vm`), as a destination if `start` says
+    /// so. Starts the thread that turns migration progress into events.
+    pub fn new(
+        machine: Arc<dyn Machine>,
+        vm: Arc<dyn MigratableVm>,
+        start: IncomingStart,
+    ) -> crate::Result<Arc<Monitor>> {
+        let mon = Arc::new(Monitor {
+            source: MigrationSource::new(vm.clone()),
+            dirty_rate: DirtyRateJob::new(vm.clone()),
+            machine,
+            vm,
+            incoming: Mutex::new(match start {
+                IncomingStart::Defer => IncomingState::Deferred,
+                _ => IncomingState::None,
+            }),
+            autostart: AtomicBool::new(true),
+            left_postmigrate: AtomicBool::new(false),
+            quitting: AtomicBool::new(false),
+            events: EventHub::default(),
+        });
+        let rx = mon.source.subscribe();
+        let weak = Arc::downgrade(&mon);
+        std::thread::Builder::new()
+            .name("qmp/events".into())
+            .spawn(move || {
+                for ev in rx {
+                    let Some(mon) = weak.upgrade() else { break };
+                    mon.migration_event(ev);
+                }
+            })
+            .map_err(crate::Error::Thread)?;
+        if let IncomingStart::Now(uri) = start {
+            *lock(&mon.incoming) = IncomingState::Deferred;
+            mon.start_incoming(&uri, true)
+                .map_err(|e| crate::Error::Incoming(e.desc))?;
+        }
+        Ok(mon)
+    }
+
+    /// The migration source (for the VMM's own use, e.g. tests).
+    pub fn source(&self) -> &MigrationSource {
+        &self.source
+    }
+
+    fn events_on(&self) -> bool {
+        self.source.capabilities().events
+    }
+
+    fn migration_event(&self, ev: MigrationEvent) {
+        if !self.events_on() {
+            return;
+        }
+        let ev = match ev {
+            MigrationEvent::Status(s) => event_json("MIGRATION", Some(json!({"status": s}))),
+            MigrationEvent::Pass(n) => event_json("MIGRATION_PASS", Some(json!({"pass": n}))),
+        };
+        self.events.broadcast(&ev);
+    }
+
+    /// Emits an event to every negotiated client.
+    pub fn emit(&self, name: &str, data: Option<Value>) {
+        self.events.broadcast(&event_json(name, data));
+    }
+
+    /// Registers a negotiated client's event queue; returns its id.
+    pub fn subscribe(&self, tx: Sender<Arc<str>>) -> u64 {
+        self.events.subscribe(tx)
+    }
+
+    /// Removes a client's event queue.
+    pub fn unsubscribe(&self, id: u64) {
+        self.events.unsubscribe(id);
+    }
+
+    /// The run state `query-status` reports.
+    pub fn run_state(&self) -> RunState {
+        if self.quitting.load(Ordering::Relaxed) {
+            return RunState::Shutdown;
+        }
+        match &*lock(&self.incoming) {
+            IncomingState::Deferred => return RunState::Inmigrate,
+            IncomingState::Started(st) if st.status() != MigrationStatus::Completed => {
+                return RunState::Inmigrate
+            }
+            // `stop` during inmigrate: paused once the migration is done (the watcher
+            // pauses the vCPUs the migration resumed).
+            IncomingState::Started(_) if !self.autostart.load(Ordering::Relaxed) => {
+                return RunState::Paused
+            }
+            _ => {}
+        }
+        match self.source.stats().status() {
+            MigrationStatus::Device => return RunState::FinishMigrate,
+            MigrationStatus::Completed if !self.left_postmigrate.load(Ordering::Relaxed) => {
+                return RunState::Postmigrate
+            }
+            _ => {}
+        }
+        self.machine.status()
+    }
+
+    /// `query-migrate`: the outgoing migration if there was one, else the incoming one;
+    /// takes no lock the migration thread holds.
+    pub fn query_migrate(&self) -> Value {
+        let src = self.source.stats();
+        let info = if src.status() != MigrationStatus::None {
+            src.snapshot()
+        } else {
+            match &*lock(&self.incoming) {
+                IncomingState::Started(st) => st.snapshot(),
+                _ => MigrationInfo::default(),
+            }
+        };
+        if info.status == MigrationStatus::None {
+            return json!({});
+        }
+        serde_json::to_value(&info).unwrap_or_else(|_| json!({}))
+    }
+
+    /// Starts listening for the incoming migration and a thread that watches it.
+    fn start_incoming(self: &Arc<Self>, uri: &str, exit_on_error: bool) -> Result<(), QmpError> {
+        let mut state = lock(&self.incoming);
+        match &*state {
+            IncomingState::None => {
+                return Err(QmpError::generic(
+                    "'-incoming' was not specified on the command line",
+                ))
+            }
+            IncomingState::Started(_) => {
+                return Err(QmpError::generic(
+                    "The incoming migration has already been started",
+                ))
+            }
+            IncomingState::Deferred => {}
+        }
+        let inc = incoming(self.vm.clone(), uri, false)?;
+        let stats = inc.stats().clone();
+        *state = IncomingState::Started(stats.clone());
+        drop(state);
+        // QEMU announces the incoming setup whatever the events capability says; the
+        // later changes only with it on.
+        self.emit("MIGRATION", Some(json!({"status": MigrationStatus::Setup})));
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("qmp/incoming".into())
+            .spawn(move || {
+                let mut last = MigrationStatus::Setup;
+                loop {
+                    let s = stats.status();
+                    if s != last {
+                        last = s;
+                        let Some(mon) = weak.upgrade() else { return };
+                        if mon.events_on() {
+                            mon.emit("MIGRATION", Some(json!({"status": s})));
+                        }
+                    }
+                    if s.is_finished() {
+                        break;
+                    }
+                    std::thread::sleep(INCOMING_POLL);
+                }
+                let result = inc.wait();
+                let Some(mon) = weak.upgrade() else { return };
+                match result {
+                    Ok(_) => {
+                        if !mon.autostart.load(Ordering::Relaxed) {
+                            if let Err(e) = mon.machine.stop() {
+                                eprintln!("qmp: pausing the guest after migration: {e}");
+                            }
+                        }
+                    }
+                    Err(e) if exit_on_error => mon.machine.incoming_failed(&e.to_string()),
+                    Err(_) => {}
+                }
+            })
+            .map_err(|e| QmpError::generic(format!("cannot start a thread: {e}")))?;
+        Ok(())
+    }
+
+    /// Handles one parsed request; returns the reply (None for none) and what to do next.
+    pub fn handle(self: &Arc<Self>, session: &mut Session, req: Value) -> (Value, After) {
+        let Value::Object(req) = req else {
+            return (
+                error_reply(QmpError::generic("QMP input must be a JSON object"), None),
+                After::Continue,
+            );
+        };
+        let id = req.get("id").cloned();
+        match self.dispatch(session, req) {
+            Ok((ret, after)) => {
+                let mut r = Map::new();
+                r.insert("return".into(), ret);
+                if let Some(id) = id {
+                    r.insert("id".into(), id);
+                }
+                (Value::Object(r), after)
+            }
+            Err(e) => (error_reply(e, id), After::Continue),
+        }
+    }
+
+    fn dispatch(
+        self: &Arc<Self>,
+        session: &mut Session,
+        req: Map<String, Value>,
+    ) -> Result<(Value, After), QmpError> {
+        let mut execute = None;
+        let mut arguments = Map::new();
+        for (k, v) in req {
+            match k.as_str() {
+                "execute" => match v {
+                    Value::String(s) => execute = Some(s),
+                    _ => {
+                        return Err(QmpError::generic(
+                            "QMP input member 'execute' must be a string",
+                        ))
+                    }
+                },
+                "arguments" => match v {
+                    Value::Object(m) => arguments = m,
+                    _ => {
+                        return Err(QmpError::generic(
+                            "QMP input member 'arguments' must be an object",
+                        ))
+                    }
+                },
+                "id" => {}
+                other => {
+                    return Err(QmpError::generic(format!(
+                        "QMP input member '{other}' is unexpected"
+                    )))
+                }
+            }
+        }
+        let cmd = execute.ok_or_else(|| QmpError::generic("QMP input lacks member 'execute'"))?;
+        let mut a = Args::new(arguments);
+        if !session.negotiated && cmd != "qmp_capabilities" {
+            return Err(QmpError::not_found(
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            ));
+        }
+        let empty = || json!({});
+        let ret = match cmd.as_str() {
+            "qmp_capabilities" => {
+                if session.negotiated {
+                    return Err(QmpError::not_found(
+                        "Capabilities negotiation is already complete, command ignored",
+                    ));
+                }
+                // Ferry offers no capability (no out-of-band execution), so any
+                // entry of `enable` is refused.
+                if let Some(c) = a.opt_array("enable")?.and_then(|l| l.into_iter().next()) {
+                    return Err(match c {
+                        Value::String(s) if s == "oob" => {
+                            QmpError::generic("Capability 'oob' not available")
+                        }
+                        Value::String(s) => QmpError::generic(format!(
+                            "Parameter 'enable' does not accept value '{s}'"
+                        )),
+                        _ => QmpError::generic(
+                            "Invalid parameter type for 'enable', expected: string",
+                        ),
+                    });
+                }
+                a.finish()?;
+                session.negotiated = true;
+                empty()
+            }
+            "query-version" => {
+                a.finish()?;
+                let (major, minor, micro) = QEMU_VERSION;
+                json!({"qemu": {"major": major, "minor": minor, "micro": micro},
+                       "package": concat!("ferry-", env!("CARGO_PKG_VERSION"))})
+            }
+            "query-commands" => {
+                a.finish()?;
+                Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())
+            }
+            "query-status" => {
+                a.finish()?;
+                let s = self.run_state();
+                json!({"running": s.is_running(), "status": s})
+            }
+            "stop" => {
+                a.finish()?;
+                if self.run_state() == RunState::Inmigrate {
+                    self.autostart.store(false, Ordering::Relaxed);
+                } else {
+                    self.machine.stop().map_err(QmpError::generic)?;
+                    self.emit("STOP", None);
+                }
+                empty()
+            }
+            "cont" => {
+                a.finish()?;
+                let state = self.run_state();
+                // Leaving the paused-after-migration state is an ordinary cont.
+                self.autostart.store(true, Ordering::Relaxed);
+                match state {
+                    RunState::Inmigrate => {}
+                    RunState::FinishMigrate => {
+                        return Err(QmpError::generic(
+                            "Migration is not finalized yet (finish-migrate)",
+                        ))
+                    }
+                    s => {
+                        self.machine.cont().map_err(QmpError::generic)?;
+                        if s == RunState::Postmigrate {
+                            self.left_postmigrate.store(true, Ordering::Relaxed);
+                        }
+                        self.emit("RESUME", None);
+                    }
+                }
+                empty()
+            }
+            "quit" => {
+                a.finish()?;
+                self.quitting.store(true, Ordering::Relaxed);
+                return Ok((empty(), After::Quit));
+            }
+            "migrate" => {
+                let uri = a.str("uri")?;
+                for flag in ["blk", "inc", "resume"] {
+                    if a.opt_bool(flag)? == Some(true) {
+                        return Err(QmpError::generic(format!(
+                            "Parameter '{flag}': Ferry has no block migration or postcopy"
+                        )));
+                    }
+                }
+                a.opt_bool("detach")?;
+                a.finish()?;
+                if self.run_state() == RunState::Inmigrate {
+                    return Err(QmpError::generic(
+                        "Guest is waiting for an incoming migration",
+                    ));
+                }
+                self.left_postmigrate.store(false, Ordering::Relaxed);
+                self.source.migrate(&uri)?;
+                empty()
+            }
+            "migrate-incoming" => {
+                let uri = a.str("uri")?;
+                let exit_on_error = a.opt_bool("exit-on-error")?.unwrap_or(true);
+                a.finish()?;
+                self.start_incoming(&uri, exit_on_error)?;
+                empty()
+            }
+            "migrate_cancel" => {
+                a.finish()?;
+                self.source.cancel();
+                empty()
+            }
+            "migrate-set-parameters" => {
+                let update = parameters_update(a.into_members())?;
+                self.source.set_parameters(&update)?;
+                empty()
+            }
+            "query-migrate-parameters" => {
+                a.finish()?;
+                serde_json::to_value(self.source.parameters())
+                    .map_err(|e| QmpError::generic(e.to_string()))?
+            }
+            "migrate-set-capabilities" => {
+                let list = a.array("capabilities")?;
+                a.finish()?;
+                let mut caps = Vec::with_capacity(list.len());
+                for (i, item) in list.into_iter().enumerate() {
+                    let mut c = object(&format!("capabilities[{i}]"), item)?;
+                    let name = c.str("capability")?;
+                    let cap: Capability = serde_json::from_value(Value::String(name.clone()))
+                        .map_err(|_| {
+                            QmpError::generic(format!(
+                                "Parameter 'capability' does not accept value '{name}'"
+                            ))
+                        })?;
+                    let state = c
+                        .opt_bool("state")?
+                        .ok_or_else(|| QmpError::generic("Parameter 'state' is missing"))?;
+                    c.finish()?;
+                    caps.push((cap, state));
+                }
+                if self.source.is_active() {
+                    return Err(QmpError::generic("There's a migration process in progress"));
+                }
+                for (cap, state) in caps {
+                    self.source.set_capability(cap, state)?;
+                }
+                empty()
+            }
+            "query-migrate-capabilities" => {
+                a.finish()?;
+                Value::Array(
+                    self.source
+                        .capabilities()
+                        .list()
+                        .iter()
+                        .map(|(c, on)| json!({"capability": c, "state": on}))
+                        .collect(),
+                )
+            }
+            "query-migrate" => {
+                a.finish()?;
+                self.query_migrate()
+            }
+            "calc-dirty-rate" => {
+                let calc_time = a.i64("calc-time")?;
+                let unit = a.opt_enum("calc-time-unit", &["second", "millisecond"])?;
+                let sample_pages = a.opt_i64("sample-pages")?;
+                let mode = a.opt_enum("mode", &["page-sampling", "dirty-ring", "dirty-bitmap"])?;
+                a.finish()?;
+                let args = DirtyRateArgs {
+                    calc_time,
+                    calc_time_unit: unit.map(time_unit),
+                    sample_pages,
+                    mode: match mode {
+                        Some(m) => Some(m.parse::<DirtyRateMode>().map_err(QmpError::generic)?),
+                        None => None,
+                    },
+                };
+                self.dirty_rate.calc(&args)?;
+                empty()
+            }
+            "query-dirty-rate" => {
+                let unit = a.opt_enum("calc-time-unit", &["second", "millisecond"])?;
+                a.finish()?;
+                serde_json::to_value(self.dirty_rate.query(unit.map(time_unit)))
+                    .map_err(|e| QmpError::generic(e.to_string()))?
+            }
+            _ => {
+                return Err(QmpError::not_found(format!(
+                    "The command {cmd} has not been found"
+                )))
+            }
+        };
+        Ok((ret, After::Continue))
+    }
+
+    /// Ends the process through the machine (after `quit` was answered).
+    pub fn quit(&self) {
+        self.machine.quit();
+    }
+}
+
+fn time_unit(s: &str) -> TimeUnit {
+    if s == "millisecond" {
+        TimeUnit::Millisecond
+    } else {
+        TimeUnit::Second
+    }
+}
+
+/// `migrate-set-parameters`' arguments, checked member by member against the
+/// parameters Ferry has, with QAPI's error texts.
+fn parameters_update(members: Map<String, Value>) -> Result<ParametersUpdate, QmpError> {
+    let known = serde_json::to_value(migration_core::MigrationParameters::default())
+        .map_err(|e| QmpError::generic(e.to_string()))?;
+    let known = known.as_object().cloned().unwrap_or_default();
+    for (k, v) in &members {
+        let Some(default) = known.get(k) else {
+            return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
+        };
+        let ok = match default {
+            Value::Number(_) => v.is_u64(),
+            Value::String(_) => v.is_string(),
+            Value::Bool(_) => v.is_boolean(),
+            _ => true,
+        };
+        if !ok {
+            let expected = match default {
+                Value::Number(_) if v.is_number() => {
+                    return Err(QmpError::generic(format!(
+                        "Parameter '{k}' expects an unsigned integer"
+                    )))
+                }
+                Value::Number(_) => "integer",
+                Value::String(_) => "string",
+                _ => "boolean",
+            };
+            return Err(QmpError::generic(format!(
+                "Invalid parameter type for '{k}', expected: {expected}"
+            )));
+        }
+    }
+    // Types match; what serde still refuses is a value out of the field's range
+    // (e.g. multifd-channels 300) or an enum value Ferry lacks.
+    let members_copy = members.clone();
+    serde_json::from_value::<ParametersUpdate>(Value::Object(members)).map_err(|e| {
+        let culprit = members_copy
+            .iter()
+            .find(|(k, v)| {
+                let mut one = Map::new();
+                one.insert((*k).clone(), (*v).clone());
+                serde_json::from_value::<ParametersUpdate>(Value::Object(one)).is_err()
+            })
+            .map(|(k, v)| (k.clone(), v.clone()));
+        match culprit {
+            Some((k, Value::String(s))) => {
+                QmpError::generic(format!("Parameter '{k}' does not accept value '{s}'"))
+            }
+            Some((k, _)) => QmpError::generic(format!("Parameter '{k}' is out of range")),
+            None => QmpError::generic(e.to_string()),
+        }
+    })
+}
+
+/// `{"error": {...}, "id": id}`.
+pub fn error_reply(e: QmpError, id: Option<Value>) -> Value {
+    let mut r = Map::new();
+    r.insert("error".into(), json!({"class": e.class, "desc": e.desc}));
+    if let Some(id) = id {
+        r.insert("id".into(), id);
+    }
+    Value::Object(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::framing::Frame;
+    use crate::server::answer;
+    use dirty_sync::{AddressSpace, RamBlock};
+    use migration_core::GuestError;
+    use std::sync::atomic::AtomicBool;
+
+    /// 4 MiB of heap as guest RAM; no vCPUs.
+    struct FakeVm {
+        _ram: Vec<u8>,
+        space: Arc<AddressSpace>,
+    }
+
+    impl FakeVm {
+        fn new() -> Arc<Self> {
+            let ram = vec![0u8; 4 << 20];
+            let block = RamBlock {
+                id: "ram0".into(),
+                gpa: 0,
+                size_bytes: ram.len() as u64,
+                host_addr: ram.as_ptr() as u64,
+                kvm_slot: 0,
+                first_page: 0,
+            };
+            let space = Arc::new(AddressSpace::new(vec![block]).expect("valid block"));
+            Arc::new(FakeVm { _ram: ram, space })
+        }
+    }
+
+    impl MigratableVm for FakeVm {
+        fn address_space(&self) -> &Arc<AddressSpace> {
+            &self.space
+        }
+        fn pause_vcpus(&self) -> std::result::Result<(), GuestError> {
+            Ok(())
+        }
+        fn resume_vcpus(&self) -> std::result::Result<(), GuestError> {
+            Ok(())
+        }
+        fn save_device_state(&self) -> std::result::Result<Vec<u8>, GuestError> {
+            Ok(Vec::new())
+        }
+        fn load_device_state(&self, _: &[u8]) -> std::result::Result<(), GuestError> {
+            Ok(())
+        }
+    }
+
+    struct FakeMachine {
+        running: AtomicBool,
+    }
+
+    impl Machine for FakeMachine {
+        fn status(&self) -> RunState {
+            if self.running.load(Ordering::Relaxed) {
+                RunState::Running
+            } else {
+                RunState::Paused
+            }
+        }
+        fn stop(&self) -> std::result::Result<(), String> {
+            self.running.store(false, Ordering::Relaxed);
+            Ok(())
+        }
+        fn cont(&self) -> std::result::Result<(), String> {
+            self.running.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        fn quit(&self) {}
+    }
+
+    fn monitor(start: IncomingStart) -> Arc<Monitor> {
+        let machine = Arc::new(FakeMachine {
+            running: AtomicBool::new(true),
+        });
+        Monitor::new(machine, FakeVm::new(), start).expect("monitor")
+    }
+
+    /// Sends `input` (raw bytes) and returns the replies.
+    fn talk(mon: &Arc<Monitor>, s: &mut Session, input: &str) -> Vec<Value> {
+        let mut framer = crate::framing::Framer::new();
+        let mut frames = Vec::new();
+        framer.push(input.as_bytes(), &mut frames);
+        frames.into_iter().map(|f| answer(mon, s, f).0).collect()
+    }
+
+    fn one(mon: &Arc<Monitor>, s: &mut Session, input: &str) -> Value {
+        let mut r = talk(mon, s, input);
+        assert_eq!(r.len(), 1, "{input}");
+        r.remove(0)
+    }
+
+    fn err(v: &Value) -> (&str, &str) {
+        (
+            v["error"]["class"].as_str().unwrap_or_default(),
+            v["error"]["desc"].as_str().unwrap_or_default(),
+        )
+    }
+
+    fn negotiated(mon: &Arc<Monitor>) -> Session {
+        let mut s = Session::default();
+        assert_eq!(
+            one(mon, &mut s, r#"{"execute":"qmp_capabilities"}"#),
+            json!({"return": {}})
+        );
+        s
+    }
+
+    #[test]
+    fn negotiation_and_ids() {
+        let mon = monitor(IncomingStart::None);
+        let mut s = Session::default();
+        let r = one(&mon, &mut s, r#"{"execute":"query-status","id":1}"#);
+        assert_eq!(
+            err(&r),
+            (
+                "CommandNotFound",
+                "Expecting capabilities negotiation with 'qmp_capabilities'"
+            )
+        );
+        assert_eq!(r["id"], 1);
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"qmp_capabilities","id":[1,"x"]}"#,
+        );
+        assert_eq!(r, json!({"return": {}, "id": [1, "x"]}));
+        let r = one(&mon, &mut s, r#"{"execute":"qmp_capabilities"}"#);
+        assert_eq!(err(&r).0, "CommandNotFound");
+        let r = one(&mon, &mut s, r#"{"id":"a","execute":"query-status"}"#);
+        assert_eq!(
+            r,
+            json!({"return": {"running": true, "status": "running"}, "id": "a"})
+        );
+    }
+
+    #[test]
+    fn malformed_requests() {
+        let mon = monitor(IncomingStart::None);
+        let mut s = negotiated(&mon);
+        let cases = [
+            ("{\"execute\":}", "GenericError", "JSON parse error"),
+            ("[]", "GenericError", "QMP input must be a JSON object"),
+            ("1 ", "GenericError", "QMP input must be a JSON object"),
+            ("{}", "GenericError", "QMP input lacks member 'execute'"),
+            (
+                r#"{"execute":true}"#,
+                "GenericError",
+                "QMP input member 'execute' must be a string",
+            ),
+            (
+                r#"{"execute":"stop","arguments":1}"#,
+                "GenericError",
+                "QMP input member 'arguments' must be an object",
+            ),
+            (
+                r#"{"execute":"stop","exec-oob":"x"}"#,
+                "GenericError",
+                "QMP input member 'exec-oob' is unexpected",
+            ),
+            (
+                r#"{"execute":"frobnicate"}"#,
+                "CommandNotFound",
+                "The command frobnicate has not been found",
+            ),
+            (
+                r#"{"execute":"migrate"}"#,
+                "GenericError",
+                "Parameter 'uri' is missing",
+            ),
+            (
+                r#"{"execute":"migrate","arguments":{"uri":[]}}"#,
+                "GenericError",
+                "Invalid parameter type for 'uri', expected: string",
+            ),
+            (
+                r#"{"execute":"cont","arguments":{"now":1}}"#,
+                "GenericError",
+                "Parameter 'now' is unexpected",
+            ),
+        ];
+        for (input, class, desc) in cases {
+            let r = one(&mon, &mut s, input);
+            let (c, d) = err(&r);
+            assert_eq!(c, class, "{input}: {r}");
+            assert!(d.starts_with(desc), "{input}: {r}");
+            assert!(r.get("id").is_none());
+        }
+        let r = answer(
+            &mon,
+            &mut s,
+            Frame::Error("JSON token size limit exceeded".into()),
+        )
+        .0;
+        assert_eq!(err(&r), ("GenericError", "JSON token size limit exceeded"));
+    }
+
+    #[test]
+    fn parameters_and_capabilities() {
+        let mon = monitor(IncomingStart::None);
+        let mut s = negotiated(&mon);
+        assert_eq!(
+            one(&mon, &mut s, r#"{"execute":"query-migrate"}"#),
+            json!({"return": {}})
+        );
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-set-parameters","arguments":{"downtime-limit":50,"max-bandwidth":0}}"#,
+        );
+        assert_eq!(r, json!({"return": {}}));
+        let r = one(&mon, &mut s, r#"{"execute":"query-migrate-parameters"}"#);
+        assert_eq!(r["return"]["downtime-limit"], 50);
+        assert_eq!(r["return"]["max-bandwidth"], 0);
+        for (args, desc) in [
+            (
+                r#"{"downtime-limit":-1}"#,
+                "Parameter 'downtime-limit' expects",
+            ),
+            (r#"{"downtime-limit":true}"#, "Invalid parameter type"),
+            (
+                r#"{"multifd-channels":256}"#,
+                "Parameter 'multifd-channels' is out of range",
+            ),
+            (
+                r#"{"max-cpu-throttle":100}"#,
+                "Parameter 'max-cpu-throttle' expects",
+            ),
+            (r#"{"nope":1}"#, "Parameter 'nope' is unexpected"),
+        ] {
+            let r = one(
+                &mon,
+                &mut s,
+                &format!(r#"{{"execute":"migrate-set-parameters","arguments":{args}}}"#),
+            );
+            assert!(err(&r).1.starts_with(desc), "{args}: {r}");
+        }
+        // A bad entry anywhere in the list changes nothing.
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[
+                {"capability":"events","state":true},{"capability":"xbzrle","state":true}]}}"#,
+        );
+        assert_eq!(err(&r).0, "GenericError");
+        assert!(!mon.source().capabilities().events);
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[
+                {"capability":"events","state":true}]}}"#,
+        );
+        assert_eq!(r, json!({"return": {}}));
+        let r = one(&mon, &mut s, r#"{"execute":"query-migrate-capabilities"}"#);
+        assert!(r["return"]
+            .as_array()
+            .is_some_and(|l| l.contains(&json!({"capability": "events", "state": true}))));
+    }
+
+    #[test]
+    fn run_states() {
+        let mon = monitor(IncomingStart::None);
+        let mut s = negotiated(&mon);
+        assert_eq!(
+            one(&mon, &mut s, r#"{"execute":"stop"}"#),
+            json!({"return": {}})
+        );
+        let r = one(&mon, &mut s, r#"{"execute":"query-status"}"#);
+        assert_eq!(r["return"], json!({"running": false, "status": "paused"}));
+        one(&mon, &mut s, r#"{"execute":"cont"}"#);
+        assert_eq!(mon.run_state(), RunState::Running);
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-incoming","arguments":{"uri":"tcp:127.0.0.1:0"}}"#,
+        );
+        assert_eq!(
+            err(&r).1,
+            "'-incoming' was not specified on the command line"
+        );
+
+        let dst = monitor(IncomingStart::Defer);
+        let mut s = negotiated(&dst);
+        assert_eq!(dst.run_state(), RunState::Inmigrate);
+        let r = one(
+            &dst,
+            &mut s,
+            r#"{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:1"}}"#,
+        );
+        assert_eq!(err(&r).1, "Guest is waiting for an incoming migration");
+        let r = one(
+            &dst,
+            &mut s,
+            r#"{"execute":"migrate-incoming","arguments":{"uri":"tcp:127.0.0.1:0"}}"#,
+        );
+        assert_eq!(r, json!({"return": {}}));
+        let r = one(&dst, &mut s, r#"{"execute":"query-migrate"}"#);
+        assert_eq!(r["return"]["status"], "setup");
+        let r = one(
+            &dst,
+            &mut s,
+            r#"{"execute":"migrate-incoming","arguments":{"uri":"tcp:127.0.0.1:0"}}"#,
+        );
+        assert_eq!(err(&r).1, "The incoming migration has already been started");
+        assert_eq!(dst.run_state(), RunState::Inmigrate);
+    }
+
+    #[test]
+    fn calc_dirty_rate_reply_comes_after_measuring() {
+        let mon = monitor(IncomingStart::None);
+        let mut s = negotiated(&mon);
+        let r = one(&mon, &mut s, r#"{"execute":"query-dirty-rate"}"#);
+        assert_eq!(r["return"]["status"], "unstarted");
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"calc-dirty-rate","arguments":{"calc-time":100,"calc-time-unit":"millisecond","sample-pages":128}}"#,
+        );
+        assert_eq!(r, json!({"return": {}}));
+        let r = one(&mon, &mut s, r#"{"execute":"query-dirty-rate"}"#);
+        assert_eq!(r["return"]["status"], "measuring");
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"calc-dirty-rate","arguments":{"calc-time":1}}"#,
+        );
+        assert!(err(&r).1.contains("already being measured"), "{r}");
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"calc-dirty-rate","arguments":{"calc-time":1,"mode":"sideways"}}"#,
+        );
+        assert_eq!(
+            err(&r).1,
+            "Parameter 'mode' does not accept value 'sideways'"
+        );
+    }
+}

@@ -1,0 +1,131 @@
+//! `ferry vm`: a minivm with a QMP endpoint, used like
+//! `qemu-system-x86_64 -qmp unix:PATH,server=on,wait=off [-incoming URI|defer]`.
+//!
+//! Prints one JSON line on stdout once the QMP socket listens:
+//! `{"event": "ready", "qmp": ADDRESS, "incoming": URI|null}`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use ferry::migration_core::MigratableVm;
+use ferry::GuestVm;
+use minivm::DirtyTracking;
+use qmp::{IncomingStart, Machine, Monitor, RunState, Server};
+use serde_json::json;
+
+use super::VmArgs;
+
+/// Run a guest with a QMP endpoint.
+#[derive(Args, Debug)]
+pub struct VmCmdArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// QMP endpoint: unix:PATH | tcp:HOST:PORT (QEMU's `,server=on,wait=off` accepted).
+    #[arg(long)]
+    pub qmp: String,
+    /// Be a migration destination: listen at URI at once (tcp:HOST:PORT | unix:PATH),
+    /// or `defer` to wait for `migrate-incoming`.
+    #[arg(long)]
+    pub incoming: Option<String>,
+    /// Track dirty pages with a KVM dirty ring of ENTRIES per vCPU (0 = dirty bitmap).
+    #[arg(long, default_value_t = 0)]
+    pub dirty_ring: u32,
+}
+
+/// The guest as QMP's [`Machine`].
+struct VmMachine {
+    guest: Arc<GuestVm>,
+    /// vCPUs run as far as `stop`/`cont` are concerned (the monitor adds the
+    /// migration states on top). A destination counts as running: it runs as soon as
+    /// the migration resumes it.
+    running: AtomicBool,
+}
+
+impl Machine for VmMachine {
+    fn status(&self) -> RunState {
+        if self.running.load(Ordering::Relaxed) {
+            RunState::Running
+        } else {
+            RunState::Paused
+        }
+    }
+
+    fn stop(&self) -> Result<(), String> {
+        self.guest.pause_vcpus().map_err(|e| e.to_string())?;
+        self.running.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn cont(&self) -> Result<(), String> {
+        self.guest.resume_vcpus().map_err(|e| e.to_string())?;
+        self.running.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn quit(&self) {
+        std::process::exit(0);
+    }
+
+    fn incoming_failed(&self, reason: &str) {
+        eprintln!("ferry vm: incoming migration failed: {reason}");
+        std::process::exit(1);
+    }
+}
+
+/// Runs `ferry vm` until `quit` (or a failed incoming migration) ends the process.
+pub fn run(args: VmCmdArgs) -> Result<(), String> {
+    let mut cfg = args.vm.config();
+    cfg.dirty_ring_entries = args.dirty_ring;
+    let tracking = if args.dirty_ring == 0 {
+        args.vm.tracking()
+    } else {
+        DirtyTracking::from_ring_entries(args.dirty_ring)
+    };
+    let start = match args.incoming.as_deref() {
+        None => IncomingStart::None,
+        Some("defer") => IncomingStart::Defer,
+        Some(uri) => IncomingStart::Now(uri.to_string()),
+    };
+    let guest = if start == IncomingStart::None {
+        let g = GuestVm::boot(cfg, tracking).map_err(|e| e.to_string())?;
+        {
+            let vm = g.vm();
+            eprintln!(
+                "ferry vm: {} MiB, {} vCPU(s), workload {}, backend {}",
+                args.vm.mem >> 20,
+                args.vm.vcpus,
+                args.vm.workload,
+                vm.backend_name()
+            );
+            for v in 0..vm.vcpus() {
+                vm.wait_rounds(v, 1, Duration::from_secs(60))
+                    .map_err(|e| format!("guest did not start: {e}"))?;
+            }
+        }
+        g
+    } else {
+        GuestVm::incoming(cfg, tracking).map_err(|e| e.to_string())?
+    };
+    let guest = Arc::new(guest);
+    let machine = Arc::new(VmMachine {
+        guest: guest.clone(),
+        running: AtomicBool::new(true),
+    });
+    let incoming_uri = match &start {
+        IncomingStart::Now(u) => Some(u.clone()),
+        IncomingStart::Defer => Some("defer".to_string()),
+        IncomingStart::None => None,
+    };
+    let vm: Arc<dyn MigratableVm> = guest;
+    let monitor = Monitor::new(machine, vm, start).map_err(|e| e.to_string())?;
+    let server = Server::bind(monitor, &args.qmp).map_err(|e| e.to_string())?;
+    println!(
+        "{}",
+        json!({"event": "ready", "qmp": server.local_addr(), "incoming": incoming_uri})
+    );
+    loop {
+        std::thread::park();
+    }
+}

@@ -1,0 +1,630 @@
+//! calc-dirty-rate on a real guest with a known dirty set: dirty-bitmap and dirty-ring
+//! modes count it exactly, page sampling's 95 % interval holds it, per-vCPU rates split
+//! as the vCPUs work, bad requests get QEMU's errors, and a measurement beside a
+//! migration leaves the migration alone.
+//!
+//! Runs on KVM wherever /dev/kvm exists (FERRY_REQUIRE_KVM=1 makes that mandatory),
+//! else on the host-thread fallback (no ring there: the ring checks are skipped).
+//! Windows are wall-clock (that is what is measured); the checks compare the count with
+//! the guest's own truth for the same window, never with a time.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{backend, config, guest_lock, TIMEOUT};
+use dirty_sync::kvm::KvmRingConfig;
+use dirty_sync::PAGE_SIZE;
+use ferry::GuestVm;
+use migration_core::{
+    DirtyRateArgs, DirtyRateInfo, DirtyRateJob, DirtyRateMode, DirtyRateStatus, Error,
+    MigratableVm, TimeUnit,
+};
+use minivm::{Backend, DirtyTracking, VmConfig, Workload};
+use stats::FerryDirtyRateInfo;
+
+const GIB: u64 = 1 << 30;
+
+fn kvm() -> bool {
+    backend() == Backend::Kvm
+}
+
+/// Boots a guest (with a dirty ring of `ring_entries` if non-zero) and lets every vCPU
+/// do two rounds.
+fn boot(mem: u64, vcpus: u32, workload: Workload, ring_entries: u32) -> Arc<GuestVm> {
+    let cfg = VmConfig {
+        dirty_ring_entries: ring_entries,
+        ..config(mem, vcpus, workload)
+    };
+    let tracking = if ring_entries == 0 {
+        DirtyTracking::default()
+    } else {
+        DirtyTracking::Ring(KvmRingConfig {
+            entries: ring_entries,
+            ..Default::default()
+        })
+    };
+    let guest = Arc::new(GuestVm::boot(cfg, tracking).expect("boot guest"));
+    wait_rounds(&guest, 2);
+    guest
+}
+
+fn wait_rounds(guest: &GuestVm, rounds: u64) {
+    let vm = guest.vm();
+    for v in 0..vm.vcpus() {
+        if let Err(e) = vm.wait_rounds(v, rounds, TIMEOUT) {
+            panic!("vCPU {v} stalled: {e} (errors: {:?})", vm.errors());
+        }
+    }
+}
+
+/// Unique pages a working-set (or idle) guest dirties in a window of ≥ 1 round: its
+/// working set and one counter page per vCPU.
+fn working_set_truth(guest: &GuestVm) -> u64 {
+    let vm = guest.vm();
+    (0..vm.vcpus()).map(|v| vm.workload_region(v).1 + 1).sum()
+}
+
+/// Runs one measurement to the end; checks that the guest kept running through it.
+fn measure(job: &DirtyRateJob, guest: &GuestVm, args: &DirtyRateArgs) -> DirtyRateInfo {
+    measure_rounds(job, guest, args).0
+}
+
+/// Runs one measurement to the end; also returns each vCPU's rounds over the job.
+fn measure_rounds(
+    job: &DirtyRateJob,
+    guest: &GuestVm,
+    args: &DirtyRateArgs,
+) -> (DirtyRateInfo, Vec<u64>) {
+    let before = guest.counters();
+    job.calc(args).expect("calc-dirty-rate");
+    assert_eq!(job.status(), DirtyRateStatus::Measuring);
+    let info = job.wait(Some(TimeUnit::Millisecond));
+    let after = guest.counters();
+    assert_eq!(info.status, DirtyRateStatus::Measured);
+    let rounds = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    (info, rounds)
+}
+
+/// Like [`measure`], for a working-set truth that needs at least one whole round in
+/// the window: measures again (up to 10 times; the host is shared, a vCPU thread can
+/// be starved for a while) until every vCPU did ≥ 3 rounds over the job's span, which
+/// puts a whole round inside the window.
+fn measure_steady(job: &DirtyRateJob, guest: &GuestVm, args: &DirtyRateArgs) -> DirtyRateInfo {
+    let mut last = Vec::new();
+    for _ in 0..10 {
+        let (info, rounds) = measure_rounds(job, guest, args);
+        if rounds.iter().all(|r| *r >= 3) {
+            return info;
+        }
+        eprintln!("only {rounds:?} rounds in the window; measuring again");
+        last = rounds;
+    }
+    panic!("the guest is too slow: {last:?} rounds per window, 10 times");
+}
+
+fn extras(info: &DirtyRateInfo) -> FerryDirtyRateInfo {
+    info.ferry.clone().expect("x-ferry once measured")
+}
+
+/// The pages-per-second truth of `pages` over the job's own window.
+fn rate_of(pages: f64, x: &FerryDirtyRateInfo) -> f64 {
+    pages / (x.window_us as f64 / 1e6)
+}
+
+fn assert_within(got: f64, want: f64, pct: f64, what: &str) {
+    let err = (got - want).abs() / want.max(1.0) * 100.0;
+    assert!(
+        err <= pct,
+        "{what}: {got:.1} vs truth {want:.1} ({err:.2} % > {pct} %)"
+    );
+}
+
+/// Bitmap or ring mode on working sets: the count is the guest's dirty set.
+fn log_mode_on_working_sets(mode: DirtyRateMode, ring_entries: u32) {
+    let _g = guest_lock();
+    for workload in [
+        Workload::Idle,
+        Workload::WorkingSet { pages: 4096 },
+        Workload::WorkingSet { pages: 65536 },
+    ] {
+        let guest = boot(GIB, 2, workload, ring_entries);
+        let job = DirtyRateJob::new(guest.clone());
+        let truth = working_set_truth(&guest);
+        let info = measure_steady(&job, &guest, &DirtyRateArgs::millis(1000, mode));
+        let x = extras(&info);
+        assert_within(
+            x.dirty_pages_per_sec,
+            rate_of(truth as f64, &x),
+            2.0,
+            &format!("{mode:?} {workload}"),
+        );
+        assert_eq!(x.dirty_pages, truth as f64, "{mode:?} {workload}: exact");
+        let mib = truth as f64 * PAGE_SIZE as f64 / (1 << 20) as f64 / (x.window_us as f64 / 1e6);
+        assert_eq!(info.dirty_rate, Some(mib.floor() as i64));
+        assert_eq!(info.sample_pages, 0);
+        assert_eq!(info.mode, mode);
+        assert!(
+            !guest.address_space().logging(),
+            "the one-shot sync stopped the log"
+        );
+        if mode == DirtyRateMode::DirtyRing {
+            let vcpus = info.vcpu_dirty_rate.as_ref().expect("per-vCPU rates");
+            assert_eq!(vcpus.len(), 2);
+            assert!(
+                x.ring_entries.unwrap() >= truth,
+                "entries count every unique page at least once"
+            );
+        } else {
+            assert!(info.vcpu_dirty_rate.is_none());
+        }
+    }
+}
+
+#[test]
+fn dirty_bitmap_mode_is_exact_on_working_sets() {
+    log_mode_on_working_sets(DirtyRateMode::DirtyBitmap, 0);
+}
+
+#[test]
+fn dirty_ring_mode_unique_pages_are_exact_on_working_sets() {
+    if !kvm() {
+        return;
+    }
+    log_mode_on_working_sets(DirtyRateMode::DirtyRing, 65536);
+}
+
+/// Sweep R: the count follows the guest's own page counter over the window.
+fn log_mode_on_sweep(mode: DirtyRateMode, ring_entries: u32) {
+    let _g = guest_lock();
+    // 100 MiB/s; 1 s writes 12800 pages per vCPU share of ~131000: no wrap.
+    let guest = boot(
+        GIB,
+        2,
+        Workload::Sweep {
+            pages_per_sec: 25600,
+        },
+        ring_entries,
+    );
+    let job = DirtyRateJob::new(guest.clone());
+    let log = CounterLog::start(&guest);
+    let before: u64 = guest.counters().iter().sum();
+    let info = measure(&job, &guest, &DirtyRateArgs::millis(1000, mode));
+    let after: u64 = guest.counters().iter().sum();
+    std::thread::sleep(Duration::from_millis(2));
+    let records = log.finish();
+    let x = extras(&info);
+    // Upper bound: the counters over the whole job (a sweep writes each page once).
+    let written = (after - before + 2) as f64;
+    assert!(x.dirty_pages <= written, "{} > {written}", x.dirty_pages);
+    // Truth: the counters over the job's own window, which ended at the final sync,
+    // just before the result.
+    let (start, end) = window_of(&x);
+    let truth = counter_at(&records, end, None) - counter_at(&records, start, None) + 2.0;
+    assert_within(x.dirty_pages, truth, 2.0, &format!("{mode:?} sweep"));
+}
+
+#[test]
+fn dirty_bitmap_mode_follows_a_sweep() {
+    log_mode_on_sweep(DirtyRateMode::DirtyBitmap, 0);
+}
+
+#[test]
+fn dirty_ring_mode_follows_a_sweep() {
+    if !kvm() {
+        return;
+    }
+    log_mode_on_sweep(DirtyRateMode::DirtyRing, 65536);
+}
+
+/// 50 short sampled windows on one guest: the reported 95 % interval holds the truth
+/// in at least 45.
+fn sampling_interval_holds_truth(workload: Workload, sample_pages: i64) {
+    let _g = guest_lock();
+    let guest = boot(GIB, 2, workload, 0);
+    let job = DirtyRateJob::new(guest.clone());
+    job.set_seed(0xd1e7);
+    let truth = working_set_truth(&guest) as f64;
+    let mut hits = 0;
+    let mut misses = Vec::new();
+    let mut repeats = 0;
+    let mut skipped = 0;
+    // 50 windows in which every vCPU ran steadily (≥ 5 rounds inside the window, so
+    // every sampled page saw a whole round between its two hashes); windows where the
+    // shared host starved a vCPU have another truth and are measured again.
+    while repeats < 50 {
+        assert!(skipped < 100, "the guest was starved in {skipped} windows");
+        let mut args = DirtyRateArgs::millis(200, DirtyRateMode::PageSampling);
+        args.sample_pages = Some(sample_pages);
+        let log = CounterLog::start(&guest);
+        let info = measure(&job, &guest, &args);
+        let records = log.finish();
+        let x = extras(&info);
+        let (start, end) = window_of(&x);
+        let rounds: Vec<f64> = (0..2)
+            .map(|v| counter_at(&records, end, Some(v)) - counter_at(&records, start, Some(v)))
+            .collect();
+        if rounds.iter().any(|r| *r < 5.0) {
+            skipped += 1;
+            continue;
+        }
+        repeats += 1;
+        assert_eq!(info.sample_pages, sample_pages as u64);
+        let ci = x.confidence_95.expect("interval");
+        let want = rate_of(truth, &x) * PAGE_SIZE as f64 / (1 << 20) as f64;
+        if ci.low_mib_per_sec <= want && want <= ci.high_mib_per_sec {
+            hits += 1;
+        } else {
+            misses.push((
+                ci.low_mib_per_sec,
+                x.dirty_rate_mib_per_sec,
+                ci.high_mib_per_sec,
+                want,
+                rounds,
+            ));
+        }
+    }
+    eprintln!(
+        "{workload}: {hits}/50 in the interval, {skipped} starved windows skipped; misses {misses:?}"
+    );
+    assert!(
+        hits >= 45,
+        "{workload}: interval held the truth {hits}/50 times; misses {misses:?}"
+    );
+}
+
+#[test]
+fn page_sampling_interval_holds_truth_idle() {
+    sampling_interval_holds_truth(Workload::Idle, 512);
+}
+
+#[test]
+fn page_sampling_interval_holds_truth_w4096() {
+    sampling_interval_holds_truth(Workload::WorkingSet { pages: 4096 }, 512);
+}
+
+#[test]
+fn page_sampling_interval_holds_truth_w65536() {
+    sampling_interval_holds_truth(Workload::WorkingSet { pages: 65536 }, 512);
+}
+
+/// The guest's counter sum, recorded every millisecond by a helper thread, so a
+/// sweep's truth can be read at the job's own window boundaries.
+struct CounterLog {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<(u64, Vec<u64>)>>,
+    guest: Arc<GuestVm>,
+}
+
+impl CounterLog {
+    fn start(guest: &Arc<GuestVm>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (g, s) = (Arc::clone(guest), Arc::clone(&stop));
+        let first = (unix_us(), guest.counters());
+        let handle = std::thread::spawn(move || {
+            let mut v = vec![first];
+            while !s.load(Ordering::Relaxed) {
+                v.push((unix_us(), g.counters()));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            v
+        });
+        CounterLog {
+            stop,
+            handle,
+            guest: Arc::clone(guest),
+        }
+    }
+
+    fn finish(self) -> Vec<(u64, Vec<u64>)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut v = self.handle.join().expect("counter log");
+        v.push((unix_us(), self.guest.counters()));
+        v
+    }
+}
+
+/// Now on the host wall clock, µs since the Unix epoch (the job's window timestamps).
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The counters at `t_us` (vCPU `vcpu`, or their sum when None), interpolated between
+/// the records around it.
+fn counter_at(log: &[(u64, Vec<u64>)], t_us: u64, vcpu: Option<usize>) -> f64 {
+    let value = |c: &[u64]| match vcpu {
+        Some(v) => c[v] as f64,
+        None => c.iter().sum::<u64>() as f64,
+    };
+    let i = log.partition_point(|(at, _)| *at <= t_us);
+    let (ta, a) = &log[i.saturating_sub(1)];
+    let (tb, b) = &log[i.min(log.len() - 1)];
+    let (a, b) = (value(a), value(b));
+    if tb <= ta {
+        return a;
+    }
+    let f = t_us.saturating_sub(*ta) as f64 / (tb - ta) as f64;
+    a + (b - a) * f.min(1.0)
+}
+
+/// The job's window on the host wall clock, µs since the Unix epoch.
+fn window_of(x: &FerryDirtyRateInfo) -> (u64, u64) {
+    (x.window_start_unix_us, x.window_start_unix_us + x.window_us)
+}
+
+#[test]
+fn page_sampling_interval_holds_truth_sweep() {
+    let _g = guest_lock();
+    // 200 MiB/s: about 10000 of 262144 pages changed per 200 ms window.
+    let guest = boot(
+        GIB,
+        2,
+        Workload::Sweep {
+            pages_per_sec: 51200,
+        },
+        0,
+    );
+    let job = DirtyRateJob::new(guest.clone());
+    let mut hits = 0;
+    let mut misses = Vec::new();
+    for _ in 0..50 {
+        let mut args = DirtyRateArgs::millis(200, DirtyRateMode::PageSampling);
+        args.sample_pages = Some(4096);
+        let log = CounterLog::start(&guest);
+        let info = measure(&job, &guest, &args);
+        std::thread::sleep(Duration::from_millis(2));
+        let records = log.finish();
+        let x = extras(&info);
+        let ci = x.confidence_95.expect("interval");
+        let (start, end) = window_of(&x);
+        // Pages written in the window (a sweep writes each page once) + counter pages.
+        let pages = counter_at(&records, end, None) - counter_at(&records, start, None) + 2.0;
+        let want = rate_of(pages, &x) * PAGE_SIZE as f64 / (1 << 20) as f64;
+        if ci.low_mib_per_sec <= want && want <= ci.high_mib_per_sec {
+            hits += 1;
+        } else {
+            misses.push((ci.low_mib_per_sec, want, ci.high_mib_per_sec));
+        }
+    }
+    assert!(
+        hits >= 45,
+        "interval held the sweep's truth {hits}/50 times; misses {misses:?}"
+    );
+}
+
+#[test]
+fn ring_mode_splits_rates_per_vcpu() {
+    if !kvm() {
+        return;
+    }
+    let _g = guest_lock();
+    // W = 2 on 2 vCPUs would be one page each; one busy vCPU needs an uneven load:
+    // W = 1 puts the whole working set on vCPU 0 and leaves vCPU 1 its counter only.
+    let guest = boot(GIB, 2, Workload::WorkingSet { pages: 1 }, 65536);
+    {
+        let vm = guest.vm();
+        assert_eq!(vm.workload_region(0).1, 1);
+        assert_eq!(vm.workload_region(1).1, 0, "vCPU 1 writes only its counter");
+    }
+    let job = DirtyRateJob::new(guest.clone());
+    let info = measure_steady(
+        &job,
+        &guest,
+        &DirtyRateArgs::millis(500, DirtyRateMode::DirtyRing),
+    );
+    let x = extras(&info);
+    assert_eq!(x.dirty_pages, working_set_truth(&guest) as f64);
+    let vcpus = info.vcpu_dirty_rate.clone().expect("per-vCPU rates");
+    assert_eq!(vcpus.iter().map(|v| v.id).collect::<Vec<_>>(), vec![0, 1]);
+    let entries = x.vcpu_ring_entries.clone().expect("per-vCPU entries");
+    println!("per-vCPU: {vcpus:?}, entries {entries:?}");
+    // Per reset epoch in the window: vCPU 0 dirties its page and its counter, vCPU 1
+    // only its counter.
+    assert!(entries[1] >= 1, "vCPU 1's counter page reached its ring");
+    assert!(
+        entries[0] > entries[1],
+        "the busy vCPU shows more dirtying: {entries:?}"
+    );
+    assert!(vcpus[0].dirty_rate >= vcpus[1].dirty_rate);
+}
+
+#[test]
+fn ring_mode_splits_working_set_per_vcpu() {
+    if !kvm() {
+        return;
+    }
+    let _g = guest_lock();
+    // A larger split: vCPU 0 writes 32768 pages, vCPU 1 writes 32768 pages, and each
+    // vCPU's rate is at least its own share of unique pages.
+    let guest = boot(GIB, 2, Workload::WorkingSet { pages: 65536 }, 65536);
+    let job = DirtyRateJob::new(guest.clone());
+    let info = measure_steady(
+        &job,
+        &guest,
+        &DirtyRateArgs::millis(500, DirtyRateMode::DirtyRing),
+    );
+    let x = extras(&info);
+    let secs = x.window_us as f64 / 1e6;
+    let share_mib = (32768.0 + 1.0) * PAGE_SIZE as f64 / (1 << 20) as f64 / secs;
+    for v in info.vcpu_dirty_rate.unwrap() {
+        assert!(
+            v.dirty_rate as f64 >= share_mib.floor(),
+            "vCPU {}: {} MiB/s < its share {share_mib:.1}",
+            v.id,
+            v.dirty_rate
+        );
+    }
+}
+
+#[test]
+fn bad_requests_get_qemus_errors_and_leave_the_state_alone() {
+    let _g = guest_lock();
+    let guest = boot(64 << 20, 1, Workload::WorkingSet { pages: 64 }, 0);
+    let job = DirtyRateJob::new(guest.clone());
+    let expect = |args: DirtyRateArgs, text: &str| {
+        let before = job.query(None);
+        match job.calc(&args) {
+            Err(Error::InvalidParameter(t)) | Err(Error::Busy(t)) => assert_eq!(t, text),
+            other => panic!("{args:?}: {other:?}"),
+        }
+        assert_eq!(job.query(None), before, "{args:?} changed the state");
+    };
+    let range = "Calculation time is out of range [50ms, 60000ms].";
+    expect(DirtyRateArgs::millis(49, DirtyRateMode::DirtyBitmap), range);
+    expect(
+        DirtyRateArgs {
+            calc_time: 61,
+            ..Default::default()
+        },
+        range,
+    );
+    let mut a = DirtyRateArgs::millis(100, DirtyRateMode::DirtyBitmap);
+    a.sample_pages = Some(512);
+    expect(a, "sample-pages is used only in page-sampling mode");
+    let mut a = DirtyRateArgs::millis(100, DirtyRateMode::PageSampling);
+    a.sample_pages = Some(100);
+    expect(a, "sample-pages is out of range[128, 16384].");
+    expect(
+        DirtyRateArgs::millis(100, DirtyRateMode::DirtyRing),
+        "mode dirty-ring is not enabled, use other method instead.",
+    );
+    assert_eq!(job.status(), DirtyRateStatus::Unstarted);
+
+    // A second request while measuring: refused; the first carries on to the end.
+    job.calc(&DirtyRateArgs::millis(300, DirtyRateMode::DirtyBitmap))
+        .unwrap();
+    let measuring = job.query(None);
+    assert_eq!(measuring.status, DirtyRateStatus::Measuring);
+    expect(
+        DirtyRateArgs::millis(100, DirtyRateMode::PageSampling),
+        "the dirty rate is already being measured.",
+    );
+    let done = job.wait(None);
+    assert_eq!(done.status, DirtyRateStatus::Measured);
+    assert_eq!(done.mode, DirtyRateMode::DirtyBitmap);
+    assert_eq!(extras(&done).dirty_pages, 65.0);
+
+    // Cancel: the log stops, the state ends measured with no rate.
+    job.calc(&DirtyRateArgs {
+        calc_time: 60,
+        mode: Some(DirtyRateMode::DirtyBitmap),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(job.cancel());
+    let q = job.query(None);
+    assert_eq!(q.status, DirtyRateStatus::Measured);
+    assert_eq!(q.dirty_rate, Some(-1));
+    assert!(extras(&q).cancelled);
+    assert!(!guest.address_space().logging());
+    let json = serde_json::to_value(&q).unwrap();
+    assert_eq!(json["calc-time"], 60);
+    assert_eq!(json["calc-time-unit"], "second");
+}
+
+#[test]
+fn short_windows_down_to_50_ms() {
+    let _g = guest_lock();
+    let guest = boot(GIB, 2, Workload::WorkingSet { pages: 4096 }, 0);
+    let job = DirtyRateJob::new(guest.clone());
+    let truth = working_set_truth(&guest) as f64;
+    for _ in 0..5 {
+        let info = measure_steady(
+            &job,
+            &guest,
+            &DirtyRateArgs::millis(50, DirtyRateMode::DirtyBitmap),
+        );
+        let x = extras(&info);
+        assert!(x.window_us >= 50_000);
+        assert_eq!(x.dirty_pages, truth);
+        assert!(info.calc_time >= 50);
+    }
+}
+
+#[test]
+fn measuring_beside_a_migration_leaves_it_alone() {
+    use migration_core::{incoming, ram_digest, GuestRam, MigrationSource, ParametersUpdate};
+    use stats::MigrationStatus;
+
+    let _g = guest_lock();
+    let mem = 256 << 20;
+    let workload = Workload::WorkingSet { pages: 4096 };
+    let guest = boot(mem, 2, workload, 0);
+    let dest = Arc::new(
+        GuestVm::incoming(config(mem, 2, workload), DirtyTracking::default()).expect("destination"),
+    );
+    let inc = incoming(dest.clone(), "tcp:127.0.0.1:0", true).expect("listen");
+    let source = MigrationSource::new(guest.clone());
+    // 8 MiB/s cannot keep up with 16 MiB of working set: the migration iterates (and
+    // syncs) all through the measurement.
+    source
+        .set_parameters(&ParametersUpdate {
+            max_bandwidth: Some(8 << 20),
+            ..Default::default()
+        })
+        .unwrap();
+    source.migrate(&inc.uri().to_string()).unwrap();
+    let job = DirtyRateJob::new(guest.clone());
+    for mode in [DirtyRateMode::DirtyBitmap, DirtyRateMode::PageSampling] {
+        let info = measure_steady(&job, &guest, &DirtyRateArgs::millis(500, mode));
+        if mode == DirtyRateMode::DirtyBitmap {
+            assert_eq!(
+                extras(&info).dirty_pages,
+                working_set_truth(&guest) as f64,
+                "the migration's syncs feed our bitmap too"
+            );
+        }
+        assert!(
+            guest
+                .address_space()
+                .reasons()
+                .contains(dirty_sync::DirtyReason::Migration),
+            "the migration's log stayed on: {:?}",
+            source.query()
+        );
+    }
+    assert!(!source.query().status.is_finished());
+    // Let it finish: every page it needed is still in its bitmap.
+    source
+        .set_parameters(&ParametersUpdate {
+            max_bandwidth: Some(0),
+            ..Default::default()
+        })
+        .unwrap();
+    let status = source.wait();
+    let report = inc.wait();
+    assert_eq!(status, MigrationStatus::Completed, "{:?}", source.query());
+    let report = report.expect("destination report");
+    assert_eq!(
+        report.ram_digest,
+        Some(ram_digest(&GuestRam::new(guest.clone()))),
+        "destination RAM equals the source's at switch-over"
+    );
+}
+
+#[test]
+fn repeated_ring_measurements_on_one_guest_stay_exact() {
+    if !kvm() {
+        return;
+    }
+    let _g = guest_lock();
+    // A ring no bigger than the working set's per-vCPU half plus slack: ring-full exits
+    // and reaper reaps between syncs, logging stopped and restarted between windows.
+    let guest = boot(GIB, 2, Workload::WorkingSet { pages: 4096 }, 4096);
+    let job = DirtyRateJob::new(guest.clone());
+    let truth = working_set_truth(&guest) as f64;
+    for i in 0..5 {
+        let info = measure_steady(
+            &job,
+            &guest,
+            &DirtyRateArgs::millis(300, DirtyRateMode::DirtyRing),
+        );
+        let x = extras(&info);
+        assert_eq!(x.dirty_pages, truth, "window {i}: {x:?}");
+        wait_rounds(&guest, 3);
+    }
+}
