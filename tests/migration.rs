@@ -433,15 +433,11 @@ fn truncated_stream_fails_both_sides_and_never_resumes() {
     second_migration_succeeds(&guest, &cfg);
 }
 
-#[test]
-fn connection_cut_during_the_final_copy() {
-    let _g = guest_lock();
-    let cfg = config(1 << 30, 2, Workload::WorkingSet { pages: 16384 });
-    let guest = boot(&cfg);
-    let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
-    // A 32 MiB/s link and a long downtime limit: the stop-and-copy of 64 MiB takes ~2 s.
+/// Starts a migration through a 32 MiB/s proxy with a long downtime limit, so its
+/// stop-and-copy (64 MiB for a 16384-page working set) lasts about 2 s.
+fn slow_migration(guest: &Arc<GuestVm>, dest: &Dest) -> (Proxy, MigrationSource) {
     let proxy = Proxy::start(&dest.uri, 32 << 20, 0);
-    let source = source_for(&guest, 0, 1);
+    let source = source_for(guest, 0, 1);
     source
         .set_parameters(&ParametersUpdate {
             downtime_limit: Some(20_000),
@@ -449,6 +445,16 @@ fn connection_cut_during_the_final_copy() {
         })
         .unwrap();
     source.migrate(&proxy.uri).unwrap();
+    (proxy, source)
+}
+
+#[test]
+fn connection_cut_during_the_final_copy() {
+    let _g = guest_lock();
+    let cfg = config(1 << 30, 2, Workload::WorkingSet { pages: 16384 });
+    let guest = boot(&cfg);
+    let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
+    let (proxy, source) = slow_migration(&guest, &dest);
     poll_until(&source, "stop-and-copy", |i| {
         i.status == MigrationStatus::Device
     });
@@ -512,15 +518,7 @@ fn cancel_in_every_state() {
         MigrationStatus::Device,
     ] {
         let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
-        let proxy = Proxy::start(&dest.uri, 32 << 20, 0);
-        let source = source_for(&guest, 0, 1);
-        source
-            .set_parameters(&ParametersUpdate {
-                downtime_limit: Some(20_000),
-                ..Default::default()
-            })
-            .unwrap();
-        source.migrate(&proxy.uri).unwrap();
+        let (_proxy, source) = slow_migration(&guest, &dest);
         if state != MigrationStatus::Setup {
             poll_until(&source, "the state to cancel in", |i| i.status == state);
         }
