@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{config, expected_working_set, guest_lock, start, wait_all, Shadow};
+use common::{assert_no_lost_write, config, expected_working_set, guest_lock, start, wait_all};
 use dirty_sync::kvm::{KvmBitmapConfig, KvmBitmapListener, ProtectMode};
 use dirty_sync::{DirtyReason, MemoryListener, RamBlock, PAGE_SIZE};
 use minivm::{DirtyTracking, MiniVm, Workload};
@@ -82,34 +82,8 @@ fn no_lost_write(manual: bool, deferred: bool) {
         Workload::WorkingSet { pages: data_pages },
     ));
     let space = vm.address_space(tracking(manual, deferred)).unwrap();
-    let bitmap = space
-        .global_dirty_log_start(DirtyReason::Migration)
-        .unwrap();
-    space.global_dirty_log_sync(None).unwrap();
-    bitmap.set_all();
-    let mut shadow = Shadow::new(mem);
-    let rounds_at_start = vm.counter(0);
-    for round in 0..40 {
-        if deferred {
-            space.clear_dirty_log(0, space.total_pages()).unwrap();
-        }
-        shadow.copy_dirty(&space, &bitmap);
-        space.global_dirty_log_sync(None).unwrap();
-        if round % 8 == 0 {
-            wait_all(&vm, 1);
-        }
-    }
-    vm.pause().unwrap();
-    space.global_dirty_log_sync(None).unwrap();
-    if deferred {
-        space.clear_dirty_log(0, space.total_pages()).unwrap();
-    }
-    shadow.copy_dirty(&space, &bitmap);
-    shadow.assert_equals_ram(&space, &format!("manual={manual} deferred={deferred}"));
-    assert!(
-        vm.counter(0) - rounds_at_start >= 5,
-        "the guest wrote while the syncs ran"
-    );
+    let what = format!("manual={manual} deferred={deferred}");
+    assert_no_lost_write(&vm, &space, mem, 40, deferred, &what);
     vm.shutdown();
 }
 
