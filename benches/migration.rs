@@ -1,7 +1,8 @@
 //! End-to-end precopy benchmark: real KVM guests (host threads without /dev/kvm),
 //! loopback TCP, destination in this process. Prints a table of medians.
 //!
-//! `cargo bench --bench migration` (set `FERRY_BENCH_REPS` to change the 3 repetitions).
+//! `cargo bench --bench migration` (set `FERRY_BENCH_REPS` to change the 3 repetitions,
+//! `FERRY_BENCH_ONLY=TEXT` to run only the scenarios whose name contains TEXT).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -22,6 +23,12 @@ struct Scenario {
     channels: u8,
     max_bandwidth: u64,
     auto_converge: bool,
+    /// Send pages with a few non-zero words as those words (`x-ferry-sparse-pages`).
+    /// Off, every page the guest writes travels whole, as in QEMU.
+    sparse_pages: bool,
+    /// MiB of guest RAM (from 256 MiB up) the host fills with random bytes before the
+    /// migration: dense pages that cross the wire whole.
+    dense_mib: u64,
 }
 
 /// What one migration measured.
@@ -37,6 +44,8 @@ struct Run {
     not_converging_ms: Option<u64>,
     query_max_us: u64,
     query_p99_us: u64,
+    /// Downtime phases, ms: pause / sync / pages / devices / ack.
+    phases: String,
 }
 
 fn config(mem_bytes: u64, workload: Workload) -> VmConfig {
@@ -58,6 +67,9 @@ fn migrate(s: &Scenario, poll_hz: u64, limit: Duration) -> Run {
             .wait_rounds(v, 2, Duration::from_secs(30))
             .expect("guest runs");
     }
+    if s.dense_mib > 0 {
+        fill_random(&src, 256 << 20, s.dense_mib << 20);
+    }
     let dst = Arc::new(GuestVm::incoming(cfg, DirtyTracking::default()).expect("incoming"));
     let inc = incoming(dst.clone(), "tcp:127.0.0.1:0", false).expect("listen");
     let source = Arc::new(MigrationSource::new(src.clone()));
@@ -65,6 +77,7 @@ fn migrate(s: &Scenario, poll_hz: u64, limit: Duration) -> Run {
         .set_parameters(&ParametersUpdate {
             max_bandwidth: Some(s.max_bandwidth),
             multifd_channels: Some(s.channels),
+            x_ferry_sparse_pages: Some(s.sparse_pages),
             ..Default::default()
         })
         .unwrap();
@@ -124,11 +137,39 @@ fn migrate(s: &Scenario, poll_hz: u64, limit: Duration) -> Run {
         downtime_ms: info.downtime.unwrap_or(0),
         setup_ms: info.setup_time.unwrap_or(0),
         transferred: ram.transferred,
-        passes: info.ferry.map_or(0, |f| f.iterations),
+        passes: info.ferry.as_ref().map_or(0, |f| f.iterations),
         gib_per_s: ram.transferred as f64 / (1u64 << 30) as f64 / (total_ms.max(1) as f64 / 1000.0),
         not_converging_ms,
         query_max_us: lat.last().copied().unwrap_or(0),
         query_p99_us: lat.get(lat.len() * 99 / 100).copied().unwrap_or(0),
+        phases: info
+            .ferry
+            .and_then(|f| f.downtime_phases_us)
+            .map_or("-".into(), |p| {
+                [p.pause, p.sync, p.pages, p.device, p.ack]
+                    .map(|us| format!("{:.1}", us as f64 / 1000.0))
+                    .join(" / ")
+            }),
+    }
+}
+
+/// Fills `len` bytes of guest RAM at `gpa` with xorshift noise (incompressible,
+/// never zero words), through the host mapping.
+fn fill_random(vm: &GuestVm, gpa: u64, len: u64) {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut chunk = vec![0u8; 1 << 20];
+    for off in (0..len).step_by(chunk.len()) {
+        for w in chunk.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&(x | 1).to_le_bytes());
+        }
+        vm.vm()
+            .memory()
+            .write_slice(&chunk, GuestAddress(gpa + off))
+            .expect("fill guest RAM");
     }
 }
 
@@ -181,6 +222,8 @@ fn main() {
             channels: 1,
             max_bandwidth: 0,
             auto_converge: false,
+            sparse_pages: true,
+            dense_mib: 0,
         },
         Scenario {
             name: "1 GiB, ws 4096",
@@ -189,6 +232,8 @@ fn main() {
             channels: 1,
             max_bandwidth: 0,
             auto_converge: false,
+            sparse_pages: true,
+            dense_mib: 0,
         },
         Scenario {
             name: "1 GiB, ws 65536, 1 ch",
@@ -197,6 +242,8 @@ fn main() {
             channels: 1,
             max_bandwidth: 0,
             auto_converge: false,
+            sparse_pages: true,
+            dense_mib: 0,
         },
         Scenario {
             name: "1 GiB, ws 65536, 2 ch",
@@ -205,17 +252,51 @@ fn main() {
             channels: 2,
             max_bandwidth: 0,
             auto_converge: false,
+            sparse_pages: true,
+            dense_mib: 0,
         },
         Scenario {
-            name: "1 GiB, ws 65536, 128 MiB/s",
+            name: "1 GiB, ws 65536, 128 MiB/s, whole pages",
             mem_bytes: gib,
             workload: ws(65536),
             channels: 1,
             max_bandwidth: 128 << 20,
             auto_converge: false,
+            sparse_pages: false,
+            dense_mib: 0,
         },
         Scenario {
-            name: "1 GiB, random, 128 MiB/s, auto-converge",
+            name: "1 GiB, ws 65536, 128 MiB/s, whole pages, auto-converge",
+            mem_bytes: gib,
+            workload: ws(65536),
+            channels: 1,
+            max_bandwidth: 128 << 20,
+            auto_converge: true,
+            sparse_pages: false,
+            dense_mib: 0,
+        },
+        Scenario {
+            name: "1 GiB, ws 65536, 1 ch, whole pages",
+            mem_bytes: gib,
+            workload: ws(65536),
+            channels: 1,
+            max_bandwidth: 0,
+            auto_converge: false,
+            sparse_pages: false,
+            dense_mib: 0,
+        },
+        Scenario {
+            name: "1 GiB idle, 512 MiB random data, 1 ch",
+            mem_bytes: gib,
+            workload: Workload::Idle,
+            channels: 1,
+            max_bandwidth: 0,
+            auto_converge: false,
+            sparse_pages: true,
+            dense_mib: 512,
+        },
+        Scenario {
+            name: "1 GiB, random, 128 MiB/s, whole pages, auto-converge",
             mem_bytes: gib,
             workload: Workload::Random {
                 seed: 7,
@@ -224,11 +305,14 @@ fn main() {
             channels: 1,
             max_bandwidth: 128 << 20,
             auto_converge: true,
+            sparse_pages: false,
+            dense_mib: 0,
         },
     ];
-    println!("| scenario | status | total ms | downtime ms | setup ms | transferred MiB | passes | GiB/s | 'not converging' at ms |");
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for s in &scenarios {
+    println!("| scenario | status | total ms | downtime ms | setup ms | transferred MiB | passes | GiB/s | 'not converging' at ms | downtime: pause / sync / pages / devices / ack ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let only = std::env::var("FERRY_BENCH_ONLY").unwrap_or_default();
+    for s in scenarios.iter().filter(|s| s.name.contains(only.as_str())) {
         let limit = if s.max_bandwidth > 0 && !s.auto_converge {
             Duration::from_secs(5)
         } else {
@@ -236,22 +320,30 @@ fn main() {
         };
         let runs: Vec<Run> = (0..reps).map(|_| migrate(s, 0, limit)).collect();
         let m = median_by(&runs, |r| r.total_ms);
+        let d = median_by(&runs, |r| r.downtime_ms);
         println!(
-            "| {} | {} | {} | {} | {} | {:.1} | {} | {:.2} | {} |",
+            "| {} | {} | {} | {} | {} | {:.1} | {} | {:.2} | {} | {} |",
             s.name,
             m.status,
             m.total_ms,
-            median_by(&runs, |r| r.downtime_ms).downtime_ms,
+            d.downtime_ms,
             m.setup_ms,
             m.transferred as f64 / (1 << 20) as f64,
             m.passes,
             m.gib_per_s,
             m.not_converging_ms
                 .map_or("-".to_string(), |v| v.to_string()),
+            d.phases,
         );
     }
-    // Throughput of non-zero pages beside a raw socket copy, and the cost of polling.
-    let heavy = &scenarios[2];
+    if !only.is_empty() {
+        return;
+    }
+    // Throughput of dense pages beside a raw socket copy, and the cost of polling.
+    let heavy = scenarios
+        .iter()
+        .find(|s| s.dense_mib > 0)
+        .expect("a dense scenario");
     let quiet: Vec<Run> = (0..reps)
         .map(|_| migrate(heavy, 0, Duration::from_secs(60)))
         .collect();

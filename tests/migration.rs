@@ -110,6 +110,19 @@ fn source_for(guest: &Arc<GuestVm>, max_bandwidth: u64, channels: u8) -> Migrati
     s
 }
 
+/// Like [`source_for`], with every written page sent whole (no sparse pages): the
+/// workloads write one word per page, and sparse pages would make every stream
+/// tiny. For tests that need a stream that is long, large or cannot converge.
+fn whole_pages_source(guest: &Arc<GuestVm>, max_bandwidth: u64, channels: u8) -> MigrationSource {
+    let s = source_for(guest, max_bandwidth, channels);
+    s.set_parameters(&ParametersUpdate {
+        x_ferry_sparse_pages: Some(false),
+        ..Default::default()
+    })
+    .unwrap();
+    s
+}
+
 fn boot(cfg: &VmConfig) -> Arc<GuestVm> {
     let tracking = DirtyTracking::from_ring_entries(cfg.dirty_ring_entries);
     let g = Arc::new(GuestVm::boot(cfg.clone(), tracking).unwrap());
@@ -122,19 +135,29 @@ fn assert_source_runs(guest: &GuestVm) {
     wait_all(&guest.vm(), 2);
 }
 
-fn full_migration(workload: Workload, uri: &str, channels: u8) {
+/// Sparse pages on (the default) or every page whole.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Pages {
+    Sparse,
+    Whole,
+}
+
+fn full_migration(workload: Workload, uri: &str, channels: u8, pages: Pages) {
     let _g = guest_lock();
     let cfg = config(1 << 30, 2, workload);
     let guest = boot(&cfg);
     let mut dest = Dest::spawn(&cfg, uri);
-    let source = source_for(&guest, 0, channels);
+    let source = match pages {
+        Pages::Sparse => source_for(&guest, 0, channels),
+        Pages::Whole => whole_pages_source(&guest, 0, channels),
+    };
     source.migrate(&dest.uri).unwrap();
     let status = source.wait();
     let info = source.query();
     assert_eq!(
         status,
         MigrationStatus::Completed,
-        "{workload} over {uri} x{channels}: {info:?}"
+        "{workload} over {uri} x{channels} {pages:?}: {info:?}"
     );
     let digest = ram_digest(&GuestRam::new(guest.clone()));
     dest.check_completed(digest);
@@ -145,6 +168,12 @@ fn full_migration(workload: Workload, uri: &str, channels: u8) {
         "one count per sync"
     );
     assert!(info.downtime.is_some());
+    let sparse = info.ferry.unwrap().sparse_pages;
+    match (pages, workload) {
+        (Pages::Whole, _) => assert_eq!(sparse, 0),
+        (Pages::Sparse, Workload::WorkingSet { pages }) => assert!(sparse >= pages),
+        _ => {}
+    }
 }
 
 fn unix_uri(tag: &str) -> String {
@@ -165,22 +194,24 @@ const WORKLOADS: [Workload; 4] = [
 #[test]
 fn tcp_one_channel_every_workload() {
     for w in WORKLOADS {
-        full_migration(w, "tcp:127.0.0.1:0", 1);
+        full_migration(w, "tcp:127.0.0.1:0", 1, Pages::Sparse);
+        full_migration(w, "tcp:127.0.0.1:0", 1, Pages::Whole);
     }
 }
 
 #[test]
 fn tcp_two_channels_every_workload() {
     for w in WORKLOADS {
-        full_migration(w, "tcp:127.0.0.1:0", 2);
+        full_migration(w, "tcp:127.0.0.1:0", 2, Pages::Sparse);
+        full_migration(w, "tcp:127.0.0.1:0", 2, Pages::Whole);
     }
 }
 
 #[test]
 fn unix_one_and_two_channels_every_workload() {
     for (i, w) in WORKLOADS.into_iter().enumerate() {
-        full_migration(w, &unix_uri(&format!("a{i}")), 1);
-        full_migration(w, &unix_uri(&format!("b{i}")), 2);
+        full_migration(w, &unix_uri(&format!("a{i}")), 1, Pages::Sparse);
+        full_migration(w, &unix_uri(&format!("b{i}")), 2, Pages::Whole);
     }
 }
 
@@ -237,8 +268,9 @@ fn dirty_pages_rate_matches_the_working_set_and_non_convergence_is_reported() {
     let cfg = config(1 << 30, 2, Workload::WorkingSet { pages: w });
     let guest = boot(&cfg);
     let dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
-    // 256 MiB of working set at 128 MiB/s cannot converge within 300 ms of downtime.
-    let source = source_for(&guest, 128 << 20, 1);
+    // 256 MiB of working set sent whole at 128 MiB/s cannot converge within 300 ms of
+    // downtime.
+    let source = whole_pages_source(&guest, 128 << 20, 1);
     source.migrate(&dest.uri).unwrap();
     // Past the first pass (the bulk stage), a period has closed: read the rate.
     let info = poll_until(&source, "a dirty rate after pass 1", |i| {
@@ -284,7 +316,7 @@ fn auto_converge_completes_a_migration_that_would_not() {
     );
     let guest = boot(&cfg);
     let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
-    let source = source_for(&guest, 128 << 20, 1);
+    let source = whole_pages_source(&guest, 128 << 20, 1);
     source
         .set_capability(Capability::AutoConverge, true)
         .unwrap();
@@ -394,7 +426,7 @@ fn destination_killed_mid_stream() {
     let cfg = config(1 << 30, 2, Workload::WorkingSet { pages: 65536 });
     let guest = boot(&cfg);
     let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
-    let source = source_for(&guest, 64 << 20, 1);
+    let source = whole_pages_source(&guest, 64 << 20, 1);
     source.migrate(&dest.uri).unwrap();
     poll_until(&source, "active", |i| {
         i.status == MigrationStatus::Active
@@ -419,7 +451,7 @@ fn truncated_stream_fails_both_sides_and_never_resumes() {
     let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
     // The stream is cut after 5 MiB, in the middle of a record.
     let proxy = Proxy::start(&dest.uri, 0, (5 << 20) + 1234);
-    let source = source_for(&guest, 0, 1);
+    let source = whole_pages_source(&guest, 0, 1);
     source.migrate(&proxy.uri).unwrap();
     assert_eq!(
         source.wait(),
@@ -437,7 +469,7 @@ fn truncated_stream_fails_both_sides_and_never_resumes() {
 /// stop-and-copy (64 MiB for a 16384-page working set) lasts about 2 s.
 fn slow_migration(guest: &Arc<GuestVm>, dest: &Dest) -> (Proxy, MigrationSource) {
     let proxy = Proxy::start(&dest.uri, 32 << 20, 0);
-    let source = source_for(guest, 0, 1);
+    let source = whole_pages_source(guest, 0, 1);
     source
         .set_parameters(&ParametersUpdate {
             downtime_limit: Some(20_000),
@@ -489,7 +521,7 @@ fn cancel_with_a_stalled_destination() {
             std::thread::sleep(Duration::from_millis(10));
         }
     });
-    let source = source_for(&guest, 0, 1);
+    let source = whole_pages_source(&guest, 0, 1);
     source.migrate(&uri).unwrap();
     poll_until(&source, "the sender to stall", |i| {
         i.status == MigrationStatus::Active

@@ -90,6 +90,10 @@ pub struct MigrateArgs {
     /// Compress page batches with zstd.
     #[arg(long)]
     pub zstd: bool,
+    /// Send every non-zero page whole (no sparse pages: pages with a few non-zero
+    /// words normally travel as those words).
+    #[arg(long)]
+    pub no_sparse_pages: bool,
 }
 
 impl MigrateArgs {
@@ -105,6 +109,7 @@ impl MigrateArgs {
                 } else {
                     CompressionParam::None
                 }),
+                x_ferry_sparse_pages: Some(!self.no_sparse_pages),
                 ..Default::default()
             })
             .map_err(|e| e.to_string())?;

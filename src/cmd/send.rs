@@ -81,11 +81,27 @@ pub fn report(info: &MigrationInfo) {
     println!("total-time        {} ms", info.total_time.unwrap_or(0));
     println!("setup-time        {} ms", info.setup_time.unwrap_or(0));
     println!("downtime          {} ms", info.downtime.unwrap_or(0));
+    if let Some(p) = info
+        .ferry
+        .as_ref()
+        .and_then(|f| f.downtime_phases_us.as_ref())
+    {
+        let ms = |us: u64| us as f64 / 1000.0;
+        println!(
+            "  pause {:.1} | sync {:.1} | pages {:.1} | devices {:.1} | ack {:.1} ms",
+            ms(p.pause),
+            ms(p.sync),
+            ms(p.pages),
+            ms(p.device),
+            ms(p.ack)
+        );
+    }
     println!("transferred       {}", bytes(ram.transferred));
     println!(
-        "  normal pages    {} ({})",
+        "  normal pages    {} ({}), {} of them sparse",
         ram.normal,
-        bytes(ram.normal_bytes)
+        bytes(ram.normal_bytes),
+        info.ferry.as_ref().map_or(0, |f| f.sparse_pages)
     );
     println!("  zero pages      {}", ram.duplicate);
     println!("  during downtime {}", bytes(ram.downtime_bytes));

@@ -219,7 +219,7 @@ pub fn ram_digest(ram: &GuestRam) -> u64 {
                 }
             }
             let page = ram.page(bi, p);
-            if crate::guest::is_zero_page(page) {
+            if transport::is_zero(page) {
                 continue;
             }
             // Order-independent combination of (global page, content hash).

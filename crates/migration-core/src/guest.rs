@@ -113,16 +113,6 @@ impl GuestRam {
     }
 }
 
-/// True when every byte of `page` is zero (reads 16 bytes at a time, stops at the first
-/// non-zero word).
-pub fn is_zero_page(page: &[u8]) -> bool {
-    // SAFETY: u128 has no invalid bit patterns; align_to gives correctly aligned middles.
-    let (head, mid, tail) = unsafe { page.align_to::<u128>() };
-    head.iter().all(|b| *b == 0)
-        && mid.chunks(4).all(|c| c.iter().fold(0, |a, w| a | w) == 0)
-        && tail.iter().all(|b| *b == 0)
-}
-
 /// Marks in `bitmap` (global page indices) every page of `block` that the host has
 /// mapped or swapped, read from /proc/self/pagemap: pages never touched are left clear.
 pub fn mark_touched_pages(block: &RamBlock, bitmap: &DirtyBitmap) -> std::io::Result<u64> {
@@ -167,18 +157,6 @@ fn host_page_size() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn zero_page_detection() {
-        let mut page = vec![0u8; 4096];
-        assert!(is_zero_page(&page));
-        page[4095] = 1;
-        assert!(!is_zero_page(&page));
-        page[4095] = 0;
-        page[17] = 3;
-        assert!(!is_zero_page(&page));
-        assert!(is_zero_page(&page[18..]));
-    }
 
     #[test]
     fn pagemap_sees_only_touched_pages() {

@@ -21,7 +21,7 @@ pub use dirtyrate::{
     MIN_SAMPLE_PAGES, THREAD_NAME,
 };
 pub use error::{Error, Result};
-pub use guest::{is_zero_page, mark_touched_pages, GuestError, GuestRam, MigratableVm};
+pub use guest::{mark_touched_pages, GuestError, GuestRam, MigratableVm};
 pub use params::{
     Capabilities, Capability, CompressionParam, MigrationParameters, ParametersUpdate,
     MAX_DOWNTIME_LIMIT_MS,

@@ -37,6 +37,9 @@ pub struct MigrationParameters {
     pub cpu_throttle_increment: u8,
     /// Throttle ceiling, percent.
     pub max_cpu_throttle: u8,
+    /// Ferry's own: send pages with at most 64 non-zero 8-byte words as those words
+    /// (transport FORMAT.md, sparse pages). On by default.
+    pub x_ferry_sparse_pages: bool,
 }
 
 impl Default for MigrationParameters {
@@ -51,6 +54,7 @@ impl Default for MigrationParameters {
             cpu_throttle_initial: 20,
             cpu_throttle_increment: 10,
             max_cpu_throttle: 99,
+            x_ferry_sparse_pages: true,
         }
     }
 }
@@ -77,6 +81,8 @@ pub struct ParametersUpdate {
     pub cpu_throttle_increment: Option<u8>,
     /// See [`MigrationParameters::max_cpu_throttle`].
     pub max_cpu_throttle: Option<u8>,
+    /// See [`MigrationParameters::x_ferry_sparse_pages`].
+    pub x_ferry_sparse_pages: Option<bool>,
 }
 
 /// Longest downtime limit QEMU accepts, ms (2000 s).
@@ -108,7 +114,8 @@ impl MigrationParameters {
             throttle_trigger_threshold,
             cpu_throttle_initial,
             cpu_throttle_increment,
-            max_cpu_throttle
+            max_cpu_throttle,
+            x_ferry_sparse_pages
         );
         next.validate()?;
         *self = next;
@@ -212,6 +219,7 @@ mod tests {
         let v = serde_json::to_value(&p).unwrap();
         assert_eq!(v["max-bandwidth"], 134_217_728);
         assert_eq!(v["multifd-compression"], "none");
+        assert_eq!(v["x-ferry-sparse-pages"], true);
     }
 
     #[test]

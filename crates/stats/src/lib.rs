@@ -14,5 +14,6 @@ pub use dirty_rate::{
     DirtyRateStatus, DirtyRateVcpu, FerryDirtyRateInfo, TimeUnit,
 };
 pub use migration::{
-    Convergence, FerryMigrationInfo, MigStats, MigrationInfo, MigrationStats, MigrationStatus,
+    Convergence, DowntimePhases, DowntimePhasesUs, FerryMigrationInfo, MigStats, MigrationInfo,
+    MigrationStats, MigrationStatus,
 };

@@ -138,6 +138,10 @@ pub struct MigStats {
     pub bandwidth_bytes_per_sec: AtomicU64,
     /// Ferry: passes over the dirty bitmap (iterations) done.
     pub iterations: AtomicU64,
+    /// Ferry: of the normal pages, those sent as their non-zero words (sparse pages).
+    pub sparse_pages: AtomicU64,
+    /// Ferry: where the downtime went, µs.
+    pub downtime_phases: DowntimePhases,
     /// Ferry: convergence prediction, encoded (see [`MigStats::set_convergence`]).
     convergence: AtomicU64,
     error: OnceLock<String>,
@@ -180,6 +184,8 @@ impl MigStats {
             new_dirty_pages_rate: AtomicU64::new(0),
             bandwidth_bytes_per_sec: AtomicU64::new(0),
             iterations: AtomicU64::new(0),
+            sparse_pages: AtomicU64::new(0),
+            downtime_phases: DowntimePhases::default(),
             convergence: AtomicU64::new(CONV_UNKNOWN),
             error: OnceLock::new(),
         }
@@ -323,6 +329,8 @@ impl MigStats {
             new_dirty_pages_rate: ld(&self.new_dirty_pages_rate),
             bandwidth_bytes_per_sec: ld(&self.bandwidth_bytes_per_sec),
             iterations: ld(&self.iterations),
+            sparse_pages: ld(&self.sparse_pages),
+            downtime_phases_us: completed.then(|| self.downtime_phases.snapshot()),
             convergence: self.convergence(),
         });
         info
@@ -369,6 +377,50 @@ pub struct MigrationStats {
     pub dirty_sync_missed_zero_copy: u64,
 }
 
+/// The parts of the downtime, µs, in the order they happen; set once the migration
+/// completed. What they do not add up to is scheduling between them.
+#[derive(Debug, Default)]
+pub struct DowntimePhases {
+    /// Asking the vCPUs to stop until all stopped.
+    pub pause_us: AtomicU64,
+    /// The final dirty-log sync.
+    pub sync_us: AtomicU64,
+    /// Sending the last dirty pages.
+    pub pages_us: AtomicU64,
+    /// Saving and sending the device state.
+    pub device_us: AtomicU64,
+    /// End of stream until the destination acknowledged (it loaded and resumed).
+    pub ack_us: AtomicU64,
+}
+
+/// [`DowntimePhases`] as a snapshot (`x-ferry.downtime-phases-us`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DowntimePhasesUs {
+    /// See [`DowntimePhases::pause_us`].
+    pub pause: u64,
+    /// See [`DowntimePhases::sync_us`].
+    pub sync: u64,
+    /// See [`DowntimePhases::pages_us`].
+    pub pages: u64,
+    /// See [`DowntimePhases::device_us`].
+    pub device: u64,
+    /// See [`DowntimePhases::ack_us`].
+    pub ack: u64,
+}
+
+impl DowntimePhases {
+    fn snapshot(&self) -> DowntimePhasesUs {
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        DowntimePhasesUs {
+            pause: ld(&self.pause_us),
+            sync: ld(&self.sync_us),
+            pages: ld(&self.pages_us),
+            device: ld(&self.device_us),
+            ack: ld(&self.ack_us),
+        }
+    }
+}
+
 /// Ferry's own `query-migrate` fields, under the `x-ferry` key so QEMU clients ignore them.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -381,6 +433,11 @@ pub struct FerryMigrationInfo {
     pub bandwidth_bytes_per_sec: u64,
     /// Passes done.
     pub iterations: u64,
+    /// Of the normal pages, those sent as their non-zero words.
+    pub sparse_pages: u64,
+    /// Where the downtime went (once completed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_phases_us: Option<DowntimePhasesUs>,
     /// Convergence prediction.
     pub convergence: Convergence,
 }

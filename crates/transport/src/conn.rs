@@ -66,6 +66,17 @@ impl Conn {
         matches!(self, Conn::File(_) | Conn::Bytes(_))
     }
 
+    /// A second handle for reading only, for a thread that reads the peer's answers
+    /// while this one writes; `None` for files (no peer).
+    pub(crate) fn try_clone_reader(&self) -> io::Result<Option<Conn>> {
+        Ok(match self {
+            Conn::Tcp(s) => Some(Conn::Tcp(s.try_clone()?)),
+            Conn::Unix(s) => Some(Conn::Unix(s.try_clone()?)),
+            Conn::Mem(m) => Some(Conn::Mem(m.reader())),
+            Conn::File(_) | Conn::Bytes(_) => None,
+        })
+    }
+
     /// A closer for this connection: ends reading on it.
     pub(crate) fn closer(&self) -> Closer {
         self.closer_how(Shutdown::Read)

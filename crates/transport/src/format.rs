@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 /// First four bytes of every connection.
 pub const MAGIC: [u8; 4] = *b"FRRY";
 /// Format version this build writes and reads.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Size of the connection preamble.
 pub const PREAMBLE_BYTES: usize = 24;
 /// Size of every record header.
@@ -57,6 +57,10 @@ pub enum Kind {
     Ack = 7,
     /// Back-channel: the receiver refused the stream, with a message.
     Refuse = 8,
+    /// Sparse pages of one block: offsets, then each page's non-zero words.
+    SparsePages = 9,
+    /// Back-channel: every page up to this iteration is in the receiver's memory.
+    Applied = 10,
 }
 
 impl Kind {
@@ -70,6 +74,8 @@ impl Kind {
             6 => Kind::End,
             7 => Kind::Ack,
             8 => Kind::Refuse,
+            9 => Kind::SparsePages,
+            10 => Kind::Applied,
             other => return Err(Error::UnknownRecord(other)),
         })
     }
@@ -80,6 +86,18 @@ pub fn max_batch_pages(page_size: u32) -> u32 {
     let per_page = u64::from(page_size) + 8;
     let fit = (u64::from(MAX_BODY_BYTES) - 8) / per_page;
     MAX_BATCH_PAGES.min(fit as u32).max(1)
+}
+
+/// Encodes a whole small record (header and one body part).
+pub(crate) fn encode_record(kind: Kind, body: &[u8]) -> Vec<u8> {
+    let hdr = RecordHeader {
+        kind,
+        flags: 0,
+        body_len: body.len() as u32,
+        body_crc: crc32c::crc32c(body),
+    }
+    .encode();
+    [&hdr[..], body].concat()
 }
 
 /// The 16-byte header in front of every record.
@@ -246,7 +264,12 @@ pub struct Features {
     pub compression: Compression,
     /// Number of connections (control included).
     pub channels: u16,
+    /// Whether the sender may send [`Kind::SparsePages`] records.
+    pub sparse_pages: bool,
 }
+
+/// Header feature bit: sparse-page records may follow.
+const FEATURE_SPARSE_PAGES: u8 = 1;
 
 /// The stream header: page size, RAM block table and features.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,7 +332,11 @@ impl StreamHeader {
             Compression::None => 0,
             Compression::Zstd => 1,
         });
-        v.push(0);
+        v.push(if self.features.sparse_pages {
+            FEATURE_SPARSE_PAGES
+        } else {
+            0
+        });
         v.extend_from_slice(&self.features.channels.to_le_bytes());
         v.extend_from_slice(&(self.blocks.len() as u32).to_le_bytes());
         for b in &self.blocks {
@@ -329,8 +356,11 @@ impl StreamHeader {
             1 => Compression::Zstd,
             other => return Err(Error::Malformed(format!("compression {other}"))),
         };
-        if c.u8()? != 0 {
-            return Err(Error::Malformed("reserved header byte set".into()));
+        let feature_bits = c.u8()?;
+        if feature_bits & !FEATURE_SPARSE_PAGES != 0 {
+            return Err(Error::Malformed(format!(
+                "unknown feature bits {feature_bits:#x}"
+            )));
         }
         let channels = c.u16()?;
         let count = c.u32()?;
@@ -357,6 +387,7 @@ impl StreamHeader {
             features: Features {
                 compression,
                 channels,
+                sparse_pages: feature_bits & FEATURE_SPARSE_PAGES != 0,
             },
         };
         h.validate()?;
@@ -458,6 +489,7 @@ mod tests {
             features: Features {
                 compression: Compression::Zstd,
                 channels: 4,
+                sparse_pages: true,
             },
         };
         assert_eq!(StreamHeader::decode_body(&h.encode_body()).unwrap(), h);

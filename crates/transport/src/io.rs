@@ -16,11 +16,12 @@ const READ_AHEAD_BYTES: usize = 4096;
 /// memory as the bytes actually arrive).
 const VEC_STEP_BYTES: usize = 1 << 20;
 
+/// A read that ended early: end of file, or the peer reset the connection (it closed
+/// with our answers unread), is a truncated stream; anything else is an I/O error.
 fn truncated_or_io(e: io::Error, what: &'static str) -> Error {
-    if e.kind() == io::ErrorKind::UnexpectedEof {
-        Error::Truncated { what }
-    } else {
-        Error::Io(e)
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => Error::Truncated { what },
+        _ => Error::Io(e),
     }
 }
 

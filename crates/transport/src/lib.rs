@@ -4,7 +4,8 @@
 //!
 //! Send side: [`Sender::connect`], then [`Sender::send_pages`] (page slices
 //! borrowed from guest memory, written with one `writev`),
-//! [`Sender::send_zero_pages`], [`Sender::send_device_state`],
+//! [`Sender::send_zero_pages`], [`Sender::send_sparse_pages`] (pages with a few
+//! non-zero words, sorted out by [`SparseBatch::classify`]), [`Sender::send_device_state`],
 //! [`Sender::iteration_end`] and [`Sender::finish`] (waits for the receiver's
 //! [`Ack`]). Receive side: [`Listener::bind`], [`Listener::accept`], then
 //! [`Receiver::receive`] writes pages through a [`PageSink`] straight into the
@@ -22,6 +23,7 @@ mod mem;
 mod recv;
 mod send;
 mod sink;
+mod sparse;
 mod uri;
 
 pub use counters::ByteCounters;
@@ -31,6 +33,7 @@ pub use limiter::RateLimiter;
 pub use recv::{decode_bytes, Decoded, Event, Listener, Receiver};
 pub use send::{AbortHandle, Ack, SendOptions, Sender};
 pub use sink::{is_zero, PageSink, VecSink};
+pub use sparse::{PageClass, SparseBatch, MAX_SPARSE_WORDS};
 pub use uri::Uri;
 
 /// Binds a fresh in-process endpoint: returns the `mem:` URI for the sender and

@@ -44,6 +44,18 @@ impl MemConn {
         self.closed.clone()
     }
 
+    /// A second end that reads what this end would read (and cannot write), sharing
+    /// its close flag. Only one of the two may read.
+    pub(crate) fn reader(&self) -> MemConn {
+        let (dead_tx, _) = bounded(0);
+        MemConn {
+            tx: dead_tx,
+            rx: self.rx.clone(),
+            pending: Bytes::new(),
+            closed: self.closed.clone(),
+        }
+    }
+
     /// Makes sure `pending` holds bytes; false at end of file.
     fn fill(&mut self) -> bool {
         while self.pending.is_empty() {

@@ -9,12 +9,13 @@ use crate::conn::{Closer, Conn, RawListener};
 use crate::counters::ByteCounters;
 use crate::error::{Error, Result};
 use crate::format::{
-    max_batch_pages, u32_at, u64_at, Compression, Kind, Preamble, RecordHeader, StreamHeader,
-    FLAG_LIVE, FLAG_ZSTD, MAX_MESSAGE_BYTES, MAX_ZERO_BATCH_PAGES, PREAMBLE_BYTES,
-    RECORD_HEADER_BYTES,
+    encode_record, max_batch_pages, u32_at, u64_at, Compression, Kind, Preamble, RecordHeader,
+    StreamHeader, FLAG_LIVE, FLAG_ZSTD, MAX_BATCH_PAGES, MAX_MESSAGE_BYTES, MAX_ZERO_BATCH_PAGES,
+    PREAMBLE_BYTES, RECORD_HEADER_BYTES,
 };
 use crate::io::{write_all, RecordReader};
 use crate::sink::{PageSink, VecSink};
+use crate::sparse;
 use crate::uri::Uri;
 
 /// What the control connection delivers besides pages.
@@ -328,18 +329,7 @@ impl Receiver {
     }
 
     fn answer(&mut self, kind: Kind, body: &[u8]) -> Result<()> {
-        let control = &mut self.readers[0].conn;
-        if control.is_file() {
-            return Ok(());
-        }
-        let hdr = RecordHeader {
-            kind,
-            flags: 0,
-            body_len: body.len() as u32,
-            body_crc: crc32c::crc32c(body),
-        }
-        .encode();
-        write_all(control, &[&hdr, body], None)
+        write_back(&mut self.readers[0].conn, kind, body)
     }
 
     /// Acknowledges the stream on the control connection (no-op for `file:`).
@@ -355,6 +345,14 @@ impl Receiver {
         }
         self.answer(Kind::Refuse, &message.as_bytes()[..end])
     }
+}
+
+/// Writes a record to the sender on the control connection (nothing for files).
+fn write_back(control: &mut Conn, kind: Kind, body: &[u8]) -> Result<()> {
+    if control.is_file() {
+        return Ok(());
+    }
+    write_all(control, &[&encode_record(kind, body)], None)
 }
 
 type EventFn<'a> = Option<&'a mut dyn FnMut(Event) -> Result<()>>;
@@ -377,6 +375,7 @@ fn run_channel<S: PageSink + ?Sized>(
         match h.kind {
             Kind::Pages => read_pages(idx, r, &h, sink, sh, &mut scratch)?,
             Kind::ZeroPages => read_zero_pages(idx, r, &h, sink, sh, &mut scratch)?,
+            Kind::SparsePages => read_sparse_pages(idx, r, &h, sink, sh, &mut scratch)?,
             Kind::DeviceState if idx == 0 => {
                 let body = read_checked(r, &h, "device state")?;
                 let len = *body
@@ -409,6 +408,12 @@ fn run_channel<S: PageSink + ?Sized>(
                 sh.counters.add(idx, (RECORD_HEADER_BYTES + 8) as u64, 0);
                 sh.barrier.wait(iteration)?;
                 last_iteration = Some(iteration);
+                if idx == 0 {
+                    // Every channel is past this iteration's pages: tell the sender, so
+                    // it does not stop the guest while we still have a backlog. A sender
+                    // that is gone shows as a cut stream on the next read.
+                    let _ = write_back(&mut r.conn, Kind::Applied, &iteration.to_le_bytes());
+                }
                 if let Some(f) = events.as_mut() {
                     f(Event::IterationEnd { iteration })?;
                 }
@@ -442,6 +447,21 @@ fn read_checked(r: &mut RecordReader, h: &RecordHeader, what: &'static str) -> R
         return Err(Error::Checksum { what });
     }
     Ok(body)
+}
+
+/// Reads a small (capped by the caller) body into `buf` and checks its CRC.
+fn read_small_body(
+    r: &mut RecordReader,
+    h: &RecordHeader,
+    buf: &mut Vec<u8>,
+    what: &'static str,
+) -> Result<()> {
+    buf.resize(h.body_len as usize, 0);
+    r.read_exact(buf, what)?;
+    if crc32c::crc32c(buf) != h.body_crc {
+        return Err(Error::Checksum { what });
+    }
+    Ok(())
 }
 
 fn read_u64_body(r: &mut RecordReader, h: &RecordHeader, what: &'static str) -> Result<u64> {
@@ -666,11 +686,7 @@ fn read_zero_pages<S: PageSink + ?Sized>(
             "zero-page record of {body_len} bytes"
         )));
     }
-    sc.bytes.resize(body_len, 0);
-    r.read_exact(&mut sc.bytes, "zero pages")?;
-    if crc32c::crc32c(&sc.bytes) != h.body_crc {
-        return Err(Error::Checksum { what: "zero pages" });
-    }
+    read_small_body(r, h, &mut sc.bytes, "zero pages")?;
     let (block_idx, block_pages) = block_of(sh, u32_at(&sc.bytes, 0))?;
     let count = u32_at(&sc.bytes, 4) as usize;
     if count == 0 || count * 8 != body_len - 8 {
@@ -692,5 +708,68 @@ fn read_zero_pages<S: PageSink + ?Sized>(
     sh.counters
         .add(idx, (RECORD_HEADER_BYTES + body_len) as u64, 0);
     sh.counters.add_pages(0, count as u64);
+    Ok(())
+}
+
+/// Sparse pages: the whole (small, capped) record is checked (CRC, offsets, counts,
+/// word indices) before any page is touched; then each page is zeroed and its words
+/// stored.
+fn read_sparse_pages<S: PageSink + ?Sized>(
+    idx: usize,
+    r: &mut RecordReader,
+    h: &RecordHeader,
+    sink: &S,
+    sh: &Shared<'_>,
+    sc: &mut PageScratch,
+) -> Result<()> {
+    if !sh.header.features.sparse_pages {
+        return Err(Error::Protocol(
+            "sparse pages in a stream that did not declare them".into(),
+        ));
+    }
+    let body_len = h.body_len as usize;
+    if body_len < 8 {
+        return Err(Error::Malformed(format!(
+            "sparse-page record of {body_len} bytes"
+        )));
+    }
+    read_small_body(r, h, &mut sc.bytes, "sparse pages")?;
+    let (block_idx, block_pages) = block_of(sh, u32_at(&sc.bytes, 0))?;
+    let count = u32_at(&sc.bytes, 4) as usize;
+    if count == 0 || count > MAX_BATCH_PAGES as usize || body_len - 8 < count * 8 {
+        return Err(Error::Malformed(format!("sparse-page count {count}")));
+    }
+    let page_size = sh.header.page_size as usize;
+    let rest = &sc.bytes[8..];
+    parse_offsets(
+        &rest[..count * 8],
+        block_idx,
+        block_pages,
+        true,
+        &mut sc.offsets,
+    )?;
+    let mut pages = Vec::with_capacity(count);
+    sparse::parse_pages(rest, count, page_size, &mut pages).map_err(Error::Malformed)?;
+    let ptrs = sc
+        .offsets
+        .iter()
+        .map(|&o| page_ptr(sink, block_idx, o))
+        .collect::<Result<Vec<_>>>()?;
+    for (p, page) in ptrs.into_iter().zip(&pages) {
+        // SAFETY: per the PageSink contract `p` is valid for `page_size` bytes of
+        // writes and nobody else touches it during the receive; offsets strictly
+        // increase, so no two pages of the record alias.
+        let dst = unsafe { std::slice::from_raw_parts_mut(p, page_size) };
+        sparse::apply(dst, page);
+    }
+    sh.torn.clear(block_idx, &sc.offsets);
+    let entry_bytes = (body_len - 8 - count * 10) as u64;
+    sh.counters.add(
+        idx,
+        (RECORD_HEADER_BYTES + body_len) as u64 - entry_bytes,
+        entry_bytes,
+    );
+    sh.counters.add_pages(count as u64, 0);
+    sh.counters.add_sparse_pages(count as u64);
     Ok(())
 }

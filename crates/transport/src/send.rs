@@ -10,18 +10,19 @@
 //! and the guest's pages.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::conn::Conn;
 use crate::counters::ByteCounters;
 use crate::error::{Error, Result};
 use crate::format::{
-    max_batch_pages, BlockInfo, Compression, Features, Kind, Preamble, RecordHeader, StreamHeader,
-    FLAG_LIVE, FLAG_ZSTD, MAX_BODY_BYTES, MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_ZERO_BATCH_PAGES,
-    PREAMBLE_BYTES, RECORD_HEADER_BYTES,
+    max_batch_pages, u64_at, BlockInfo, Compression, Features, Kind, Preamble, RecordHeader,
+    StreamHeader, FLAG_LIVE, FLAG_ZSTD, MAX_BATCH_PAGES, MAX_BODY_BYTES, MAX_MESSAGE_BYTES,
+    MAX_NAME_BYTES, MAX_ZERO_BATCH_PAGES, PREAMBLE_BYTES, RECORD_HEADER_BYTES,
 };
 use crate::io::{write_all, RecordReader};
 use crate::limiter::RateLimiter;
+use crate::sparse::{SparseBatch, MAX_SPARSE_PAGE_BYTES};
 use crate::uri::Uri;
 
 /// zstd level for page batches (fast; guest pages compress well or not at all).
@@ -36,6 +37,8 @@ pub struct SendOptions {
     pub compression: Compression,
     /// Bandwidth cap over all channels in bytes/s; 0 = unlimited.
     pub max_bandwidth_bytes_per_sec: u64,
+    /// Declare sparse pages in the header, so [`Sender::send_sparse_pages`] works.
+    pub sparse_pages: bool,
 }
 
 impl Default for SendOptions {
@@ -44,6 +47,7 @@ impl Default for SendOptions {
             channels: 1,
             compression: Compression::None,
             max_bandwidth_bytes_per_sec: 0,
+            sparse_pages: true,
         }
     }
 }
@@ -90,7 +94,8 @@ pub struct Sender {
     last_iteration: Mutex<Option<u64>>,
     limiter: RateLimiter,
     counters: Arc<ByteCounters>,
-    is_file: bool,
+    /// The receiver's answers; `None` for `file:`.
+    back: Option<Arc<BackChannel>>,
 }
 
 fn session_id() -> u64 {
@@ -120,6 +125,7 @@ impl Sender {
             features: Features {
                 compression: opts.compression,
                 channels: opts.channels,
+                sparse_pages: opts.sparse_pages,
             },
         };
         header
@@ -161,6 +167,10 @@ impl Sender {
             }));
         }
         let aborters = Arc::new(channels.iter().map(|c| lock(c).conn.aborter()).collect());
+        let back = match lock(&channels[0]).conn.try_clone_reader()? {
+            Some(reader) => Some(BackChannel::start(reader)?),
+            None => None,
+        };
         let s = Sender {
             aborters,
             header,
@@ -169,7 +179,7 @@ impl Sender {
             last_iteration: Mutex::new(None),
             limiter: RateLimiter::new(opts.max_bandwidth_bytes_per_sec),
             counters,
-            is_file,
+            back,
         };
         let body = s.header.encode_body();
         s.write_record(0, &mut lock(&s.channels[0]), Kind::Header, 0, &[&body], 0)?;
@@ -420,6 +430,58 @@ impl Sender {
         Ok(())
     }
 
+    /// Sends a batch of sparse pages of one block (offsets strictly increasing, at
+    /// most [`Sender::max_batch_pages`]): each page as its non-zero words. The words
+    /// were copied out of guest memory when the batch was built, so a sparse page
+    /// never tears; the receiver zeroes each page and stores the words.
+    pub fn send_sparse_pages(&self, block_idx: usize, batch: &SparseBatch) -> Result<()> {
+        let n = batch.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if !self.header.features.sparse_pages {
+            return Err(Error::InvalidArgument(
+                "sparse pages were not declared for this stream".into(),
+            ));
+        }
+        if n > MAX_BATCH_PAGES as usize || self.header.page_size as usize > MAX_SPARSE_PAGE_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "{n} sparse pages of {} bytes (at most {MAX_BATCH_PAGES} of {MAX_SPARSE_PAGE_BYTES})",
+                self.header.page_size
+            )));
+        }
+        let offsets = batch.offsets();
+        if offsets.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::InvalidArgument(
+                "page offsets must be strictly increasing".into(),
+            ));
+        }
+        self.check_block(block_idx, offsets)?;
+        let (ch_idx, mut guard) = self.pick();
+        let ch = &mut *guard;
+        let mut prefix = std::mem::take(&mut ch.prefix);
+        prefix.clear();
+        prefix.extend_from_slice(&(block_idx as u32).to_le_bytes());
+        prefix.extend_from_slice(&(n as u32).to_le_bytes());
+        let mut offsets_buf = std::mem::take(&mut ch.zin);
+        let [o, c, e] = batch.body_parts(&mut offsets_buf);
+        let res = self.write_record(
+            ch_idx,
+            ch,
+            Kind::SparsePages,
+            0,
+            &[&prefix, o, c, e],
+            e.len() as u64,
+        );
+        ch.prefix = prefix;
+        ch.zin = offsets_buf;
+        if res.is_ok() {
+            self.counters.add_pages(n as u64, 0);
+            self.counters.add_sparse_pages(n as u64);
+        }
+        res
+    }
+
     /// Sends one device's state on the control connection.
     pub fn send_device_state(&self, name: &str, data: &[u8]) -> Result<()> {
         if name.is_empty() || name.len() > MAX_NAME_BYTES {
@@ -482,12 +544,57 @@ impl Sender {
             ch.conn.flush()?;
             ch.conn.shutdown_write()?;
         }
-        if self.is_file {
+        let Some(back) = &self.back else {
             return Ok(Ack { resumed: false });
+        };
+        let mut st = back.lock();
+        while st.answer.is_none() {
+            st = back.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-        let mut control = chans.swap_remove(0);
-        drop(chans);
-        read_answer(std::mem::replace(&mut control.conn, dummy_conn()))
+        st.answer
+            .take()
+            .unwrap_or_else(|| Err(Error::Aborted("no answer".into())))
+    }
+
+    /// The last iteration (see [`Sender::iteration_end`]) whose pages the receiver
+    /// reported to be in its memory; `None` before the first, and always for `file:`.
+    pub fn applied_iteration(&self) -> Option<u64> {
+        self.back.as_ref().and_then(|b| b.lock().applied)
+    }
+
+    /// Waits up to `timeout` until the receiver has every page of iterations up to
+    /// `iteration` in its memory: `Ok(true)` once it has (at once for `file:`, which
+    /// has no receiver to wait for), `Ok(false)` on timeout. An error means the
+    /// receiver answered or went away mid-stream: the stream is lost.
+    pub fn wait_applied(&self, iteration: u64, timeout: std::time::Duration) -> Result<bool> {
+        let Some(back) = &self.back else {
+            return Ok(true);
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        let mut st = back.lock();
+        loop {
+            if st.applied.is_some_and(|a| a >= iteration) {
+                return Ok(true);
+            }
+            if st.done {
+                let why = match &st.answer {
+                    Some(Err(e)) => e.to_string(),
+                    _ => "it answered before the end of the stream".into(),
+                };
+                return Err(Error::Aborted(format!(
+                    "the receiver's back-channel: {why}"
+                )));
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            st = back
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 }
 
@@ -517,14 +624,73 @@ fn dummy_channel() -> Channel {
     }
 }
 
-/// Reads the receiver's `Ack` or `Refuse` on the control connection.
-fn read_answer(conn: Conn) -> Result<Ack> {
-    let mut r = RecordReader::new(conn);
+/// What the receiver says on the control connection while the sender writes.
+#[derive(Default)]
+struct BackState {
+    /// Highest iteration the receiver reported applied.
+    applied: Option<u64>,
+    /// Its final answer (or why none can come); taken by `finish`.
+    answer: Option<Result<Ack>>,
+    /// Whether the reader stopped (an answer came, or the connection failed).
+    done: bool,
+}
+
+/// The sender's view of the back-channel, filled by its reader thread.
+#[derive(Default)]
+struct BackChannel {
+    state: Mutex<BackState>,
+    changed: Condvar,
+}
+
+impl BackChannel {
+    fn lock(&self) -> MutexGuard<'_, BackState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the reader thread on a read-only handle of the control connection.
+    fn start(conn: Conn) -> Result<Arc<BackChannel>> {
+        let back = Arc::new(BackChannel::default());
+        let b = back.clone();
+        std::thread::Builder::new()
+            .name("mig/backchannel".into())
+            .spawn(move || {
+                let mut r = RecordReader::new(conn);
+                loop {
+                    let rec = read_back_record(&mut r);
+                    let mut st = b.lock();
+                    match rec {
+                        Ok(Back::Applied(n)) => {
+                            st.applied = st.applied.max(Some(n));
+                            b.changed.notify_all();
+                            continue;
+                        }
+                        Ok(Back::Answer(ack)) => st.answer = Some(Ok(ack)),
+                        Err(e) => st.answer = Some(Err(e)),
+                    }
+                    st.done = true;
+                    b.changed.notify_all();
+                    return;
+                }
+            })
+            .map_err(Error::Io)?;
+        Ok(back)
+    }
+}
+
+/// One record from the receiver.
+enum Back {
+    Applied(u64),
+    Answer(Ack),
+}
+
+/// Reads one record of the back-channel: `Applied`, `Ack`, or `Refuse` (an error).
+fn read_back_record(r: &mut RecordReader) -> Result<Back> {
     let mut hb = [0u8; RECORD_HEADER_BYTES];
     r.read_exact(&mut hb, "acknowledgement")?;
     let h = RecordHeader::decode(&hb)?;
     let cap = match h.kind {
         Kind::Ack => 1,
+        Kind::Applied => 8,
         Kind::Refuse => MAX_MESSAGE_BYTES,
         other => {
             return Err(Error::Protocol(format!(
@@ -546,10 +712,11 @@ fn read_answer(conn: Conn) -> Result<Ack> {
         });
     }
     match h.kind {
-        Kind::Ack if body.len() == 1 && body[0] <= 1 => Ok(Ack {
+        Kind::Ack if body.len() == 1 && body[0] <= 1 => Ok(Back::Answer(Ack {
             resumed: body[0] == 1,
-        }),
-        Kind::Ack => Err(Error::Malformed("acknowledgement body".into())),
+        })),
+        Kind::Applied if body.len() == 8 => Ok(Back::Applied(u64_at(&body, 0))),
+        Kind::Ack | Kind::Applied => Err(Error::Malformed(format!("{:?} body", h.kind))),
         _ => Err(Error::Refused(String::from_utf8_lossy(&body).into_owned())),
     }
 }

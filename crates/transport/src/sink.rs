@@ -111,3 +111,21 @@ unsafe impl PageSink for VecSink {
         unsafe { self.bases[block_idx].add(page_index as usize * self.page_size) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::is_zero;
+
+    #[test]
+    fn zero_detection() {
+        let mut page = vec![0u8; 4096];
+        assert!(is_zero(&page));
+        page[4095] = 1;
+        assert!(!is_zero(&page));
+        page[4095] = 0;
+        page[17] = 3;
+        assert!(!is_zero(&page));
+        assert!(is_zero(&page[18..]));
+        assert!(is_zero(&[]));
+    }
+}

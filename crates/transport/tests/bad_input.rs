@@ -39,6 +39,11 @@ fn ops() -> Vec<Op> {
             block: 0,
             offsets: vec![2],
         },
+        Op::Sparse {
+            block: 0,
+            offsets: vec![4, 6],
+            fill: vec![2, 70],
+        },
         Op::IterationEnd(1),
         Op::Pages {
             block: 1,
@@ -158,13 +163,13 @@ fn wrong_magic_and_version() {
         session_id: 7,
     }
     .encode();
-    pre[4] = 2; // version 2
+    pre[4] = 1; // version 1, a reader of an older format
     let crc = crc32c::crc32c(&pre[..20]);
     pre[20..24].copy_from_slice(&crc.to_le_bytes());
     s[..PREAMBLE_BYTES].copy_from_slice(&pre);
     assert!(matches!(
         decode_bytes(&s, MAX_RAM),
-        Err(Error::BadVersion { found: 2, .. })
+        Err(Error::BadVersion { found: 1, .. })
     ));
 }
 
@@ -365,4 +370,68 @@ fn refusal_reaches_the_sender() {
         matches!(&r, Err(Error::Refused(m)) if m == "no such device"),
         "{r:?}"
     );
+}
+
+#[test]
+fn sparse_pages_need_the_header_feature_and_valid_words() {
+    // A stream that did not declare sparse pages refuses them.
+    let path = temp_path("nosparse");
+    let o = transport::SendOptions {
+        sparse_pages: false,
+        ..opts(1, Compression::None)
+    };
+    let s = Sender::connect(&Uri::File(path.clone()), PAGE_SIZE, blocks(), o).unwrap();
+    let mut batch = transport::SparseBatch::default();
+    batch.classify(1, &sparse_page_bytes(PAGE_SIZE as usize, 3, 1));
+    assert!(matches!(
+        s.send_sparse_pages(0, &batch),
+        Err(Error::InvalidArgument(_))
+    ));
+    drop(s);
+    let _ = std::fs::remove_file(&path);
+
+    // Hand-made records after a header that declared them (the default).
+    let sparse = |block: u32, offsets: &[u64], counts: &[u16], entries: &[(u16, u64)]| {
+        let mut b = block.to_le_bytes().to_vec();
+        b.extend_from_slice(&(offsets.len() as u32).to_le_bytes());
+        offsets
+            .iter()
+            .for_each(|o| b.extend_from_slice(&o.to_le_bytes()));
+        counts
+            .iter()
+            .for_each(|c| b.extend_from_slice(&c.to_le_bytes()));
+        for (i, v) in entries {
+            b.extend_from_slice(&i.to_le_bytes());
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        record(RecordKind::SparsePages, &b)
+    };
+    let good = sparse(0, &[1], &[1], &[(3, 7)]);
+    let bad = [
+        ("offset past the block", sparse(0, &[8], &[1], &[(3, 7)])),
+        ("unknown block", sparse(5, &[1], &[1], &[(3, 7)])),
+        ("word past the page", sparse(0, &[1], &[1], &[(512, 7)])),
+        (
+            "words out of order",
+            sparse(0, &[1], &[2], &[(4, 1), (3, 1)]),
+        ),
+        ("no words", sparse(0, &[1], &[0], &[])),
+        ("count beyond entries", sparse(0, &[1], &[2], &[(3, 7)])),
+        (
+            "offsets not increasing",
+            sparse(0, &[2, 1], &[1, 1], &[(0, 1), (0, 1)]),
+        ),
+        ("no pages", sparse(0, &[], &[], &[])),
+    ];
+    // The good record alone still needs an End; it must get past the sparse record.
+    assert!(matches!(
+        decode_bytes(&stream_with(&good), MAX_RAM),
+        Err(Error::Truncated { .. })
+    ));
+    for (what, rec) in bad {
+        match decode_bytes(&stream_with(&rec), MAX_RAM) {
+            Err(Error::Malformed(_)) | Err(Error::OutOfBounds { .. }) => {}
+            other => panic!("{what}: {other:?}"),
+        }
+    }
 }

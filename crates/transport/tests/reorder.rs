@@ -133,6 +133,7 @@ fn run(channels: u16, held: u16, first: u16, old_batch: usize) {
         channels,
         compression: Compression::None,
         max_bandwidth_bytes_per_sec: 0,
+        ..Default::default()
     };
     let s = Sender::connect(&uri, PAGE_SIZE as u32, blocks, opts).unwrap();
     // Single-threaded, batches go round-robin: batch k of the stream uses channel k % n.

@@ -1,4 +1,4 @@
-//! Round-trip property tests: random page batches, zero pages, device state and
+//! Round-trip property tests: random page batches, zero pages, sparse pages, device state and
 //! iteration markers, on every channel kind, with 1 and 4 parallel channels,
 //! uncompressed and zstd.
 
@@ -10,8 +10,8 @@ use transport::{BlockInfo, Compression, Event};
 
 const PAGE_SIZE: u32 = 4096;
 
-/// One iteration as generated: (block, page, Some(fill) | None = zero page).
-type RawIteration = Vec<(usize, u64, Option<u8>)>;
+/// One iteration as generated: (block, page, Some((fill, sparse)) | None = zero page).
+type RawIteration = Vec<(usize, u64, Option<(u8, bool)>)>;
 
 fn blocks_strategy() -> impl Strategy<Value = Vec<BlockInfo>> {
     prop::collection::vec(1u64..48, 1..4).prop_map(|sizes| {
@@ -44,20 +44,32 @@ fn script(
         }
         for b in 0..blocks.len() {
             let (mut offs, mut fills, mut zeros) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut sparse_offs, mut sparse_fills) = (Vec::new(), Vec::new());
             for (&(bb, p), f) in &seen {
                 if bb != b {
                     continue;
                 }
                 match f {
-                    Some(f) => {
+                    Some((f, false)) => {
                         offs.push(p);
                         fills.push(*f);
+                    }
+                    Some((f, true)) => {
+                        sparse_offs.push(p);
+                        sparse_fills.push(*f);
                     }
                     None => zeros.push(p),
                 }
             }
             for (o, f) in offs.chunks(split).zip(fills.chunks(split)) {
                 ops.push(Op::Pages {
+                    block: b,
+                    offsets: o.to_vec(),
+                    fill: f.to_vec(),
+                });
+            }
+            for (o, f) in sparse_offs.chunks(split).zip(sparse_fills.chunks(split)) {
+                ops.push(Op::Sparse {
                     block: b,
                     offsets: o.to_vec(),
                     fill: f.to_vec(),
@@ -124,7 +136,7 @@ fn stream_strategy() -> impl Strategy<Value = Stream> {
                 (
                     0usize..4,
                     0u64..48,
-                    prop::option::weighted(0.7, any::<u8>()),
+                    prop::option::weighted(0.7, (any::<u8>(), any::<bool>())),
                 ),
                 0..40,
             ),
@@ -221,4 +233,57 @@ fn counters_split_payload_and_headers() {
     assert_eq!(rc.payload_bytes(), c.payload_bytes());
     assert_eq!(rc.header_bytes(), c.header_bytes());
     assert_eq!(rc.zero_pages(), 2);
+}
+
+/// The receiver reports each iteration once all its pages are in memory, so the
+/// sender can tell a receiver with a backlog from one that has caught up.
+#[test]
+fn receiver_reports_applied_iterations() {
+    use std::time::Duration;
+    for kind in [Kind::Tcp, Kind::Unix, Kind::Mem] {
+        let blocks = vec![BlockInfo {
+            id: "ram".into(),
+            size_bytes: 16 * 4096,
+        }];
+        let (uri, listener) = endpoint(kind);
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let rx = std::thread::spawn(move || {
+            let mut rx = listener.accept().unwrap();
+            go_rx.recv().unwrap();
+            let sink = transport::VecSink::for_header(rx.header());
+            rx.receive(&sink, |_| Ok(())).unwrap();
+            rx.send_ack(true).unwrap();
+        });
+        let s = transport::Sender::connect(&uri, PAGE_SIZE, blocks, opts(2, Compression::None))
+            .unwrap();
+        let page = page_bytes(4096, 1, 3);
+        s.send_pages(0, &[3], &[&page]).unwrap();
+        s.iteration_end(1).unwrap();
+        // Nothing is read yet: iteration 1 is not applied.
+        assert!(!s.wait_applied(1, Duration::from_millis(50)).unwrap());
+        assert_eq!(s.applied_iteration(), None);
+        go_tx.send(()).unwrap();
+        assert!(
+            s.wait_applied(1, Duration::from_secs(10)).unwrap(),
+            "{kind:?}"
+        );
+        assert_eq!(s.applied_iteration(), Some(1));
+        assert!(!s.wait_applied(2, Duration::from_millis(20)).unwrap());
+        assert!(s.finish().unwrap().resumed);
+        rx.join().unwrap();
+    }
+    // A file has no receiver to wait for.
+    let (uri, _l) = endpoint(Kind::File);
+    let blocks = vec![BlockInfo {
+        id: "ram".into(),
+        size_bytes: 4096,
+    }];
+    let s =
+        transport::Sender::connect(&uri, PAGE_SIZE, blocks, opts(1, Compression::None)).unwrap();
+    s.iteration_end(1).unwrap();
+    assert!(s.wait_applied(1, Duration::ZERO).unwrap());
+    assert!(!s.finish().unwrap().resumed);
+    if let transport::Uri::File(p) = uri {
+        let _ = std::fs::remove_file(p);
+    }
 }

@@ -22,6 +22,7 @@ fn stream(f: impl FnOnce(&Sender)) -> Vec<u8> {
             channels: 1,
             compression: Compression::None,
             max_bandwidth_bytes_per_sec: 0,
+            ..Default::default()
         },
     )
     .unwrap();

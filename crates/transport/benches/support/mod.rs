@@ -175,5 +175,6 @@ pub fn opts(channels: u16, compression: Compression) -> SendOptions {
         channels,
         compression,
         max_bandwidth_bytes_per_sec: 0,
+        ..Default::default()
     }
 }

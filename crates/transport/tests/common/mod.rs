@@ -60,6 +60,12 @@ pub enum Op {
         block: usize,
         offsets: Vec<u64>,
     },
+    /// Pages with a few non-zero words ([`sparse_page_bytes`]).
+    Sparse {
+        block: usize,
+        offsets: Vec<u64>,
+        fill: Vec<u8>,
+    },
     Device {
         name: String,
         data: Vec<u8>,
@@ -74,6 +80,20 @@ pub fn page_bytes(page_size: usize, fill: u8, index: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Sparse page content: 1..=64 non-zero words, spread by the fill byte.
+pub fn sparse_page_bytes(page_size: usize, fill: u8, index: u64) -> Vec<u8> {
+    let mut p = vec![0u8; page_size];
+    let words = page_size / 8;
+    let n = (1 + usize::from(fill) % transport::MAX_SPARSE_WORDS).min(words);
+    let step = (words / n).max(1);
+    for j in 0..n {
+        let v = (u64::from(fill) << 32 | index << 8 | j as u64) | 1;
+        let at = (j * step + usize::from(fill) % step) * 8;
+        p[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    p
+}
+
 /// What the destination's memory must hold after `ops`.
 pub fn model(page_size: usize, blocks: &[BlockInfo], ops: &[Op]) -> Vec<Vec<u8>> {
     let mut mem: Vec<Vec<u8>> = blocks
@@ -86,10 +106,20 @@ pub fn model(page_size: usize, blocks: &[BlockInfo], ops: &[Op]) -> Vec<Vec<u8>>
                 block,
                 offsets,
                 fill,
+            }
+            | Op::Sparse {
+                block,
+                offsets,
+                fill,
             } => {
+                let content = if matches!(op, Op::Sparse { .. }) {
+                    sparse_page_bytes
+                } else {
+                    page_bytes
+                };
                 for (o, f) in offsets.iter().zip(fill) {
                     let at = *o as usize * page_size;
-                    mem[*block][at..at + page_size].copy_from_slice(&page_bytes(page_size, *f, *o));
+                    mem[*block][at..at + page_size].copy_from_slice(&content(page_size, *f, *o));
                 }
             }
             Op::Zero { block, offsets } => {
@@ -123,6 +153,18 @@ pub fn send_ops(sender: Sender, ops: &[Op]) -> Result<Ack> {
                 sender.send_pages(*block, offsets, &slices)?;
             }
             Op::Zero { block, offsets } => sender.send_zero_pages(*block, offsets)?,
+            Op::Sparse {
+                block,
+                offsets,
+                fill,
+            } => {
+                let mut batch = transport::SparseBatch::default();
+                for (o, f) in offsets.iter().zip(fill) {
+                    let class = batch.classify(*o, &sparse_page_bytes(ps, *f, *o));
+                    assert_eq!(class, transport::PageClass::Sparse);
+                }
+                sender.send_sparse_pages(*block, &batch)?;
+            }
             Op::Device { name, data } => sender.send_device_state(name, data)?,
             Op::IterationEnd(i) => sender.iteration_end(*i)?,
         }
@@ -194,5 +236,6 @@ pub fn opts(channels: u16, compression: Compression) -> SendOptions {
         channels,
         compression,
         max_bandwidth_bytes_per_sec: 0,
+        ..Default::default()
     }
 }
