@@ -67,8 +67,12 @@ def test_migration_by_qmp_alone(vms):
         await set_events(d)
         caps = await s.execute("query-migrate-capabilities")
         assert {"capability": "events", "state": True} in caps
-        await s.execute("migrate-set-parameters", {"downtime-limit": 400})
-        assert (await s.execute("query-migrate-parameters"))["downtime-limit"] == 400
+        params = await s.execute("query-migrate-parameters")
+        assert params["x-ferry-sparse-pages"] is True
+        await s.execute("migrate-set-parameters",
+                        {"downtime-limit": 400, "x-ferry-sparse-pages": False})
+        params = await s.execute("query-migrate-parameters")
+        assert params["downtime-limit"] == 400 and params["x-ferry-sparse-pages"] is False
         src_events = EventListener(("MIGRATION", "MIGRATION_PASS"))
         dst_events = EventListener(("MIGRATION",))
         s.register_listener(src_events)
@@ -80,6 +84,9 @@ def test_migration_by_qmp_alone(vms):
         assert final["status"] == "completed", final
         ram = final["ram"]
         assert ram["transferred"] > 0 and ram["total"] == 1 << 30
+        # Sparse pages were off: every written page travelled whole.
+        assert final["x-ferry"]["sparse-pages"] == 0
+        assert ram["normal-bytes"] <= ram["transferred"]
         assert ram["remaining"] == 0 and ram["dirty-sync-count"] >= 2
         assert "downtime" in final and "total-time" in final
         for info in replies:

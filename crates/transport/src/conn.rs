@@ -46,6 +46,28 @@ impl Closer {
     }
 }
 
+/// Socket buffer for Unix connections: a stream socket queues at most its sender's
+/// `SO_SNDBUF` (208 KiB by default), so a 4 MiB page batch would cost the writer
+/// ~20 sleeps and the reader as many wake-ups. TCP keeps its own autotuning.
+const UNIX_BUFFER_BYTES: libc::c_int = 4 << 20;
+
+/// Best effort: the kernel caps the value at `net.core.wmem_max` / `rmem_max`.
+fn grow_unix_buffers(s: &UnixStream) {
+    use std::os::fd::AsRawFd;
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: a valid socket descriptor and a c_int option of the right size.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&UNIX_BUFFER_BYTES as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
 impl Conn {
     /// Opens a connection to `uri` (for `file:` creates or truncates the file).
     pub(crate) fn connect(uri: &Uri) -> Result<Conn> {
@@ -55,7 +77,11 @@ impl Conn {
                 s.set_nodelay(true)?;
                 Conn::Tcp(s)
             }
-            Uri::Unix(p) => Conn::Unix(UnixStream::connect(p)?),
+            Uri::Unix(p) => {
+                let s = UnixStream::connect(p)?;
+                grow_unix_buffers(&s);
+                Conn::Unix(s)
+            }
             Uri::File(p) => Conn::File(File::create(p)?),
             Uri::Mem(n) => Conn::Mem(mem::connect(n)?),
         })
@@ -259,7 +285,11 @@ impl RawListener {
                 s.set_nodelay(true)?;
                 Conn::Tcp(s)
             }
-            RawListener::Unix(l, _) => Conn::Unix(l.accept()?.0),
+            RawListener::Unix(l, _) => {
+                let s = l.accept()?.0;
+                grow_unix_buffers(&s);
+                Conn::Unix(s)
+            }
             RawListener::File(p) => Conn::File(File::open(p)?),
             RawListener::Mem(_, rx) => Conn::Mem(rx.recv().map_err(|_| {
                 Error::Io(io::Error::new(io::ErrorKind::BrokenPipe, "listener closed"))
