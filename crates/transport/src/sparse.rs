@@ -87,32 +87,48 @@ impl SparseBatch {
                 PageClass::Dense
             };
         }
-        let mark = self.entries.len();
+        // Count first, copy after: a dense page stops after its first ~9 lines
+        // without copying anything, a sparse page is then read again from L1.
         let mut found = 0usize;
-        for (c, line) in words.chunks(8).enumerate() {
+        for line in words.chunks(8) {
             // One OR per 64 bytes: the common all-zero line costs no branch per word.
             if line.iter().fold(0, |a, w| a | w) == 0 {
                 continue;
             }
-            for (i, &w) in line.iter().enumerate() {
-                if w == 0 {
-                    continue;
-                }
-                found += 1;
-                if found > MAX_SPARSE_WORDS {
-                    self.entries.truncate(mark);
-                    return PageClass::Dense;
-                }
-                self.entries
-                    .extend_from_slice(&((c * 8 + i) as u16).to_le_bytes());
-                self.entries.extend_from_slice(&w.to_le_bytes());
+            found += line.iter().filter(|&&w| w != 0).count();
+            if found > MAX_SPARSE_WORDS {
+                return PageClass::Dense;
             }
         }
         if found == 0 {
             return PageClass::Zero;
         }
+        let mark = self.entries.len();
+        let mut copied = 0usize;
+        for (c, line) in words.chunks(8).enumerate() {
+            if line.iter().fold(0, |a, w| a | w) == 0 {
+                continue;
+            }
+            for (i, &w) in line.iter().enumerate() {
+                // A word the guest zeroed or set between the two reads is fine: the
+                // write dirtied the page again, so it comes again. Only the count of
+                // words copied must stay within the cap.
+                if w == 0 || copied == MAX_SPARSE_WORDS {
+                    continue;
+                }
+                copied += 1;
+                self.entries
+                    .extend_from_slice(&((c * 8 + i) as u16).to_le_bytes());
+                self.entries.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+        debug_assert!(self.entries.len() - mark == copied * SPARSE_ENTRY_BYTES);
+        if copied == 0 {
+            return PageClass::Zero;
+        }
         self.offsets.push(offset_pages);
-        self.counts.extend_from_slice(&(found as u16).to_le_bytes());
+        self.counts
+            .extend_from_slice(&(copied as u16).to_le_bytes());
         PageClass::Sparse
     }
 
