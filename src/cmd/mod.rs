@@ -32,6 +32,10 @@ pub struct VmArgs {
     /// Run the workload on host threads even where /dev/kvm exists.
     #[arg(long)]
     pub threads: bool,
+    /// Fault all guest RAM in at start (QEMU's -mem-prealloc); for a destination, no
+    /// page fault per incoming page.
+    #[arg(long)]
+    pub prealloc: bool,
 }
 
 impl VmArgs {
@@ -46,6 +50,7 @@ impl VmArgs {
             } else {
                 Backend::Auto
             },
+            prealloc: self.prealloc,
             ..Default::default()
         }
     }

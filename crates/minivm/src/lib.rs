@@ -135,6 +135,9 @@ impl MiniVm {
         };
         let layout = Layout::new(cfg.mem_bytes, cfg.vcpus);
         let (mem, slots) = memory::create(cfg.mem_bytes, cfg.slot_bytes)?;
+        if cfg.prealloc {
+            memory::populate(&slots)?;
+        }
         let memory = Arc::new(mem);
         if !incoming {
             guest::write_low_memory(&memory, &layout)?;

@@ -25,6 +25,11 @@ fn truncated_or_io(e: io::Error, what: &'static str) -> Error {
     }
 }
 
+/// Most buffers one `readv` of [`RecordReader::read_exact_raw`] fills: 32 pages
+/// (128 KiB) stay in L2 until `on_filled` has checksummed them; one read of a whole
+/// 4 MiB batch would leave its first pages to be read back from memory.
+const READ_RAW_MAX_IOVECS: usize = 32;
+
 /// A connection's read side with a small read-ahead buffer.
 pub(crate) struct RecordReader {
     pub(crate) conn: Conn,
@@ -98,7 +103,8 @@ impl RecordReader {
 
     /// Reads exactly the total length of `iov` into those raw buffers, in order,
     /// with `readv` straight into them (page data lands in guest memory directly),
-    /// folding each range into `crc` as it arrives (while it is still in cache).
+    /// handing each range to `on_filled(buffer index, bytes)` as it arrives, in order
+    /// (so a checksum reads it while it is still in cache).
     ///
     /// # Safety
     /// Every `(ptr, len)` must be valid for writes of `len` bytes and must not
@@ -106,7 +112,7 @@ impl RecordReader {
     pub(crate) unsafe fn read_exact_raw(
         &mut self,
         iov: &[(*mut u8, usize)],
-        crc: &mut u32,
+        mut on_filled: impl FnMut(usize, &[u8]),
         what: &'static str,
     ) -> Result<()> {
         let (mut i, mut off) = (0usize, 0usize);
@@ -120,7 +126,7 @@ impl RecordReader {
             unsafe {
                 std::ptr::copy_nonoverlapping(self.buf.as_ptr().add(self.start), p.add(off), n)
             };
-            *crc = crc32c::crc32c_append(*crc, &self.buf[self.start..self.start + n]);
+            on_filled(i, &self.buf[self.start..self.start + n]);
             self.start += n;
             off += n;
             if off == len {
@@ -139,7 +145,7 @@ impl RecordReader {
             list.clear();
             // SAFETY: off < iov[i].len, so the adjusted pointer stays inside buffer `i`.
             list.push((unsafe { iov[i].0.add(off) }, iov[i].1 - off));
-            list.extend(iov[i + 1..].iter().take(MAX_IOVECS - 2).copied());
+            list.extend(iov[i + 1..].iter().take(READ_RAW_MAX_IOVECS - 2).copied());
             let want: usize = list.iter().map(|&(_, l)| l).sum();
             if list.len() == iov.len() - i {
                 // Trailing slot: our own buffer, filled only after every caller
@@ -162,7 +168,7 @@ impl RecordReader {
                 // SAFETY: `readv` just filled these `step` bytes of buffer `i`, which the
                 // caller guarantees is valid (and so readable) for `len` bytes.
                 let filled = unsafe { std::slice::from_raw_parts(iov[i].0.add(off), step) };
-                *crc = crc32c::crc32c_append(*crc, filled);
+                on_filled(i, filled);
                 n_left -= step;
                 off += step;
                 if off == len {

@@ -484,6 +484,7 @@ fn read_u64_body(r: &mut RecordReader, h: &RecordHeader, what: &'static str) -> 
 struct PageScratch {
     bytes: Vec<u8>,
     crcs: Vec<u8>,
+    page_crcs: Vec<u32>,
     pages: Vec<u8>,
     offsets: Vec<u64>,
     zstd: Option<zstd::bulk::Decompressor<'static>>,
@@ -636,14 +637,23 @@ fn read_pages<S: PageSink + ?Sized>(
                 what: "page batch offsets",
             });
         }
-        let mut ignored = 0;
+        // Each page's CRC is folded as its bytes land, while they are in cache: read
+        // back after the whole batch, they come from memory (the kernel's copy of a
+        // large read does not keep them cached).
+        sc.page_crcs.clear();
+        sc.page_crcs.resize(count, 0);
+        let page_crcs = &mut sc.page_crcs;
         // SAFETY: as below: distinct pages of the sink, valid for writes.
-        unsafe { r.read_exact_raw(&iov, &mut ignored, "page data")? };
-        for (i, (&(p, len), &o)) in iov.iter().zip(&sc.offsets).enumerate() {
-            // SAFETY: `p` is the sink page just written, valid for `len` bytes of reads.
-            let page = unsafe { std::slice::from_raw_parts(p, len) };
+        unsafe {
+            r.read_exact_raw(
+                &iov,
+                |i, b| page_crcs[i] = crc32c::crc32c_append(page_crcs[i], b),
+                "page data",
+            )?
+        };
+        for (i, (&got, &o)) in sc.page_crcs.iter().zip(&sc.offsets).enumerate() {
             let one = [o];
-            if crc32c::crc32c(page) == u32_at(&sc.crcs, 4 * i) {
+            if got == u32_at(&sc.crcs, 4 * i) {
                 sh.torn.clear(block_idx, &one);
             } else {
                 // The guest wrote this page while it was sent: it must come again.
@@ -653,7 +663,13 @@ fn read_pages<S: PageSink + ?Sized>(
     } else {
         // SAFETY: each `(p, page_size)` is a distinct page of the sink (offsets strictly
         // increase), valid for writes per the PageSink contract, and never our buffer.
-        unsafe { r.read_exact_raw(&iov, &mut crc, "page data")? };
+        unsafe {
+            r.read_exact_raw(
+                &iov,
+                |_, b| crc = crc32c::crc32c_append(crc, b),
+                "page data",
+            )?
+        };
         if crc != h.body_crc {
             return Err(Error::Checksum { what: "page batch" });
         }
