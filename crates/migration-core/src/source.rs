@@ -38,6 +38,8 @@ const TICK_MS: u64 = 100;
 const POLL_MS: u64 = 10;
 /// Pages a worker claims at a time (two bitmap words).
 const CHUNK_WORDS: usize = 2;
+/// Most threads the final pass reads pages with.
+const MAX_FINAL_PASS_WORKERS: usize = 8;
 /// A wait for the destination to catch up longer than this is followed by a sync,
 /// to count what the guest dirtied meanwhile before switching over.
 const CATCH_UP_MS: u64 = 10;
@@ -597,7 +599,18 @@ impl Run {
     /// log whenever a dirty-rate period is due (at least once a second), so the rate
     /// is measured over 1 s windows however long a pass takes.
     fn send_pass(&self, sender: &Sender, lp: &mut Loop) -> Result<()> {
-        let workers = lp.channels;
+        // With the guest paused its vCPUs leave the host's cores free: the final pass
+        // reads (and sorts out zero and sparse) pages on all of them, whatever the
+        // number of channels (workers share a channel's connection under its lock).
+        let workers = if self.paused.load(Ordering::Acquire) {
+            lp.channels.max(
+                std::thread::available_parallelism()
+                    .map_or(1, |n| n.get())
+                    .min(MAX_FINAL_PASS_WORKERS),
+            )
+        } else {
+            lp.channels
+        };
         let bitmap = lp.bitmap.clone();
         let abort = AtomicBool::new(false);
         let first_error: Mutex<Option<Error>> = Mutex::new(None);
