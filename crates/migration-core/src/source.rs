@@ -38,6 +38,10 @@ const TICK_MS: u64 = 100;
 const POLL_MS: u64 = 10;
 /// Pages a worker claims at a time (two bitmap words).
 const CHUNK_WORDS: usize = 2;
+/// Pages per record: 128 whole pages (512 KiB) are read, checksummed and handed to
+/// the socket while they are still in L2; a 4 MiB batch would be read from memory
+/// twice.
+const SEND_BATCH_PAGES: usize = 128;
 /// Most threads the final pass reads pages with.
 const MAX_FINAL_PASS_WORKERS: usize = 8;
 /// A wait for the destination to catch up longer than this is followed by a sync,
@@ -664,7 +668,7 @@ impl Run {
         n: usize,
         abort: &AtomicBool,
     ) -> Result<()> {
-        let max_batch = sender.max_batch_pages().max(1);
+        let max_batch = sender.max_batch_pages().clamp(1, SEND_BATCH_PAGES);
         let mut batch = Batch::with_capacity(max_batch);
         let sparse = sender.header().features.sparse_pages;
         let words = bitmap.words().len();
