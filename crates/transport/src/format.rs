@@ -3,6 +3,7 @@
 //!
 //! All integers are little-endian. Checksums are CRC32C (Castagnoli).
 
+use crate::checksum;
 use crate::error::{Error, Result};
 
 /// First four bytes of every connection.
@@ -94,7 +95,7 @@ pub(crate) fn encode_record(kind: Kind, body: &[u8]) -> Vec<u8> {
         kind,
         flags: 0,
         body_len: body.len() as u32,
-        body_crc: crc32c::crc32c(body),
+        body_crc: checksum::crc32c(body),
     }
     .encode();
     [&hdr[..], body].concat()
@@ -121,14 +122,14 @@ impl RecordHeader {
         b[1] = self.flags;
         b[4..8].copy_from_slice(&self.body_len.to_le_bytes());
         b[8..12].copy_from_slice(&self.body_crc.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..12]);
+        let crc = checksum::crc32c(&b[..12]);
         b[12..16].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
     /// Decodes and checks a header: its CRC, the type, reserved bits and the length cap.
     pub fn decode(b: &[u8; RECORD_HEADER_BYTES]) -> Result<RecordHeader> {
-        if crc32c::crc32c(&b[..12]) != u32_at(b, 12) {
+        if checksum::crc32c(&b[..12]) != u32_at(b, 12) {
             return Err(Error::Checksum {
                 what: "record header",
             });
@@ -182,7 +183,7 @@ impl Preamble {
         b[6..8].copy_from_slice(&self.channel_index.to_le_bytes());
         b[8..10].copy_from_slice(&self.channel_count.to_le_bytes());
         b[12..20].copy_from_slice(&self.session_id.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..20]);
+        let crc = checksum::crc32c(&b[..20]);
         b[20..24].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -201,7 +202,7 @@ impl Preamble {
                 supported: VERSION,
             });
         }
-        if crc32c::crc32c(&b[..20]) != u32_at(b, 20) {
+        if checksum::crc32c(&b[..20]) != u32_at(b, 20) {
             return Err(Error::Checksum { what: "preamble" });
         }
         let p = Preamble {

@@ -13,6 +13,7 @@
 //! then [`Receiver::send_ack`]. The byte layout is in `FORMAT.md`.
 
 mod barrier;
+pub mod checksum;
 mod conn;
 mod counters;
 mod error;

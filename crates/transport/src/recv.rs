@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::barrier::IterationBarrier;
+use crate::checksum;
 use crate::conn::{Closer, Conn, RawListener};
 use crate::counters::ByteCounters;
 use crate::error::{Error, Result};
@@ -163,7 +164,7 @@ fn accept_from(mut next: impl FnMut() -> Result<Conn>) -> Result<Receiver> {
         )));
     }
     let body = control.read_vec(h.body_len as usize, "stream header")?;
-    if crc32c::crc32c(&body) != h.body_crc {
+    if checksum::crc32c(&body) != h.body_crc {
         return Err(Error::Checksum {
             what: "stream header",
         });
@@ -443,7 +444,7 @@ fn run_channel<S: PageSink + ?Sized>(
 /// Reads a whole (small, capped) body and checks its CRC before anyone uses it.
 fn read_checked(r: &mut RecordReader, h: &RecordHeader, what: &'static str) -> Result<Vec<u8>> {
     let body = r.read_vec(h.body_len as usize, what)?;
-    if crc32c::crc32c(&body) != h.body_crc {
+    if checksum::crc32c(&body) != h.body_crc {
         return Err(Error::Checksum { what });
     }
     Ok(body)
@@ -458,7 +459,7 @@ fn read_small_body(
 ) -> Result<()> {
     buf.resize(h.body_len as usize, 0);
     r.read_exact(buf, what)?;
-    if crc32c::crc32c(buf) != h.body_crc {
+    if checksum::crc32c(buf) != h.body_crc {
         return Err(Error::Checksum { what });
     }
     Ok(())
@@ -473,7 +474,7 @@ fn read_u64_body(r: &mut RecordReader, h: &RecordHeader, what: &'static str) -> 
     }
     let mut b = [0u8; 8];
     r.read_exact(&mut b, what)?;
-    if crc32c::crc32c(&b) != h.body_crc {
+    if checksum::crc32c(&b) != h.body_crc {
         return Err(Error::Checksum { what });
     }
     Ok(u64::from_le_bytes(b))
@@ -592,7 +593,7 @@ fn read_pages<S: PageSink + ?Sized>(
     }
     sc.bytes.resize(offsets_bytes, 0);
     r.read_exact(&mut sc.bytes, "page offsets")?;
-    let mut crc = crc32c::crc32c_append(crc32c::crc32c(&pre), &sc.bytes);
+    let mut crc = checksum::crc32c_append(checksum::crc32c(&pre), &sc.bytes);
     parse_offsets(&sc.bytes, block_idx, block_pages, true, &mut sc.offsets)?;
     let mut iov: Vec<(*mut u8, usize)> = Vec::with_capacity(count);
     for &o in &sc.offsets {
@@ -601,7 +602,7 @@ fn read_pages<S: PageSink + ?Sized>(
     if compressed {
         sc.bytes.resize(data_bytes, 0);
         r.read_exact(&mut sc.bytes, "compressed pages")?;
-        crc = crc32c::crc32c_append(crc, &sc.bytes);
+        crc = checksum::crc32c_append(crc, &sc.bytes);
         if crc != h.body_crc {
             return Err(Error::Checksum { what: "page batch" });
         }
@@ -632,7 +633,7 @@ fn read_pages<S: PageSink + ?Sized>(
     } else if live {
         sc.crcs.resize(crc_bytes, 0);
         r.read_exact(&mut sc.crcs, "page checksums")?;
-        if crc32c::crc32c_append(crc, &sc.crcs) != h.body_crc {
+        if checksum::crc32c_append(crc, &sc.crcs) != h.body_crc {
             return Err(Error::Checksum {
                 what: "page batch offsets",
             });
@@ -647,7 +648,7 @@ fn read_pages<S: PageSink + ?Sized>(
         unsafe {
             r.read_exact_raw(
                 &iov,
-                |i, b| page_crcs[i] = crc32c::crc32c_append(page_crcs[i], b),
+                |i, b| page_crcs[i] = checksum::crc32c_append(page_crcs[i], b),
                 "page data",
             )?
         };
@@ -666,7 +667,7 @@ fn read_pages<S: PageSink + ?Sized>(
         unsafe {
             r.read_exact_raw(
                 &iov,
-                |_, b| crc = crc32c::crc32c_append(crc, b),
+                |_, b| crc = checksum::crc32c_append(crc, b),
                 "page data",
             )?
         };

@@ -12,6 +12,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use crate::checksum;
 use crate::conn::Conn;
 use crate::counters::ByteCounters;
 use crate::error::{Error, Result};
@@ -257,7 +258,7 @@ impl Sender {
         let body_len: usize = body.iter().map(|b| b.len()).sum();
         let crc = body[..crc_parts]
             .iter()
-            .fold(0, |c, b| crc32c::crc32c_append(c, b));
+            .fold(0, |c, b| checksum::crc32c_append(c, b));
         let hdr = RecordHeader {
             kind,
             flags,
@@ -361,7 +362,7 @@ impl Sender {
                 // One CRC per page, so a page torn in flight condemns only itself.
                 let mut crcs = Vec::with_capacity(4 * n);
                 for p in pages {
-                    crcs.extend_from_slice(&crc32c::crc32c(p).to_le_bytes());
+                    crcs.extend_from_slice(&checksum::crc32c(p).to_le_bytes());
                 }
                 let mut body: Vec<&[u8]> = Vec::with_capacity(n + 2);
                 body.push(&prefix);
@@ -706,7 +707,7 @@ fn read_back_record(r: &mut RecordReader) -> Result<Back> {
         });
     }
     let body = r.read_vec(h.body_len as usize, "acknowledgement")?;
-    if crc32c::crc32c(&body) != h.body_crc {
+    if checksum::crc32c(&body) != h.body_crc {
         return Err(Error::Checksum {
             what: "acknowledgement",
         });
