@@ -39,7 +39,7 @@ mod tests {
             assert_eq!(crc32c_append(crc32c(a), b), whole, "cut {cut}");
         }
         assert_eq!(crc32c_append(0, &data), whole);
-        let chunked = data.chunks(4096).fold(0, |c, p| crc32c_append(c, p));
+        let chunked = data.chunks(4096).fold(0, crc32c_append);
         assert_eq!(chunked, whole);
     }
 }
