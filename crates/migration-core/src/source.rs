@@ -38,9 +38,9 @@ const TICK_MS: u64 = 100;
 const POLL_MS: u64 = 10;
 /// Pages a worker claims at a time (two bitmap words).
 const CHUNK_WORDS: usize = 2;
-/// Pages per record: 128 whole pages (512 KiB) are read, checksummed and handed to
-/// the socket while they are still in L2; a 4 MiB batch would be read from memory
-/// twice.
+/// Whole pages per record: 128 (512 KiB) are read, checksummed and handed to the
+/// socket while they are still in L2; a 4 MiB batch would be read from memory twice.
+/// Zero and sparse pages, a few bytes each, fill batches up to the wire's cap.
 const SEND_BATCH_PAGES: usize = 128;
 /// Most threads the final pass reads pages with.
 const MAX_FINAL_PASS_WORKERS: usize = 8;
@@ -668,7 +668,7 @@ impl Run {
         n: usize,
         abort: &AtomicBool,
     ) -> Result<()> {
-        let max_batch = sender.max_batch_pages().clamp(1, SEND_BATCH_PAGES);
+        let max_batch = sender.max_batch_pages().max(1);
         let mut batch = Batch::with_capacity(max_batch);
         let sparse = sender.header().features.sparse_pages;
         let words = bitmap.words().len();
@@ -686,7 +686,10 @@ impl Run {
                     let Some((block_idx, offset)) = self.space.locate_page(page) else {
                         continue;
                     };
-                    if batch.block != Some(block_idx) || batch.len() >= max_batch {
+                    if batch.block != Some(block_idx)
+                        || batch.len() >= max_batch
+                        || batch.offsets.len() >= SEND_BATCH_PAGES
+                    {
                         self.flush(sender, &mut batch, paused())?;
                         batch.block = Some(block_idx);
                     }
