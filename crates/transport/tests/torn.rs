@@ -111,3 +111,21 @@ fn corrupt_offsets_of_a_live_batch_fail_at_once() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_torn_page_resent_as_a_sparse_page_is_fine() {
+    let a = vec![0xaa; PAGE];
+    let mut counter = vec![0u8; PAGE];
+    counter[8..16].copy_from_slice(&42u64.to_le_bytes());
+    let mut s = stream(|s| {
+        s.send_live_pages(0, &[5], &[&a]).unwrap();
+        s.iteration_end(1).unwrap();
+        let mut batch = transport::SparseBatch::default();
+        assert_eq!(batch.classify(5, &counter), transport::PageClass::Sparse);
+        s.send_sparse_pages(0, &batch).unwrap();
+        s.iteration_end(2).unwrap();
+    });
+    tear(&mut s, &a);
+    let d = decode_bytes(&s, 1 << 20).unwrap();
+    assert_eq!(&d.memory[0][5 * PAGE..6 * PAGE], &counter[..]);
+}
