@@ -86,7 +86,13 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
         .ok_or("bad listening line")?
         .to_string();
     eprintln!("destination: pid {} listening on {uri}", dst.child.id());
-    let guest = boot(&args.vm)?;
+    // Preallocation serves the destination: on the source it would make every page
+    // look touched, and the bulk stage would read all of RAM.
+    let source_vm = VmArgs {
+        prealloc: false,
+        ..args.vm.clone()
+    };
+    let guest = boot(&source_vm)?;
     let out = migrate(&guest, &args.migrate, &uri)?;
     report(&out.info);
     let mut checks = json!({});

@@ -33,7 +33,7 @@ pub struct VmArgs {
     #[arg(long)]
     pub threads: bool,
     /// Fault all guest RAM in at start (QEMU's -mem-prealloc); for a destination, no
-    /// page fault per incoming page.
+    /// page fault per incoming page. `ferry demo` passes it to its destination only.
     #[arg(long)]
     pub prealloc: bool,
 }
@@ -72,6 +72,9 @@ impl VmArgs {
         ];
         if self.threads {
             v.push("--threads".into());
+        }
+        if self.prealloc {
+            v.push("--prealloc".into());
         }
         v
     }
