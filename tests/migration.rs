@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::{config, guest_lock, wait_all, TIMEOUT};
 use ferry::migration_core::{
-    ram_digest, Capability, GuestRam, MigratableVm, MigrationSource, ParametersUpdate,
+    incoming_with, ram_digest, Capability, GuestRam, IncomingOptions, MigratableVm,
+    MigrationSource, ParametersUpdate,
 };
 use ferry::stats::{Convergence, MigrationStatus};
 use ferry::GuestVm;
@@ -571,4 +572,74 @@ fn cancel_in_every_state() {
         }
     }
     second_migration_succeeds(&guest, &cfg);
+}
+
+#[test]
+fn without_autostart_the_destination_holds_the_guest_until_resumed() {
+    let _g = guest_lock();
+    let cfg = config(256 << 20, 2, Workload::WorkingSet { pages: 4096 });
+    let guest = boot(&cfg);
+    let dst = Arc::new(GuestVm::incoming(cfg.clone(), DirtyTracking::default()).unwrap());
+    let autostart = Arc::new(AtomicBool::new(false));
+    let inc = incoming_with(
+        dst.clone(),
+        "tcp:127.0.0.1:0",
+        IncomingOptions {
+            verify: true,
+            autostart: autostart.clone(),
+        },
+    )
+    .unwrap();
+    let source = source_for(&guest, 0, 1);
+    source.migrate(&inc.uri().to_string()).unwrap();
+    assert_eq!(
+        source.wait(),
+        MigrationStatus::Completed,
+        "{:?}",
+        source.query()
+    );
+    let report = inc.wait().unwrap();
+    assert!(!report.resumed);
+    assert_eq!(
+        report.ram_digest,
+        Some(ram_digest(&GuestRam::new(guest.clone())))
+    );
+    // Held: nothing runs on either side.
+    let held = dst.counters();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        dst.counters(),
+        held,
+        "the destination guest ran without a start"
+    );
+    // The VMM starts it (QMP `cont`), and it goes on from where the source stopped.
+    dst.resume_vcpus().unwrap();
+    wait_all(&dst.vm(), 2);
+    assert!(dst
+        .counters()
+        .iter()
+        .zip(&held)
+        .all(|(now, then)| now > then));
+}
+
+#[test]
+fn snapshot_to_a_file_and_restore_it() {
+    let _g = guest_lock();
+    let cfg = config(256 << 20, 2, Workload::WorkingSet { pages: 4096 });
+    let guest = boot(&cfg);
+    let path = std::env::temp_dir().join(format!("ferry-test-{}.snapshot", std::process::id()));
+    let uri = format!("file:{}", path.display());
+    let source = source_for(&guest, 0, 1);
+    source.migrate(&uri).unwrap();
+    assert_eq!(
+        source.wait(),
+        MigrationStatus::Completed,
+        "{:?}",
+        source.query()
+    );
+    // The source stays paused (postmigrate), so its RAM is the snapshot's.
+    let digest = ram_digest(&GuestRam::new(guest.clone()));
+    let mut restored = Dest::spawn(&cfg, &uri);
+    restored.check_completed(digest);
+    let _ = std::fs::remove_file(&path);
 }

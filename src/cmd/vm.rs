@@ -32,6 +32,10 @@ pub struct VmCmdArgs {
     /// Track dirty pages with a KVM dirty ring of ENTRIES per vCPU (0 = dirty bitmap).
     #[arg(long, default_value_t = 0)]
     pub dirty_ring: u32,
+    /// Do not start the guest when the incoming migration completes; `cont` does
+    /// (QEMU's -S, as libvirt runs destinations). Needs --incoming.
+    #[arg(short = 'S')]
+    pub no_autostart: bool,
 }
 
 /// The guest as QMP's [`Machine`].
@@ -83,6 +87,9 @@ pub fn run(args: VmCmdArgs) -> Result<(), String> {
     } else {
         DirtyTracking::from_ring_entries(args.dirty_ring)
     };
+    if args.no_autostart && args.incoming.is_none() {
+        return Err("-S is for a migration destination: it needs --incoming".into());
+    }
     let start = match args.incoming.as_deref() {
         None => IncomingStart::None,
         Some("defer") => IncomingStart::Defer,
@@ -119,7 +126,8 @@ pub fn run(args: VmCmdArgs) -> Result<(), String> {
         IncomingStart::None => None,
     };
     let vm: Arc<dyn MigratableVm> = guest;
-    let monitor = Monitor::new(machine, vm, start).map_err(|e| e.to_string())?;
+    let monitor =
+        Monitor::new(machine, vm, start, !args.no_autostart).map_err(|e| e.to_string())?;
     let server = Server::bind(monitor, &args.qmp).map_err(|e| e.to_string())?;
     println!(
         "{}",

@@ -256,3 +256,38 @@ def test_migration_with_dirty_ring(vms):
         await d.disconnect()
 
     run(body())
+
+
+def test_dash_S_holds_the_guest_until_cont(vms):
+    """libvirt's way: the destination runs with -S, the source completes, the
+    destination's guest stays paused with all of its state until `cont`."""
+    src = vms("src", **GUEST)
+    port = free_port()
+    dst = vms("dst", "-S", "--incoming", f"tcp:127.0.0.1:{port}", **GUEST)
+
+    async def body():
+        s = await connect("src", src)
+        d = await connect("dst", dst)
+        await s.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        replies = await poll_until_done(s, 0.05)
+        assert replies[-1]["status"] == "completed", replies[-1]
+        assert (await s.execute("query-status"))["status"] == "postmigrate"
+        while (await d.execute("query-migrate")).get("status") != "completed":
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        assert await d.execute("query-status") == {"running": False, "status": "paused"}
+        await d.execute("cont")
+        assert await d.execute("query-status") == {"running": True, "status": "running"}
+        await s.disconnect()
+        await d.disconnect()
+
+    run(body())
+    assert src.alive() and dst.alive()
+
+
+def test_dash_S_needs_incoming(vms):
+    try:
+        vms("lone", "-S")
+        raise AssertionError("-S accepted without --incoming")
+    except RuntimeError as e:
+        assert "--incoming" in str(e)

@@ -1,6 +1,7 @@
 //! The precopy destination: accept the stream, write pages into guest memory, and only
 //! after a clean end of stream load the device state, resume, and acknowledge.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -25,6 +26,28 @@ pub struct IncomingReport {
     pub device_state_bytes: u64,
     /// Digest of guest RAM taken after loading and before resuming (with `verify`).
     pub ram_digest: Option<u64>,
+    /// Whether the guest was resumed (false: autostart was off, it waits for `cont`).
+    pub resumed: bool,
+}
+
+/// How a destination finishes a migration.
+#[derive(Clone, Debug)]
+pub struct IncomingOptions {
+    /// Take a digest of RAM before resuming (adds to the downtime; tests and the demo).
+    pub verify: bool,
+    /// Read once the stream is loaded: resume the guest (QEMU's autostart, the
+    /// default), or leave it paused for the VMM to start (QEMU's `-S`). Either way
+    /// the source is told the migration succeeded.
+    pub autostart: Arc<AtomicBool>,
+}
+
+impl Default for IncomingOptions {
+    fn default() -> Self {
+        IncomingOptions {
+            verify: false,
+            autostart: Arc::new(AtomicBool::new(true)),
+        }
+    }
 }
 
 /// A destination waiting for, or receiving, a migration.
@@ -77,6 +100,22 @@ unsafe impl PageSink for RamSink<'_> {
 /// the guest's RAM blocks, and its device state loaded. With `verify`, a digest of RAM
 /// is taken before resuming (it adds to the downtime; for tests and the demo).
 pub fn incoming(vm: Arc<dyn MigratableVm>, uri: &str, verify: bool) -> Result<Incoming> {
+    incoming_with(
+        vm,
+        uri,
+        IncomingOptions {
+            verify,
+            ..Default::default()
+        },
+    )
+}
+
+/// Like [`incoming`], with every option.
+pub fn incoming_with(
+    vm: Arc<dyn MigratableVm>,
+    uri: &str,
+    opts: IncomingOptions,
+) -> Result<Incoming> {
     let uri: Uri = uri
         .parse()
         .map_err(|e: transport::Error| Error::InvalidParameter(e.to_string()))?;
@@ -88,7 +127,7 @@ pub fn incoming(vm: Arc<dyn MigratableVm>, uri: &str, verify: bool) -> Result<In
     let thread = std::thread::Builder::new()
         .name("mig/dst".into())
         .spawn(move || {
-            let r = receive(vm, listener, &st, verify);
+            let r = receive(vm, listener, &st, &opts);
             st.total_time_ms
                 .store(st.elapsed_ms(), std::sync::atomic::Ordering::Relaxed);
             match &r {
@@ -112,7 +151,7 @@ fn receive(
     vm: Arc<dyn MigratableVm>,
     listener: Listener,
     stats: &MigStats,
-    verify: bool,
+    opts: &IncomingOptions,
 ) -> Result<IncomingReport> {
     let mut rx = listener.accept()?;
     let start = Instant::now();
@@ -143,21 +182,25 @@ fn receive(
     stats
         .transferred_bytes
         .store(report.received_bytes, std::sync::atomic::Ordering::Relaxed);
-    let result = (|| {
+    let result = (|| -> Result<()> {
         let state = device_state
             .ok_or_else(|| Error::Incompatible("the stream carried no device state".into()))?;
         report.device_state_bytes = state.len() as u64;
         vm.load_device_state(&state)
             .map_err(|e| Error::Guest(format!("loading device state: {e}")))?;
-        if verify {
+        if opts.verify {
             report.ram_digest = Some(ram_digest(&ram));
         }
-        vm.resume_vcpus()
-            .map_err(|e| Error::Guest(format!("resuming: {e}")))
+        report.resumed = opts.autostart.load(Ordering::Acquire);
+        if report.resumed {
+            vm.resume_vcpus()
+                .map_err(|e| Error::Guest(format!("resuming: {e}")))?;
+        }
+        Ok(())
     })();
     match result {
         Ok(()) => {
-            rx.send_ack(true)?;
+            rx.send_ack(report.resumed)?;
             report.total_ms = start.elapsed().as_millis() as u64;
             Ok(report)
         }

@@ -21,9 +21,6 @@ pub enum Error {
     /// The two sides disagree on the guest (RAM blocks, page size).
     #[error("incompatible stream: {0}")]
     Incompatible(String),
-    /// The destination refused or did not resume the guest.
-    #[error("destination: {0}")]
-    Destination(String),
     /// `cancel()` was called.
     #[error("migration cancelled")]
     Cancelled,

@@ -14,7 +14,9 @@ mod params;
 mod rates;
 mod source;
 
-pub use destination::{incoming, ram_digest, Incoming, IncomingReport};
+pub use destination::{
+    incoming, incoming_with, ram_digest, Incoming, IncomingOptions, IncomingReport,
+};
 pub use dirtyrate::{
     wilson_interval, DirtyRateArgs, DirtyRateJob, SamplePlan, SamplingResult, DEFAULT_SAMPLE_PAGES,
     MAX_CALC_TIME_MS, MAX_SAMPLE_PAGES, MIN_CALC_TIME_MS, MIN_SAMPLED_BLOCK_BYTES,

@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Sender, TrySendError};
 use migration_core::{
-    incoming, Capability, DirtyRateArgs, DirtyRateJob, MigratableVm, MigrationEvent,
-    MigrationSource, ParametersUpdate,
+    incoming_with, Capability, DirtyRateArgs, DirtyRateJob, IncomingOptions, MigratableVm,
+    MigrationEvent, MigrationSource, ParametersUpdate,
 };
 use serde_json::{json, Map, Value};
 use stats::{DirtyRateMode, MigStats, MigrationInfo, MigrationStatus, TimeUnit};
@@ -148,9 +148,10 @@ pub struct Monitor {
     source: MigrationSource,
     dirty_rate: DirtyRateJob,
     incoming: Mutex<IncomingState>,
-    /// Cleared by `stop` while in inmigrate: stay paused after the migration (QEMU's
-    /// autostart).
-    autostart: AtomicBool,
+    /// QEMU's autostart: cleared by `-S` or by `stop` while in inmigrate, so the guest
+    /// stays paused after the migration. The destination reads it when the stream is
+    /// loaded, and does not resume the guest if it is clear.
+    autostart: Arc<AtomicBool>,
     /// Set by `cont` after a completed outgoing migration (leaves postmigrate).
     left_postmigrate: AtomicBool,
     quitting: AtomicBool,
@@ -159,11 +160,14 @@ pub struct Monitor {
 
 impl Monitor {
     /// A monitor for `machine` (whose guest is `vm`), as a destination if `start` says
-    /// so. Starts the thread that turns migration progress into events.
+    /// so; with `autostart` false (QEMU's `-S`) an incoming guest stays paused after
+    /// its migration until `cont`. Starts the thread that turns migration progress
+    /// into events.
     pub fn new(
         machine: Arc<dyn Machine>,
         vm: Arc<dyn MigratableVm>,
         start: IncomingStart,
+        autostart: bool,
     ) -> crate::Result<Arc<Monitor>> {
         let mon = Arc::new(Monitor {
             source: MigrationSource::new(vm.clone()),
@@ -174,7 +178,7 @@ impl Monitor {
                 IncomingStart::Defer => IncomingState::Deferred,
                 _ => IncomingState::None,
             }),
-            autostart: AtomicBool::new(true),
+            autostart: Arc::new(AtomicBool::new(autostart)),
             left_postmigrate: AtomicBool::new(false),
             quitting: AtomicBool::new(false),
             events: EventHub::default(),
@@ -243,8 +247,8 @@ impl Monitor {
             IncomingState::Started(st) if st.status() != MigrationStatus::Completed => {
                 return RunState::Inmigrate
             }
-            // `stop` during inmigrate: paused once the migration is done (the watcher
-            // pauses the vCPUs the migration resumed).
+            // `-S`, or `stop` during inmigrate: paused once the migration is done (the
+            // destination did not resume the guest, or the watcher paused it again).
             IncomingState::Started(_) if !self.autostart.load(Ordering::Relaxed) => {
                 return RunState::Paused
             }
@@ -294,7 +298,14 @@ impl Monitor {
             }
             IncomingState::Deferred => {}
         }
-        let inc = incoming(self.vm.clone(), uri, false)?;
+        let inc = incoming_with(
+            self.vm.clone(),
+            uri,
+            IncomingOptions {
+                verify: false,
+                autostart: self.autostart.clone(),
+            },
+        )?;
         let stats = inc.stats().clone();
         *state = IncomingState::Started(stats.clone());
         drop(state);
@@ -323,13 +334,17 @@ impl Monitor {
                 let result = inc.wait();
                 let Some(mon) = weak.upgrade() else { return };
                 match result {
-                    Ok(_) => {
+                    // A `stop` that came after the destination had read autostart
+                    // (and resumed the guest) still leaves the guest paused.
+                    Ok(report) if report.resumed => {
                         if !mon.autostart.load(Ordering::Relaxed) {
                             if let Err(e) = mon.machine.stop() {
                                 eprintln!("qmp: pausing the guest after migration: {e}");
                             }
                         }
                     }
+                    // Held paused (`-S`, or `stop` in time): `cont` starts it.
+                    Ok(_) => {}
                     Err(e) if exit_on_error => mon.machine.incoming_failed(&e.to_string()),
                     Err(_) => {}
                 }
@@ -750,7 +765,7 @@ mod tests {
         let machine = Arc::new(FakeMachine {
             running: AtomicBool::new(true),
         });
-        Monitor::new(machine, FakeVm::new(), start).expect("monitor")
+        Monitor::new(machine, FakeVm::new(), start, true).expect("monitor")
     }
 
     /// Sends `input` (raw bytes) and returns the replies.
