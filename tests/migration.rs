@@ -643,3 +643,20 @@ fn snapshot_to_a_file_and_restore_it() {
     restored.check_completed(digest);
     let _ = std::fs::remove_file(&path);
 }
+
+#[test]
+fn a_destination_of_another_size_refuses_and_the_source_says_why() {
+    let _g = guest_lock();
+    let cfg = config(1 << 30, 2, Workload::WorkingSet { pages: 16384 });
+    let guest = boot(&cfg);
+    let small = config(256 << 20, 2, Workload::WorkingSet { pages: 4096 });
+    let mut dest = Dest::spawn(&small, "tcp:127.0.0.1:0");
+    let source = whole_pages_source(&guest, 0, 1);
+    source.migrate(&dest.uri).unwrap();
+    assert_eq!(source.wait(), MigrationStatus::Failed);
+    let why = source.query().error_desc.unwrap_or_default();
+    assert!(why.contains("RAM blocks differ"), "{why}");
+    dest.check_failed();
+    assert_source_runs(&guest);
+    second_migration_succeeds(&guest, &cfg);
+}

@@ -26,6 +26,9 @@ use crate::limiter::RateLimiter;
 use crate::sparse::{SparseBatch, MAX_SPARSE_PAGE_BYTES};
 use crate::uri::Uri;
 
+/// How long a failed write waits for the receiver's refusal to arrive.
+const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// zstd level for page batches (fast; guest pages compress well or not at all).
 const ZSTD_LEVEL: i32 = 1;
 
@@ -269,7 +272,10 @@ impl Sender {
         let mut parts: Vec<&[u8]> = Vec::with_capacity(body.len() + 1);
         parts.push(&hdr);
         parts.extend_from_slice(body);
-        write_all(&mut ch.conn, &parts, self.limiter())?;
+        if let Err(e) = write_all(&mut ch.conn, &parts, self.limiter()) {
+            // A receiver that refused the stream closes it: its reason beats our EPIPE.
+            return Err(self.refusal().unwrap_or(e));
+        }
         ch.records += 1;
         let total = (RECORD_HEADER_BYTES + body_len) as u64;
         self.counters
@@ -555,6 +561,26 @@ impl Sender {
         st.answer
             .take()
             .unwrap_or_else(|| Err(Error::Aborted("no answer".into())))
+    }
+
+    /// The receiver's refusal, if it sent one (it may do so at any time, e.g. right
+    /// after the header when the guests do not match). Called after a write failed:
+    /// gives the reader thread a moment to read what the receiver said before it
+    /// closed the connection.
+    fn refusal(&self) -> Option<Error> {
+        let back = self.back.as_ref()?;
+        let mut st = back.lock();
+        if !st.done {
+            st = back
+                .changed
+                .wait_timeout_while(st, REFUSAL_WAIT, |st| !st.done)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        match &st.answer {
+            Some(Err(Error::Refused(why))) => Some(Error::Refused(why.clone())),
+            _ => None,
+        }
     }
 
     /// The last iteration (see [`Sender::iteration_end`]) whose pages the receiver
