@@ -343,8 +343,15 @@ impl Monitor {
                             }
                         }
                     }
-                    // Held paused (`-S`, or `stop` in time): `cont` starts it.
-                    Ok(_) => {}
+                    // Held paused (`-S`, or `stop` in time): `cont` starts it, or
+                    // did already if it came after the destination read autostart.
+                    Ok(_) => {
+                        if mon.autostart.load(Ordering::Relaxed) {
+                            if let Err(e) = mon.machine.cont() {
+                                eprintln!("qmp: starting the guest after migration: {e}");
+                            }
+                        }
+                    }
                     Err(e) if exit_on_error => mon.machine.incoming_failed(&e.to_string()),
                     Err(_) => {}
                 }
