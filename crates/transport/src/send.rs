@@ -470,6 +470,7 @@ impl Sender {
         prefix.clear();
         prefix.extend_from_slice(&(block_idx as u32).to_le_bytes());
         prefix.extend_from_slice(&(n as u32).to_le_bytes());
+        // The channel's zstd input buffer is free scratch here (no page data).
         let mut offsets_buf = std::mem::take(&mut ch.zin);
         let [o, c, e] = batch.body_parts(&mut offsets_buf);
         let res = self.write_record(
