@@ -745,7 +745,7 @@ fn read_sparse_pages<S: PageSink + ?Sized>(
         ));
     }
     let body_len = h.body_len as usize;
-    if body_len < 8 {
+    if !(8..=sparse::MAX_SPARSE_BODY_BYTES).contains(&body_len) {
         return Err(Error::Malformed(format!(
             "sparse-page record of {body_len} bytes"
         )));

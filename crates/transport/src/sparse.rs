@@ -11,6 +11,11 @@
 pub const MAX_SPARSE_WORDS: usize = 64;
 /// Bytes of one word entry on the wire: `u16` index, `u64` value.
 pub const SPARSE_ENTRY_BYTES: usize = 10;
+/// Largest body of a sparse-page record: `block, count`, then per page an offset, a
+/// word count and at most [`MAX_SPARSE_WORDS`] entries (650 KiB); the receiver
+/// refuses a longer length before buffering anything.
+pub(crate) const MAX_SPARSE_BODY_BYTES: usize =
+    8 + crate::format::MAX_BATCH_PAGES as usize * (8 + 2 + MAX_SPARSE_WORDS * SPARSE_ENTRY_BYTES);
 /// Largest page size sparse pages serve: word indices are `u16`.
 pub const MAX_SPARSE_PAGE_BYTES: usize = 8 << 16;
 

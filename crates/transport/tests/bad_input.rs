@@ -434,4 +434,17 @@ fn sparse_pages_need_the_header_feature_and_valid_words() {
             other => panic!("{what}: {other:?}"),
         }
     }
+    // A length no sparse record can have is refused before anything is buffered
+    // (malformed, not a cut stream, though no body follows).
+    let huge = RecordHeader {
+        kind: RecordKind::SparsePages,
+        flags: 0,
+        body_len: 1 << 20,
+        body_crc: 0,
+    }
+    .encode();
+    assert!(matches!(
+        decode_bytes(&stream_with(&huge), MAX_RAM),
+        Err(Error::Malformed(_))
+    ));
 }
