@@ -15,7 +15,6 @@ pub struct ByteCounters {
     header_bytes: AtomicU64,
     pages: AtomicU64,
     zero_pages: AtomicU64,
-    sparse_pages: AtomicU64,
     channel_bytes: Box<[AtomicU64]>,
 }
 
@@ -27,7 +26,6 @@ impl ByteCounters {
             header_bytes: AtomicU64::new(0),
             pages: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
-            sparse_pages: AtomicU64::new(0),
             channel_bytes: (0..channels).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -52,10 +50,6 @@ impl ByteCounters {
     pub fn zero_pages(&self) -> u64 {
         self.zero_pages.load(Ordering::Relaxed)
     }
-    /// Of [`ByteCounters::pages`], those carried as sparse pages (their non-zero words).
-    pub fn sparse_pages(&self) -> u64 {
-        self.sparse_pages.load(Ordering::Relaxed)
-    }
     /// Number of connections counted.
     pub fn channels(&self) -> usize {
         self.channel_bytes.len()
@@ -75,10 +69,6 @@ impl ByteCounters {
         if let Some(c) = self.channel_bytes.get(ch) {
             c.fetch_add(header_bytes + payload_bytes, Ordering::Relaxed);
         }
-    }
-    /// Records sparse pages carried (also counted in `pages`).
-    pub(crate) fn add_sparse_pages(&self, pages: u64) {
-        self.sparse_pages.fetch_add(pages, Ordering::Relaxed);
     }
     /// Records pages carried.
     pub(crate) fn add_pages(&self, pages: u64, zero_pages: u64) {

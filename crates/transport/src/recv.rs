@@ -787,6 +787,5 @@ fn read_sparse_pages<S: PageSink + ?Sized>(
         entry_bytes,
     );
     sh.counters.add_pages(count as u64, 0);
-    sh.counters.add_sparse_pages(count as u64);
     Ok(())
 }

@@ -485,7 +485,6 @@ impl Sender {
         ch.zin = offsets_buf;
         if res.is_ok() {
             self.counters.add_pages(n as u64, 0);
-            self.counters.add_sparse_pages(n as u64);
         }
         res
     }

@@ -67,11 +67,6 @@ impl SparseBatch {
         &self.offsets
     }
 
-    /// Bytes of word entries (what the pages' data costs on the wire).
-    pub fn entry_bytes(&self) -> usize {
-        self.entries.len()
-    }
-
     /// Empties the batch, keeping its buffers.
     pub fn clear(&mut self) {
         self.offsets.clear();
