@@ -35,6 +35,23 @@ struct Scenario {
     dest_prealloc: bool,
 }
 
+impl Scenario {
+    /// One channel, unlimited bandwidth, sparse pages, nothing else on.
+    fn new(name: &'static str, mem_bytes: u64, workload: Workload) -> Scenario {
+        Scenario {
+            name,
+            mem_bytes,
+            workload,
+            channels: 1,
+            max_bandwidth: 0,
+            auto_converge: false,
+            sparse_pages: true,
+            dense_mib: 0,
+            dest_prealloc: false,
+        }
+    }
+}
+
 /// What one migration measured.
 #[derive(Clone, Default)]
 struct Run {
@@ -253,129 +270,59 @@ fn main() {
     let gib = 1u64 << 30;
     let ws = |pages| Workload::WorkingSet { pages };
     let scenarios = [
+        Scenario::new("idle 4 GiB", 4 * gib, Workload::Idle),
+        Scenario::new("1 GiB, ws 4096", gib, ws(4096)),
+        Scenario::new("1 GiB, ws 65536, 1 ch", gib, ws(65536)),
         Scenario {
-            name: "idle 4 GiB",
-            mem_bytes: 4 * gib,
-            workload: Workload::Idle,
-            channels: 1,
-            max_bandwidth: 0,
-            auto_converge: false,
-            sparse_pages: true,
-            dense_mib: 0,
-            dest_prealloc: false,
-        },
-        Scenario {
-            name: "1 GiB, ws 4096",
-            mem_bytes: gib,
-            workload: ws(4096),
-            channels: 1,
-            max_bandwidth: 0,
-            auto_converge: false,
-            sparse_pages: true,
-            dense_mib: 0,
-            dest_prealloc: false,
-        },
-        Scenario {
-            name: "1 GiB, ws 65536, 1 ch",
-            mem_bytes: gib,
-            workload: ws(65536),
-            channels: 1,
-            max_bandwidth: 0,
-            auto_converge: false,
-            sparse_pages: true,
-            dense_mib: 0,
-            dest_prealloc: false,
-        },
-        Scenario {
-            name: "1 GiB, ws 65536, 2 ch",
-            mem_bytes: gib,
-            workload: ws(65536),
             channels: 2,
-            max_bandwidth: 0,
-            auto_converge: false,
-            sparse_pages: true,
-            dense_mib: 0,
-            dest_prealloc: false,
+            ..Scenario::new("1 GiB, ws 65536, 2 ch", gib, ws(65536))
         },
         Scenario {
-            name: "1 GiB, ws 65536, 128 MiB/s, whole pages",
-            mem_bytes: gib,
-            workload: ws(65536),
-            channels: 1,
             max_bandwidth: 128 << 20,
-            auto_converge: false,
             sparse_pages: false,
-            dense_mib: 0,
-            dest_prealloc: false,
+            ..Scenario::new("1 GiB, ws 65536, 128 MiB/s, whole pages", gib, ws(65536))
         },
         Scenario {
-            name: "1 GiB, ws 65536, 128 MiB/s, whole pages, auto-converge",
-            mem_bytes: gib,
-            workload: ws(65536),
-            channels: 1,
             max_bandwidth: 128 << 20,
+            sparse_pages: false,
             auto_converge: true,
-            sparse_pages: false,
-            dense_mib: 0,
-            dest_prealloc: false,
+            ..Scenario::new(
+                "1 GiB, ws 65536, 128 MiB/s, whole pages, auto-converge",
+                gib,
+                ws(65536),
+            )
         },
         Scenario {
-            name: "1 GiB, ws 65536, 1 ch, whole pages",
-            mem_bytes: gib,
-            workload: ws(65536),
-            channels: 1,
-            max_bandwidth: 0,
-            auto_converge: false,
             sparse_pages: false,
-            dense_mib: 0,
-            dest_prealloc: false,
+            ..Scenario::new("1 GiB, ws 65536, 1 ch, whole pages", gib, ws(65536))
         },
         Scenario {
-            name: "1 GiB idle, 512 MiB random data, 1 ch",
-            mem_bytes: gib,
-            workload: Workload::Idle,
-            channels: 1,
-            max_bandwidth: 0,
-            auto_converge: false,
-            sparse_pages: true,
             dense_mib: 512,
-            dest_prealloc: false,
+            ..Scenario::new("1 GiB idle, 512 MiB random data, 1 ch", gib, Workload::Idle)
         },
         Scenario {
-            name: "same, destination preallocated",
-            mem_bytes: gib,
-            workload: Workload::Idle,
-            channels: 1,
-            max_bandwidth: 0,
-            auto_converge: false,
-            sparse_pages: true,
             dense_mib: 512,
             dest_prealloc: true,
+            ..Scenario::new("same, destination preallocated", gib, Workload::Idle)
         },
         Scenario {
-            name: "same, destination preallocated, 2 ch",
-            mem_bytes: gib,
-            workload: Workload::Idle,
-            channels: 2,
-            max_bandwidth: 0,
-            auto_converge: false,
-            sparse_pages: true,
             dense_mib: 512,
             dest_prealloc: true,
+            channels: 2,
+            ..Scenario::new("same, destination preallocated, 2 ch", gib, Workload::Idle)
         },
         Scenario {
-            name: "1 GiB, random, 128 MiB/s, whole pages, auto-converge",
-            mem_bytes: gib,
-            workload: Workload::Random {
-                seed: 7,
-                hot_percent: 0,
-            },
-            channels: 1,
             max_bandwidth: 128 << 20,
-            auto_converge: true,
             sparse_pages: false,
-            dense_mib: 0,
-            dest_prealloc: false,
+            auto_converge: true,
+            ..Scenario::new(
+                "1 GiB, random, 128 MiB/s, whole pages, auto-converge",
+                gib,
+                Workload::Random {
+                    seed: 7,
+                    hot_percent: 0,
+                },
+            )
         },
     ];
     println!("| scenario | status | total ms | downtime ms | setup ms | transferred MiB | passes | GiB/s | 'not converging' at ms | downtime: pause / sync / pages / devices / ack ms |");
