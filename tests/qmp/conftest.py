@@ -30,6 +30,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def raw_qmp(path: str):
+    """A negotiated QMP connection on a plain Unix socket (no client library, for
+    benchmarks that must not measure one): returns the socket and its reader."""
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    f = s.makefile("rb")
+    f.readline()
+    s.sendall(b'{"execute":"qmp_capabilities"}')
+    f.readline()
+    return s, f
+
+
 class FerryVm:
     """One `ferry vm` process with its QMP socket."""
 

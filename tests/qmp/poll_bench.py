@@ -20,7 +20,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import FerryVm, free_port  # noqa: E402
+from conftest import FerryVm, free_port, raw_qmp  # noqa: E402
 
 from qemu.qmp import QMPClient  # noqa: E402
 
@@ -39,12 +38,7 @@ def poller(path, ready, stop, out, nice=0):
     """Polls query-migrate back to back on a raw unix socket; records each round trip."""
     if nice:
         os.nice(nice)
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(path)
-    f = s.makefile("rb")
-    f.readline()
-    s.sendall(b'{"execute":"qmp_capabilities"}')
-    f.readline()
+    s, f = raw_qmp(path)
     ready.wait()
     lat, phase, dev_span = [], [], [None, None]
     clock = time.perf_counter_ns

@@ -8,14 +8,13 @@ each spent per query. A benchmark, not a test: it asserts nothing.
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-FERRY = Path(__file__).resolve().parents[2] / "target" / "release" / "ferry"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import FerryVm, raw_qmp  # noqa: E402
 
 
 def process_cpu_s(pid):
@@ -29,39 +28,26 @@ def main():
     ap.add_argument("--workload", default="idle")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        path = f"{tmp}/qmp.sock"
-        vm = subprocess.Popen([str(FERRY), "vm", "--mem", "1G", "--vcpus", "2",
-                               "--workload", args.workload, "--qmp", f"unix:{path}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        vm = FerryVm(Path(tmp), "vm", mem="1G", vcpus=2, workload=args.workload)
         try:
-            for _ in range(400):
-                if os.path.exists(path):
-                    break
-                time.sleep(0.025)
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(path)
-            f = s.makefile("rb")
-            f.readline()
-            s.sendall(b'{"execute":"qmp_capabilities"}')
-            f.readline()
-            n = args.queries
-            vm0, me0, t0 = process_cpu_s(vm.pid), time.process_time(), time.perf_counter()
+            s, f = raw_qmp(vm.qmp_path)
+            pid, n = vm.proc.pid, args.queries
+            vm0, me0, t0 = process_cpu_s(pid), time.process_time(), time.perf_counter()
             for _ in range(n):
                 s.sendall(b'{"execute":"query-migrate"}')
                 f.readline()
             wall = time.perf_counter() - t0
-            vm_cpu = process_cpu_s(vm.pid) - vm0
+            vm_cpu = process_cpu_s(pid) - vm0
             me_cpu = time.process_time() - me0
             # The guest's own CPU over the same time, to subtract.
-            idle0 = process_cpu_s(vm.pid)
+            idle0 = process_cpu_s(pid)
             time.sleep(wall)
-            idle = process_cpu_s(vm.pid) - idle0
+            idle = process_cpu_s(pid) - idle0
             print(f"{n} queries: round trip {wall / n * 1e6:.1f} us; ferry "
                   f"{(vm_cpu - idle) / n * 1e6:.1f} us CPU per query (guest's own "
                   f"CPU subtracted); client {me_cpu / n * 1e6:.1f} us")
         finally:
-            vm.kill()
-            vm.wait()
+            vm.stop()
     return 0
 
 
