@@ -660,3 +660,67 @@ fn a_destination_of_another_size_refuses_and_the_source_says_why() {
     assert_source_runs(&guest);
     second_migration_succeeds(&guest, &cfg);
 }
+
+/// Forwards one migration connection to `upstream` and loses the destination's
+/// acknowledgement: it passes the back-channel's records (Applied, Ready) and closes
+/// both connections when the Ack comes. Returns the URI to migrate to.
+fn ack_losing_proxy(upstream: &str) -> String {
+    use ferry::transport::format::{Kind, RecordHeader, RECORD_HEADER_BYTES};
+    let up = upstream.trim_start_matches("tcp:").to_string();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri = format!("tcp:{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let (mut down, _) = l.accept().unwrap();
+        let mut upc = TcpStream::connect(&up).unwrap();
+        let (mut d2, mut u2) = (down.try_clone().unwrap(), upc.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut d2, &mut u2);
+            let _ = u2.shutdown(Shutdown::Write);
+        });
+        let mut hb = [0u8; RECORD_HEADER_BYTES];
+        while upc.read_exact(&mut hb).is_ok() {
+            let h = RecordHeader::decode(&hb).unwrap();
+            if h.kind == Kind::Ack {
+                break;
+            }
+            let mut body = vec![0u8; h.body_len as usize];
+            upc.read_exact(&mut body).unwrap();
+            if down.write_all(&hb).is_err() || down.write_all(&body).is_err() {
+                break;
+            }
+        }
+        let _ = down.shutdown(Shutdown::Both);
+    });
+    uri
+}
+
+/// The switch-over's one ambiguous moment: the destination took the commit and runs
+/// the guest, and its acknowledgement is lost. The source must not resume too.
+#[test]
+fn a_lost_acknowledgement_leaves_the_source_paused_not_running_twice() {
+    let _g = guest_lock();
+    let cfg = config(256 << 20, 2, Workload::WorkingSet { pages: 4096 });
+    let guest = boot(&cfg);
+    let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
+    let source = source_for(&guest, 0, 1);
+    source.migrate(&ack_losing_proxy(&dest.uri)).unwrap();
+    assert_eq!(source.wait(), MigrationStatus::Failed);
+    let why = source.query().error_desc.unwrap();
+    assert!(
+        why.contains("may be running the guest") && why.contains("stays paused"),
+        "{why}"
+    );
+    // The destination runs the guest, from the source's last state ...
+    dest.check_completed(ram_digest(&GuestRam::new(guest.clone())));
+    // ... and the source does not.
+    let held = guest.counters();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(guest.counters(), held, "the source resumed: two copies run");
+    assert!(
+        !guest.address_space().logging(),
+        "the MIGRATION reason was dropped"
+    );
+    // Its VMM decides: here, that the source goes on (`cont`).
+    guest.resume_vcpus().unwrap();
+    assert_source_runs(&guest);
+}

@@ -1,5 +1,6 @@
 //! The precopy destination: accept the stream, write pages into guest memory, and only
-//! after a clean end of stream load the device state, resume, and acknowledge.
+//! after a clean end of stream load the device state, offer the switch-over, and once
+//! the source commits, resume and acknowledge.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -191,6 +192,8 @@ fn receive(
         if opts.verify {
             report.ram_digest = Some(ram_digest(&ram));
         }
+        // Loaded: offer the switch-over, and start nothing unless the source commits.
+        rx.await_commit()?;
         report.resumed = opts.autostart.load(Ordering::Acquire);
         if report.resumed {
             vm.resume_vcpus()
@@ -200,7 +203,9 @@ fn receive(
     })();
     match result {
         Ok(()) => {
-            rx.send_ack(report.resumed)?;
+            // The guest is ours from the commit on: a lost acknowledgement leaves the
+            // source paused and in doubt, never this side failed.
+            let _ = rx.send_ack(report.resumed);
             report.total_ms = start.elapsed().as_millis() as u64;
             Ok(report)
         }

@@ -311,10 +311,14 @@ impl Run {
         match result {
             Ok(()) => self.set_status(MigrationStatus::Completed),
             Err(e) => {
-                // Give the guest back to the source whatever happened.
                 self.vm.set_throttle_percent(0);
                 stats.cpu_throttle_percentage.store(0, Ordering::Relaxed);
-                if self.paused.swap(false, Ordering::AcqRel) {
+                // Give the guest back to the source, unless the destination took the
+                // switch-over and may be running it: two running copies would be
+                // worse than none, so the source stays paused for its VMM to decide.
+                let in_doubt = matches!(e, Error::Transport(transport::Error::InDoubt(_)));
+                let was_paused = self.paused.swap(false, Ordering::AcqRel);
+                if was_paused && !in_doubt {
                     if let Err(re) = self.vm.resume_vcpus() {
                         stats.set_error(format!("{e}; and resuming the source failed: {re}"));
                     }
@@ -322,9 +326,15 @@ impl Run {
                 if self.space.reasons().contains(DirtyReason::Migration) {
                     let _ = self.space.global_dirty_log_stop(DirtyReason::Migration);
                 }
+                if in_doubt {
+                    stats.set_error(format!(
+                        "{e}; the source guest stays paused: resume it (cont) only if the \
+                         destination does not run it"
+                    ));
+                    self.set_status(MigrationStatus::Failed);
                 // After a cancel, whatever error the aborted connections produced is
                 // the cancel's doing.
-                if matches!(e, Error::Cancelled) || self.cancel.load(Ordering::Acquire) {
+                } else if matches!(e, Error::Cancelled) || self.cancel.load(Ordering::Acquire) {
                     self.set_status(MigrationStatus::Cancelled);
                 } else {
                     stats.set_error(e.to_string());
@@ -800,10 +810,13 @@ impl Run {
         let before = sender.counters().total_bytes();
         self.check_cancel()?;
         let counters = sender.counters();
-        // `resumed: false` is a destination that loaded everything and holds the guest
-        // paused for its VMM to start (autostart off, QEMU's `-S`), or a `file:`
-        // snapshot: the migration succeeded either way. A destination that failed
-        // refuses instead, which `finish` returns as an error.
+        // The switch-over: the destination says it loaded everything, the source
+        // commits, the destination starts the guest and acknowledges. Until the
+        // commit any failure resumes the source; after it a missing answer is
+        // `InDoubt` and the source stays paused (see `run`). `resumed: false` is a
+        // destination that holds the guest paused for its VMM to start (autostart
+        // off, QEMU's `-S`), or a `file:` snapshot: the migration succeeded either
+        // way. A destination that failed refuses instead, an error.
         sender.finish()?;
         phase_done(&phases.ack_us);
         let after = counters.total_bytes();

@@ -81,6 +81,12 @@ pub enum Error {
     /// Another channel of the same stream failed first.
     #[error("stream aborted: {0}")]
     Aborted(String),
+    /// The sender committed the switch-over but the receiver's acknowledgement did
+    /// not come: the receiver may be running the guest, so the sender must not.
+    #[error(
+        "the destination took the switch-over but did not acknowledge it ({0}): it may be running the guest"
+    )]
+    InDoubt(String),
     /// A caller-side argument that cannot be honoured (not peer input).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

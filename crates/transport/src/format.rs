@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 /// First four bytes of every connection.
 pub const MAGIC: [u8; 4] = *b"FRRY";
 /// Format version this build writes and reads.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Size of the connection preamble.
 pub const PREAMBLE_BYTES: usize = 24;
 /// Size of every record header.
@@ -62,6 +62,12 @@ pub enum Kind {
     SparsePages = 9,
     /// Back-channel: every page up to this iteration is in the receiver's memory.
     Applied = 10,
+    /// Back-channel: the stream ended cleanly and the receiver loaded it; it waits
+    /// for `Commit` before it starts the guest.
+    Ready = 11,
+    /// Control, after `End`: the sender hands the guest over. Only after this may
+    /// the receiver start it; from here on the sender never resumes its copy.
+    Commit = 12,
 }
 
 impl Kind {
@@ -77,6 +83,8 @@ impl Kind {
             8 => Kind::Refuse,
             9 => Kind::SparsePages,
             10 => Kind::Applied,
+            11 => Kind::Ready,
+            12 => Kind::Commit,
             other => return Err(Error::UnknownRecord(other)),
         })
     }

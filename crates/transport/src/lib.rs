@@ -6,11 +6,12 @@
 //! borrowed from guest memory, written with one `writev`),
 //! [`Sender::send_zero_pages`], [`Sender::send_sparse_pages`] (pages with a few
 //! non-zero words, sorted out by [`SparseBatch::classify`]), [`Sender::send_device_state`],
-//! [`Sender::iteration_end`] and [`Sender::finish`] (waits for the receiver's
-//! [`Ack`]). Receive side: [`Listener::bind`], [`Listener::accept`], then
-//! [`Receiver::receive`] writes pages through a [`PageSink`] straight into the
-//! destination's memory and hands device state and iteration ends to a callback;
-//! then [`Receiver::send_ack`]. The byte layout is in `FORMAT.md`.
+//! [`Sender::iteration_end`] and [`Sender::finish`] (the switch-over: waits for the
+//! receiver's `Ready`, commits, waits for its [`Ack`]). Receive side:
+//! [`Listener::bind`], [`Listener::accept`], then [`Receiver::receive`] writes pages
+//! through a [`PageSink`] straight into the destination's memory and hands device
+//! state and iteration ends to a callback; then [`Receiver::await_commit`] and
+//! [`Receiver::send_ack`]. The byte layout is in `FORMAT.md`.
 
 mod barrier;
 pub mod checksum;

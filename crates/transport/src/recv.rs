@@ -183,6 +183,8 @@ fn accept_from(mut next: impl FnMut() -> Result<Conn>) -> Result<Receiver> {
         readers,
         counters,
         received: false,
+        ended_cleanly: false,
+        committed: false,
     })
 }
 
@@ -192,6 +194,10 @@ pub struct Receiver {
     readers: Vec<RecordReader>,
     counters: Arc<ByteCounters>,
     received: bool,
+    /// Whether `receive` returned `Ok`.
+    ended_cleanly: bool,
+    /// Whether the sender's `Commit` arrived (always true for `file:`, once asked).
+    committed: bool,
 }
 
 struct Shared<'a> {
@@ -325,7 +331,10 @@ impl Receiver {
             None if torn > 0 => Err(Error::Checksum {
                 what: "pages torn in flight and never sent again",
             }),
-            None => Ok(()),
+            None => {
+                self.ended_cleanly = true;
+                Ok(())
+            }
         }
     }
 
@@ -333,8 +342,53 @@ impl Receiver {
         write_back(&mut self.readers[0].conn, kind, body)
     }
 
-    /// Acknowledges the stream on the control connection (no-op for `file:`).
+    /// The switch-over handshake: tells the sender that the stream ended cleanly
+    /// and is loaded (`Ready`), then waits for its `Commit`. Call it after
+    /// [`Receiver::receive`] returned `Ok` and the device state loaded, and start
+    /// the guest only once it returns `Ok`: an error means the sender did not hand
+    /// the guest over (it went away, was cancelled, or kept it) and may be running
+    /// it. For `file:` there is no sender to ask, and it returns `Ok` at once.
+    pub fn await_commit(&mut self) -> Result<()> {
+        if !self.ended_cleanly {
+            return Err(Error::Protocol(
+                "the switch-over comes after a stream that ended cleanly".into(),
+            ));
+        }
+        let control = &mut self.readers[0];
+        if !control.conn.is_file() {
+            write_back(&mut control.conn, Kind::Ready, &[])?;
+            let mut hb = [0u8; RECORD_HEADER_BYTES];
+            control
+                .read_exact(&mut hb, "the switch-over commit")
+                .map_err(|e| match e {
+                    Error::Truncated { .. } => Error::Aborted(
+                        "the sender closed the stream without handing the guest over".into(),
+                    ),
+                    e => e,
+                })?;
+            let h = RecordHeader::decode(&hb)?;
+            if h.kind != Kind::Commit {
+                return Err(Error::Protocol(format!(
+                    "{:?} record where the switch-over commit belongs",
+                    h.kind
+                )));
+            }
+            if h.body_len != 0 || h.body_crc != checksum::crc32c(&[]) {
+                return Err(Error::Malformed("commit body".into()));
+            }
+        }
+        self.committed = true;
+        Ok(())
+    }
+
+    /// Acknowledges the switch-over on the control connection (no-op for `file:`):
+    /// whether the guest now runs here. Only after [`Receiver::await_commit`].
     pub fn send_ack(&mut self, resumed: bool) -> Result<()> {
+        if !self.committed {
+            return Err(Error::Protocol(
+                "an acknowledgement before the sender's commit".into(),
+            ));
+        }
         self.answer(Kind::Ack, &[u8::from(resumed)])
     }
 

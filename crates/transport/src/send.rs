@@ -17,9 +17,9 @@ use crate::conn::Conn;
 use crate::counters::ByteCounters;
 use crate::error::{Error, Result};
 use crate::format::{
-    max_batch_pages, u64_at, BlockInfo, Compression, Features, Kind, Preamble, RecordHeader,
-    StreamHeader, FLAG_LIVE, FLAG_ZSTD, MAX_BATCH_PAGES, MAX_BODY_BYTES, MAX_MESSAGE_BYTES,
-    MAX_NAME_BYTES, MAX_ZERO_BATCH_PAGES, PREAMBLE_BYTES, RECORD_HEADER_BYTES,
+    encode_record, max_batch_pages, u64_at, BlockInfo, Compression, Features, Kind, Preamble,
+    RecordHeader, StreamHeader, FLAG_LIVE, FLAG_ZSTD, MAX_BATCH_PAGES, MAX_BODY_BYTES,
+    MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_ZERO_BATCH_PAGES, PREAMBLE_BYTES, RECORD_HEADER_BYTES,
 };
 use crate::io::{write_all, RecordReader};
 use crate::limiter::RateLimiter;
@@ -537,8 +537,16 @@ impl Sender {
         Ok(())
     }
 
-    /// Ends the stream: `End` on every data connection, then on the control one,
-    /// and waits for the receiver's acknowledgement (not for `file:`).
+    /// Ends the stream and hands the guest over: `End` on every data connection,
+    /// then on the control one; then (except for `file:`) waits for the receiver's
+    /// `Ready`, writes `Commit` and waits for its `Ack`.
+    ///
+    /// The receiver starts the guest only after `Commit`, so an error returned
+    /// before it went out means the receiver does not run the guest, and the
+    /// caller may resume its own copy. Once `Commit` is written, a missing answer
+    /// is [`Error::InDoubt`]: the receiver may be running the guest, and the
+    /// caller must not resume. A `Refuse` after `Commit` (the receiver failed to
+    /// start the guest) is [`Error::Refused`], as before it.
     pub fn finish(self) -> Result<Ack> {
         let mut chans: Vec<Channel> = self
             .channels
@@ -549,18 +557,44 @@ impl Sender {
             let body = ch.records.to_le_bytes();
             self.write_record(i, ch, Kind::End, 0, &[&body], 0)?;
             ch.conn.flush()?;
-            ch.conn.shutdown_write()?;
+            // The control connection stays open for the commit.
+            if i > 0 || self.back.is_none() {
+                ch.conn.shutdown_write()?;
+            }
         }
         let Some(back) = &self.back else {
             return Ok(Ack { resumed: false });
         };
+        {
+            let mut st = back.lock();
+            while !st.ready && !st.done {
+                st = back.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            if !st.ready {
+                return match st.answer.take() {
+                    Some(Err(e)) => Err(e),
+                    _ => Err(Error::Protocol(
+                        "the receiver acknowledged a switch-over it was never offered".into(),
+                    )),
+                };
+            }
+        }
+        // The point of no return: from here on the receiver may run the guest. A
+        // write that fails delivered no whole record, so no commit.
+        let control = &mut chans[0].conn;
+        write_all(control, &[&encode_record(Kind::Commit, &[])], None)?;
+        control.flush()?;
+        let _ = control.shutdown_write();
         let mut st = back.lock();
         while st.answer.is_none() {
             st = back.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-        st.answer
-            .take()
-            .unwrap_or_else(|| Err(Error::Aborted("no answer".into())))
+        match st.answer.take() {
+            Some(Ok(ack)) => Ok(ack),
+            Some(Err(Error::Refused(why))) => Err(Error::Refused(why)),
+            Some(Err(e)) => Err(Error::InDoubt(e.to_string())),
+            None => Err(Error::InDoubt("no answer".into())),
+        }
     }
 
     /// The receiver's refusal, if it sent one (it may do so at any time, e.g. right
@@ -656,6 +690,8 @@ fn dummy_channel() -> Channel {
 struct BackState {
     /// Highest iteration the receiver reported applied.
     applied: Option<u64>,
+    /// Whether the receiver reported the stream loaded and waits for the commit.
+    ready: bool,
     /// Its final answer (or why none can come); taken by `finish`.
     answer: Option<Result<Ack>>,
     /// Whether the reader stopped (an answer came, or the connection failed).
@@ -691,6 +727,15 @@ impl BackChannel {
                             b.changed.notify_all();
                             continue;
                         }
+                        Ok(Back::Ready) if !st.ready => {
+                            st.ready = true;
+                            b.changed.notify_all();
+                            continue;
+                        }
+                        Ok(Back::Ready) => {
+                            st.answer =
+                                Some(Err(Error::Protocol("a second switch-over offer".into())))
+                        }
                         Ok(Back::Answer(ack)) => st.answer = Some(Ok(ack)),
                         Err(e) => st.answer = Some(Err(e)),
                     }
@@ -707,10 +752,12 @@ impl BackChannel {
 /// One record from the receiver.
 enum Back {
     Applied(u64),
+    Ready,
     Answer(Ack),
 }
 
-/// Reads one record of the back-channel: `Applied`, `Ack`, or `Refuse` (an error).
+/// Reads one record of the back-channel: `Applied`, `Ready`, `Ack`, or `Refuse` (an
+/// error).
 fn read_back_record(r: &mut RecordReader) -> Result<Back> {
     let mut hb = [0u8; RECORD_HEADER_BYTES];
     r.read_exact(&mut hb, "acknowledgement")?;
@@ -718,6 +765,7 @@ fn read_back_record(r: &mut RecordReader) -> Result<Back> {
     let cap = match h.kind {
         Kind::Ack => 1,
         Kind::Applied => 8,
+        Kind::Ready => 0,
         Kind::Refuse => MAX_MESSAGE_BYTES,
         other => {
             return Err(Error::Protocol(format!(
@@ -743,6 +791,7 @@ fn read_back_record(r: &mut RecordReader) -> Result<Back> {
             resumed: body[0] == 1,
         })),
         Kind::Applied if body.len() == 8 => Ok(Back::Applied(u64_at(&body, 0))),
+        Kind::Ready => Ok(Back::Ready),
         Kind::Ack | Kind::Applied => Err(Error::Malformed(format!("{:?} body", h.kind))),
         _ => Err(Error::Refused(String::from_utf8_lossy(&body).into_owned())),
     }

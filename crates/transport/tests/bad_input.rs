@@ -448,3 +448,143 @@ fn sparse_pages_need_the_header_feature_and_valid_words() {
         Err(Error::Malformed(_))
     ));
 }
+
+/// Replays a whole valid stream over TCP as a sender that stops at the switch-over:
+/// it reads the receiver's `Ready`, then does what `then` says. Returns what
+/// `await_commit` answered.
+fn switch_over_with(
+    then: impl FnOnce(&mut std::net::TcpStream) + Send + 'static,
+) -> transport::Result<()> {
+    use std::io::Read;
+    let s = small_stream(Compression::None);
+    let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let Uri::Tcp { port, .. } = l.local_uri().unwrap() else {
+        unreachable!()
+    };
+    let w = std::thread::spawn(move || {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(&s).unwrap();
+        // The back-channel: Applied for the stream's iteration, then Ready.
+        loop {
+            let mut hb = [0u8; RECORD_HEADER_BYTES];
+            c.read_exact(&mut hb).unwrap();
+            let h = RecordHeader::decode(&hb).unwrap();
+            let mut body = vec![0u8; h.body_len as usize];
+            c.read_exact(&mut body).unwrap();
+            if h.kind == RecordKind::Ready {
+                assert_eq!(h.body_len, 0);
+                break;
+            }
+            assert_eq!(h.kind, RecordKind::Applied);
+        }
+        then(&mut c);
+    });
+    let mut rx = l.accept().unwrap();
+    // Nothing may be acknowledged before the stream was received and committed.
+    assert!(matches!(rx.send_ack(true), Err(Error::Protocol(_))));
+    assert!(matches!(rx.await_commit(), Err(Error::Protocol(_))));
+    let sink = VecSink::for_header(rx.header());
+    rx.receive(&sink, |_| Ok(())).unwrap();
+    let r = rx.await_commit();
+    if r.is_err() {
+        assert!(matches!(rx.send_ack(true), Err(Error::Protocol(_))));
+    }
+    w.join().unwrap();
+    r
+}
+
+#[test]
+fn no_commit_means_the_receiver_never_starts_the_guest() {
+    // The sender goes away after Ready (cancelled, or died).
+    let r = switch_over_with(|c| c.shutdown(std::net::Shutdown::Both).unwrap());
+    assert!(
+        matches!(&r, Err(Error::Aborted(m)) if m.contains("without handing the guest over")),
+        "{r:?}"
+    );
+    // A record that is not Commit, a Commit with a body, a cut Commit.
+    let record = |kind: RecordKind, body: &[u8]| {
+        let mut b = RecordHeader {
+            kind,
+            flags: 0,
+            body_len: body.len() as u32,
+            body_crc: transport::checksum::crc32c(body),
+        }
+        .encode()
+        .to_vec();
+        b.extend_from_slice(body);
+        b
+    };
+    let sync = record(RecordKind::Sync, &7u64.to_le_bytes());
+    let r = switch_over_with(move |c| c.write_all(&sync).unwrap());
+    assert!(matches!(r, Err(Error::Protocol(_))), "{r:?}");
+    let fat = record(RecordKind::Commit, &[1]);
+    let r = switch_over_with(move |c| c.write_all(&fat).unwrap());
+    assert!(matches!(r, Err(Error::Malformed(_))), "{r:?}");
+    let cut = record(RecordKind::Commit, &[]);
+    let r = switch_over_with(move |c| c.write_all(&cut[..9]).unwrap());
+    assert!(matches!(r, Err(Error::Aborted(_))), "{r:?}");
+    // The real thing.
+    let commit = record(RecordKind::Commit, &[]);
+    switch_over_with(move |c| c.write_all(&commit).unwrap()).unwrap();
+}
+
+/// Sends the test stream to a receiver that, once it received it, runs `then`,
+/// which keeps the receiver open until the sender has its answer (returns it) or
+/// closes it at once (drops it). Returns what `finish` said.
+fn finish_against(
+    then: impl FnOnce(transport::Receiver) -> Option<transport::Receiver> + Send + 'static,
+) -> transport::Result<transport::Ack> {
+    let (uri, l) = endpoint(Kind::Tcp);
+    let h = std::thread::spawn(move || {
+        let mut rx = l.accept().unwrap();
+        let sink = VecSink::for_header(rx.header());
+        rx.receive(&sink, |_| Ok(())).unwrap();
+        then(rx)
+    });
+    let s = Sender::connect(&uri, PAGE_SIZE, blocks(), opts(2, Compression::None)).unwrap();
+    let r = send_ops(s, &ops());
+    drop(h.join().unwrap());
+    r
+}
+
+#[test]
+fn a_lost_ack_after_the_commit_is_in_doubt_and_nothing_else_is() {
+    // Committed, then gone without an answer: the receiver may run the guest.
+    let r = finish_against(|mut rx| {
+        rx.await_commit().unwrap();
+        None
+    });
+    assert!(matches!(r, Err(Error::InDoubt(_))), "{r:?}");
+    // Gone before Ready: no commit went out, the sender keeps the guest.
+    let r = finish_against(|_| None);
+    assert!(
+        matches!(r, Err(Error::Truncated { .. } | Error::Io(_))),
+        "{r:?}"
+    );
+    // Refused before Ready, or after the commit (it could not start the guest):
+    // either way it does not run it.
+    let r = finish_against(|mut rx| {
+        rx.send_refusal("cannot load").unwrap();
+        Some(rx)
+    });
+    assert!(
+        matches!(&r, Err(Error::Refused(m)) if m == "cannot load"),
+        "{r:?}"
+    );
+    let r = finish_against(|mut rx| {
+        rx.await_commit().unwrap();
+        rx.send_refusal("cannot start").unwrap();
+        Some(rx)
+    });
+    assert!(
+        matches!(&r, Err(Error::Refused(m)) if m == "cannot start"),
+        "{r:?}"
+    );
+    // The whole handshake.
+    let r = finish_against(|mut rx| {
+        rx.await_commit().unwrap();
+        rx.send_ack(true).unwrap();
+        Some(rx)
+    });
+    assert!(r.unwrap().resumed);
+}

@@ -125,6 +125,7 @@ fn run(channels: u16, held: u16, first: u16, old_batch: usize) {
             Ok(())
         })
         .unwrap();
+        rx.await_commit().unwrap();
         rx.send_ack(true).unwrap();
         (sink.block(0)[5 * PAGE_SIZE..6 * PAGE_SIZE].to_vec(), events)
     });

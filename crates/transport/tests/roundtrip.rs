@@ -217,6 +217,7 @@ fn counters_split_payload_and_headers() {
         let mut rx = listener.accept().unwrap();
         let sink = transport::VecSink::for_header(rx.header());
         rx.receive(&sink, |_| Ok(())).unwrap();
+        rx.await_commit().unwrap();
         rx.send_ack(false).unwrap();
         rx.counters()
     });
@@ -252,6 +253,7 @@ fn receiver_reports_applied_iterations() {
             go_rx.recv().unwrap();
             let sink = transport::VecSink::for_header(rx.header());
             rx.receive(&sink, |_| Ok(())).unwrap();
+            rx.await_commit().unwrap();
             rx.send_ack(true).unwrap();
         });
         let s = transport::Sender::connect(&uri, PAGE_SIZE, blocks, opts(2, Compression::None))

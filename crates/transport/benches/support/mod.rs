@@ -88,6 +88,7 @@ pub fn ferry_server(uri: &Uri, dest: Arc<Dest>) -> Uri {
             return;
         };
         rx.receive(&*dest, |_| Ok(())).unwrap();
+        rx.await_commit().unwrap();
         rx.send_ack(true).unwrap();
     });
     uri

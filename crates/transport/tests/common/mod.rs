@@ -198,6 +198,7 @@ pub fn round_trip(
             events.push(e);
             Ok(())
         })?;
+        rx.await_commit()?;
         rx.send_ack(true)?;
         let total = rx.counters().total_bytes();
         Ok((sink.into_blocks(), events, total))
