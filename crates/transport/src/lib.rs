@@ -33,7 +33,7 @@ pub use error::{Error, Result};
 pub use format::{BlockInfo, Compression, Features, StreamHeader};
 pub use limiter::RateLimiter;
 pub use recv::{decode_bytes, Decoded, Event, Listener, Receiver};
-pub use send::{AbortHandle, Ack, SendOptions, Sender};
+pub use send::{decode_answers, AbortHandle, Ack, Answers, SendOptions, Sender};
 pub use sink::{is_zero, PageSink, VecSink};
 pub use sparse::{PageClass, SparseBatch, MAX_SPARSE_WORDS};
 pub use uri::Uri;

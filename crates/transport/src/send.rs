@@ -571,12 +571,12 @@ impl Sender {
                 st = back.changed.wait(st).unwrap_or_else(|p| p.into_inner());
             }
             if !st.ready {
-                return match st.answer.take() {
-                    Some(Err(e)) => Err(e),
-                    _ => Err(Error::Protocol(
-                        "the receiver acknowledged a switch-over it was never offered".into(),
-                    )),
-                };
+                // `apply` turns an Ack before Ready into an error.
+                return Err(st
+                    .answer
+                    .take()
+                    .and_then(|a| a.err())
+                    .unwrap_or_else(|| Error::Aborted("no answer".into())));
             }
         }
         // The point of no return: from here on the receiver may run the guest. A
@@ -698,6 +698,60 @@ struct BackState {
     done: bool,
 }
 
+impl BackState {
+    /// Takes one record (or the error reading it); returns whether more may follow.
+    /// Order: `Applied`*, `Ready`, then `Ack` or `Refuse` (a refusal at any time).
+    fn apply(&mut self, rec: Result<Back>) -> bool {
+        let answer = match rec {
+            Ok(Back::Applied(n)) if !self.ready => {
+                self.applied = self.applied.max(Some(n));
+                return true;
+            }
+            Ok(Back::Ready) if !self.ready => {
+                self.ready = true;
+                return true;
+            }
+            Ok(Back::Applied(_)) => Err(Error::Protocol("Applied after Ready".into())),
+            Ok(Back::Ready) => Err(Error::Protocol("a second switch-over offer".into())),
+            Ok(Back::Answer(_)) if !self.ready => Err(Error::Protocol(
+                "an acknowledgement of a switch-over never offered".into(),
+            )),
+            Ok(Back::Answer(ack)) => Ok(ack),
+            Err(e) => Err(e),
+        };
+        self.answer = Some(answer);
+        self.done = true;
+        false
+    }
+}
+
+/// What a receiver said on its back-channel, decoded from bytes by
+/// [`decode_answers`].
+#[derive(Debug)]
+pub struct Answers {
+    /// The last iteration it reported applied.
+    pub applied: Option<u64>,
+    /// Whether it offered the switch-over (`Ready`).
+    pub ready: bool,
+    /// Its final answer, or why none came.
+    pub answer: Result<Ack>,
+}
+
+/// Decodes a receiver's whole back-channel held in memory with the parser the
+/// sender's reader thread uses. The fuzz target drives that parser through this.
+pub fn decode_answers(stream: &[u8]) -> Answers {
+    let mut r = RecordReader::new(Conn::Bytes(bytes::Bytes::copy_from_slice(stream)));
+    let mut st = BackState::default();
+    while st.apply(read_back_record(&mut r)) {}
+    Answers {
+        applied: st.applied,
+        ready: st.ready,
+        answer: st
+            .answer
+            .unwrap_or_else(|| Err(Error::Aborted("no answer".into()))),
+    }
+}
+
 /// The sender's view of the back-channel, filled by its reader thread.
 #[derive(Default)]
 struct BackChannel {
@@ -721,27 +775,11 @@ impl BackChannel {
                 loop {
                     let rec = read_back_record(&mut r);
                     let mut st = b.lock();
-                    match rec {
-                        Ok(Back::Applied(n)) => {
-                            st.applied = st.applied.max(Some(n));
-                            b.changed.notify_all();
-                            continue;
-                        }
-                        Ok(Back::Ready) if !st.ready => {
-                            st.ready = true;
-                            b.changed.notify_all();
-                            continue;
-                        }
-                        Ok(Back::Ready) => {
-                            st.answer =
-                                Some(Err(Error::Protocol("a second switch-over offer".into())))
-                        }
-                        Ok(Back::Answer(ack)) => st.answer = Some(Ok(ack)),
-                        Err(e) => st.answer = Some(Err(e)),
-                    }
-                    st.done = true;
+                    let more = st.apply(rec);
                     b.changed.notify_all();
-                    return;
+                    if !more {
+                        return;
+                    }
                 }
             })
             .map_err(Error::Io)?;

@@ -502,18 +502,6 @@ fn no_commit_means_the_receiver_never_starts_the_guest() {
         "{r:?}"
     );
     // A record that is not Commit, a Commit with a body, a cut Commit.
-    let record = |kind: RecordKind, body: &[u8]| {
-        let mut b = RecordHeader {
-            kind,
-            flags: 0,
-            body_len: body.len() as u32,
-            body_crc: transport::checksum::crc32c(body),
-        }
-        .encode()
-        .to_vec();
-        b.extend_from_slice(body);
-        b
-    };
     let sync = record(RecordKind::Sync, &7u64.to_le_bytes());
     let r = switch_over_with(move |c| c.write_all(&sync).unwrap());
     assert!(matches!(r, Err(Error::Protocol(_))), "{r:?}");
@@ -587,4 +575,54 @@ fn a_lost_ack_after_the_commit_is_in_doubt_and_nothing_else_is() {
         Some(rx)
     });
     assert!(r.unwrap().resumed);
+}
+
+/// The sender's back-channel parser, on hand-made answers: the order Applied*,
+/// Ready, Ack (or Refuse at any time) and nothing else.
+#[test]
+fn back_channel_answers() {
+    use transport::decode_answers;
+    let applied = |n: u64| record(RecordKind::Applied, &n.to_le_bytes());
+    let ready = record(RecordKind::Ready, &[]);
+    let ack = record(RecordKind::Ack, &[1]);
+    let cat = |parts: &[&[u8]]| parts.concat();
+
+    let a = decode_answers(&cat(&[&applied(1), &applied(3), &ready, &ack]));
+    assert_eq!((a.applied, a.ready), (Some(3), true));
+    assert!(a.answer.unwrap().resumed);
+    let a = decode_answers(&cat(&[&applied(2), &record(RecordKind::Refuse, b"full")]));
+    assert_eq!(a.applied, Some(2));
+    assert!(matches!(&a.answer, Err(Error::Refused(m)) if m == "full"));
+    // Out of order.
+    for bad in [
+        cat(&[&ack]),
+        cat(&[&ready, &ready]),
+        cat(&[&ready, &applied(1)]),
+        cat(&[&record(RecordKind::Sync, &1u64.to_le_bytes())]),
+        cat(&[&ready, &record(RecordKind::Ack, &[2])]),
+        cat(&[&record(RecordKind::Ready, &[0])]),
+    ] {
+        let a = decode_answers(&bad);
+        assert!(
+            matches!(
+                a.answer,
+                Err(Error::Protocol(_) | Error::Malformed(_) | Error::TooLong { .. })
+            ),
+            "{a:?}"
+        );
+    }
+    // Cut anywhere, or damaged: an error, never an answer.
+    let whole = cat(&[&applied(1), &ready, &ack]);
+    for cut in 0..whole.len() {
+        assert!(matches!(
+            decode_answers(&whole[..cut]).answer,
+            Err(Error::Truncated { .. })
+        ));
+    }
+    let mut bent = whole.clone();
+    *bent.last_mut().unwrap() ^= 1;
+    assert!(matches!(
+        decode_answers(&bent).answer,
+        Err(Error::Checksum { .. })
+    ));
 }
