@@ -7,12 +7,17 @@ during stop-and-copy) and each migration's throughput. A benchmark, not a test: 
 asserts nothing.
 
     python3 tests/qmp/poll_bench.py [--runs 3] [--clients 4] [--mem 1G] [--vcpus 2]
-        [--workload sweep=32768] [--warmup 9] [--nice 0]
+        [--workload sweep=32768] [--warmup 9] [--nice 0] [--floor]
 
 The default workload writes 128 MiB/s through all of guest RAM, so after the warm-up
 every page has been touched and the migration moves the whole 1 GiB (minivm sends
 only pages the guest touched; sparse pages are off, so every page travels whole); `--workload working-set=16M --warmup 1` is the
 issue's guest, a short migration.
+
+`--floor` points the polling clients at `crates/qmp/examples/floor.rs` instead of the
+source's QMP socket: a responder that answers every read with a canned reply and does
+no work, under the same migration. Its numbers are what any QMP server gets on this
+machine, the floor under Ferry's.
 """
 
 import argparse
@@ -21,13 +26,14 @@ import json
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import FerryVm, free_port, raw_qmp  # noqa: E402
+from conftest import FerryVm, ferry_bin, free_port, raw_qmp  # noqa: E402
 
 from qemu.qmp import QMPClient  # noqa: E402
 
@@ -59,8 +65,13 @@ def poller(path, ready, stop, out, nice=0):
     out.put((lat, phase, dev_span, t.user + t.system))
 
 
-def qmp_threads_cpu_s(pid):
-    """CPU seconds used so far by the server's QMP client threads."""
+def floor_bin() -> str:
+    return str(Path(ferry_bin()).parent / "examples" / "floor")
+
+
+def qmp_threads_cpu_s(pid, prefix="qmp/client"):
+    """CPU seconds used so far by the server's QMP client threads (prefix "" for
+    every thread of the process)."""
     total = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -69,7 +80,7 @@ def qmp_threads_cpu_s(pid):
         except OSError:
             continue
         comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        if comm.startswith("qmp/client"):
+        if comm.startswith(prefix):
             fields = stat[stat.rindex(")") + 2:].split()
             total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
@@ -94,6 +105,12 @@ async def one_run(tmp, args, polled, idx):
     dst = FerryVm(tmp, f"dst{idx}", "--incoming", f"tcp:127.0.0.1:{port}",
                   mem=args.mem, vcpus=args.vcpus, workload=args.workload)
     procs = []
+    floor = None
+    poll_path = src.qmp_path
+    if polled and args.floor:
+        poll_path = str(tmp / f"floor{idx}.sock")
+        floor = subprocess.Popen([floor_bin(), poll_path], stdout=subprocess.PIPE)
+        floor.stdout.readline()  # listening
     try:
         c = QMPClient("bench")
         await c.connect(src.qmp_path)
@@ -106,7 +123,7 @@ async def one_run(tmp, args, polled, idx):
         ctx = mp.get_context("fork")
         ready, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
         if polled:
-            procs = [ctx.Process(target=poller, args=(src.qmp_path, ready, stop, out, args.nice))
+            procs = [ctx.Process(target=poller, args=(poll_path, ready, stop, out, args.nice))
                      for _ in range(args.clients)]
             for p in procs:
                 p.start()
@@ -119,7 +136,8 @@ async def one_run(tmp, args, polled, idx):
             if info["status"] in ("completed", "failed", "cancelled"):
                 break
             await asyncio.sleep(0.1)
-        server_cpu_s = qmp_threads_cpu_s(src.proc.pid)
+        server_cpu_s = (qmp_threads_cpu_s(floor.pid, "") if floor
+                        else qmp_threads_cpu_s(src.proc.pid))
         stop.set()
         lat, phase, dev_ms, client_cpu_s = [], [], 0.0, 0.0
         for _ in procs:
@@ -150,6 +168,9 @@ async def one_run(tmp, args, polled, idx):
         for p in procs:
             if p.is_alive():
                 p.kill()
+        if floor:
+            floor.kill()
+            floor.wait()
         src.stop()
         dst.stop()
 
@@ -163,7 +184,11 @@ async def main():
     ap.add_argument("--workload", default="sweep=32768")
     ap.add_argument("--warmup", type=float, default=9.0)
     ap.add_argument("--nice", type=int, default=0, help="niceness of the polling clients")
+    ap.add_argument("--floor", action="store_true",
+                    help="poll a do-nothing responder (examples/floor) instead of Ferry")
     args = ap.parse_args()
+    if args.floor and not os.path.exists(floor_bin()):
+        sys.exit(f"{floor_bin()} is missing: cargo build --release -p ferry-qmp --example floor")
     results = {False: [], True: []}
     with tempfile.TemporaryDirectory(prefix="ferry-bench-") as d:
         tmp = Path(d)
