@@ -3,7 +3,11 @@
 the script reports the round trip and the CPU time the ferry process and the client
 each spent per query. A benchmark, not a test: it asserts nothing.
 
-    python3 tests/qmp/query_cost.py [--queries 20000] [--workload idle]
+    python3 tests/qmp/query_cost.py [--queries 20000] [--workload idle] [--migrating]
+
+With `--migrating` the queries fall in a migration that lasts (4 MiB/s to a second
+`ferry vm`, whole pages), so each reply is the full report, and the server's cost
+is the CPU of its QMP client threads alone.
 """
 
 import argparse
@@ -14,7 +18,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import FerryVm, raw_qmp  # noqa: E402
+from conftest import FerryVm, free_port, raw_qmp  # noqa: E402
+from poll_bench import qmp_threads_cpu_s  # noqa: E402
 
 
 def process_cpu_s(pid):
@@ -26,11 +31,30 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--queries", type=int, default=20000)
     ap.add_argument("--workload", default="idle")
+    ap.add_argument("--migrating", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         vm = FerryVm(Path(tmp), "vm", mem="1G", vcpus=2, workload=args.workload)
+        dst = None
         try:
             s, f = raw_qmp(vm.qmp_path)
+            if args.migrating:
+                port = free_port()
+                dst = FerryVm(Path(tmp), "dst", "--incoming", f"tcp:127.0.0.1:{port}",
+                              mem="1G", vcpus=2, workload=args.workload)
+                for cmd in (
+                    '{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":4194304,'
+                    '"x-ferry-sparse-pages":false}}',
+                    f'{{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}',
+                ):
+                    s.sendall(cmd.encode())
+                    assert b'"return"' in f.readline()
+                while True:
+                    s.sendall(b'{"execute":"query-migrate"}')
+                    if b'"status":"active"' in f.readline():
+                        break
+                    time.sleep(0.05)
+                qmp0 = qmp_threads_cpu_s(vm.proc.pid)
             pid, n = vm.proc.pid, args.queries
             vm0, me0, t0 = process_cpu_s(pid), time.process_time(), time.perf_counter()
             for _ in range(n):
@@ -39,6 +63,16 @@ def main():
             wall = time.perf_counter() - t0
             vm_cpu = process_cpu_s(pid) - vm0
             me_cpu = time.process_time() - me0
+            if args.migrating:
+                s.sendall(b'{"execute":"query-migrate"}')
+                assert b'"status":"active"' in f.readline(), "the migration ended early"
+                qmp = qmp_threads_cpu_s(vm.proc.pid) - qmp0
+                print(f"{n} queries during a migration: round trip {wall / n * 1e6:.1f} us; "
+                      f"ferry's QMP thread {qmp / n * 1e6:.1f} us CPU per query; "
+                      f"client {me_cpu / n * 1e6:.1f} us")
+                s.sendall(b'{"execute":"migrate_cancel"}')
+                f.readline()
+                return 0
             # The guest's own CPU over the same time, to subtract.
             idle0 = process_cpu_s(pid)
             time.sleep(wall)
@@ -48,6 +82,8 @@ def main():
                   f"CPU subtracted); client {me_cpu / n * 1e6:.1f} us")
         finally:
             vm.stop()
+            if dst:
+                dst.stop()
     return 0
 
 

@@ -267,6 +267,14 @@ impl Monitor {
     /// `query-migrate`: the outgoing migration if there was one, else the incoming one;
     /// takes no lock the migration thread holds.
     pub fn query_migrate(&self) -> Value {
+        self.migration_info().map_or_else(
+            || json!({}),
+            |info| serde_json::to_value(&info).unwrap_or_else(|_| json!({})),
+        )
+    }
+
+    /// The migration `query-migrate` reports: `None` before any.
+    fn migration_info(&self) -> Option<MigrationInfo> {
         let src = self.source.stats();
         let info = if src.status() != MigrationStatus::None {
             src.snapshot()
@@ -276,10 +284,7 @@ impl Monitor {
                 _ => MigrationInfo::default(),
             }
         };
-        if info.status == MigrationStatus::None {
-            return json!({});
-        }
-        serde_json::to_value(&info).unwrap_or_else(|_| json!({}))
+        (info.status != MigrationStatus::None).then_some(info)
     }
 
     /// Starts listening for the incoming migration and a thread that watches it.
@@ -361,24 +366,32 @@ impl Monitor {
     }
 
     /// Handles one parsed request; returns the reply (None for none) and what to do next.
-    pub fn handle(self: &Arc<Self>, session: &mut Session, req: Value) -> (Value, After) {
+    pub fn handle(self: &Arc<Self>, session: &mut Session, req: Value) -> (String, After) {
         let Value::Object(req) = req else {
             return (
-                error_reply(QmpError::generic("QMP input must be a JSON object"), None),
+                error_reply(QmpError::generic("QMP input must be a JSON object"), None).to_string(),
                 After::Continue,
             );
         };
         let id = req.get("id").cloned();
         match self.dispatch(session, req) {
             Ok((ret, after)) => {
-                let mut r = Map::new();
-                r.insert("return".into(), ret);
-                if let Some(id) = id {
-                    r.insert("id".into(), id);
+                let id = id.as_ref();
+                // Serialized straight from the structs: `query-migrate` is what
+                // pollers ask most, and a `Value` tree of it costs more than the rest.
+                let line = match &ret {
+                    Ret::Value(v) => serde_json::to_string(&Return { ret: v, id }),
+                    Ret::Migration(info) => serde_json::to_string(&Return { ret: &**info, id }),
+                };
+                match line {
+                    Ok(line) => (line, after),
+                    Err(e) => (
+                        error_reply(QmpError::generic(e.to_string()), id.cloned()).to_string(),
+                        After::Continue,
+                    ),
                 }
-                (Value::Object(r), after)
             }
-            Err(e) => (error_reply(e, id), After::Continue),
+            Err(e) => (error_reply(e, id).to_string(), After::Continue),
         }
     }
 
@@ -386,7 +399,7 @@ impl Monitor {
         self: &Arc<Self>,
         session: &mut Session,
         req: Map<String, Value>,
-    ) -> Result<(Value, After), QmpError> {
+    ) -> Result<(Ret, After), QmpError> {
         let mut execute = None;
         let mut arguments = Map::new();
         for (k, v) in req {
@@ -499,7 +512,7 @@ impl Monitor {
             "quit" => {
                 a.finish()?;
                 self.quitting.store(true, Ordering::Relaxed);
-                return Ok((empty(), After::Quit));
+                return Ok((Ret::Value(empty()), After::Quit));
             }
             "migrate" => {
                 let uri = a.str("uri")?;
@@ -583,7 +596,11 @@ impl Monitor {
             }
             "query-migrate" => {
                 a.finish()?;
-                self.query_migrate()
+                return Ok((
+                    self.migration_info()
+                        .map_or_else(|| Ret::Value(empty()), |i| Ret::Migration(Box::new(i))),
+                    After::Continue,
+                ));
             }
             "calc-dirty-rate" => {
                 let calc_time = a.i64("calc-time")?;
@@ -615,7 +632,7 @@ impl Monitor {
                 )))
             }
         };
-        Ok((ret, After::Continue))
+        Ok((Ret::Value(ret), After::Continue))
     }
 
     /// Ends the process through the machine (after `quit` was answered).
@@ -686,7 +703,24 @@ fn parameters_update(members: Map<String, Value>) -> Result<ParametersUpdate, Qm
     })
 }
 
-/// `{"error": {...}, "id": id}`.
+/// What a command returns.
+enum Ret {
+    /// Any reply, as a JSON value.
+    Value(Value),
+    /// `query-migrate` during or after a migration, serialized without a `Value`.
+    Migration(Box<MigrationInfo>),
+}
+
+/// A successful reply: `{"return": ..., "id": ...}` (`id` echoed when given).
+#[derive(serde::Serialize)]
+struct Return<'a, T: serde::Serialize> {
+    #[serde(rename = "return")]
+    ret: &'a T,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a Value>,
+}
+
+/// `{"error": {"class": ..., "desc": ...}, "id": id}`.
 pub fn error_reply(e: QmpError, id: Option<Value>) -> Value {
     let mut r = Map::new();
     r.insert("error".into(), json!({"class": e.class, "desc": e.desc}));
@@ -780,7 +814,10 @@ mod tests {
         let mut framer = crate::framing::Framer::new();
         let mut frames = Vec::new();
         framer.push(input.as_bytes(), &mut frames);
-        frames.into_iter().map(|f| answer(mon, s, f).0).collect()
+        frames
+            .into_iter()
+            .map(|f| serde_json::from_str(&answer(mon, s, f).0).expect("a reply is JSON"))
+            .collect()
     }
 
     fn one(mon: &Arc<Monitor>, s: &mut Session, input: &str) -> Value {
@@ -885,12 +922,15 @@ mod tests {
             assert!(d.starts_with(desc), "{input}: {r}");
             assert!(r.get("id").is_none());
         }
-        let r = answer(
-            &mon,
-            &mut s,
-            Frame::Error("JSON token size limit exceeded".into()),
+        let r: Value = serde_json::from_str(
+            &answer(
+                &mon,
+                &mut s,
+                Frame::Error("JSON token size limit exceeded".into()),
+            )
+            .0,
         )
-        .0;
+        .unwrap();
         assert_eq!(err(&r), ("GenericError", "JSON token size limit exceeded"));
     }
 

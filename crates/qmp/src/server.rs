@@ -192,7 +192,7 @@ pub fn greeting() -> Value {
 }
 
 fn write_line(w: &Mutex<Stream>, v: &Value) -> std::io::Result<()> {
-    write_reply(w, None, v)
+    write_reply(w, None, v.to_string())
 }
 
 /// Writes `v` under the writer lock, after any event already queued for this client,
@@ -200,9 +200,8 @@ fn write_line(w: &Mutex<Stream>, v: &Value) -> std::io::Result<()> {
 fn write_reply(
     w: &Mutex<Stream>,
     events: Option<&Receiver<Arc<str>>>,
-    v: &Value,
+    mut line: String,
 ) -> std::io::Result<()> {
-    let mut line = v.to_string();
     line.push_str("\r\n");
     let mut s = w.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(rx) = events {
@@ -213,17 +212,20 @@ fn write_reply(
     s.write_all(line.as_bytes())
 }
 
-/// Parses and answers one framed value.
-pub fn answer(mon: &Arc<Monitor>, session: &mut Session, frame: Frame) -> (Value, After) {
+/// Parses and answers one framed value: the reply line (without CRLF).
+pub fn answer(mon: &Arc<Monitor>, session: &mut Session, frame: Frame) -> (String, After) {
+    let error = |msg: String| {
+        (
+            error_reply(QmpError::generic(msg), None).to_string(),
+            After::Continue,
+        )
+    };
     match frame {
         Frame::Value(bytes) => match serde_json::from_slice::<Value>(&bytes) {
             Ok(v) => mon.handle(session, v),
-            Err(e) => (
-                error_reply(QmpError::generic(format!("JSON parse error, {e}")), None),
-                After::Continue,
-            ),
+            Err(e) => error(format!("JSON parse error, {e}")),
         },
-        Frame::Error(msg) => (error_reply(QmpError::generic(msg), None), After::Continue),
+        Frame::Error(msg) => error(msg),
     }
 }
 
@@ -250,7 +252,7 @@ fn serve_client(mon: &Arc<Monitor>, stream: Stream) {
             let was_negotiated = session.negotiated();
             let (reply, after) = answer(mon, &mut session, frame);
             let events = subscription.as_ref().map(|(_, rx)| rx);
-            if write_reply(&writer, events, &reply).is_err() {
+            if write_reply(&writer, events, reply).is_err() {
                 break 'conn;
             }
             if !was_negotiated && session.negotiated() {
