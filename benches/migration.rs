@@ -220,10 +220,11 @@ fn median_by<F: Fn(&Run) -> u64>(runs: &[Run], f: F) -> Run {
 }
 
 /// A raw loopback TCP copy of `bytes` of random data, read from memory and written
-/// into (prefaulted) memory with 1 MiB writes and reads: the ceiling for the stream.
+/// into prefaulted memory (or fresh, `into_fresh`) with 1 MiB writes and reads: the
+/// ceiling for the stream into a destination of the same kind.
 /// Like the migration it reads a buffer far larger than the caches; the copy it is
 /// compared with reads guest RAM the same way.
-fn raw_tcp_gib_per_s(bytes: u64) -> f64 {
+fn raw_tcp_gib_per_s(bytes: u64, into_fresh: bool) -> f64 {
     let len = bytes as usize;
     let mut src = vec![1u8; len];
     let mut x = 0x2545_f491_4f6c_dd1du64;
@@ -237,8 +238,13 @@ fn raw_tcp_gib_per_s(bytes: u64) -> f64 {
     let addr = l.local_addr().unwrap();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
-        // Faulted in before the clock starts, as a preallocated destination is.
-        let mut dst = vec![1u8; len];
+        // Faulted in before the clock starts, as a preallocated destination is; or
+        // fresh (calloc maps it untouched), as a destination that did not preallocate.
+        let mut dst = if into_fresh {
+            vec![0u8; len]
+        } else {
+            vec![1u8; len]
+        };
         ready_tx.send(()).unwrap();
         let (mut c, _) = l.accept().unwrap();
         let mut n = 0usize;
@@ -366,7 +372,7 @@ fn main() {
     for s in &dense {
         let (mut runs, mut raws, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..reps {
-            let raw = raw_tcp_gib_per_s(s.dense_mib << 20);
+            let raw = raw_tcp_gib_per_s(s.dense_mib << 20, !s.dest_prealloc);
             let run = migrate(s, Poll::Off, Duration::from_secs(60));
             ratios.push(run.gib_per_s / raw);
             raws.push(raw);
@@ -378,8 +384,9 @@ fn main() {
         };
         let q = median_by(&runs, |r| (r.gib_per_s * 1000.0) as u64);
         println!(
-            "| migration '{}' beside a raw TCP copy of the same bytes (memory to memory) | {:.2} GiB/s beside {:.2} GiB/s: {:.0} % of raw |",
+            "| migration '{}' beside a raw TCP copy of the same bytes (memory to {} memory) | {:.2} GiB/s beside {:.2} GiB/s: {:.0} % of raw |",
             s.name,
+            if s.dest_prealloc { "faulted" } else { "fresh" },
             q.gib_per_s,
             mid(raws),
             mid(ratios) * 100.0
