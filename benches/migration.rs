@@ -3,7 +3,9 @@
 //!
 //! `cargo bench --bench migration` (set `FERRY_BENCH_REPS` to change the 3 repetitions,
 //! `FERRY_BENCH_ONLY=TEXT` to run only the scenarios whose name contains TEXT;
-//! `FERRY_BENCH_ONLY=throughput` runs only the dense-page throughput measures).
+//! `FERRY_BENCH_ONLY=throughput` runs only the dense-page throughput measures and the
+//! polling cost, `FERRY_BENCH_ONLY=polling` only the polling cost, over
+//! `FERRY_BENCH_POLL_PAIRS` rounds, default the repetitions).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -213,6 +215,17 @@ fn fill_random(vm: &GuestVm, gpa: u64, len: u64) {
     }
 }
 
+/// The median of `v` and a distribution-free 95 % interval for it (order
+/// statistics: the ranks n/2 ± 0.98·√n). Sorts `v`.
+fn median_with_interval(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let k = ((n as f64 - 1.96 * (n as f64).sqrt()) / 2.0)
+        .floor()
+        .max(0.0) as usize;
+    (v[n / 2], v[k.min(n - 1)], v[(n - 1).saturating_sub(k)])
+}
+
 fn median_by<F: Fn(&Run) -> u64>(runs: &[Run], f: F) -> Run {
     let mut v: Vec<Run> = runs.to_vec();
     v.sort_by_key(|r| f(r));
@@ -358,7 +371,7 @@ fn main() {
             d.phases,
         );
     }
-    if !only.is_empty() && only != "throughput" {
+    if !only.is_empty() && only != "throughput" && only != "polling" {
         return;
     }
     // Throughput of dense pages beside a raw socket copy, and the cost of polling.
@@ -368,8 +381,7 @@ fn main() {
     let dense: Vec<&Scenario> = scenarios.iter().filter(|s| s.dense_mib > 0).collect();
     // Paired: each repetition runs the raw copy right before the migration, and the
     // ratio is taken per pair (the machine's speed drifts more than the two differ).
-    let mut quiet = Vec::new();
-    for s in &dense {
+    for s in dense.iter().filter(|_| only != "polling") {
         let (mut runs, mut raws, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..reps {
             let raw = raw_tcp_gib_per_s(s.dense_mib << 20, !s.dest_prealloc);
@@ -391,36 +403,48 @@ fn main() {
             mid(raws),
             mid(ratios) * 100.0
         );
-        quiet.push(q);
     }
-    // Polling cost, paired the same way: an unpolled and a polled run back to back.
+    // Polling cost, paired the same way: each round runs the migration unpolled,
+    // polled and with a thread that only wakes, in an order that rotates, so the
+    // machine's drift falls on all three alike. The pair-to-pair noise here is
+    // several percent, so the cost is given with a 95 % interval for its median.
     let heavy = dense[1];
+    let pairs: usize = std::env::var("FERRY_BENCH_POLL_PAIRS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(reps);
+    let modes = [Poll::Off, Poll::Query(10_000), Poll::WakeOnly(10_000)];
+    let mut ratios = [Vec::new(), Vec::new()];
     let mut polled = Vec::new();
-    for (what, poll) in [
-        ("query-migrate polled at 10 kHz", Poll::Query(10_000)),
+    for round in 0..pairs {
+        let mut gib_per_s = [0.0; 3];
+        for k in 0..modes.len() {
+            let m = (round + k) % modes.len();
+            let run = migrate(heavy, modes[m], Duration::from_secs(60));
+            gib_per_s[m] = run.gib_per_s;
+            if m == 1 {
+                polled.push(run);
+            }
+        }
+        ratios[0].push(gib_per_s[1] / gib_per_s[0]);
+        ratios[1].push(gib_per_s[2] / gib_per_s[0]);
+    }
+    let [query, wake] = &mut ratios;
+    for (what, r) in [
+        ("query-migrate polled at 10 kHz", query),
         (
             "a thread waking at 10 kHz that does not query (the wake-ups' own cost)",
-            Poll::WakeOnly(10_000),
+            wake,
         ),
     ] {
-        let (mut runs, mut ratios) = (Vec::new(), Vec::new());
-        for _ in 0..reps {
-            let q = migrate(heavy, Poll::Off, Duration::from_secs(60));
-            let p = migrate(heavy, poll, Duration::from_secs(60));
-            ratios.push(p.gib_per_s / q.gib_per_s);
-            runs.push(p);
-        }
-        ratios.sort_by(f64::total_cmp);
-        let p = median_by(&runs, |r| (r.gib_per_s * 1000.0) as u64);
+        let (median, low, high) = median_with_interval(r);
         println!(
-            "| '{}', {what} | {:.2} GiB/s ({:+.1} % against the unpolled run beside it) |",
+            "| '{}', {what}: throughput cost, median of {pairs} rounds [95 % interval] | {:+.1} % [{:+.1}, {:+.1}] |",
             heavy.name,
-            p.gib_per_s,
-            (ratios[ratios.len() / 2] - 1.0) * 100.0
+            (1.0 - median) * 100.0,
+            (1.0 - high) * 100.0,
+            (1.0 - low) * 100.0,
         );
-        if polled.is_empty() {
-            polled = runs;
-        }
     }
     let p = median_by(&polled, |r| r.query_max_us);
     println!(

@@ -166,6 +166,12 @@ impl MigrationSource {
     }
 
     /// Starts migrating to `uri` on a new thread (`mig/src`); returns once it started.
+    ///
+    /// However it ends, the source guest runs again, except after a completed
+    /// migration (postmigrate: the guest runs on the destination) and after a lost
+    /// acknowledgement of the switch-over: then the destination may run the guest,
+    /// the status is failed with an error-desc that says so, and the source stays
+    /// paused for its VMM to decide.
     pub fn migrate(&self, uri: &str) -> Result<()> {
         let uri: Uri = uri
             .parse()
@@ -332,9 +338,9 @@ impl Run {
                          destination does not run it"
                     ));
                     self.set_status(MigrationStatus::Failed);
-                // After a cancel, whatever error the aborted connections produced is
-                // the cancel's doing.
                 } else if matches!(e, Error::Cancelled) || self.cancel.load(Ordering::Acquire) {
+                    // After a cancel, whatever error the aborted connections produced
+                    // is the cancel's doing.
                     self.set_status(MigrationStatus::Cancelled);
                 } else {
                     stats.set_error(e.to_string());
