@@ -264,17 +264,9 @@ impl Monitor {
         self.machine.status()
     }
 
-    /// `query-migrate`: the outgoing migration if there was one, else the incoming one;
-    /// takes no lock the migration thread holds.
-    pub fn query_migrate(&self) -> Value {
-        self.migration_info().map_or_else(
-            || json!({}),
-            |info| serde_json::to_value(&info).unwrap_or_else(|_| json!({})),
-        )
-    }
-
-    /// The migration `query-migrate` reports: `None` before any.
-    fn migration_info(&self) -> Option<MigrationInfo> {
+    /// What `query-migrate` reports: the outgoing migration if there was one, else
+    /// the incoming one, `None` before any; takes no lock the migration thread holds.
+    pub fn migration_info(&self) -> Option<MigrationInfo> {
         let src = self.source.stats();
         let info = if src.status() != MigrationStatus::None {
             src.snapshot()
@@ -365,7 +357,8 @@ impl Monitor {
         Ok(())
     }
 
-    /// Handles one parsed request; returns the reply (None for none) and what to do next.
+    /// Handles one parsed request; returns the reply line (JSON, without CRLF) and
+    /// what to do next.
     pub fn handle(self: &Arc<Self>, session: &mut Session, req: Value) -> (String, After) {
         let Value::Object(req) = req else {
             return (
