@@ -406,8 +406,8 @@ fn main() {
     }
     // Polling cost, paired the same way: each round runs the migration unpolled,
     // polled and with a thread that only wakes, in an order that rotates, so the
-    // machine's drift falls on all three alike. The pair-to-pair noise here is
-    // several percent, so the cost is given with a 95 % interval for its median.
+    // machine's drift falls on all three alike. One pair can differ by 15 % here
+    // from noise alone, so the cost is given with a 95 % interval for its median.
     let heavy = dense[1];
     let pairs: usize = std::env::var("FERRY_BENCH_POLL_PAIRS")
         .ok()
