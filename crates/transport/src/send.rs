@@ -295,6 +295,17 @@ impl Sender {
         Ok(())
     }
 
+    /// [`Sender::check_block`], and offsets that strictly increase (the receiver
+    /// refuses others: no two destination pages of a record may alias).
+    fn check_page_offsets(&self, block_idx: usize, offsets_pages: &[u64]) -> Result<()> {
+        if offsets_pages.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::InvalidArgument(
+                "page offsets must be strictly increasing".into(),
+            ));
+        }
+        self.check_block(block_idx, offsets_pages)
+    }
+
     /// Sends a batch of pages of one block: `offsets_pages[i]` is the page index
     /// (strictly increasing) of `pages[i]`, a page-sized slice borrowed from guest
     /// memory. Uncompressed, the slices go to the socket without a copy.
@@ -346,12 +357,7 @@ impl Sender {
                 "every page must be {page_size} bytes"
             )));
         }
-        if offsets_pages.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(Error::InvalidArgument(
-                "page offsets must be strictly increasing".into(),
-            ));
-        }
-        self.check_block(block_idx, offsets_pages)?;
+        self.check_page_offsets(block_idx, offsets_pages)?;
 
         let (ch_idx, mut guard) = self.pick();
         let ch = &mut *guard;
@@ -458,12 +464,7 @@ impl Sender {
             )));
         }
         let offsets = batch.offsets();
-        if offsets.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(Error::InvalidArgument(
-                "page offsets must be strictly increasing".into(),
-            ));
-        }
-        self.check_block(block_idx, offsets)?;
+        self.check_page_offsets(block_idx, offsets)?;
         let (ch_idx, mut guard) = self.pick();
         let ch = &mut *guard;
         let mut prefix = std::mem::take(&mut ch.prefix);
