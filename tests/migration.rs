@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::{config, guest_lock, wait_all, TIMEOUT};
 use ferry::migration_core::{
     incoming_with, ram_digest, Capability, GuestRam, IncomingOptions, MigratableVm,
-    MigrationSource, ParametersUpdate,
+    MigrationSource, ParametersUpdate, RunControl, RunState,
 };
 use ferry::stats::{Convergence, MigrationStatus};
 use ferry::GuestVm;
@@ -580,13 +580,13 @@ fn without_autostart_the_destination_holds_the_guest_until_resumed() {
     let cfg = config(256 << 20, 2, Workload::WorkingSet { pages: 4096 });
     let guest = boot(&cfg);
     let dst = Arc::new(GuestVm::incoming(cfg.clone(), DirtyTracking::default()).unwrap());
-    let autostart = Arc::new(AtomicBool::new(false));
+    let run = RunControl::incoming(dst.clone(), false);
     let inc = incoming_with(
         dst.clone(),
         "tcp:127.0.0.1:0",
         IncomingOptions {
             verify: true,
-            autostart: autostart.clone(),
+            run: Some(run.clone()),
         },
     )
     .unwrap();
@@ -612,8 +612,10 @@ fn without_autostart_the_destination_holds_the_guest_until_resumed() {
         held,
         "the destination guest ran without a start"
     );
+    assert_eq!(run.state(), RunState::Paused);
     // The VMM starts it (QMP `cont`), and it goes on from where the source stopped.
-    dst.resume_vcpus().unwrap();
+    run.cont().unwrap();
+    assert_eq!(run.state(), RunState::Running);
     wait_all(&dst.vm(), 2);
     assert!(dst
         .counters()
@@ -720,7 +722,14 @@ fn a_lost_acknowledgement_leaves_the_source_paused_not_running_twice() {
         !guest.address_space().logging(),
         "the MIGRATION reason was dropped"
     );
+    // The run state says so, and a new migration is refused until someone decides.
+    let run = source.run_control();
+    assert_eq!(run.state(), RunState::Postmigrate);
+    assert!(run.in_doubt());
+    let refused = source.migrate("tcp:127.0.0.1:1").unwrap_err().to_string();
+    assert!(refused.contains("in doubt"), "{refused}");
     // Its VMM decides: here, that the source goes on (`cont`).
-    guest.resume_vcpus().unwrap();
+    run.cont().unwrap();
+    assert_eq!(run.state(), RunState::Running);
     assert_source_runs(&guest);
 }

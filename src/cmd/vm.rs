@@ -4,7 +4,6 @@
 //! Prints one JSON line on stdout once the QMP socket listens:
 //! `{"event": "ready", "qmp": ADDRESS, "incoming": URI|null}`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use clap::Args;
 use ferry::migration_core::MigratableVm;
 use ferry::GuestVm;
 use minivm::DirtyTracking;
-use qmp::{IncomingStart, Machine, Monitor, RunState, Server};
+use qmp::{IncomingStart, Machine, Monitor, Server};
 use serde_json::json;
 
 use super::VmArgs;
@@ -38,34 +37,15 @@ pub struct VmCmdArgs {
     pub no_autostart: bool,
 }
 
-/// The guest as QMP's [`Machine`].
+/// The process as QMP's [`Machine`] (the run state lives in the monitor's
+/// `RunControl`).
 struct VmMachine {
     guest: Arc<GuestVm>,
-    /// vCPUs run as far as `stop`/`cont` are concerned (the monitor adds the
-    /// migration states on top). A destination counts as running: it runs as soon as
-    /// the migration resumes it.
-    running: AtomicBool,
 }
 
 impl Machine for VmMachine {
-    fn status(&self) -> RunState {
-        if self.running.load(Ordering::Relaxed) {
-            RunState::Running
-        } else {
-            RunState::Paused
-        }
-    }
-
-    fn stop(&self) -> Result<(), String> {
-        self.guest.pause_vcpus().map_err(|e| e.to_string())?;
-        self.running.store(false, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn cont(&self) -> Result<(), String> {
-        self.guest.resume_vcpus().map_err(|e| e.to_string())?;
-        self.running.store(true, Ordering::Relaxed);
-        Ok(())
+    fn guest_progress(&self) -> Option<Vec<u64>> {
+        Some(self.guest.counters())
     }
 
     fn quit(&self) {
@@ -118,7 +98,6 @@ pub fn run(args: VmCmdArgs) -> Result<(), String> {
     let guest = Arc::new(guest);
     let machine = Arc::new(VmMachine {
         guest: guest.clone(),
-        running: AtomicBool::new(true),
     });
     let incoming_uri = match &start {
         IncomingStart::Now(u) => Some(u.clone()),

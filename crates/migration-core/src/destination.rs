@@ -2,7 +2,6 @@
 //! after a clean end of stream load the device state, offer the switch-over, and once
 //! the source commits, resume and acknowledge.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -12,6 +11,8 @@ use stats::{MigStats, MigrationStatus};
 use transport::{Event, Listener, PageSink, Uri};
 
 use crate::guest::{GuestRam, MigratableVm};
+use crate::runstate::{RunControl, RunState};
+use crate::source::RUN_STATE_DEVICE;
 use crate::{Error, Result};
 
 /// What the destination saw, for reports and tests.
@@ -27,28 +28,22 @@ pub struct IncomingReport {
     pub device_state_bytes: u64,
     /// Digest of guest RAM taken after loading and before resuming (with `verify`).
     pub ram_digest: Option<u64>,
-    /// Whether the guest was resumed (false: autostart was off, it waits for `cont`).
+    /// Whether the guest was resumed (false: autostart was off or the source's guest
+    /// was paused; it waits for `cont`).
     pub resumed: bool,
 }
 
 /// How a destination finishes a migration.
-#[derive(Clone, Debug)]
+#[derive(Clone, Default)]
 pub struct IncomingOptions {
     /// Take a digest of RAM before resuming (adds to the downtime; tests and the demo).
     pub verify: bool,
-    /// Read once the stream is loaded: resume the guest (QEMU's autostart, the
-    /// default), or leave it paused for the VMM to start (QEMU's `-S`). Either way
-    /// the source is told the migration succeeded.
-    pub autostart: Arc<AtomicBool>,
-}
-
-impl Default for IncomingOptions {
-    fn default() -> Self {
-        IncomingOptions {
-            verify: false,
-            autostart: Arc::new(AtomicBool::new(true)),
-        }
-    }
+    /// The guest's run state, shared with the VMM's monitor; it must be in
+    /// inmigrate. After the commit it starts the guest if its autostart is on (QEMU's
+    /// default) and the source's guest was running, else holds it paused for `cont`
+    /// (QEMU's `-S`). Either way the source is told the migration succeeded. `None`:
+    /// a run state of its own, with autostart on.
+    pub run: Option<Arc<RunControl>>,
 }
 
 /// A destination waiting for, or receiving, a migration.
@@ -120,6 +115,18 @@ pub fn incoming_with(
     let uri: Uri = uri
         .parse()
         .map_err(|e: transport::Error| Error::InvalidParameter(e.to_string()))?;
+    let run = match &opts.run {
+        Some(run) => {
+            if run.state() != RunState::Inmigrate {
+                return Err(Error::Busy(format!(
+                    "the guest is {}, not waiting for an incoming migration",
+                    run.state().name()
+                )));
+            }
+            run.clone()
+        }
+        None => RunControl::incoming(vm.clone(), true),
+    };
     let listener = Listener::bind(&uri)?;
     let local = listener.local_uri()?;
     let stats = Arc::new(MigStats::new());
@@ -128,7 +135,7 @@ pub fn incoming_with(
     let thread = std::thread::Builder::new()
         .name("mig/dst".into())
         .spawn(move || {
-            let r = receive(vm, listener, &st, &opts);
+            let r = receive(vm, &run, listener, &st, opts.verify);
             st.total_time_ms
                 .store(st.elapsed_ms(), std::sync::atomic::Ordering::Relaxed);
             match &r {
@@ -150,9 +157,10 @@ pub fn incoming_with(
 
 fn receive(
     vm: Arc<dyn MigratableVm>,
+    run: &RunControl,
     listener: Listener,
     stats: &MigStats,
-    opts: &IncomingOptions,
+    verify: bool,
 ) -> Result<IncomingReport> {
     let mut rx = listener.accept()?;
     let start = Instant::now();
@@ -165,10 +173,24 @@ fn receive(
     }
     let mut report = IncomingReport::default();
     let mut device_state: Option<Vec<u8>> = None;
+    // A stream without the record comes from a source whose guest ran.
+    let mut source_was_running = true;
     let sink = RamSink { ram: &ram };
     rx.receive(&sink, |ev| {
         match ev {
             Event::DeviceState { name, data } if name == "vcpus" => device_state = Some(data),
+            Event::DeviceState { name, data } if name == RUN_STATE_DEVICE => {
+                source_was_running = match data.as_slice() {
+                    b"running" => true,
+                    b"paused" => false,
+                    other => {
+                        return Err(transport::Error::Protocol(format!(
+                            "unknown source run state {:?}",
+                            String::from_utf8_lossy(other)
+                        )))
+                    }
+                }
+            }
             Event::DeviceState { name, .. } => {
                 return Err(transport::Error::Protocol(format!(
                     "unknown device state {name:?}"
@@ -189,16 +211,12 @@ fn receive(
         report.device_state_bytes = state.len() as u64;
         vm.load_device_state(&state)
             .map_err(|e| Error::Guest(format!("loading device state: {e}")))?;
-        if opts.verify {
+        if verify {
             report.ram_digest = Some(ram_digest(&ram));
         }
         // Loaded: offer the switch-over, and start nothing unless the source commits.
         rx.await_commit()?;
-        report.resumed = opts.autostart.load(Ordering::Acquire);
-        if report.resumed {
-            vm.resume_vcpus()
-                .map_err(|e| Error::Guest(format!("resuming: {e}")))?;
-        }
+        report.resumed = run.finish_incoming(source_was_running)?;
         Ok(())
     })();
     match result {

@@ -3,7 +3,9 @@
 //!
 //! A VMM implements [`MigratableVm`] for its guest, hands it to a [`MigrationSource`]
 //! (source side) or [`incoming`] (destination side), and polls
-//! [`MigrationSource::query`] for QEMU-shaped `query-migrate` answers. A
+//! [`MigrationSource::query`] for QEMU-shaped `query-migrate` answers. One
+//! [`RunControl`] per guest holds its run state (QEMU's RunState): the engine and the
+//! VMM's monitor pause and resume the vCPUs only through it. A
 //! [`DirtyRateJob`] answers `calc-dirty-rate` / `query-dirty-rate` for the same guest.
 
 mod destination;
@@ -12,6 +14,7 @@ mod error;
 mod guest;
 mod params;
 mod rates;
+mod runstate;
 mod source;
 
 pub use destination::{
@@ -29,5 +32,6 @@ pub use params::{
     MAX_DOWNTIME_LIMIT_MS,
 };
 pub use rates::{predict_convergence, AutoConverge, BandwidthEstimator, DirtyRatePeriod};
-pub use source::{MigrationEvent, MigrationSource};
+pub use runstate::{MigrationEvent, RunControl, RunState};
+pub use source::MigrationSource;
 pub use stats::{DirtyRateInfo, DirtyRateMode, DirtyRateStatus, TimeUnit};

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver as ChanReceiver, Sender as ChanSender};
+use crossbeam_channel::Receiver as ChanReceiver;
 use dirty_sync::{AddressSpace, DirtyBitmap, DirtyReason, BITS_PER_WORD, PAGE_SIZE};
 use stats::{MigStats, MigrationInfo, MigrationStatus};
 use transport::{
@@ -17,16 +17,8 @@ use crate::params::{
     Capabilities, Capability, CompressionParam, MigrationParameters, ParametersUpdate,
 };
 use crate::rates::{predict_convergence, AutoConverge, BandwidthEstimator, DirtyRatePeriod};
+use crate::runstate::{MigrationEvent, RunControl, RunState, SwitchoverEnd};
 use crate::{Error, Result};
-
-/// Something a watcher of the migration may want to hear (QMP events).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MigrationEvent {
-    /// The status changed (QMP `MIGRATION`).
-    Status(MigrationStatus),
-    /// A dirty-log sync finished pass `n` (QMP `MIGRATION_PASS`).
-    Pass(u64),
-}
 
 /// Bandwidth assumed for the switch-over decision before the first real sample, when
 /// no cap is set: what loopback TCP does on this machine kind, rounded down.
@@ -47,6 +39,9 @@ const MAX_FINAL_PASS_WORKERS: usize = 8;
 /// A wait for the destination to catch up longer than this is followed by a sync,
 /// to count what the guest dirtied meanwhile before switching over.
 const CATCH_UP_MS: u64 = 10;
+/// The device-state record that carries the source's run state at the switch-over
+/// (QEMU's `globalstate` section): `running` or `paused`.
+pub(crate) const RUN_STATE_DEVICE: &str = "runstate";
 
 /// Parameters that may change while a migration runs.
 #[derive(Debug)]
@@ -65,13 +60,13 @@ struct Shared {
     /// Aborts the running migration's connections (set once connected).
     abort: Mutex<Option<transport::AbortHandle>>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    subscribers: Mutex<Vec<ChanSender<MigrationEvent>>>,
 }
 
 /// The source side of migrations of one VM (QEMU's MigrationState): parameters,
 /// capabilities, and at most one migration at a time, running on its own thread.
 pub struct MigrationSource {
     vm: Arc<dyn MigratableVm>,
+    run: Arc<RunControl>,
     shared: Arc<Shared>,
 }
 
@@ -80,8 +75,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl MigrationSource {
-    /// A source for `vm`, with QEMU's default parameters.
+    /// A source for `vm`, whose vCPUs run, with QEMU's default parameters.
     pub fn new(vm: Arc<dyn MigratableVm>) -> Self {
+        Self::with_run_control(RunControl::running(vm))
+    }
+
+    /// A source for the guest of `run`, the run state the VMM's monitor shares (its
+    /// `stop` and `cont` go through the same [`RunControl`]).
+    pub fn with_run_control(run: Arc<RunControl>) -> Self {
+        let vm = run.vm().clone();
         let params = MigrationParameters::default();
         let live = Arc::new(LiveParams {
             max_bandwidth: AtomicU64::new(params.max_bandwidth),
@@ -90,6 +92,7 @@ impl MigrationSource {
         });
         MigrationSource {
             vm,
+            run,
             shared: Arc::new(Shared {
                 params: Mutex::new(params),
                 caps: Mutex::new(Capabilities::default()),
@@ -98,7 +101,6 @@ impl MigrationSource {
                 cancel: Mutex::new(Arc::new(AtomicBool::new(false))),
                 abort: Mutex::new(None),
                 thread: Mutex::new(None),
-                subscribers: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -158,20 +160,27 @@ impl MigrationSource {
         self.stats().snapshot()
     }
 
-    /// Receives status changes and passes from now on.
+    /// Receives status changes, passes, and the guest's stops and resumes from now on.
     pub fn subscribe(&self) -> ChanReceiver<MigrationEvent> {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        lock(&self.shared.subscribers).push(tx);
-        rx
+        self.run.subscribe()
+    }
+
+    /// The guest's run state, shared with whoever else pauses and resumes it.
+    pub fn run_control(&self) -> &Arc<RunControl> {
+        &self.run
     }
 
     /// Starts migrating to `uri` on a new thread (`mig/src`); returns once it started.
     ///
-    /// However it ends, the source guest runs again, except after a completed
-    /// migration (postmigrate: the guest runs on the destination) and after a lost
-    /// acknowledgement of the switch-over: then the destination may run the guest,
-    /// the status is failed with an error-desc that says so, and the source stays
-    /// paused for its VMM to decide.
+    /// Refused while the guest is in postmigrate (after a completed or in-doubt
+    /// migration, until `cont`), inmigrate or finish-migrate, as QEMU refuses it.
+    ///
+    /// However it ends, the source guest returns to the run state it had when the
+    /// switch-over began (running again only if it ran and nobody stopped it), except
+    /// after a completed migration (postmigrate: the guest runs on the destination)
+    /// and after a lost acknowledgement of the switch-over: then the destination may
+    /// run the guest, the status is failed with an error-desc that says so, and the
+    /// source stays paused in postmigrate for its VMM to decide.
     pub fn migrate(&self, uri: &str) -> Result<()> {
         let uri: Uri = uri
             .parse()
@@ -182,6 +191,7 @@ impl MigrationSource {
                 "There's a migration process in progress".into(),
             ));
         }
+        self.run.check_can_migrate()?;
         if let Some(old) = thread.take() {
             let _ = old.join();
         }
@@ -194,6 +204,7 @@ impl MigrationSource {
             ram: GuestRam::new(self.vm.clone()),
             space: self.vm.address_space().clone(),
             vm: self.vm.clone(),
+            run: self.run.clone(),
             stats,
             params: self.parameters(),
             caps: self.capabilities(),
@@ -202,6 +213,7 @@ impl MigrationSource {
             shared: self.shared.clone(),
             busy_ns: AtomicU64::new(0),
             paused: AtomicBool::new(false),
+            switching: AtomicBool::new(false),
         };
         run.emit(MigrationEvent::Status(MigrationStatus::Setup));
         let handle = std::thread::Builder::new()
@@ -261,6 +273,7 @@ struct Tick {
 /// One migration, on its thread.
 struct Run {
     vm: Arc<dyn MigratableVm>,
+    run: Arc<RunControl>,
     ram: GuestRam,
     space: Arc<AddressSpace>,
     stats: Arc<MigStats>,
@@ -271,7 +284,10 @@ struct Run {
     shared: Arc<Shared>,
     /// Nanoseconds the workers spent inside send calls (sum over workers).
     busy_ns: AtomicU64,
+    /// The vCPUs are paused for the final pass (pages go out as they are, not live).
     paused: AtomicBool,
+    /// The run state went to finish-migrate: the end of the run must leave it.
+    switching: AtomicBool,
 }
 
 /// The state the iteration loop keeps between syncs (owned by the migration thread).
@@ -291,7 +307,7 @@ struct Loop {
 
 impl Run {
     fn emit(&self, ev: MigrationEvent) {
-        lock(&self.shared.subscribers).retain(|s| s.send(ev).is_ok());
+        self.run.emit(ev);
     }
 
     fn set_status(&self, s: MigrationStatus) {
@@ -314,36 +330,46 @@ impl Run {
         stats
             .total_time_ms
             .store(stats.elapsed_ms(), Ordering::Relaxed);
+        let in_doubt = matches!(&result, Err(Error::Transport(transport::Error::InDoubt(_))));
+        // Leave finish-migrate: postmigrate once the destination has the guest (or may
+        // have it), else back to the state before the switch-over. Two running copies
+        // would be worse than none, so in doubt the source stays paused.
+        let mut resume_error = None;
+        if self.switching.swap(false, Ordering::AcqRel) {
+            let end = match (&result, in_doubt) {
+                (Ok(()), _) => SwitchoverEnd::Completed,
+                (Err(_), true) => SwitchoverEnd::InDoubt,
+                (Err(_), false) => SwitchoverEnd::Failed,
+            };
+            resume_error = self.run.end_switchover(end).err();
+        }
+        self.paused.store(false, Ordering::Release);
         match result {
             Ok(()) => self.set_status(MigrationStatus::Completed),
             Err(e) => {
                 self.vm.set_throttle_percent(0);
                 stats.cpu_throttle_percentage.store(0, Ordering::Relaxed);
-                // Give the guest back to the source, unless the destination took the
-                // switch-over and may be running it: two running copies would be
-                // worse than none, so the source stays paused for its VMM to decide.
-                let in_doubt = matches!(e, Error::Transport(transport::Error::InDoubt(_)));
-                let was_paused = self.paused.swap(false, Ordering::AcqRel);
-                if was_paused && !in_doubt {
-                    if let Err(re) = self.vm.resume_vcpus() {
-                        stats.set_error(format!("{e}; and resuming the source failed: {re}"));
-                    }
-                }
                 if self.space.reasons().contains(DirtyReason::Migration) {
                     let _ = self.space.global_dirty_log_stop(DirtyReason::Migration);
                 }
+                let resume_note = resume_error
+                    .map(|re| format!("; and resuming the source failed: {re}"))
+                    .unwrap_or_default();
                 if in_doubt {
                     stats.set_error(format!(
-                        "{e}; the source guest stays paused: resume it (cont) only if the \
-                         destination does not run it"
+                        "{e}; the source guest stays paused (postmigrate): resume it \
+                         (cont) only if the destination does not run it"
                     ));
                     self.set_status(MigrationStatus::Failed);
                 } else if matches!(e, Error::Cancelled) || self.cancel.load(Ordering::Acquire) {
                     // After a cancel, whatever error the aborted connections produced
                     // is the cancel's doing.
+                    if !resume_note.is_empty() {
+                        stats.set_error(format!("migration cancelled{resume_note}"));
+                    }
                     self.set_status(MigrationStatus::Cancelled);
                 } else {
-                    stats.set_error(e.to_string());
+                    stats.set_error(format!("{e}{resume_note}"));
                     self.set_status(MigrationStatus::Failed);
                 }
             }
@@ -781,6 +807,13 @@ impl Run {
     /// Stop and copy: pause, final sync, the rest of the pages, device state, end of
     /// stream, and the destination's word that the guest runs there.
     fn complete(&self, sender: Sender, lp: &mut Loop, iteration: u64) -> Result<()> {
+        let paused_at = Instant::now();
+        // Through the run state: STOP if the guest ran (before the `device` status, as
+        // QEMU orders them), and a failure from here on returns the guest to the state
+        // it had, or that a `stop` since asked for.
+        let was_running = self.run.begin_switchover()?;
+        self.switching.store(true, Ordering::Release);
+        self.paused.store(true, Ordering::Release);
         if !self
             .stats
             .transition(MigrationStatus::Active, MigrationStatus::Device)
@@ -788,7 +821,6 @@ impl Run {
             return Err(Error::Cancelled);
         }
         self.emit(MigrationEvent::Status(MigrationStatus::Device));
-        let paused_at = Instant::now();
         let phases = &self.stats.downtime_phases;
         let mut lap = paused_at;
         let mut phase_done = |phase: &AtomicU64| {
@@ -796,10 +828,6 @@ impl Run {
             phase.store((now - lap).as_micros() as u64, Ordering::Relaxed);
             lap = now;
         };
-        self.vm
-            .pause_vcpus()
-            .map_err(|e| Error::Guest(format!("pausing vCPUs: {e}")))?;
-        self.paused.store(true, Ordering::Release);
         phase_done(&phases.pause_us);
         sender.set_max_bandwidth(0);
         self.sync(lp)?;
@@ -811,6 +839,15 @@ impl Run {
             .vm
             .save_device_state()
             .map_err(|e| Error::Guest(format!("saving device state: {e}")))?;
+        // QEMU's global state: a guest that was paused stays paused on the destination.
+        sender.send_device_state(
+            RUN_STATE_DEVICE,
+            if was_running {
+                RunState::Running.name().as_bytes()
+            } else {
+                RunState::Paused.name().as_bytes()
+            },
+        )?;
         sender.send_device_state("vcpus", &state)?;
         phase_done(&phases.device_us);
         let before = sender.counters().total_bytes();
@@ -843,8 +880,8 @@ impl Run {
             Ordering::Relaxed,
         );
         self.stats.remaining_bytes.store(0, Ordering::Relaxed);
-        // The guest now runs on the destination; the source stays paused (postmigrate).
-        self.paused.store(false, Ordering::Release);
+        // The guest now runs on the destination; the source stays paused (postmigrate,
+        // set by `run`).
         self.vm.set_throttle_percent(0);
         // The guest runs on the destination now: nothing may fail this migration any
         // more (failing would resume the source, and two copies would run). A listener

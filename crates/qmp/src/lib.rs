@@ -2,7 +2,7 @@
 //! tools that drive QEMU migrations (libvirt, KubeVirt, `qemu.qmp` scripts) drive
 //! Ferry's unchanged.
 //!
-//! A VMM implements [`Machine`] (run state, stop, cont, quit), builds a [`Monitor`]
+//! A VMM implements [`Machine`] (quit, a failed incoming migration), builds a [`Monitor`]
 //! over it and its [`migration_core::MigratableVm`], and [`Server::bind`]s it to an
 //! address. The monitor owns the migration source, the incoming migration and the
 //! dirty-rate job; `query-migrate` reads the engine's atomics and never waits for the
@@ -18,7 +18,8 @@ mod server;
 pub use args::Args;
 pub use error::{Error, ErrorClass, QmpError, Result};
 pub use framing::{Frame, Framer, MAX_MESSAGE_BYTES, MAX_NESTING};
-pub use machine::{Machine, RunState};
+pub use machine::Machine;
+pub use migration_core::{RunControl, RunState};
 pub use monitor::{
     error_reply, event_json, After, IncomingStart, Monitor, Session, COMMANDS, EVENT_QUEUE,
     QEMU_VERSION,

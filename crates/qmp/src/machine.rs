@@ -1,42 +1,14 @@
-//! The machine as the QMP server sees it: run state and the stop/cont/quit controls.
-//! The VMM implements [`Machine`]; the server never touches vCPUs itself.
+//! The machine as the QMP server sees it: the process controls. The run state and
+//! the vCPUs belong to `migration_core::RunControl`, which the monitor drives.
 
-use serde::Serialize;
-
-/// QEMU's RunState, the values Ferry reports (`query-status`'s `status`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RunState {
-    /// vCPUs run.
-    Running,
-    /// Stopped by `stop` (or not started).
-    Paused,
-    /// Waiting for or receiving an incoming migration.
-    Inmigrate,
-    /// Stop-and-copy of an outgoing migration: vCPUs paused, the rest being sent.
-    FinishMigrate,
-    /// An outgoing migration completed; the guest runs on the destination now.
-    Postmigrate,
-    /// `quit` was received.
-    Shutdown,
-}
-
-impl RunState {
-    /// True for the states in which vCPUs run (`query-status`'s `running`).
-    pub fn is_running(self) -> bool {
-        self == RunState::Running
-    }
-}
-
-/// The VMM's side of `query-status`, `stop`, `cont` and `quit`.
+/// The VMM's side of `quit` and of a failed incoming migration.
 pub trait Machine: Send + Sync {
-    /// Whether the vCPUs run ([`RunState::Running`]) or not ([`RunState::Paused`]);
-    /// the server layers the migration states on top.
-    fn status(&self) -> RunState;
-    /// Pauses every vCPU; returns once none runs.
-    fn stop(&self) -> Result<(), String>;
-    /// Lets the vCPUs run again (starts them on a destination that never ran).
-    fn cont(&self) -> Result<(), String>;
+    /// Per vCPU, a count that grows while the vCPU runs guest code (minivm's round
+    /// counters), for `x-ferry-query-guest-progress`: lets a tool see from the guest
+    /// itself whether it runs. `None` (the default) when the VMM has none.
+    fn guest_progress(&self) -> Option<Vec<u64>> {
+        None
+    }
     /// Ends the process (called after the reply to `quit` was written).
     fn quit(&self);
     /// An incoming migration failed and the VMM should exit, as QEMU does; by

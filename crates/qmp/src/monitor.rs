@@ -1,21 +1,21 @@
 //! The monitor: state shared by every client (the machine, the migration source, the
 //! incoming migration, the dirty-rate job, the event hub) and command dispatch.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Sender, TrySendError};
 use migration_core::{
     incoming_with, Capability, DirtyRateArgs, DirtyRateJob, IncomingOptions, MigratableVm,
-    MigrationEvent, MigrationSource, ParametersUpdate,
+    MigrationEvent, MigrationSource, ParametersUpdate, RunControl, RunState,
 };
 use serde_json::{json, Map, Value};
 use stats::{DirtyRateMode, MigStats, MigrationInfo, MigrationStatus, TimeUnit};
 
 use crate::args::{object, Args};
 use crate::error::QmpError;
-use crate::machine::{Machine, RunState};
+use crate::machine::Machine;
 
 /// The QEMU version the greeting and `query-version` report: the QMP surface Ferry
 /// follows (calc-dirty-rate's `calc-time-unit` is 8.2's).
@@ -46,6 +46,7 @@ pub const COMMANDS: &[&str] = &[
     "query-migrate",
     "calc-dirty-rate",
     "query-dirty-rate",
+    "x-ferry-query-guest-progress",
 ];
 
 /// How the destination side starts (QEMU's `-incoming`).
@@ -148,13 +149,9 @@ pub struct Monitor {
     source: MigrationSource,
     dirty_rate: DirtyRateJob,
     incoming: Mutex<IncomingState>,
-    /// QEMU's autostart: cleared by `-S` or by `stop` while in inmigrate, so the guest
-    /// stays paused after the migration. The destination reads it when the stream is
-    /// loaded, and does not resume the guest if it is clear.
-    autostart: Arc<AtomicBool>,
-    /// Set by `cont` after a completed outgoing migration (leaves postmigrate).
-    left_postmigrate: AtomicBool,
-    quitting: AtomicBool,
+    /// The run state: `stop`, `cont`, the switch-over and the destination's start all
+    /// go through it, and `STOP` / `RESUME` come from it.
+    run: Arc<RunControl>,
     events: EventHub,
 }
 
@@ -169,8 +166,12 @@ impl Monitor {
         start: IncomingStart,
         autostart: bool,
     ) -> crate::Result<Arc<Monitor>> {
+        let run = match start {
+            IncomingStart::None => RunControl::running(vm.clone()),
+            _ => RunControl::incoming(vm.clone(), autostart),
+        };
         let mon = Arc::new(Monitor {
-            source: MigrationSource::new(vm.clone()),
+            source: MigrationSource::with_run_control(run.clone()),
             dirty_rate: DirtyRateJob::new(vm.clone()),
             machine,
             vm,
@@ -178,22 +179,19 @@ impl Monitor {
                 IncomingStart::Defer => IncomingState::Deferred,
                 _ => IncomingState::None,
             }),
-            autostart: Arc::new(AtomicBool::new(autostart)),
-            left_postmigrate: AtomicBool::new(false),
-            quitting: AtomicBool::new(false),
+            run,
             events: EventHub::default(),
         });
-        let rx = mon.source.subscribe();
+        // Events are queued for the clients on the thread that caused them, in order:
+        // STOP before the `stop` reply and before MIGRATION `device`, as in QEMU.
         let weak = Arc::downgrade(&mon);
-        std::thread::Builder::new()
-            .name("qmp/events".into())
-            .spawn(move || {
-                for ev in rx {
-                    let Some(mon) = weak.upgrade() else { break };
-                    mon.migration_event(ev);
-                }
-            })
-            .map_err(crate::Error::Thread)?;
+        mon.run.on_event(move |ev| match weak.upgrade() {
+            Some(mon) => {
+                mon.migration_event(ev);
+                true
+            }
+            None => false,
+        });
         if let IncomingStart::Now(uri) = start {
             *lock(&mon.incoming) = IncomingState::Deferred;
             mon.start_incoming(&uri, true)
@@ -212,10 +210,10 @@ impl Monitor {
     }
 
     fn migration_event(&self, ev: MigrationEvent) {
-        if !self.events_on() {
-            return;
-        }
         let ev = match ev {
+            MigrationEvent::Stop => event_json("STOP", None),
+            MigrationEvent::Resume => event_json("RESUME", None),
+            _ if !self.events_on() => return,
             MigrationEvent::Status(s) => event_json("MIGRATION", Some(json!({"status": s}))),
             MigrationEvent::Pass(n) => event_json("MIGRATION_PASS", Some(json!({"pass": n}))),
         };
@@ -237,31 +235,14 @@ impl Monitor {
         self.events.unsubscribe(id);
     }
 
-    /// The run state `query-status` reports.
+    /// The run state `query-status` reports: the vCPUs' real one.
     pub fn run_state(&self) -> RunState {
-        if self.quitting.load(Ordering::Relaxed) {
-            return RunState::Shutdown;
-        }
-        match &*lock(&self.incoming) {
-            IncomingState::Deferred => return RunState::Inmigrate,
-            IncomingState::Started(st) if st.status() != MigrationStatus::Completed => {
-                return RunState::Inmigrate
-            }
-            // `-S`, or `stop` during inmigrate: paused once the migration is done (the
-            // destination did not resume the guest, or the watcher paused it again).
-            IncomingState::Started(_) if !self.autostart.load(Ordering::Relaxed) => {
-                return RunState::Paused
-            }
-            _ => {}
-        }
-        match self.source.stats().status() {
-            MigrationStatus::Device => return RunState::FinishMigrate,
-            MigrationStatus::Completed if !self.left_postmigrate.load(Ordering::Relaxed) => {
-                return RunState::Postmigrate
-            }
-            _ => {}
-        }
-        self.machine.status()
+        self.run.state()
+    }
+
+    /// The guest's run state machine.
+    pub fn run_control(&self) -> &Arc<RunControl> {
+        &self.run
     }
 
     /// What `query-migrate` reports: the outgoing migration if there was one, else
@@ -300,7 +281,7 @@ impl Monitor {
             uri,
             IncomingOptions {
                 verify: false,
-                autostart: self.autostart.clone(),
+                run: Some(self.run.clone()),
             },
         )?;
         let stats = inc.stats().clone();
@@ -330,27 +311,12 @@ impl Monitor {
                 }
                 let result = inc.wait();
                 let Some(mon) = weak.upgrade() else { return };
-                match result {
-                    // A `stop` that came after the destination had read autostart
-                    // (and resumed the guest) still leaves the guest paused.
-                    Ok(report) if report.resumed => {
-                        if !mon.autostart.load(Ordering::Relaxed) {
-                            if let Err(e) = mon.machine.stop() {
-                                eprintln!("qmp: pausing the guest after migration: {e}");
-                            }
-                        }
+                // Started or held paused by the run state at the commit; a failed
+                // destination ends the process as QEMU's (unless told otherwise).
+                if let Err(e) = result {
+                    if exit_on_error {
+                        mon.machine.incoming_failed(&e.to_string());
                     }
-                    // Held paused (`-S`, or `stop` in time): `cont` starts it, or
-                    // did already if it came after the destination read autostart.
-                    Ok(_) => {
-                        if mon.autostart.load(Ordering::Relaxed) {
-                            if let Err(e) = mon.machine.cont() {
-                                eprintln!("qmp: starting the guest after migration: {e}");
-                            }
-                        }
-                    }
-                    Err(e) if exit_on_error => mon.machine.incoming_failed(&e.to_string()),
-                    Err(_) => {}
                 }
             })
             .map_err(|e| QmpError::generic(format!("cannot start a thread: {e}")))?;
@@ -472,39 +438,17 @@ impl Monitor {
             }
             "stop" => {
                 a.finish()?;
-                if self.run_state() == RunState::Inmigrate {
-                    self.autostart.store(false, Ordering::Relaxed);
-                } else {
-                    self.machine.stop().map_err(QmpError::generic)?;
-                    self.emit("STOP", None);
-                }
+                self.run.stop()?;
                 empty()
             }
             "cont" => {
                 a.finish()?;
-                let state = self.run_state();
-                // Leaving the paused-after-migration state is an ordinary cont.
-                self.autostart.store(true, Ordering::Relaxed);
-                match state {
-                    RunState::Inmigrate => {}
-                    RunState::FinishMigrate => {
-                        return Err(QmpError::generic(
-                            "Migration is not finalized yet (finish-migrate)",
-                        ))
-                    }
-                    s => {
-                        self.machine.cont().map_err(QmpError::generic)?;
-                        if s == RunState::Postmigrate {
-                            self.left_postmigrate.store(true, Ordering::Relaxed);
-                        }
-                        self.emit("RESUME", None);
-                    }
-                }
+                self.run.cont()?;
                 empty()
             }
             "quit" => {
                 a.finish()?;
-                self.quitting.store(true, Ordering::Relaxed);
+                self.run.shutdown();
                 return Ok((Ret::Value(empty()), After::Quit));
             }
             "migrate" => {
@@ -518,12 +462,8 @@ impl Monitor {
                 }
                 a.opt_bool("detach")?;
                 a.finish()?;
-                if self.run_state() == RunState::Inmigrate {
-                    return Err(QmpError::generic(
-                        "Guest is waiting for an incoming migration",
-                    ));
-                }
-                self.left_postmigrate.store(false, Ordering::Relaxed);
+                // Refused in inmigrate, finish-migrate and postmigrate (the engine
+                // checks the run state, with QEMU's texts).
                 self.source.migrate(&uri)?;
                 empty()
             }
@@ -618,6 +558,13 @@ impl Monitor {
                 a.finish()?;
                 serde_json::to_value(self.dirty_rate.query(unit.map(time_unit)))
                     .map_err(|e| QmpError::generic(e.to_string()))?
+            }
+            "x-ferry-query-guest-progress" => {
+                a.finish()?;
+                let rounds = self.machine.guest_progress().ok_or_else(|| {
+                    QmpError::generic("this VMM does not report its guest's progress")
+                })?;
+                json!({"vcpu-rounds": rounds})
             }
             _ => {
                 return Err(QmpError::not_found(format!(
@@ -730,7 +677,6 @@ mod tests {
     use crate::server::answer;
     use dirty_sync::{AddressSpace, RamBlock};
     use migration_core::GuestError;
-    use std::sync::atomic::AtomicBool;
 
     /// 4 MiB of heap as guest RAM; no vCPUs.
     struct FakeVm {
@@ -772,34 +718,14 @@ mod tests {
         }
     }
 
-    struct FakeMachine {
-        running: AtomicBool,
-    }
+    struct FakeMachine;
 
     impl Machine for FakeMachine {
-        fn status(&self) -> RunState {
-            if self.running.load(Ordering::Relaxed) {
-                RunState::Running
-            } else {
-                RunState::Paused
-            }
-        }
-        fn stop(&self) -> std::result::Result<(), String> {
-            self.running.store(false, Ordering::Relaxed);
-            Ok(())
-        }
-        fn cont(&self) -> std::result::Result<(), String> {
-            self.running.store(true, Ordering::Relaxed);
-            Ok(())
-        }
         fn quit(&self) {}
     }
 
     fn monitor(start: IncomingStart) -> Arc<Monitor> {
-        let machine = Arc::new(FakeMachine {
-            running: AtomicBool::new(true),
-        });
-        Monitor::new(machine, FakeVm::new(), start, true).expect("monitor")
+        Monitor::new(Arc::new(FakeMachine), FakeVm::new(), start, true).expect("monitor")
     }
 
     /// Sends `input` (raw bytes) and returns the replies.
