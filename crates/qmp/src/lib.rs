@@ -24,6 +24,6 @@ pub use monitor::{
     QEMU_VERSION,
 };
 pub use server::{
-    answer, greeting, Address, Server, ServerOptions, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_WRITE_TIMEOUT,
-    MAX_CLIENTS,
+    answer, greeting, Address, Server, ServerOptions, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_WRITE_TIMEOUT, MAX_CLIENTS,
 };

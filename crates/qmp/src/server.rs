@@ -100,13 +100,19 @@ impl Default for ServerOptions {
 impl ServerOptions {
     fn check(&self) -> Result<()> {
         if self.max_clients == 0 {
-            return Err(Error::InvalidOption("max_clients must be at least 1".into()));
+            return Err(Error::InvalidOption(
+                "max_clients must be at least 1".into(),
+            ));
         }
         if self.handshake_timeout.is_zero() {
-            return Err(Error::InvalidOption("handshake_timeout must be non-zero".into()));
+            return Err(Error::InvalidOption(
+                "handshake_timeout must be non-zero".into(),
+            ));
         }
         if self.write_timeout.is_zero() {
-            return Err(Error::InvalidOption("write_timeout must be non-zero".into()));
+            return Err(Error::InvalidOption(
+                "write_timeout must be non-zero".into(),
+            ));
         }
         Ok(())
     }
