@@ -209,6 +209,8 @@ struct Conn {
     /// The write side; see [`Conn::hold`].
     writer: Mutex<Stream>,
     write_timeout: Duration,
+    /// When the connection was accepted (the handshake timeout runs from here).
+    accepted_at: Instant,
     /// When the last request arrived (at connect: the connect time), ns since the
     /// server's epoch.
     last_request_ns: AtomicU64,
@@ -414,6 +416,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &Listener) {
                 control,
                 writer: Mutex::new(writer),
                 write_timeout: shared.opts.write_timeout,
+                accepted_at: Instant::now(),
                 last_request_ns: AtomicU64::new(shared.now_ns()),
                 closed: AtomicBool::new(false),
             }),
@@ -499,7 +502,7 @@ fn serve_client(shared: &Shared, conn: &Arc<Conn>, mut reader: Stream) {
     if write_reply(conn, None, greeting().to_string()).is_err() {
         return;
     }
-    let handshake_deadline = Instant::now() + shared.opts.handshake_timeout;
+    let handshake_deadline = conn.accepted_at + shared.opts.handshake_timeout;
     let mut session = Session::default();
     let mut framer = Framer::new();
     let mut frames = Vec::new();
