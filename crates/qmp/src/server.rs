@@ -464,12 +464,13 @@ pub fn greeting() -> Value {
 
 /// Writes `line` (without CRLF) in one hold of the writer lock, after any event
 /// already queued for this client, so an event a command caused (STOP for `stop`)
-/// comes before its reply, as in QEMU.
-fn write_reply(
-    conn: &Conn,
+/// comes before its reply, as in QEMU. Returns the hold: nothing else is written to
+/// the client until the caller drops it.
+fn write_reply<'a>(
+    conn: &'a Conn,
     events: Option<&Receiver<Arc<str>>>,
     mut line: String,
-) -> std::io::Result<()> {
+) -> std::io::Result<Held<'a>> {
     line.push_str("\r\n");
     let mut held = conn.hold();
     if let Some(rx) = events {
@@ -477,7 +478,8 @@ fn write_reply(
             held.write_all(ev.as_bytes())?;
         }
     }
-    held.write_all(line.as_bytes())
+    held.write_all(line.as_bytes())?;
+    Ok(held)
 }
 
 /// Parses and answers one framed value: the reply line (without CRLF).
@@ -509,6 +511,21 @@ fn serve_client(shared: &Shared, conn: &Arc<Conn>, mut reader: Stream) {
     let mut buf = vec![0u8; 64 << 10];
     let mut subscription: Option<(u64, Receiver<Arc<str>>)> = None;
     'conn: loop {
+        if !session.negotiated() {
+            // Until qmp_capabilities, every read waits at most until the deadline.
+            let left = handshake_deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                eprintln!(
+                    "qmp: closing client {}: no qmp_capabilities within {} ms",
+                    conn.id,
+                    shared.opts.handshake_timeout.as_millis()
+                );
+                break;
+            }
+            if reader.set_read_timeout(Some(left)).is_err() {
+                break;
+            }
+        }
         let n = match reader.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
@@ -518,22 +535,6 @@ fn serve_client(shared: &Shared, conn: &Arc<Conn>, mut reader: Stream) {
                     ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
                 ) =>
             {
-                // Only the handshake has a read timeout.
-                if session.negotiated() {
-                    continue;
-                }
-                let left = handshake_deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    eprintln!(
-                        "qmp: closing client {}: no qmp_capabilities within {} ms",
-                        conn.id,
-                        shared.opts.handshake_timeout.as_millis()
-                    );
-                    break;
-                }
-                if reader.set_read_timeout(Some(left)).is_err() {
-                    break;
-                }
                 continue;
             }
             Err(_) => break,
@@ -547,29 +548,31 @@ fn serve_client(shared: &Shared, conn: &Arc<Conn>, mut reader: Stream) {
             let was_negotiated = session.negotiated();
             let (reply, after) = answer(mon, &mut session, frame);
             let events = subscription.as_ref().map(|(_, rx)| rx);
-            if let Err(e) = write_reply(conn, events, reply) {
-                if e.kind() == ErrorKind::TimedOut {
-                    eprintln!(
-                        "qmp: closing client {}: a reply took over {} ms to write",
-                        conn.id,
-                        conn.write_timeout.as_millis()
-                    );
+            let held = match write_reply(conn, events, reply) {
+                Ok(h) => h,
+                Err(e) => {
+                    if e.kind() == ErrorKind::TimedOut {
+                        eprintln!(
+                            "qmp: closing client {}: a reply took over {} ms to write",
+                            conn.id,
+                            conn.write_timeout.as_millis()
+                        );
+                    }
+                    break 'conn;
                 }
-                break 'conn;
-            }
+            };
             if !was_negotiated && session.negotiated() {
                 if reader.set_read_timeout(None).is_err() {
                     break 'conn;
                 }
+                // Subscribed while the reply's hold is kept: an event emitted once
+                // the client has its reply is never missed, and never precedes it.
                 subscription = subscribe(mon, conn);
             }
+            drop(held);
             if after == After::Quit {
                 mon.quit();
             }
-        }
-        if !session.negotiated() && Instant::now() >= handshake_deadline {
-            // Requests keep coming, but never a successful qmp_capabilities.
-            break;
         }
     }
     if let Some((id, _)) = subscription {
