@@ -19,6 +19,9 @@ pub enum Error {
     /// A thread could not be started.
     #[error("cannot start a QMP thread: {0}")]
     Thread(std::io::Error),
+    /// A server option is out of range (zero clients, a zero timeout).
+    #[error("invalid QMP server option: {0}")]
+    InvalidOption(String),
     /// The `--incoming` URI could not be listened on.
     #[error("incoming migration: {0}")]
     Incoming(String),

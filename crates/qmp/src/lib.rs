@@ -24,4 +24,7 @@ pub use monitor::{
     error_reply, event_json, After, IncomingStart, Monitor, Session, COMMANDS, EVENT_QUEUE,
     QEMU_VERSION,
 };
-pub use server::{answer, greeting, Address, Server, MAX_CLIENTS};
+pub use server::{
+    answer, greeting, Address, Server, ServerOptions, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_WRITE_TIMEOUT, MAX_CLIENTS,
+};
