@@ -5,13 +5,13 @@
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dirty_sync::{AddressSpace, RamBlock};
 use migration_core::{GuestError, MigratableVm};
-use qmp::{IncomingStart, Machine, Monitor, RunState, Server, ServerOptions, MAX_CLIENTS};
+use qmp::{IncomingStart, Machine, Monitor, Server, ServerOptions, MAX_CLIENTS};
 use serde_json::{json, Value};
 
 /// Slack on top of a timeout before a test calls the decision late.
@@ -57,34 +57,20 @@ impl MigratableVm for FakeVm {
     }
 }
 
-struct FakeMachine {
-    running: AtomicBool,
-}
+struct FakeMachine;
 
 impl Machine for FakeMachine {
-    fn status(&self) -> RunState {
-        if self.running.load(Ordering::Relaxed) {
-            RunState::Running
-        } else {
-            RunState::Paused
-        }
-    }
-    fn stop(&self) -> Result<(), String> {
-        self.running.store(false, Ordering::Relaxed);
-        Ok(())
-    }
-    fn cont(&self) -> Result<(), String> {
-        self.running.store(true, Ordering::Relaxed);
-        Ok(())
-    }
     fn quit(&self) {}
 }
 
 fn monitor() -> Arc<Monitor> {
-    let machine = Arc::new(FakeMachine {
-        running: AtomicBool::new(true),
-    });
-    Monitor::new(machine, FakeVm::new(), IncomingStart::None, true).expect("monitor")
+    Monitor::new(
+        Arc::new(FakeMachine),
+        FakeVm::new(),
+        IncomingStart::None,
+        true,
+    )
+    .expect("monitor")
 }
 
 /// A fresh socket path under the temp dir.
