@@ -31,7 +31,9 @@ pub use params::{
     Capabilities, Capability, CompressionParam, MigrationParameters, ParametersUpdate,
     MAX_DOWNTIME_LIMIT_MS,
 };
-pub use rates::{predict_convergence, AutoConverge, BandwidthEstimator, DirtyRatePeriod};
+pub use rates::{
+    predict_convergence, AutoConverge, BandwidthEstimator, DirtyRatePeriod, SendWindow,
+};
 pub use runstate::{MigrationEvent, RunControl, RunState};
 pub use source::MigrationSource;
 pub use stats::{DirtyRateInfo, DirtyRateMode, DirtyRateStatus, TimeUnit};

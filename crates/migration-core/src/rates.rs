@@ -2,31 +2,63 @@
 
 use stats::Convergence;
 
-/// Link bandwidth measured only over time the sender spent sending.
+/// Link bandwidth, measured at any link speed.
 ///
 /// QEMU divides bytes by wall time over 100 ms windows, so a sender busy syncing or
 /// scanning zero pages reads as a slow link and the switch-over threshold collapses
-/// (reference §6 item 1). Here a sample is bytes ÷ time inside send calls, taken only
-/// when enough bytes went out to mean something, and smoothed with an EWMA.
+/// (reference §6 item 1). Here each window (a progress tick) is judged by what the
+/// sender did in it:
+/// - busy in send calls most of the window with bytes still queued at its end: the
+///   link was the limit, and it carried what the peer received (written minus what
+///   the sockets still hold) over the whole window;
+/// - busy most of the window with nothing queued: the link kept up, and is at least
+///   as fast as the sender wrote (bytes ÷ time inside send calls);
+/// - idle most of the window: no sample.
+///
+/// Samples are smoothed with an EWMA. Before the first one, the estimate is the lower
+/// bound of everything received over the time since sending began: never more than
+/// the link did, so a switch-over decided on it never overshoots the downtime. A
+/// window's size does not matter, so a 10 Mbit/s link yields samples as a 10 Gbit/s
+/// one does.
 #[derive(Clone, Debug, Default)]
 pub struct BandwidthEstimator {
     smoothed_bytes_per_sec: f64,
     samples: u64,
+    lower_bound_bytes_per_sec: u64,
 }
 
-/// Bytes a window must carry before it counts as a bandwidth sample.
-pub const MIN_SAMPLE_BYTES: u64 = 4 << 20;
+/// One progress window of the sender, for [`BandwidthEstimator::add_window`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendWindow {
+    /// Wall time of the window, ns.
+    pub wall_ns: u64,
+    /// Time the sender spent inside send calls, ns (per channel).
+    pub busy_ns: u64,
+    /// Bytes written to the connections.
+    pub written_bytes: u64,
+    /// Bytes the peer received (written minus the change of what is queued).
+    pub delivered_bytes: u64,
+    /// Bytes queued in the connections at the window's end.
+    pub queued_bytes: u64,
+}
+
 /// Weight of a new sample in the average.
 const EWMA_ALPHA: f64 = 0.4;
 
 impl BandwidthEstimator {
-    /// Feeds one window: `bytes` sent during `busy_ns` nanoseconds spent in send calls.
-    /// Returns whether the window counted.
-    pub fn add_sample(&mut self, bytes: u64, busy_ns: u64) -> bool {
-        if bytes < MIN_SAMPLE_BYTES || busy_ns == 0 {
+    /// Feeds one window; returns whether it counted as a sample.
+    pub fn add_window(&mut self, w: &SendWindow) -> bool {
+        if w.wall_ns == 0 || w.busy_ns.saturating_mul(2) < w.wall_ns {
             return false;
         }
-        let sample = bytes as f64 * 1e9 / busy_ns as f64;
+        let sample = if w.queued_bytes > 0 {
+            w.delivered_bytes as f64 * 1e9 / w.wall_ns as f64
+        } else {
+            w.written_bytes as f64 * 1e9 / w.busy_ns as f64
+        };
+        if sample <= 0.0 {
+            return false;
+        }
         self.smoothed_bytes_per_sec = if self.samples == 0 {
             sample
         } else {
@@ -36,13 +68,27 @@ impl BandwidthEstimator {
         true
     }
 
-    /// The smoothed estimate, bytes/s (0 before the first sample).
-    pub fn bytes_per_sec(&self) -> u64 {
-        self.smoothed_bytes_per_sec as u64
+    /// Records that the peer received `delivered_bytes` in the `elapsed_ns` since
+    /// sending began: the estimate until the first sample.
+    pub fn set_lower_bound(&mut self, delivered_bytes: u64, elapsed_ns: u64) {
+        if elapsed_ns > 0 {
+            self.lower_bound_bytes_per_sec =
+                (delivered_bytes as f64 * 1e9 / elapsed_ns as f64) as u64;
+        }
     }
 
-    /// True once at least one sample counted.
-    pub fn has_estimate(&self) -> bool {
+    /// The estimate, bytes/s: the smoothed samples, else the lower bound, else 0
+    /// (nothing known yet: the caller must not switch over on it).
+    pub fn bytes_per_sec(&self) -> u64 {
+        if self.samples > 0 {
+            self.smoothed_bytes_per_sec as u64
+        } else {
+            self.lower_bound_bytes_per_sec
+        }
+    }
+
+    /// True once at least one window counted as a sample.
+    pub fn has_sample(&self) -> bool {
         self.samples > 0
     }
 }
@@ -177,14 +223,53 @@ impl AutoConverge {
 mod tests {
     use super::*;
 
+    fn window(wall_ms: u64, busy_ms: u64, written: u64, delivered: u64, queued: u64) -> SendWindow {
+        SendWindow {
+            wall_ns: wall_ms * 1_000_000,
+            busy_ns: busy_ms * 1_000_000,
+            written_bytes: written,
+            delivered_bytes: delivered,
+            queued_bytes: queued,
+        }
+    }
+
     #[test]
-    fn bandwidth_ignores_small_windows_and_smooths() {
+    fn a_slow_link_yields_samples_of_what_it_delivered() {
+        // 10 Mbit/s: 125 000 bytes a 100 ms window, the sender blocked on a full queue.
         let mut b = BandwidthEstimator::default();
-        assert!(!b.add_sample(1000, 1_000_000), "too few bytes");
-        assert!(!b.has_estimate());
-        assert!(b.add_sample(100 << 20, 100_000_000));
-        assert_eq!(b.bytes_per_sec(), 1_048_576_000, "100 MiB in 100 ms");
-        b.add_sample(50 << 20, 100_000_000);
+        for _ in 0..5 {
+            assert!(b.add_window(&window(100, 99, 125_000, 125_000, 4 << 20)));
+        }
+        assert_eq!(b.bytes_per_sec(), 1_250_000);
+        // The first window filled the socket buffers at memory speed: what was written
+        // is not what the link carried, and does not count as speed.
+        let mut b = BandwidthEstimator::default();
+        b.add_window(&window(100, 60, 4 << 20, 125_000, (4 << 20) - 125_000));
+        assert_eq!(b.bytes_per_sec(), 1_250_000);
+    }
+
+    #[test]
+    fn a_fast_link_is_measured_by_the_sender_and_idle_windows_do_not_count() {
+        let mut b = BandwidthEstimator::default();
+        assert_eq!(b.bytes_per_sec(), 0, "nothing known");
+        assert!(
+            !b.add_window(&window(100, 10, 1 << 20, 1 << 20, 0)),
+            "mostly idle"
+        );
+        b.set_lower_bound(1 << 20, 100_000_000);
+        assert_eq!(
+            b.bytes_per_sec(),
+            10_485_760,
+            "the lower bound until a sample"
+        );
+        assert!(b.add_window(&window(100, 100, 100 << 20, 100 << 20, 0)));
+        assert!(b.has_sample());
+        assert_eq!(
+            b.bytes_per_sec(),
+            1_048_576_000,
+            "100 MiB in 100 ms of sending"
+        );
+        b.add_window(&window(100, 100, 50 << 20, 50 << 20, 0));
         let est = b.bytes_per_sec();
         assert!(est < 1_048_576_000 && est > 512 << 20, "{est}");
     }

@@ -16,13 +16,12 @@ use crate::guest::{mark_touched_pages, GuestRam, MigratableVm};
 use crate::params::{
     Capabilities, Capability, CompressionParam, MigrationParameters, ParametersUpdate,
 };
-use crate::rates::{predict_convergence, AutoConverge, BandwidthEstimator, DirtyRatePeriod};
+use crate::rates::{
+    predict_convergence, AutoConverge, BandwidthEstimator, DirtyRatePeriod, SendWindow,
+};
 use crate::runstate::{MigrationEvent, RunControl, RunState, SwitchoverEnd};
 use crate::{Error, Result};
 
-/// Bandwidth assumed for the switch-over decision before the first real sample, when
-/// no cap is set: what loopback TCP does on this machine kind, rounded down.
-const ASSUMED_BANDWIDTH_BYTES_PER_SEC: u64 = 1 << 30;
 /// How often the progress numbers (mbps, pages-per-second, bandwidth) are refreshed.
 const TICK_MS: u64 = 100;
 /// How often the sending thread looks at the clock: the dirty-rate period closes at
@@ -266,6 +265,8 @@ impl Drop for MigrationSource {
 struct Tick {
     at: Instant,
     bytes: u64,
+    /// Bytes the receiver had received (written minus queued in the sockets).
+    delivered: u64,
     pages: u64,
     busy_ns: u64,
 }
@@ -300,6 +301,10 @@ struct Loop {
     last_sync_dirty_pages: u64,
     period_start_bytes: u64,
     tick: Tick,
+    /// When the iterations began, and what the receiver had then: the bandwidth's
+    /// lower bound counts from here.
+    sending_since: Instant,
+    delivered_since: u64,
     sender_counters: Arc<transport::ByteCounters>,
     channels: usize,
     applied_max_bandwidth: u64,
@@ -441,10 +446,13 @@ impl Run {
             period_start_bytes: 0,
             tick: Tick {
                 at: Instant::now(),
-                bytes: 0,
+                bytes: counters.total_bytes(),
+                delivered: counters.total_bytes().saturating_sub(sender.queued_bytes()),
                 pages: 0,
                 busy_ns: 0,
             },
+            sending_since: Instant::now(),
+            delivered_since: counters.total_bytes().saturating_sub(sender.queued_bytes()),
             sender_counters: counters,
             channels,
             applied_max_bandwidth: opts.max_bandwidth_bytes_per_sec,
@@ -501,12 +509,13 @@ impl Run {
         if avail > 0 {
             return avail;
         }
+        // Never an assumed speed: until the link was measured (the estimate's lower
+        // bound counts from the first byte received) the answer is 0, and nothing
+        // switches over on it.
         let cap = self.live.max_bandwidth.load(Ordering::Relaxed);
-        match (lp.bw.has_estimate(), cap) {
-            (true, 0) => lp.bw.bytes_per_sec(),
-            (true, cap) => lp.bw.bytes_per_sec().min(cap),
-            (false, 0) => ASSUMED_BANDWIDTH_BYTES_PER_SEC,
-            (false, cap) => cap,
+        match (lp.bw.bytes_per_sec(), cap) {
+            (est, 0) => est,
+            (est, cap) => est.min(cap),
         }
     }
 
@@ -556,8 +565,19 @@ impl Run {
         let busy = self.busy_ns.load(Ordering::Relaxed);
         let d_bytes = bytes - lp.tick.bytes;
         let d_busy_wall = (busy - lp.tick.busy_ns) / lp.channels as u64;
-        // A window where the sender was busy sending most of the time measures the link.
-        lp.bw.add_sample(d_bytes, d_busy_wall.max(1));
+        let queued = sender.queued_bytes().min(bytes);
+        let delivered = (bytes - queued).max(lp.tick.delivered);
+        lp.bw.add_window(&SendWindow {
+            wall_ns: dt_ns,
+            busy_ns: d_busy_wall.min(dt_ns),
+            written_bytes: d_bytes,
+            delivered_bytes: delivered - lp.tick.delivered,
+            queued_bytes: queued,
+        });
+        lp.bw.set_lower_bound(
+            delivered.saturating_sub(lp.delivered_since),
+            lp.sending_since.elapsed().as_nanos() as u64,
+        );
         stats
             .bandwidth_bytes_per_sec
             .store(lp.bw.bytes_per_sec(), Ordering::Relaxed);
@@ -578,6 +598,7 @@ impl Run {
         lp.tick = Tick {
             at: now,
             bytes,
+            delivered,
             pages,
             busy_ns: busy,
         };

@@ -22,6 +22,7 @@ pub mod format;
 mod io;
 mod limiter;
 mod mem;
+mod queue;
 mod recv;
 mod send;
 mod sink;

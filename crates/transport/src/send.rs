@@ -100,6 +100,8 @@ pub struct Sender {
     counters: Arc<ByteCounters>,
     /// The receiver's answers; `None` for `file:`.
     back: Option<Arc<BackChannel>>,
+    /// One per connection: what it holds that the peer has not received yet.
+    queues: Vec<crate::queue::QueueProbe>,
 }
 
 fn session_id() -> u64 {
@@ -171,6 +173,10 @@ impl Sender {
             }));
         }
         let aborters = Arc::new(channels.iter().map(|c| lock(c).conn.aborter()).collect());
+        let queues = channels
+            .iter()
+            .map(|c| crate::queue::QueueProbe::of(&lock(c).conn))
+            .collect();
         let back = match lock(&channels[0]).conn.try_clone_reader()? {
             Some(reader) => Some(BackChannel::start(reader)?),
             None => None,
@@ -184,10 +190,18 @@ impl Sender {
             limiter: RateLimiter::new(opts.max_bandwidth_bytes_per_sec),
             counters,
             back,
+            queues,
         };
         let body = s.header.encode_body();
         s.write_record(0, &mut lock(&s.channels[0]), Kind::Header, 0, &[&body], 0)?;
         Ok(s)
+    }
+
+    /// Bytes written on every connection that the receiver has not received yet (in
+    /// socket buffers or on the link); 0 for files. Written minus this is what the
+    /// link delivered: a measure of its speed that socket buffers cannot inflate.
+    pub fn queued_bytes(&self) -> u64 {
+        self.queues.iter().map(|q| q.queued_bytes()).sum()
     }
 
     /// The stream header as sent.
