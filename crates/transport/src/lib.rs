@@ -14,6 +14,7 @@
 //! [`Receiver::send_ack`]. The byte layout is in `FORMAT.md`.
 
 mod barrier;
+mod cancel;
 pub mod checksum;
 mod conn;
 mod counters;
@@ -28,12 +29,13 @@ mod sink;
 mod sparse;
 mod uri;
 
+pub use cancel::Cancel;
 pub use counters::ByteCounters;
 pub use error::{Error, Result};
 pub use format::{BlockInfo, Compression, Features, StreamHeader};
 pub use limiter::RateLimiter;
-pub use recv::{decode_bytes, Decoded, Event, Listener, Receiver};
-pub use send::{decode_answers, AbortHandle, Ack, Answers, SendOptions, Sender};
+pub use recv::{decode_bytes, AcceptOptions, Decoded, Event, Listener, Receiver};
+pub use send::{decode_answers, AbortHandle, Ack, Answers, SendOptions, Sender, DEFAULT_TIMEOUT};
 pub use sink::{is_zero, PageSink, VecSink};
 pub use sparse::{PageClass, SparseBatch, MAX_SPARSE_WORDS};
 pub use uri::Uri;
@@ -50,4 +52,13 @@ pub fn mem_pair() -> Result<(Uri, Listener)> {
     ));
     let listener = Listener::bind(&uri)?;
     Ok((uri, listener))
+}
+
+/// A duration for an error message: whole seconds when it is, else milliseconds.
+pub(crate) fn fmt_duration(d: std::time::Duration) -> String {
+    if d.subsec_millis() == 0 && d.as_secs() > 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
 }
