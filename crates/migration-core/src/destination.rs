@@ -40,6 +40,9 @@ pub struct IncomingOptions {
     /// default), or leave it paused for the VMM to start (QEMU's `-S`). Either way
     /// the source is told the migration succeeded.
     pub autostart: Arc<AtomicBool>,
+    /// How incoming connections are taken: preamble timeout, most pending
+    /// connections, liveness of the source.
+    pub accept: transport::AcceptOptions,
 }
 
 impl Default for IncomingOptions {
@@ -47,6 +50,7 @@ impl Default for IncomingOptions {
         IncomingOptions {
             verify: false,
             autostart: Arc::new(AtomicBool::new(true)),
+            accept: transport::AcceptOptions::default(),
         }
     }
 }
@@ -154,7 +158,7 @@ fn receive(
     stats: &MigStats,
     opts: &IncomingOptions,
 ) -> Result<IncomingReport> {
-    let mut rx = listener.accept()?;
+    let mut rx = listener.accept_with(&opts.accept)?;
     let start = Instant::now();
     stats.set_status(MigrationStatus::Active);
     let ram = GuestRam::new(vm.clone());

@@ -301,6 +301,7 @@ impl Monitor {
             IncomingOptions {
                 verify: false,
                 autostart: self.autostart.clone(),
+                ..Default::default()
             },
         )?;
         let stats = inc.stats().clone();

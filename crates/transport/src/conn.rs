@@ -641,3 +641,64 @@ impl Drop for RawListener {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn getsockopt_int(fd: RawFd, level: libc::c_int, opt: libc::c_int) -> libc::c_int {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid socket and a c_int out-parameter of the right size.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                level,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        v
+    }
+
+    #[test]
+    fn liveness_options_give_a_dead_peer_up_within_io_timeout() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        set_tcp_liveness(&s, Duration::from_secs(10)).unwrap();
+        let fd = s.as_raw_fd();
+        let get = |level, opt| getsockopt_int(fd, level, opt);
+        assert_eq!(get(libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT), 10_000);
+        let idle = get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE);
+        let intvl = get(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL);
+        let cnt = get(libc::IPPROTO_TCP, libc::TCP_KEEPCNT);
+        assert_eq!((idle, intvl, cnt), (5, 1, 3));
+        assert!(idle + intvl * cnt <= 10);
+    }
+
+    #[test]
+    fn an_outgoing_tcp_socket_gets_a_send_timeout() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = l.local_addr().unwrap();
+        let uri = Uri::Tcp {
+            host: a.ip().to_string(),
+            port: a.port(),
+        };
+        let t = ConnTimeouts {
+            connect: Duration::from_secs(1),
+            io: Duration::from_secs(3),
+        };
+        let Conn::Tcp(s) = Conn::connect(&uri, t, &Cancel::new()).unwrap() else {
+            panic!("not TCP");
+        };
+        assert_eq!(s.write_timeout().unwrap(), Some(Duration::from_secs(3)));
+        assert_eq!(s.read_timeout().unwrap(), None);
+        assert_eq!(
+            getsockopt_int(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+            3000
+        );
+    }
+}

@@ -76,12 +76,11 @@ fn black_hole() -> BlackHole {
     };
     let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
     // SAFETY: a valid sockaddr_in of `len` bytes.
-    assert_eq!(
-        unsafe { libc::bind(fd, (&sin as *const libc::sockaddr_in).cast(), len) },
-        0
-    );
+    let r = unsafe { libc::bind(fd, (&sin as *const libc::sockaddr_in).cast(), len) };
+    assert_eq!(r, 0);
     // SAFETY: a bound socket.
-    assert_eq!(unsafe { libc::listen(fd, 0) }, 0);
+    let r = unsafe { libc::listen(fd, 0) };
+    assert_eq!(r, 0);
     let mut out = sin;
     let mut out_len = len;
     // SAFETY: a sockaddr_in out-parameter of the right size.
