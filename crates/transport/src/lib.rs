@@ -2,6 +2,13 @@
 //! URI (`tcp:`, `unix:`, `file:`, `mem:`), parallel connections with an
 //! iteration barrier, a rate limiter and byte counters.
 //!
+//! Every wait is bounded: [`SendOptions`] carries `connect_timeout`, `io_timeout`
+//! (TCP keepalive, `TCP_USER_TIMEOUT`, and a send timeout on sockets) and
+//! `switchover_timeout`; a [`Cancel`] token given to [`Sender::connect_with`] ends a
+//! connect, a rate-limiter sleep or a wait of `finish` at once. The receiver's
+//! [`Listener::accept_with`] takes connections concurrently under
+//! [`AcceptOptions`], so silent or bogus connections cannot block a real stream.
+//!
 //! Send side: [`Sender::connect`], then [`Sender::send_pages`] (page slices
 //! borrowed from guest memory, written with one `writev`),
 //! [`Sender::send_zero_pages`], [`Sender::send_sparse_pages`] (pages with a few
