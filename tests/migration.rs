@@ -587,6 +587,7 @@ fn without_autostart_the_destination_holds_the_guest_until_resumed() {
         IncomingOptions {
             verify: true,
             run: Some(run.clone()),
+            ..Default::default()
         },
     )
     .unwrap();

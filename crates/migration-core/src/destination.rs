@@ -44,6 +44,9 @@ pub struct IncomingOptions {
     /// (QEMU's `-S`). Either way the source is told the migration succeeded. `None`:
     /// a run state of its own, with autostart on.
     pub run: Option<Arc<RunControl>>,
+    /// How incoming connections are taken: preamble timeout, most pending
+    /// connections, liveness of the source.
+    pub accept: transport::AcceptOptions,
 }
 
 /// A destination waiting for, or receiving, a migration.
@@ -135,7 +138,7 @@ pub fn incoming_with(
     let thread = std::thread::Builder::new()
         .name("mig/dst".into())
         .spawn(move || {
-            let r = receive(vm, &run, listener, &st, opts.verify);
+            let r = receive(vm, &run, listener, &st, &opts);
             st.total_time_ms
                 .store(st.elapsed_ms(), std::sync::atomic::Ordering::Relaxed);
             match &r {
@@ -160,9 +163,9 @@ fn receive(
     run: &RunControl,
     listener: Listener,
     stats: &MigStats,
-    verify: bool,
+    opts: &IncomingOptions,
 ) -> Result<IncomingReport> {
-    let mut rx = listener.accept()?;
+    let mut rx = listener.accept_with(&opts.accept)?;
     let start = Instant::now();
     stats.set_status(MigrationStatus::Active);
     let ram = GuestRam::new(vm.clone());
@@ -211,7 +214,7 @@ fn receive(
         report.device_state_bytes = state.len() as u64;
         vm.load_device_state(&state)
             .map_err(|e| Error::Guest(format!("loading device state: {e}")))?;
-        if verify {
+        if opts.verify {
             report.ram_digest = Some(ram_digest(&ram));
         }
         // Loaded: offer the switch-over, and start nothing unless the source commits.

@@ -40,7 +40,23 @@ pub struct MigrationParameters {
     /// Ferry's own: send pages with at most 64 non-zero 8-byte words as those words
     /// (transport FORMAT.md, sparse pages). On by default.
     pub x_ferry_sparse_pages: bool,
+    /// Ferry's own: most time one connect to the destination may take, ms (at
+    /// least 100).
+    pub x_ferry_connect_timeout_ms: u64,
+    /// Ferry's own: a destination that stops acknowledging or reading is given up
+    /// after this long, ms (at least 100): TCP keepalive and `TCP_USER_TIMEOUT`, and
+    /// the longest a write may make no progress.
+    pub x_ferry_io_timeout_ms: u64,
+    /// Ferry's own: most time the switch-over waits for the destination's `Ready`
+    /// (the guest then resumes here), and again for its acknowledgement after the
+    /// commit (the outcome is then in doubt), ms (at least 100).
+    pub x_ferry_switchover_timeout_ms: u64,
 }
+
+/// Default of the `x-ferry-*-timeout-ms` parameters.
+pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+/// Smallest value of the `x-ferry-*-timeout-ms` parameters.
+pub const MIN_TIMEOUT_MS: u64 = 100;
 
 impl Default for MigrationParameters {
     fn default() -> Self {
@@ -55,6 +71,9 @@ impl Default for MigrationParameters {
             cpu_throttle_increment: 10,
             max_cpu_throttle: 99,
             x_ferry_sparse_pages: true,
+            x_ferry_connect_timeout_ms: DEFAULT_TIMEOUT_MS,
+            x_ferry_io_timeout_ms: DEFAULT_TIMEOUT_MS,
+            x_ferry_switchover_timeout_ms: DEFAULT_TIMEOUT_MS,
         }
     }
 }
@@ -83,6 +102,12 @@ pub struct ParametersUpdate {
     pub max_cpu_throttle: Option<u8>,
     /// See [`MigrationParameters::x_ferry_sparse_pages`].
     pub x_ferry_sparse_pages: Option<bool>,
+    /// See [`MigrationParameters::x_ferry_connect_timeout_ms`].
+    pub x_ferry_connect_timeout_ms: Option<u64>,
+    /// See [`MigrationParameters::x_ferry_io_timeout_ms`].
+    pub x_ferry_io_timeout_ms: Option<u64>,
+    /// See [`MigrationParameters::x_ferry_switchover_timeout_ms`].
+    pub x_ferry_switchover_timeout_ms: Option<u64>,
 }
 
 /// Longest downtime limit QEMU accepts, ms (2000 s).
@@ -115,7 +140,10 @@ impl MigrationParameters {
             cpu_throttle_initial,
             cpu_throttle_increment,
             max_cpu_throttle,
-            x_ferry_sparse_pages
+            x_ferry_sparse_pages,
+            x_ferry_connect_timeout_ms,
+            x_ferry_io_timeout_ms,
+            x_ferry_switchover_timeout_ms
         );
         next.validate()?;
         *self = next;
@@ -124,6 +152,23 @@ impl MigrationParameters {
 
     /// Checks every value against QEMU's ranges.
     pub fn validate(&self) -> Result<()> {
+        for (v, name) in [
+            (
+                self.x_ferry_connect_timeout_ms,
+                "x-ferry-connect-timeout-ms",
+            ),
+            (self.x_ferry_io_timeout_ms, "x-ferry-io-timeout-ms"),
+            (
+                self.x_ferry_switchover_timeout_ms,
+                "x-ferry-switchover-timeout-ms",
+            ),
+        ] {
+            check(
+                v >= MIN_TIMEOUT_MS,
+                name,
+                "an integer of at least 100 milliseconds",
+            )?;
+        }
         check(
             self.downtime_limit <= MAX_DOWNTIME_LIMIT_MS,
             "downtime-limit",
@@ -232,6 +277,34 @@ mod tests {
         let good: ParametersUpdate = serde_json::from_str(r#"{"downtime-limit": 100}"#).unwrap();
         p.apply(&good).unwrap();
         assert_eq!(p.downtime_limit, 100);
+    }
+
+    #[test]
+    fn ferry_timeouts_default_to_10_s_and_need_100_ms() {
+        let mut p = MigrationParameters::default();
+        let v = serde_json::to_value(&p).unwrap();
+        for name in [
+            "x-ferry-connect-timeout-ms",
+            "x-ferry-io-timeout-ms",
+            "x-ferry-switchover-timeout-ms",
+        ] {
+            assert_eq!(v[name], 10_000, "{name}");
+            let low: ParametersUpdate =
+                serde_json::from_str(&format!(r#"{{"{name}": 99}}"#)).unwrap();
+            let e = p.apply(&low).unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+            let ok: ParametersUpdate =
+                serde_json::from_str(&format!(r#"{{"{name}": 100}}"#)).unwrap();
+            p.apply(&ok).unwrap();
+        }
+        assert_eq!(
+            (
+                p.x_ferry_connect_timeout_ms,
+                p.x_ferry_io_timeout_ms,
+                p.x_ferry_switchover_timeout_ms
+            ),
+            (100, 100, 100)
+        );
     }
 
     #[test]

@@ -56,6 +56,9 @@ struct Shared {
     live: Arc<LiveParams>,
     stats: RwLock<Arc<MigStats>>,
     cancel: Mutex<Arc<AtomicBool>>,
+    /// The running migration's transport token: `cancel` fires it, which ends a
+    /// connect or a rate-limiter sleep at once.
+    cancel_token: Mutex<transport::Cancel>,
     /// Aborts the running migration's connections (set once connected).
     abort: Mutex<Option<transport::AbortHandle>>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -98,6 +101,7 @@ impl MigrationSource {
                 live,
                 stats: RwLock::new(Arc::new(MigStats::new())),
                 cancel: Mutex::new(Arc::new(AtomicBool::new(false))),
+                cancel_token: Mutex::new(transport::Cancel::new()),
                 abort: Mutex::new(None),
                 thread: Mutex::new(None),
             }),
@@ -236,6 +240,7 @@ impl MigrationSource {
             }
         }
         lock(&self.shared.cancel).store(true, Ordering::Release);
+        lock(&self.shared.cancel_token).cancel();
         // A send or the wait for the destination's answer may be blocked on a stalled
         // peer: shut the connections so the migration thread sees the cancel at once.
         if let Some(abort) = lock(&self.shared.abort).as_ref() {
@@ -404,9 +409,19 @@ impl Run {
             },
             max_bandwidth_bytes_per_sec: self.live.max_bandwidth.load(Ordering::Relaxed),
             sparse_pages: self.params.x_ferry_sparse_pages,
+            connect_timeout: Duration::from_millis(self.params.x_ferry_connect_timeout_ms),
+            io_timeout: Duration::from_millis(self.params.x_ferry_io_timeout_ms),
+            switchover_timeout: Duration::from_millis(self.params.x_ferry_switchover_timeout_ms),
         };
+        // A fresh token for this run, published before the flag is looked at: a
+        // cancel either set the flag already or fires this token.
+        let token = transport::Cancel::new();
+        *lock(&self.shared.cancel_token) = token.clone();
+        if self.cancel.load(Ordering::Acquire) {
+            token.cancel();
+        }
         self.check_cancel()?;
-        let sender = Sender::connect(uri, PAGE_SIZE as u32, blocks, opts)?;
+        let sender = Sender::connect_with(uri, PAGE_SIZE as u32, blocks, opts, &token)?;
         *lock(&self.shared.abort) = Some(sender.abort_handle());
         self.check_cancel()?;
         let stats = &self.stats;

@@ -282,6 +282,7 @@ impl Monitor {
             IncomingOptions {
                 verify: false,
                 run: Some(self.run.clone()),
+                ..Default::default()
             },
         )?;
         let stats = inc.stats().clone();

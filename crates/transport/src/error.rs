@@ -87,6 +87,13 @@ pub enum Error {
         "the destination took the switch-over but did not acknowledge it ({0}): it may be running the guest"
     )]
     InDoubt(String),
+    /// The operation was cancelled through its [`crate::Cancel`] token (or its
+    /// stream's [`crate::AbortHandle`]).
+    #[error("cancelled")]
+    Cancelled,
+    /// A wait ran out of time; the message says which one and how long it was.
+    #[error("timed out: {0}")]
+    TimedOut(String),
     /// A caller-side argument that cannot be honoured (not peer input).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -4,6 +4,7 @@
 
 use std::io::{self, IoSlice};
 
+use crate::cancel::Cancel;
 use crate::conn::{Conn, MAX_IOVECS};
 use crate::error::{Error, Result};
 use crate::limiter::RateLimiter;
@@ -182,11 +183,12 @@ impl RecordReader {
 }
 
 /// Writes all of `parts` with vectored writes (no copy of the slices), honouring
-/// `limiter` in steps of its quantum.
+/// `limiter` in steps of its quantum; its sleeps end with [`Error::Cancelled`] when
+/// the token fires.
 pub(crate) fn write_all(
     conn: &mut Conn,
     parts: &[&[u8]],
-    limiter: Option<&RateLimiter>,
+    limiter: Option<(&RateLimiter, &Cancel)>,
 ) -> Result<()> {
     let (mut i, mut off) = (0usize, 0usize);
     let mut list: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len().min(MAX_IOVECS));
@@ -196,7 +198,7 @@ pub(crate) fn write_all(
             off = 0;
             continue;
         }
-        let mut budget = limiter.map_or(usize::MAX, |l| l.quantum_bytes());
+        let mut budget = limiter.map_or(usize::MAX, |(l, _)| l.quantum_bytes());
         list.clear();
         let (mut j, mut o) = (i, off);
         while j < parts.len() && list.len() < MAX_IOVECS && budget > 0 {
@@ -217,8 +219,10 @@ pub(crate) fn write_all(
                 Err(e) => return Err(Error::Io(e)),
             }
         };
-        if let Some(l) = limiter {
-            l.pace(n as u64);
+        if let Some((l, cancel)) = limiter {
+            if !l.pace_or_cancel(n as u64, cancel) {
+                return Err(Error::Cancelled);
+            }
         }
         let mut left = n;
         while left > 0 {

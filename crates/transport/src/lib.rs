@@ -2,6 +2,13 @@
 //! URI (`tcp:`, `unix:`, `file:`, `mem:`), parallel connections with an
 //! iteration barrier, a rate limiter and byte counters.
 //!
+//! Every wait is bounded: [`SendOptions`] carries `connect_timeout`, `io_timeout`
+//! (TCP keepalive, `TCP_USER_TIMEOUT`, and a send timeout on sockets) and
+//! `switchover_timeout`; a [`Cancel`] token given to [`Sender::connect_with`] ends a
+//! connect, a rate-limiter sleep or a wait of `finish` at once. The receiver's
+//! [`Listener::accept_with`] takes connections concurrently under
+//! [`AcceptOptions`], so silent or bogus connections cannot block a real stream.
+//!
 //! Send side: [`Sender::connect`], then [`Sender::send_pages`] (page slices
 //! borrowed from guest memory, written with one `writev`),
 //! [`Sender::send_zero_pages`], [`Sender::send_sparse_pages`] (pages with a few
@@ -14,6 +21,7 @@
 //! [`Receiver::send_ack`]. The byte layout is in `FORMAT.md`.
 
 mod barrier;
+mod cancel;
 pub mod checksum;
 mod conn;
 mod counters;
@@ -29,12 +37,13 @@ mod sink;
 mod sparse;
 mod uri;
 
+pub use cancel::Cancel;
 pub use counters::ByteCounters;
 pub use error::{Error, Result};
 pub use format::{BlockInfo, Compression, Features, StreamHeader};
 pub use limiter::RateLimiter;
-pub use recv::{decode_bytes, Decoded, Event, Listener, Receiver};
-pub use send::{decode_answers, AbortHandle, Ack, Answers, SendOptions, Sender};
+pub use recv::{decode_bytes, AcceptOptions, Decoded, Event, Listener, Receiver};
+pub use send::{decode_answers, AbortHandle, Ack, Answers, SendOptions, Sender, DEFAULT_TIMEOUT};
 pub use sink::{is_zero, PageSink, VecSink};
 pub use sparse::{PageClass, SparseBatch, MAX_SPARSE_WORDS};
 pub use uri::Uri;
@@ -51,4 +60,13 @@ pub fn mem_pair() -> Result<(Uri, Listener)> {
     ));
     let listener = Listener::bind(&uri)?;
     Ok((uri, listener))
+}
+
+/// A duration for an error message: whole seconds when it is, else milliseconds.
+pub(crate) fn fmt_duration(d: std::time::Duration) -> String {
+    if d.subsec_millis() == 0 && d.as_secs() > 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
 }

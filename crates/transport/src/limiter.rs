@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::cancel::Cancel;
+
 /// Idle credit a writer may burst after a pause.
 pub const BURST: Duration = Duration::from_millis(10);
 /// Smallest write step when limited.
@@ -51,14 +53,24 @@ impl RateLimiter {
 
     /// Charges `bytes` just written and sleeps as long as the sender is ahead.
     pub fn pace(&self, bytes: u64) {
-        let now = Instant::now();
-        let until = {
-            let mut v = self.virtual_now.lock().unwrap_or_else(|p| p.into_inner());
-            charge(&mut v, now, bytes, self.bytes_per_sec())
-        };
-        if let Some(t) = until {
+        if let Some(t) = self.charge_now(bytes) {
             std::thread::sleep(t.saturating_duration_since(Instant::now()));
         }
+    }
+
+    /// Like [`RateLimiter::pace`], but the sleep ends at once when `cancel` fires:
+    /// returns `false` if it did (the caller should stop writing).
+    pub fn pace_or_cancel(&self, bytes: u64, cancel: &Cancel) -> bool {
+        match self.charge_now(bytes) {
+            Some(t) => cancel.sleep(t.saturating_duration_since(Instant::now())),
+            None => !cancel.is_cancelled(),
+        }
+    }
+
+    fn charge_now(&self, bytes: u64) -> Option<Instant> {
+        let now = Instant::now();
+        let mut v = self.virtual_now.lock().unwrap_or_else(|p| p.into_inner());
+        charge(&mut v, now, bytes, self.bytes_per_sec())
     }
 }
 
@@ -131,6 +143,27 @@ mod tests {
             let r = worst_window_ratio(rate, q, pause);
             assert!(r <= 1.05, "rate {rate}: worst window {r}");
         }
+    }
+
+    #[test]
+    fn a_cancel_cuts_a_long_pace_short() {
+        // 1 byte/s: one 4 KiB quantum is over an hour of sleep.
+        let l = std::sync::Arc::new(RateLimiter::new(1));
+        let c = Cancel::new();
+        let (l2, c2) = (l.clone(), c.clone());
+        let t = std::thread::spawn(move || {
+            let went_on = l2.pace_or_cancel(4096, &c2);
+            let t0 = Instant::now();
+            (went_on, t0)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let cancelled_at = Instant::now();
+        c.cancel();
+        let (went_on, _) = t.join().unwrap();
+        assert!(!went_on);
+        assert!(cancelled_at.elapsed() < Duration::from_secs(5));
+        // Already cancelled: no sleep at all.
+        assert!(!l.pace_or_cancel(4096, &c));
     }
 
     #[test]

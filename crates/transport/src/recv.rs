@@ -2,7 +2,9 @@
 //! then runs one thread per data connection writing pages straight into the
 //! destination's memory, with the control connection read on the caller's thread.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::barrier::IterationBarrier;
 use crate::checksum;
@@ -54,11 +56,272 @@ impl Listener {
         self.raw.local_uri()
     }
 
-    /// Accepts every connection of one stream (as many as its first preamble
-    /// announces, in any order) and reads its header. Blocks until all have
-    /// connected: there is no accept timeout yet.
+    /// [`Listener::accept_with`] with the default [`AcceptOptions`].
     pub fn accept(&self) -> Result<Receiver> {
-        accept_from(|| self.raw.accept())
+        self.accept_with(&AcceptOptions::default())
+    }
+
+    /// Accepts every connection of one stream and reads its header.
+    ///
+    /// On sockets (`tcp:`, `unix:`) connections are taken concurrently: each must
+    /// deliver its preamble (channel 0 also the stream header) within
+    /// `opts.preamble_timeout`; they are grouped by the stream's session id, and the
+    /// first stream whose channels have all connected wins. A connection that stays
+    /// silent, sends garbage, repeats a channel or belongs to a stream that never
+    /// completes is dropped (one line on stderr) and never blocks another; so this
+    /// waits until a whole stream arrives and fails only if the listener does.
+    /// `file:` reads the file; `mem:` takes its connections one by one, as they come.
+    pub fn accept_with(&self, opts: &AcceptOptions) -> Result<Receiver> {
+        if self.raw.is_socket() {
+            accept_concurrently(&self.raw, opts)
+        } else {
+            accept_from(|| self.raw.accept())
+        }
+    }
+}
+
+/// How [`Listener::accept_with`] treats incoming connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptOptions {
+    /// Most time a connection may take to deliver its preamble (and, for the control
+    /// connection, the stream header) before it is dropped. Default 10 s.
+    pub preamble_timeout: Duration,
+    /// Most pending items, each a connection still delivering its preamble or a
+    /// stream still waiting for some of its channels (which counts once, whatever
+    /// its channel count); past that, the oldest is dropped. Default 16.
+    pub max_pending: usize,
+    /// Liveness of the source on accepted TCP connections: keepalive and
+    /// `TCP_USER_TIMEOUT` give a dead peer up after about this long (zero: the
+    /// kernel's defaults). No read timeout is set on an established stream: a
+    /// source may legitimately be slow. Default 10 s.
+    pub io_timeout: Duration,
+}
+
+impl Default for AcceptOptions {
+    fn default() -> Self {
+        AcceptOptions {
+            preamble_timeout: Duration::from_secs(10),
+            max_pending: 16,
+            io_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How long the accept loop waits for a connection before it looks at its reports
+/// and deadlines again.
+const ACCEPT_SLICE: Duration = Duration::from_millis(20);
+/// A connection younger than this is never dropped to make room: a real sender
+/// writes its preamble right after it connects, and a burst of its channels may
+/// outnumber `max_pending` for a moment.
+const EVICTION_GRACE: Duration = Duration::from_millis(200);
+
+/// What a connection's first bytes said.
+struct Arrived {
+    reader: RecordReader,
+    preamble: Preamble,
+    /// For channel 0: the stream header and its record's size in bytes.
+    header: Option<(StreamHeader, usize)>,
+}
+
+/// A connection reading its preamble on its own thread.
+struct Reading {
+    closer: Closer,
+    accepted: Instant,
+    peer: String,
+}
+
+/// The connections of one stream that have arrived so far.
+struct Group {
+    /// Arrival number of its first connection (the age order for eviction).
+    first: u64,
+    slots: Vec<Option<RecordReader>>,
+    header: Option<(StreamHeader, usize)>,
+    filled: usize,
+}
+
+fn drop_note(peer: &str, why: impl std::fmt::Display) {
+    eprintln!("ferry: incoming migration connection from {peer} dropped: {why}");
+}
+
+/// Reads a connection's preamble (and for channel 0 the stream header) within
+/// `timeout`, then clears the read timeout again.
+fn read_arrival(conn: Conn, timeout: Duration) -> Result<Arrived> {
+    if !timeout.is_zero() {
+        conn.set_read_timeout(Some(timeout))?;
+    }
+    let mut reader = RecordReader::new(conn);
+    let timed = |e: Error| match e {
+        Error::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Error::TimedOut(format!(
+                "no preamble and header within {}",
+                crate::fmt_duration(timeout)
+            ))
+        }
+        e => e,
+    };
+    let mut pb = [0u8; PREAMBLE_BYTES];
+    reader.read_exact(&mut pb, "preamble").map_err(timed)?;
+    let preamble = Preamble::decode(&pb)?;
+    let header = if preamble.channel_index == 0 {
+        let (h, bytes) = read_header(&mut reader).map_err(timed)?;
+        if h.features.channels != preamble.channel_count {
+            return Err(Error::Protocol(format!(
+                "header says {} channels, the preamble {}",
+                h.features.channels, preamble.channel_count
+            )));
+        }
+        Some((h, bytes))
+    } else {
+        None
+    };
+    reader.conn.set_read_timeout(None)?;
+    Ok(Arrived {
+        reader,
+        preamble,
+        header,
+    })
+}
+
+/// The socket accept loop of [`Listener::accept_with`].
+fn accept_concurrently(raw: &RawListener, opts: &AcceptOptions) -> Result<Receiver> {
+    let (tx, rx) = crossbeam_channel::unbounded::<(u64, Result<Arrived>)>();
+    let mut reading: HashMap<u64, Reading> = HashMap::new();
+    let mut groups: HashMap<u64, Group> = HashMap::new();
+    let mut next_id: u64 = 0;
+    loop {
+        if let Some(conn) = raw.poll_accept(ACCEPT_SLICE, opts.io_timeout)? {
+            let id = next_id;
+            next_id += 1;
+            let peer = conn.peer_name();
+            let closer = conn.aborter();
+            let tx = tx.clone();
+            let timeout = opts.preamble_timeout;
+            let spawned = std::thread::Builder::new()
+                .name("mig/accept".into())
+                .spawn(move || {
+                    let _ = tx.send((id, read_arrival(conn, timeout)));
+                });
+            match spawned {
+                Ok(_) => {
+                    reading.insert(
+                        id,
+                        Reading {
+                            closer,
+                            accepted: Instant::now(),
+                            peer,
+                        },
+                    );
+                }
+                Err(e) => drop_note(&peer, format!("cannot start its thread: {e}")),
+            }
+        }
+        while let Ok((id, result)) = rx.try_recv() {
+            // Not in the table: dropped already (late, or evicted); the connection
+            // closes with `result`.
+            let Some(r) = reading.remove(&id) else {
+                continue;
+            };
+            let a = match result {
+                Ok(a) => a,
+                Err(e) => {
+                    drop_note(&r.peer, e);
+                    continue;
+                }
+            };
+            let p = a.preamble;
+            let g = groups.entry(p.session_id).or_insert_with(|| Group {
+                first: id,
+                slots: (0..p.channel_count).map(|_| None).collect(),
+                header: None,
+                filled: 0,
+            });
+            if g.slots.len() != usize::from(p.channel_count) {
+                drop_note(
+                    &r.peer,
+                    format!(
+                        "claims {} channels, its stream {}",
+                        p.channel_count,
+                        g.slots.len()
+                    ),
+                );
+                continue;
+            }
+            let slot = &mut g.slots[usize::from(p.channel_index)];
+            if slot.is_some() {
+                drop_note(
+                    &r.peer,
+                    format!("channel {} connected twice", p.channel_index),
+                );
+                continue;
+            }
+            *slot = Some(a.reader);
+            g.filled += 1;
+            if a.header.is_some() {
+                g.header = a.header;
+            }
+            if g.filled == g.slots.len() {
+                if let Some(g) = groups.remove(&p.session_id) {
+                    if let Some((header, bytes)) = g.header {
+                        for r in reading.values() {
+                            r.closer.close();
+                        }
+                        return make_receiver(
+                            g.slots.into_iter().flatten().collect(),
+                            header,
+                            bytes,
+                        );
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        if !opts.preamble_timeout.is_zero() {
+            reading.retain(|_, r| {
+                let late = now.duration_since(r.accepted) > opts.preamble_timeout;
+                if late {
+                    r.closer.close();
+                    drop_note(
+                        &r.peer,
+                        format!(
+                            "no preamble within {}",
+                            crate::fmt_duration(opts.preamble_timeout)
+                        ),
+                    );
+                }
+                !late
+            });
+        }
+        while reading.len() + groups.len() > opts.max_pending.max(1) {
+            let oldest_reading = reading
+                .iter()
+                .filter(|(_, r)| now.duration_since(r.accepted) >= EVICTION_GRACE)
+                .map(|(&id, _)| id)
+                .min();
+            let oldest_group = groups.iter().map(|(&sid, g)| (g.first, sid)).min();
+            match (oldest_reading, oldest_group) {
+                (Some(id), g) if g.is_none_or(|(first, _)| id < first) => {
+                    if let Some(r) = reading.remove(&id) {
+                        r.closer.close();
+                        drop_note(&r.peer, "too many pending connections; this was the oldest");
+                    }
+                }
+                (_, Some((_, sid))) => {
+                    if let Some(g) = groups.remove(&sid) {
+                        eprintln!(
+                            "ferry: incoming migration stream {sid:016x} dropped: {} of its {} channels connected, too many pending connections",
+                            g.filled,
+                            g.slots.len()
+                        );
+                    }
+                }
+                _ => break,
+            }
+        }
     }
 }
 
@@ -149,11 +412,13 @@ fn accept_from(mut next: impl FnMut() -> Result<Conn>) -> Result<Receiver> {
         }
     }
     let mut readers: Vec<RecordReader> = slots.into_iter().flatten().collect();
-    let counters = Arc::new(ByteCounters::new(readers.len()));
-    for i in 0..readers.len() {
-        counters.add(i, PREAMBLE_BYTES as u64, 0);
-    }
-    let control = &mut readers[0];
+    let (header, bytes) = read_header(&mut readers[0])?;
+    make_receiver(readers, header, bytes)
+}
+
+/// Reads and checks the stream header on the control connection; returns it and
+/// its record's size in bytes.
+fn read_header(control: &mut RecordReader) -> Result<(StreamHeader, usize)> {
     let mut hb = [0u8; RECORD_HEADER_BYTES];
     control.read_exact(&mut hb, "record header")?;
     let h = RecordHeader::decode(&hb)?;
@@ -170,6 +435,15 @@ fn accept_from(mut next: impl FnMut() -> Result<Conn>) -> Result<Receiver> {
         });
     }
     let header = StreamHeader::decode_body(&body)?;
+    Ok((header, RECORD_HEADER_BYTES + body.len()))
+}
+
+/// A receiver for a stream whose every connection arrived (control first).
+fn make_receiver(
+    readers: Vec<RecordReader>,
+    header: StreamHeader,
+    header_bytes: usize,
+) -> Result<Receiver> {
     if usize::from(header.features.channels) != readers.len() {
         return Err(Error::Protocol(format!(
             "header says {} channels, {} connected",
@@ -177,7 +451,11 @@ fn accept_from(mut next: impl FnMut() -> Result<Conn>) -> Result<Receiver> {
             readers.len()
         )));
     }
-    counters.add(0, (RECORD_HEADER_BYTES + body.len()) as u64, 0);
+    let counters = Arc::new(ByteCounters::new(readers.len()));
+    for i in 0..readers.len() {
+        counters.add(i, PREAMBLE_BYTES as u64, 0);
+    }
+    counters.add(0, header_bytes as u64, 0);
     Ok(Receiver {
         header,
         readers,

@@ -11,9 +11,11 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
+use crate::cancel::Cancel;
 use crate::checksum;
-use crate::conn::Conn;
+use crate::conn::{Conn, ConnTimeouts};
 use crate::counters::ByteCounters;
 use crate::error::{Error, Result};
 use crate::format::{
@@ -43,7 +45,24 @@ pub struct SendOptions {
     pub max_bandwidth_bytes_per_sec: u64,
     /// Declare sparse pages in the header, so [`Sender::send_sparse_pages`] works.
     pub sparse_pages: bool,
+    /// Most time one TCP connect may take (zero: no limit). Default 10 s.
+    pub connect_timeout: Duration,
+    /// Liveness of the destination (zero: the kernel's defaults): a TCP peer that
+    /// stops acknowledging is given up after about this long (keepalive and
+    /// `TCP_USER_TIMEOUT`), and a write to a peer that stops reading (TCP or Unix)
+    /// fails after this long without progress. Default 10 s.
+    pub io_timeout: Duration,
+    /// Most time [`Sender::finish`] waits for the receiver's `Ready`, and then again
+    /// for its acknowledgement after the commit (zero: no limit). Default 10 s.
+    pub switchover_timeout: Duration,
 }
+
+/// Default of [`SendOptions::connect_timeout`], [`SendOptions::io_timeout`] and
+/// [`SendOptions::switchover_timeout`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest a wait sleeps before it looks at the cancel token again.
+const CANCEL_SLICE: Duration = Duration::from_millis(50);
 
 impl Default for SendOptions {
     fn default() -> Self {
@@ -52,6 +71,9 @@ impl Default for SendOptions {
             compression: Compression::None,
             max_bandwidth_bytes_per_sec: 0,
             sparse_pages: true,
+            connect_timeout: DEFAULT_TIMEOUT,
+            io_timeout: DEFAULT_TIMEOUT,
+            switchover_timeout: DEFAULT_TIMEOUT,
         }
     }
 }
@@ -78,11 +100,14 @@ struct Channel {
 #[derive(Clone)]
 pub struct AbortHandle {
     closers: Arc<Vec<crate::conn::Closer>>,
+    cancel: Cancel,
 }
 
 impl AbortHandle {
-    /// Shuts every connection of the stream down (both directions).
+    /// Cancels the sender's token (a rate-limiter sleep or a wait of `finish` ends
+    /// at once) and shuts every connection of the stream down (both directions).
     pub fn abort(&self) {
+        self.cancel.cancel();
         for c in self.closers.iter() {
             c.close();
         }
@@ -102,6 +127,10 @@ pub struct Sender {
     back: Option<Arc<BackChannel>>,
     /// One per connection: what it holds that the peer has not received yet.
     queues: Vec<crate::queue::QueueProbe>,
+    /// Ends the waits of this stream (the limiter's sleeps, `finish`).
+    cancel: Cancel,
+    io_timeout: Duration,
+    switchover_timeout: Duration,
 }
 
 fn session_id() -> u64 {
@@ -118,12 +147,30 @@ fn lock(m: &Mutex<Channel>) -> MutexGuard<'_, Channel> {
 }
 
 impl Sender {
-    /// Opens `opts.channels` connections to `uri` and writes the stream header.
+    /// Opens `opts.channels` connections to `uri` and writes the stream header, with
+    /// a token nobody cancels (see [`Sender::connect_with`]).
     pub fn connect(
         uri: &Uri,
         page_size: u32,
         blocks: Vec<BlockInfo>,
         opts: SendOptions,
+    ) -> Result<Sender> {
+        Self::connect_with(uri, page_size, blocks, opts, &Cancel::new())
+    }
+
+    /// Opens `opts.channels` connections to `uri` and writes the stream header.
+    ///
+    /// Every wait is bounded: a TCP connect gives up after `opts.connect_timeout`
+    /// ([`Error::TimedOut`], naming the address), and `cancel` ends it at once
+    /// ([`Error::Cancelled`]). The sender keeps `cancel`: it also ends the rate
+    /// limiter's sleeps and the waits of [`Sender::finish`]; [`AbortHandle::abort`]
+    /// fires it.
+    pub fn connect_with(
+        uri: &Uri,
+        page_size: u32,
+        blocks: Vec<BlockInfo>,
+        opts: SendOptions,
+        cancel: &Cancel,
     ) -> Result<Sender> {
         let header = StreamHeader {
             page_size,
@@ -146,15 +193,20 @@ impl Sender {
         let counters = Arc::new(ByteCounters::new(opts.channels.into()));
         let session_id = session_id();
         let mut channels = Vec::with_capacity(opts.channels.into());
+        let timeouts = ConnTimeouts {
+            connect: opts.connect_timeout,
+            io: opts.io_timeout,
+        };
+        let stalled = |e| stalled_write(e, opts.io_timeout);
         for channel_index in 0..opts.channels {
-            let mut conn = Conn::connect(uri)?;
+            let mut conn = Conn::connect(uri, timeouts, cancel)?;
             let pre = Preamble {
                 channel_index,
                 channel_count: opts.channels,
                 session_id,
             }
             .encode();
-            write_all(&mut conn, &[&pre], None)?;
+            write_all(&mut conn, &[&pre], None).map_err(stalled)?;
             counters.add(channel_index.into(), PREAMBLE_BYTES as u64, 0);
             let zstd = match opts.compression {
                 Compression::None => None,
@@ -191,6 +243,9 @@ impl Sender {
             counters,
             back,
             queues,
+            cancel: cancel.clone(),
+            io_timeout: opts.io_timeout,
+            switchover_timeout: opts.switchover_timeout,
         };
         let body = s.header.encode_body();
         s.write_record(0, &mut lock(&s.channels[0]), Kind::Header, 0, &[&body], 0)?;
@@ -213,6 +268,7 @@ impl Sender {
     pub fn abort_handle(&self) -> AbortHandle {
         AbortHandle {
             closers: self.aborters.clone(),
+            cancel: self.cancel.clone(),
         }
     }
 
@@ -243,8 +299,8 @@ impl Sender {
         (start, lock(&self.channels[start]))
     }
 
-    fn limiter(&self) -> Option<&RateLimiter> {
-        (self.limiter.bytes_per_sec() != 0).then_some(&self.limiter)
+    fn limiter(&self) -> Option<(&RateLimiter, &Cancel)> {
+        (self.limiter.bytes_per_sec() != 0).then_some((&self.limiter, &self.cancel))
     }
 
     /// Writes one record: header (with the CRC of `body`) then the body parts.
@@ -287,8 +343,13 @@ impl Sender {
         parts.push(&hdr);
         parts.extend_from_slice(body);
         if let Err(e) = write_all(&mut ch.conn, &parts, self.limiter()) {
+            if matches!(e, Error::Cancelled) || self.cancel.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
             // A receiver that refused the stream closes it: its reason beats our EPIPE.
-            return Err(self.refusal().unwrap_or(e));
+            return Err(self
+                .refusal()
+                .unwrap_or_else(|| stalled_write(e, self.io_timeout)));
         }
         ch.records += 1;
         let total = (RECORD_HEADER_BYTES + body_len) as u64;
@@ -581,9 +642,23 @@ impl Sender {
             return Ok(Ack { resumed: false });
         };
         {
+            let deadline = deadline_after(self.switchover_timeout);
             let mut st = back.lock();
             while !st.ready && !st.done {
-                st = back.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                if self.cancel.is_cancelled() {
+                    return Err(Error::Cancelled);
+                }
+                let Some(slice) = slice_until(deadline) else {
+                    return Err(Error::TimedOut(format!(
+                        "the destination did not offer the switch-over within {}",
+                        crate::fmt_duration(self.switchover_timeout)
+                    )));
+                };
+                st = back
+                    .changed
+                    .wait_timeout(st, slice)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
             if !st.ready {
                 // `apply` turns an Ack before Ready into an error.
@@ -596,13 +671,33 @@ impl Sender {
         }
         // The point of no return: from here on the receiver may run the guest. A
         // write that fails delivered no whole record, so no commit.
+        if self.cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
         let control = &mut chans[0].conn;
-        write_all(control, &[&encode_record(Kind::Commit, &[])], None)?;
+        write_all(control, &[&encode_record(Kind::Commit, &[])], None)
+            .map_err(|e| stalled_write(e, self.io_timeout))?;
         control.flush()?;
         let _ = control.shutdown_write();
+        let deadline = deadline_after(self.switchover_timeout);
         let mut st = back.lock();
         while st.answer.is_none() {
-            st = back.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            if self.cancel.is_cancelled() {
+                return Err(Error::InDoubt(
+                    "cancelled while waiting for the acknowledgement".into(),
+                ));
+            }
+            let Some(slice) = slice_until(deadline) else {
+                return Err(Error::InDoubt(format!(
+                    "no acknowledgement within {}",
+                    crate::fmt_duration(self.switchover_timeout)
+                )));
+            };
+            st = back
+                .changed
+                .wait_timeout(st, slice)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         match st.answer.take() {
             Some(Ok(ack)) => Ok(ack),
@@ -681,6 +776,41 @@ impl Drop for Sender {
         for c in self.aborters.iter() {
             c.close();
         }
+    }
+}
+
+/// The deadline `d` from now; `None` (never) for zero.
+fn deadline_after(d: Duration) -> Option<Instant> {
+    (!d.is_zero()).then(|| Instant::now() + d)
+}
+
+/// How long the next slice of a wait until `deadline` may sleep; `None` once it passed.
+fn slice_until(deadline: Option<Instant>) -> Option<Duration> {
+    match deadline {
+        None => Some(CANCEL_SLICE),
+        Some(t) => {
+            let left = t.saturating_duration_since(Instant::now());
+            (!left.is_zero()).then(|| left.min(CANCEL_SLICE))
+        }
+    }
+}
+
+/// A write that failed because the send timeout ran out (the peer stopped reading)
+/// says so; other errors pass unchanged.
+fn stalled_write(e: Error, io_timeout: Duration) -> Error {
+    match e {
+        Error::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Error::TimedOut(format!(
+                "the destination did not read for {}",
+                crate::fmt_duration(io_timeout)
+            ))
+        }
+        e => e,
     }
 }
 

@@ -306,7 +306,8 @@ fn records_in_the_wrong_place_are_protocol_errors() {
 #[test]
 fn connection_closed_mid_record_over_tcp() {
     let s = small_stream(Compression::None);
-    for cut in [PREAMBLE_BYTES + 5, s.len() / 2, s.len() - 3] {
+    // (A stream cut before its header ends is never accepted: tests/timeouts.rs.)
+    for cut in [s.len() / 2, s.len() - 3] {
         let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
         let Uri::Tcp { port, .. } = l.local_uri().unwrap() else {
             unreachable!()
