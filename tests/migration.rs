@@ -291,6 +291,9 @@ fn poll(source: &MigrationSource, guest: &GuestVm, t0: Instant) -> Poll {
     }
 }
 
+/// [`rate_and_truth`]'s answer while the last sync is too recent to classify.
+const TOO_RECENT: &str = "the last sync is too recent";
+
 /// What one migration's polls say about its last closed dirty-rate period: `Ok((rate,
 /// truth))`, or `Err(why)` when the truth cannot be known from this run (a period
 /// boundary too close to call, or a vCPU that did no whole round inside the period).
@@ -316,7 +319,12 @@ fn rate_and_truth(polls: &[Poll], w: u64, max_sync_ns: u64) -> Result<(f64, f64)
     for (k, &(lo, hi)) in syncs.iter().enumerate() {
         let surely = lo.saturating_sub(start.1) >= 1_000_000;
         let maybe = hi.saturating_sub(start.0) >= 1_000_000;
-        let next_soon = syncs.get(k + 1).is_some_and(|n| n.0 < hi + 50_000);
+        let next_soon = match syncs.get(k + 1) {
+            Some(n) => n.0 < hi + 50_000,
+            // The last sync seen: whether another follows is known only 50 ms later.
+            None if polls.last().unwrap().before_us < hi + 50_000 => return Err(TOO_RECENT.into()),
+            None => false,
+        };
         if surely || (maybe && !next_soon) {
             periods.push((start, (lo, hi)));
             start = (lo, hi);
@@ -386,11 +394,14 @@ fn dirty_pages_rate_matches_the_working_set_and_non_convergence_is_reported() {
         if !due {
             continue;
         }
-        evaluated_syncs = polls.last().unwrap().syncs;
         let max_sync_ns = guest.address_space().stats().snapshot().max_sync_ns;
         match rate_and_truth(&polls, w, max_sync_ns) {
             Ok(found) => break found,
-            Err(e) => why.push(e),
+            Err(e) if e == TOO_RECENT => {}
+            Err(e) => {
+                evaluated_syncs = polls.last().unwrap().syncs;
+                why.push(e);
+            }
         }
     };
     assert!(
