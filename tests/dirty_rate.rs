@@ -67,42 +67,79 @@ fn working_set_truth(guest: &GuestVm) -> u64 {
     (0..vm.vcpus()).map(|v| vm.workload_region(v).1 + 1).sum()
 }
 
-/// Runs one measurement to the end; checks that the guest kept running through it.
-fn measure(job: &DirtyRateJob, guest: &GuestVm, args: &DirtyRateArgs) -> DirtyRateInfo {
-    measure_rounds(job, guest, args).0
-}
-
-/// Runs one measurement to the end; also returns each vCPU's rounds over the job.
-fn measure_rounds(
-    job: &DirtyRateJob,
-    guest: &GuestVm,
-    args: &DirtyRateArgs,
-) -> (DirtyRateInfo, Vec<u64>) {
-    let before = guest.counters();
+/// Runs one measurement to the end.
+fn measure(job: &DirtyRateJob, _guest: &GuestVm, args: &DirtyRateArgs) -> DirtyRateInfo {
     job.calc(args).expect("calc-dirty-rate");
     assert_eq!(job.status(), DirtyRateStatus::Measuring);
     let info = job.wait(Some(TimeUnit::Millisecond));
-    let after = guest.counters();
     assert_eq!(info.status, DirtyRateStatus::Measured);
-    let rounds = after.iter().zip(&before).map(|(a, b)| a - b).collect();
-    (info, rounds)
+    info
 }
 
-/// Like [`measure`], for a working-set truth that needs at least one whole round in
-/// the window: measures again (up to 10 times; the host is shared, a vCPU thread can
-/// be starved for a while) until every vCPU did ≥ 3 rounds over the job's span, which
-/// puts a whole round inside the window.
-fn measure_steady(job: &DirtyRateJob, guest: &GuestVm, args: &DirtyRateArgs) -> DirtyRateInfo {
+/// Runs one measurement to the end with the guest's counters logged around it; returns
+/// the result, the counter log, and the longest dirty-log sync so far (ns).
+fn measure_logged(
+    job: &DirtyRateJob,
+    guest: &Arc<GuestVm>,
+    args: &DirtyRateArgs,
+) -> (DirtyRateInfo, Vec<Record>, u64) {
+    let log = CounterLog::start(guest);
+    let info = measure(job, guest, args);
+    let records = log.finish();
+    let max_sync_ns = guest.address_space().stats().snapshot().max_sync_ns;
+    (info, records, max_sync_ns)
+}
+
+/// Whole rounds each vCPU surely did inside the job's log window. A page is counted
+/// when a sync harvests it, somewhere inside that sync, and the reported window runs
+/// from the middle of the baseline sync to the middle of the final one: the window
+/// every page surely belongs to is the reported one shrunk by half the longest sync
+/// at each end. Inside it, `k` counter increments seen for sure hold `k - 1` whole
+/// rounds (a round writes its pages, then increments the counter).
+fn whole_rounds_inside(records: &[Record], x: &FerryDirtyRateInfo, max_sync_ns: u64) -> Vec<u64> {
+    let (start, end) = window_of(x);
+    let half_sync_us = max_sync_ns.div_ceil(2000);
+    let (start, end) = (start + half_sync_us, end.saturating_sub(half_sync_us));
+    let vcpus = records[0].counters.len();
+    (0..vcpus)
+        .map(|v| {
+            let (fewest, _) = bracket(records, start, end, Some(v));
+            (fewest as u64).saturating_sub(1)
+        })
+        .collect()
+}
+
+/// Like [`measure`], for a working-set truth that needs every vCPU to have rewritten
+/// its whole set inside the window: measures again until every vCPU did at least one
+/// whole round inside the window (read from its own counter, logged around the job).
+/// The host is shared and a vCPU that takes a dirty-log fault on every page can be
+/// slow, so with `grow` each retry doubles the window (the truth does not depend on
+/// its length); without, the window stays and up to 100 windows are tried.
+fn measure_steady(
+    job: &DirtyRateJob,
+    guest: &Arc<GuestVm>,
+    mut ms: i64,
+    mode: DirtyRateMode,
+    grow: bool,
+) -> DirtyRateInfo {
+    let tries = if grow { 10 } else { 100 };
     let mut last = Vec::new();
-    for _ in 0..10 {
-        let (info, rounds) = measure_rounds(job, guest, args);
-        if rounds.iter().all(|r| *r >= 3) {
+    for _ in 0..tries {
+        let args = DirtyRateArgs::millis(ms, mode);
+        let (info, records, max_sync_ns) = measure_logged(job, guest, &args);
+        let rounds = whole_rounds_inside(&records, &extras(&info), max_sync_ns);
+        if rounds.iter().all(|r| *r >= 1) {
             return info;
         }
-        eprintln!("only {rounds:?} rounds in the window; measuring again");
+        eprintln!("whole rounds inside the {ms} ms window: {rounds:?}; measuring again");
         last = rounds;
+        if grow {
+            ms = (ms * 2).min(20_000);
+        }
     }
-    panic!("the guest is too slow: {last:?} rounds per window, 10 times");
+    panic!(
+        "the guest never did a whole round inside a window: {last:?} in the last, {tries} tries"
+    );
 }
 
 fn extras(info: &DirtyRateInfo) -> FerryDirtyRateInfo {
@@ -133,7 +170,7 @@ fn log_mode_on_working_sets(mode: DirtyRateMode, ring_entries: u32) {
         let guest = boot(GIB, 2, workload, ring_entries);
         let job = DirtyRateJob::new(guest.clone());
         let truth = working_set_truth(&guest);
-        let info = measure_steady(&job, &guest, &DirtyRateArgs::millis(1000, mode));
+        let info = measure_steady(&job, &guest, 1000, mode, true);
         let x = extras(&info);
         assert_within(
             x.dirty_pages_per_sec,
@@ -189,21 +226,53 @@ fn log_mode_on_sweep(mode: DirtyRateMode, ring_entries: u32) {
         ring_entries,
     );
     let job = DirtyRateJob::new(guest.clone());
-    let log = CounterLog::start(&guest);
-    let before: u64 = guest.counters().iter().sum();
-    let info = measure(&job, &guest, &DirtyRateArgs::millis(1000, mode));
-    let after: u64 = guest.counters().iter().sum();
-    std::thread::sleep(Duration::from_millis(2));
-    let records = log.finish();
-    let x = extras(&info);
-    // Upper bound: the counters over the whole job (a sweep writes each page once).
-    let written = (after - before + 2) as f64;
-    assert!(x.dirty_pages <= written, "{} > {written}", x.dirty_pages);
-    // Truth: the counters over the job's own window, which ended at the final sync,
-    // just before the result.
-    let (start, end) = window_of(&x);
-    let truth = counter_at(&records, end, None) - counter_at(&records, start, None) + 2.0;
-    assert_within(x.dirty_pages, truth, 2.0, &format!("{mode:?} sweep"));
+    // The truth is the pages the sweep wrote inside the window (it writes each page
+    // once), read from its counters logged around the job. It is known only between
+    // the records that bracket the window, widened or narrowed by half the longest
+    // sync at each end (a page counts when the sync harvests it, somewhere inside the
+    // sync). On a loaded host a record can be late, which loosens the bracket: such a
+    // window is measured again, so the check stays tight.
+    for attempt in 0..10 {
+        let (info, records, max_sync_ns) =
+            measure_logged(&job, &guest, &DirtyRateArgs::millis(1000, mode));
+        let x = extras(&info);
+        let (start, end) = window_of(&x);
+        let half_sync_us = max_sync_ns.div_ceil(2000);
+        let (fewest, _) = bracket(
+            &records,
+            start + half_sync_us,
+            end.saturating_sub(half_sync_us),
+            None,
+        );
+        let (_, most) = bracket(
+            &records,
+            start.saturating_sub(half_sync_us),
+            end + half_sync_us,
+            None,
+        );
+        // Plus each vCPU's counter page.
+        let (lo, hi) = (fewest + 2.0, most + 2.0);
+        if hi - lo > 0.05 * hi {
+            eprintln!(
+                "attempt {attempt}: the truth is only known within [{lo}, {hi}]; measuring again"
+            );
+            continue;
+        }
+        // 2 % for where the sweep's bursts fall against the counter updates.
+        assert!(
+            lo * 0.98 <= x.dirty_pages && x.dirty_pages <= hi * 1.02,
+            "{mode:?} sweep: {} pages, truth in [{lo}, {hi}] (sync up to {max_sync_ns} ns)",
+            x.dirty_pages
+        );
+        assert_within(
+            x.dirty_pages_per_sec,
+            rate_of(x.dirty_pages, &x),
+            0.1,
+            "the rate is the count over the window",
+        );
+        return;
+    }
+    panic!("{mode:?} sweep: the counter log never bracketed the window tightly in 10 tries");
 }
 
 #[test]
@@ -243,8 +312,9 @@ fn sampling_interval_holds_truth(workload: Workload, sample_pages: i64) {
         let records = log.finish();
         let x = extras(&info);
         let (start, end) = window_of(&x);
+        // Counter increments surely inside the window.
         let rounds: Vec<f64> = (0..2)
-            .map(|v| counter_at(&records, end, Some(v)) - counter_at(&records, start, Some(v)))
+            .map(|v| bracket(&records, start, end, Some(v)).0)
             .collect();
         if rounds.iter().any(|r| *r < 5.0) {
             skipped += 1;
@@ -290,23 +360,41 @@ fn page_sampling_interval_holds_truth_w65536() {
     sampling_interval_holds_truth(Workload::WorkingSet { pages: 65536 }, 512);
 }
 
-/// The guest's counter sum, recorded every millisecond by a helper thread, so a
-/// sweep's truth can be read at the job's own window boundaries.
+/// The guest's counters, read about every millisecond, with the host wall clock just
+/// before and just after the read: the read happened between the two.
+struct Record {
+    before_us: u64,
+    counters: Vec<u64>,
+    after_us: u64,
+}
+
+/// Records the guest's counters on a helper thread, so a truth can be read at the
+/// job's own window boundaries.
 struct CounterLog {
     stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<Vec<(u64, Vec<u64>)>>,
+    handle: std::thread::JoinHandle<Vec<Record>>,
     guest: Arc<GuestVm>,
+}
+
+fn record(guest: &GuestVm) -> Record {
+    let before_us = unix_us();
+    let counters = guest.counters();
+    Record {
+        before_us,
+        counters,
+        after_us: unix_us(),
+    }
 }
 
 impl CounterLog {
     fn start(guest: &Arc<GuestVm>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (g, s) = (Arc::clone(guest), Arc::clone(&stop));
-        let first = (unix_us(), guest.counters());
+        let first = record(guest);
         let handle = std::thread::spawn(move || {
             let mut v = vec![first];
             while !s.load(Ordering::Relaxed) {
-                v.push((unix_us(), g.counters()));
+                v.push(record(&g));
                 std::thread::sleep(Duration::from_millis(1));
             }
             v
@@ -318,10 +406,10 @@ impl CounterLog {
         }
     }
 
-    fn finish(self) -> Vec<(u64, Vec<u64>)> {
+    fn finish(self) -> Vec<Record> {
         self.stop.store(true, Ordering::Relaxed);
         let mut v = self.handle.join().expect("counter log");
-        v.push((unix_us(), self.guest.counters()));
+        v.push(record(&self.guest));
         v
     }
 }
@@ -333,33 +421,33 @@ fn unix_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// The counters at `t_us` (vCPU `vcpu`, or their sum when None), interpolated between
-/// the records around it.
-fn counter_at(log: &[(u64, Vec<u64>)], t_us: u64, vcpu: Option<usize>) -> f64 {
-    let value = |c: &[u64]| match vcpu {
-        Some(v) => c[v] as f64,
-        None => c.iter().sum::<u64>() as f64,
+/// Fewest and most counts (vCPU `vcpu`'s counter, or all counters' sum when None) the
+/// guest can have added in `[start, end]` (µs), from the records that surely lie
+/// inside the window (fewest) and those that surely lie outside it (most). Where no
+/// record lies outside, the log's ends stand in, which can only widen the bracket.
+fn bracket(log: &[Record], start: u64, end: u64, vcpu: Option<usize>) -> (f64, f64) {
+    let value = |r: &Record| match vcpu {
+        Some(v) => r.counters[v] as f64,
+        None => r.counters.iter().sum::<u64>() as f64,
     };
-    let i = log.partition_point(|(at, _)| *at <= t_us);
-    let (ta, a) = &log[i.saturating_sub(1)];
-    let (tb, b) = &log[i.min(log.len() - 1)];
-    let (a, b) = (value(a), value(b));
-    if tb <= ta {
-        return a;
-    }
-    let f = t_us.saturating_sub(*ta) as f64 / (tb - ta) as f64;
-    a + (b - a) * f.min(1.0)
-}
-
-/// Fewest and most pages all vCPUs together can have written in `[start, end]` (µs),
-/// from the counter records around the window's two ends.
-fn bracket(log: &[(u64, Vec<u64>)], start: u64, end: u64) -> (f64, f64) {
-    let sum = |i: usize| log[i].1.iter().sum::<u64>() as f64;
-    let last_before = |t: u64| log.partition_point(|(at, _)| *at <= t).saturating_sub(1);
-    let first_after = |t: u64| log.partition_point(|(at, _)| *at < t).min(log.len() - 1);
-    let fewest = (sum(last_before(end)) - sum(first_after(start))).max(0.0);
-    let most = sum(first_after(end)) - sum(last_before(start));
-    (fewest, most)
+    // Inside: read at or after `start`, and at or before `end`.
+    let first_inside = log.iter().find(|r| r.before_us >= start);
+    let last_inside = log.iter().rev().find(|r| r.after_us <= end);
+    let fewest = match (first_inside, last_inside) {
+        (Some(a), Some(b)) => (value(b) - value(a)).max(0.0),
+        _ => 0.0,
+    };
+    // Outside: read at or before `start`, and at or after `end`.
+    let last_before = log
+        .iter()
+        .rev()
+        .find(|r| r.after_us <= start)
+        .unwrap_or(&log[0]);
+    let first_after = log
+        .iter()
+        .find(|r| r.before_us >= end)
+        .unwrap_or(&log[log.len() - 1]);
+    (fewest, value(first_after) - value(last_before))
 }
 
 /// The job's window on the host wall clock, µs since the Unix epoch.
@@ -396,7 +484,7 @@ fn page_sampling_interval_holds_truth_sweep() {
         // The host reads the counters about every millisecond, but a loaded host can
         // miss a few; the sweep writes in bursts between naps, so the truth is only
         // known between the records that bracket the window's ends.
-        let (lo, hi) = bracket(&records, start, end);
+        let (lo, hi) = bracket(&records, start, end, None);
         let mib = |pages: f64| rate_of(pages + 2.0, &x) * PAGE_SIZE as f64 / (1 << 20) as f64;
         let (want_lo, want_hi) = (mib(lo), mib(hi));
         if ci.low_mib_per_sec <= want_hi && want_lo <= ci.high_mib_per_sec {
@@ -426,11 +514,7 @@ fn ring_mode_splits_rates_per_vcpu() {
         assert_eq!(vm.workload_region(1).1, 0, "vCPU 1 writes only its counter");
     }
     let job = DirtyRateJob::new(guest.clone());
-    let info = measure_steady(
-        &job,
-        &guest,
-        &DirtyRateArgs::millis(500, DirtyRateMode::DirtyRing),
-    );
+    let info = measure_steady(&job, &guest, 500, DirtyRateMode::DirtyRing, true);
     let x = extras(&info);
     assert_eq!(x.dirty_pages, working_set_truth(&guest) as f64);
     let vcpus = info.vcpu_dirty_rate.clone().expect("per-vCPU rates");
@@ -457,11 +541,7 @@ fn ring_mode_splits_working_set_per_vcpu() {
     // vCPU's rate is at least its own share of unique pages.
     let guest = boot(GIB, 2, Workload::WorkingSet { pages: 65536 }, 65536);
     let job = DirtyRateJob::new(guest.clone());
-    let info = measure_steady(
-        &job,
-        &guest,
-        &DirtyRateArgs::millis(500, DirtyRateMode::DirtyRing),
-    );
+    let info = measure_steady(&job, &guest, 500, DirtyRateMode::DirtyRing, true);
     let x = extras(&info);
     let secs = x.window_us as f64 / 1e6;
     let share_mib = (32768.0 + 1.0) * PAGE_SIZE as f64 / (1 << 20) as f64 / secs;
@@ -544,15 +624,14 @@ fn bad_requests_get_qemus_errors_and_leave_the_state_alone() {
 #[test]
 fn short_windows_down_to_50_ms() {
     let _g = guest_lock();
-    let guest = boot(GIB, 2, Workload::WorkingSet { pages: 4096 }, 0);
+    // A small working set, so that a vCPU taking a dirty-log fault on every page can
+    // still do a whole round inside 50 ms on a loaded host (windows where it did not
+    // are measured again: their truth is another).
+    let guest = boot(GIB, 2, Workload::WorkingSet { pages: 256 }, 0);
     let job = DirtyRateJob::new(guest.clone());
     let truth = working_set_truth(&guest) as f64;
     for _ in 0..5 {
-        let info = measure_steady(
-            &job,
-            &guest,
-            &DirtyRateArgs::millis(50, DirtyRateMode::DirtyBitmap),
-        );
+        let info = measure_steady(&job, &guest, 50, DirtyRateMode::DirtyBitmap, false);
         let x = extras(&info);
         assert!(x.window_us >= 50_000);
         assert_eq!(x.dirty_pages, truth);
@@ -574,18 +653,22 @@ fn measuring_beside_a_migration_leaves_it_alone() {
     );
     let inc = incoming(dest.clone(), "tcp:127.0.0.1:0", true).expect("listen");
     let source = MigrationSource::new(guest.clone());
-    // 8 MiB/s cannot keep up with 16 MiB of working set: the migration iterates (and
-    // syncs) all through the measurement.
+    // 16 MiB of working set sent whole (sparse pages would shrink it ~200x and let the
+    // migration finish at once) at 1 MiB/s with a 1 ms downtime limit cannot converge
+    // however slowly the guest runs: the migration iterates (and syncs) all through
+    // the measurement.
     source
         .set_parameters(&ParametersUpdate {
-            max_bandwidth: Some(8 << 20),
+            max_bandwidth: Some(1 << 20),
+            downtime_limit: Some(1),
+            x_ferry_sparse_pages: Some(false),
             ..Default::default()
         })
         .unwrap();
     source.migrate(&inc.uri().to_string()).unwrap();
     let job = DirtyRateJob::new(guest.clone());
     for mode in [DirtyRateMode::DirtyBitmap, DirtyRateMode::PageSampling] {
-        let info = measure_steady(&job, &guest, &DirtyRateArgs::millis(500, mode));
+        let info = measure_steady(&job, &guest, 500, mode, true);
         if mode == DirtyRateMode::DirtyBitmap {
             assert_eq!(
                 extras(&info).dirty_pages,
@@ -601,12 +684,17 @@ fn measuring_beside_a_migration_leaves_it_alone() {
             "the migration's log stayed on: {:?}",
             source.query()
         );
+        assert_eq!(
+            source.query().status,
+            MigrationStatus::Active,
+            "the migration still iterates"
+        );
     }
-    assert!(!source.query().status.is_finished());
     // Let it finish: every page it needed is still in its bitmap.
     source
         .set_parameters(&ParametersUpdate {
             max_bandwidth: Some(0),
+            downtime_limit: Some(300),
             ..Default::default()
         })
         .unwrap();
@@ -633,11 +721,7 @@ fn repeated_ring_measurements_on_one_guest_stay_exact() {
     let job = DirtyRateJob::new(guest.clone());
     let truth = working_set_truth(&guest) as f64;
     for i in 0..5 {
-        let info = measure_steady(
-            &job,
-            &guest,
-            &DirtyRateArgs::millis(300, DirtyRateMode::DirtyRing),
-        );
+        let info = measure_steady(&job, &guest, 300, DirtyRateMode::DirtyRing, true);
         let x = extras(&info);
         assert_eq!(x.dirty_pages, truth, "window {i}: {x:?}");
         wait_rounds(&guest, 3);

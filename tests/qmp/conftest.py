@@ -47,10 +47,12 @@ class FerryVm:
 
     def __init__(self, tmpdir: Path, name: str, *extra: str,
                  mem: str = "256M", vcpus: int = 1, workload: str = "working-set=4M",
-                 qmp: str = ""):
+                 qmp: str = "", wrap: tuple = ()):
+        """`wrap` prefixes the command line (e.g. `ip netns exec NS`, which execs
+        `ferry vm` in its place, so `proc` is still the guest's process)."""
         self.qmp_path = str(tmpdir / f"{name}.qmp")
         self.name = name
-        args = [ferry_bin(), "vm", "--mem", mem, "--vcpus", str(vcpus),
+        args = [*wrap, ferry_bin(), "vm", "--mem", mem, "--vcpus", str(vcpus),
                 "--workload", workload, "--qmp", qmp or f"unix:{self.qmp_path}", *extra]
         self.stderr = open(tmpdir / f"{name}.stderr", "w+")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
