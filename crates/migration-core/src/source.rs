@@ -546,10 +546,28 @@ impl Run {
     /// pages it never had costs it a page fault each (~2 µs here, 140 ms for 256 MiB),
     /// and small sparse records, or a slow link with deep buffers, let the sender run
     /// far ahead of it. True when the wait took longer than [`CATCH_UP_MS`].
+    ///
+    /// Bounded: a destination that receives nothing for the I/O timeout (its queue
+    /// does not shrink) fails the migration, with the guest still running here.
     fn wait_for_destination(&self, sender: &Sender, iteration: u64) -> Result<bool> {
         let start = Instant::now();
+        let io_timeout = Duration::from_millis(self.params.x_ferry_io_timeout_ms);
+        let mut queued = sender.queued_bytes();
+        let mut progress_at = start;
         while !sender.wait_applied(iteration, Duration::from_millis(POLL_MS))? {
             self.check_cancel()?;
+            let now_queued = sender.queued_bytes();
+            if now_queued < queued {
+                progress_at = Instant::now();
+            }
+            queued = now_queued;
+            if progress_at.elapsed() >= io_timeout {
+                return Err(Error::Transport(transport::Error::TimedOut(format!(
+                    "the destination did not confirm pass {iteration} and received \
+                     nothing for {} ms",
+                    io_timeout.as_millis()
+                ))));
+            }
         }
         Ok(start.elapsed() > Duration::from_millis(CATCH_UP_MS))
     }
