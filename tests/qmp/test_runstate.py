@@ -11,7 +11,7 @@ import asyncio
 import os
 import signal
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp import EventListener, ExecuteError
 
 from conftest import free_port, run
 from test_migration import (TERMINAL, connect, drain, poll_until_done, set_events,
@@ -234,3 +234,76 @@ def test_a_paused_source_arrives_paused(vms):
             await c.disconnect()
 
     run(body())
+
+
+def test_random_sequences_keep_one_running_copy(vms):
+    """Seeded random sequences of stop, cont, migrate (to a fresh destination) that
+    completes, is cancelled, or whose destination is killed, with the source itself
+    migrating on from wherever the guest went: after every step at most one guest
+    makes progress, and every live side's `query-status` matches its counters."""
+    import random
+
+    for seed in (1, 2, 3):
+        rng = random.Random(seed)
+        state = {"n": 0}
+
+        def fresh():
+            state["n"] += 1
+            sock = str(vms.dir / f"s{seed}-{state['n']}.sock")
+            return vms(f"d{seed}-{state['n']}", "--incoming", f"unix:{sock}", **GUEST), sock
+
+        async def body():
+            holder = vms(f"a{seed}", **GUEST)
+            sides = {holder.name: (holder, await connect(holder.name, holder))}
+            current = holder.name  # where the guest lives (or last lived)
+            for step in range(8):
+                op = rng.choice(["stop", "cont", "migrate", "migrate", "cancel", "kill"])
+                vm, c = sides[current]
+                what = f"seed {seed} step {step} {op} on {current}"
+                if op in ("stop", "cont"):
+                    await c.execute(op)
+                else:
+                    dst, sock = fresh()
+                    d = await connect(dst.name, dst)
+                    sides[dst.name] = (dst, d)
+                    try:
+                        await c.execute("migrate", {"uri": f"unix:{sock}"})
+                    except ExecuteError as e:
+                        # Refused only where QEMU refuses it.
+                        st = (await c.execute("query-status"))["status"]
+                        assert st == "postmigrate", f"{what}: {e} in {st}"
+                        await c.execute("cont")
+                        await c.execute("migrate", {"uri": f"unix:{sock}"})
+                    if op == "cancel":
+                        await c.execute("migrate_cancel")
+                    elif op == "kill":
+                        dst.proc.kill()
+                    final = (await poll_until_done(c, 0.02))[-1]
+                    print(what, final["status"])
+                    if final["status"] == "completed":
+                        current = dst.name
+                    if op == "kill" or final["status"] != "completed":
+                        del sides[dst.name]
+                        # A destination that did not get the guest never runs it: it
+                        # waits (inmigrate) or has exited on its failed migration.
+                        try:
+                            st = (await d.execute("query-status"))["status"]
+                        except Exception:  # noqa: BLE001 (its QMP socket is gone)
+                            st = "exited"
+                        assert st in ("inmigrate", "exited"), f"{what}: {st}"
+                        dst.proc.kill()
+                live = []
+                for name, (v, cl) in list(sides.items()):
+                    if not v.alive():
+                        del sides[name]
+                        continue
+                    st = (await cl.execute("query-status"))
+                    if st["status"] == "inmigrate":
+                        continue
+                    await check_true(cl, st["status"])
+                    live.append((name, st["running"]))
+                assert sum(1 for _, r in live if r) <= 1, f"{what}: {live}"
+            for _, (v, cl) in sides.items():
+                v.proc.kill()
+
+        run(body())

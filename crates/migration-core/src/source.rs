@@ -379,10 +379,30 @@ impl Run {
                     }
                     self.set_status(MigrationStatus::Cancelled);
                 } else {
-                    stats.set_error(format!("{e}{resume_note}"));
+                    stats.set_error(format!("{}{resume_note}", self.explain(&e)));
                     self.set_status(MigrationStatus::Failed);
                 }
             }
+        }
+    }
+
+    /// The error-desc for `e`: a connection that broke says what that means.
+    fn explain(&self, e: &Error) -> String {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, TimedOut};
+        match e {
+            Error::Transport(transport::Error::Io(io))
+                if matches!(
+                    io.kind(),
+                    BrokenPipe | ConnectionReset | ConnectionAborted | TimedOut
+                ) =>
+            {
+                format!(
+                    "the connection to the destination was lost ({io}): it closed, or \
+                     acknowledged nothing for x-ferry-io-timeout-ms ({} ms)",
+                    self.params.x_ferry_io_timeout_ms
+                )
+            }
+            e => e.to_string(),
         }
     }
 
