@@ -35,6 +35,9 @@ TIMEOUTS = {
 }
 # Slack on every bound: process scheduling on a loaded 2-core host, TCP's own timers.
 SLACK_S = 5.0
+# A cancel interrupts every wait at once (connect included): 2 s leaves room for a
+# loaded host and still tells it from f27e339's 3 s (and 129 s on a real black hole).
+CANCEL_BOUND_S = 2.0
 TERMINAL = ("completed", "failed", "cancelled")
 # A small guest whose working set, sent whole, takes seconds under a bandwidth cap.
 GUEST = {"mem": "64M", "vcpus": 1, "workload": "working-set=16M"}
@@ -415,9 +418,10 @@ def rogue_first(netpair, name, payload: bytes):
                 t0 = time.monotonic()
                 await s.execute("migrate", {"uri": net.uri(PORT)})
                 await decision(s, case, t0, 2 * TIMEOUT_MS / 1000 + SLACK_S + 10)
-                # Either the destination ignored the rogue and took the real stream, or
-                # it gave up on the rogue and the source's stream failed: both are safe.
-                await check_outcome(net, s, dst, case, ("completed", "failed"))
+                # The destination takes the real stream beside the rogue: a silent or
+                # lying connection must not make the real source fail (f27e339: the
+                # real source failed, or waited behind the rogue for ever).
+                await check_outcome(net, s, dst, case, ("completed",))
                 await s.disconnect()
             finally:
                 rogue.kill()
@@ -453,7 +457,7 @@ def test_cancel_in_setup(netpair):
             t0 = time.monotonic()
             await s.execute("migrate_cancel")
             try:
-                await decision(s, case, t0, SLACK_S)
+                await decision(s, case, t0, CANCEL_BOUND_S)
             finally:
                 net.blackhole("off")
             await check_outcome(net, s, dst, case, ("cancelled",))
