@@ -32,7 +32,7 @@ pub use params::{
     MAX_DOWNTIME_LIMIT_MS,
 };
 pub use rates::{
-    predict_convergence, AutoConverge, BandwidthEstimator, DirtyRatePeriod, SendWindow,
+    predict_convergence, AutoConverge, BandwidthEstimator, DirtyRatePeriod, PassCost, SendWindow,
 };
 pub use runstate::{MigrationEvent, RunControl, RunState};
 pub use source::MigrationSource;

@@ -93,6 +93,61 @@ impl BandwidthEstimator {
     }
 }
 
+/// What a page costs to send, learnt from the passes: bytes on the wire per page
+/// (4 KiB whole, about 20 for a sparse page, 8 for a zero page) and pages per second
+/// of sending (what the sender's CPU manages when the link is not the limit).
+///
+/// The switch-over compares the downtime limit with the time the rest would take:
+/// `remaining pages × wire bytes per page ÷ link bandwidth`, and at least
+/// `remaining pages ÷ pages per second`. Counting every dirty page as 4 KiB on the
+/// wire would make a guest whose pages travel sparse look 200× too big for a link
+/// measured in the bytes that really crossed it.
+#[derive(Clone, Debug, Default)]
+pub struct PassCost {
+    wire_bytes_per_page: Option<f64>,
+    pages_per_sec: Option<f64>,
+}
+
+/// Fewest pages a pass must carry to teach [`PassCost`] anything.
+const MIN_PASS_PAGES: u64 = 64;
+
+impl PassCost {
+    /// Learns from one pass that sent `pages` as `wire_bytes` in `sending_ns`.
+    pub fn add_pass(&mut self, pages: u64, wire_bytes: u64, sending_ns: u64) {
+        if pages < MIN_PASS_PAGES || sending_ns == 0 {
+            return;
+        }
+        let ewma = |old: Option<f64>, new: f64| {
+            Some(old.map_or(new, |o| EWMA_ALPHA * new + (1.0 - EWMA_ALPHA) * o))
+        };
+        self.wire_bytes_per_page = ewma(self.wire_bytes_per_page, wire_bytes as f64 / pages as f64);
+        self.pages_per_sec = ewma(self.pages_per_sec, pages as f64 * 1e9 / sending_ns as f64);
+    }
+
+    /// Bytes `pages` dirty pages take on the wire (a whole page each until a pass
+    /// was measured).
+    pub fn wire_bytes(&self, pages: u64) -> u64 {
+        let per_page = self.wire_bytes_per_page.unwrap_or(PAGE_BYTES as f64);
+        (pages as f64 * per_page).ceil() as u64
+    }
+
+    /// Time to send `pages` at `bandwidth_bytes_per_sec`, ms; `None` when the
+    /// bandwidth is unknown (0).
+    pub fn expected_ms(&self, pages: u64, bandwidth_bytes_per_sec: u64) -> Option<u64> {
+        if bandwidth_bytes_per_sec == 0 {
+            return None;
+        }
+        let link_ms = self.wire_bytes(pages) as f64 * 1000.0 / bandwidth_bytes_per_sec as f64;
+        let cpu_ms = self
+            .pages_per_sec
+            .map_or(0.0, |pps| pages as f64 * 1000.0 / pps);
+        Some(link_ms.max(cpu_ms).ceil() as u64)
+    }
+}
+
+/// Bytes of a whole page on the wire, before any pass was measured.
+const PAGE_BYTES: u64 = 4096;
+
 /// QEMU's dirty-rate period: new dirty pages accumulate until a period has lasted at
 /// least [`DirtyRatePeriod::MIN_PERIOD_MS`], then the rate is pages × 1000 / period ms.
 #[derive(Clone, Debug, Default)]
@@ -272,6 +327,22 @@ mod tests {
         b.add_window(&window(100, 100, 50 << 20, 50 << 20, 0));
         let est = b.bytes_per_sec();
         assert!(est < 1_048_576_000 && est > 512 << 20, "{est}");
+    }
+
+    #[test]
+    fn pass_cost_counts_what_pages_cost_on_the_wire() {
+        let mut c = PassCost::default();
+        assert_eq!(c.wire_bytes(10), 40960, "whole pages until measured");
+        assert_eq!(c.expected_ms(10, 0), None, "no bandwidth, no switch-over");
+        // 4096 sparse pages as 80 KiB in 5 ms.
+        c.add_pass(4096, 80 << 10, 5_000_000);
+        assert_eq!(c.wire_bytes(4096), 80 << 10);
+        // At 1 MB/s the link takes 82 ms; the CPU 5 ms.
+        assert_eq!(c.expected_ms(4096, 1_000_000), Some(82));
+        // On a fast link the sender's own pace is the floor.
+        assert_eq!(c.expected_ms(4096, 1 << 40), Some(5));
+        c.add_pass(10, 1, 1);
+        assert_eq!(c.wire_bytes(4096), 80 << 10, "a tiny pass teaches nothing");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::params::{
     Capabilities, Capability, CompressionParam, MigrationParameters, ParametersUpdate,
 };
 use crate::rates::{
-    predict_convergence, AutoConverge, BandwidthEstimator, DirtyRatePeriod, SendWindow,
+    predict_convergence, AutoConverge, BandwidthEstimator, DirtyRatePeriod, PassCost, SendWindow,
 };
 use crate::runstate::{MigrationEvent, RunControl, RunState, SwitchoverEnd};
 use crate::{Error, Result};
@@ -301,6 +301,8 @@ struct Loop {
     bitmap: Arc<DirtyBitmap>,
     window: Arc<DirtyBitmap>,
     bw: BandwidthEstimator,
+    /// Wire bytes and sending time per page, learnt from the passes.
+    cost: PassCost,
     period: DirtyRatePeriod,
     auto: AutoConverge,
     last_sync_dirty_pages: u64,
@@ -475,6 +477,7 @@ impl Run {
             bitmap,
             window,
             bw: BandwidthEstimator::default(),
+            cost: PassCost::default(),
             period: DirtyRatePeriod::default(),
             auto: AutoConverge::default(),
             last_sync_dirty_pages: 0,
@@ -499,7 +502,17 @@ impl Run {
         loop {
             self.check_cancel()?;
             iteration += 1;
+            let pass_start = (
+                Instant::now(),
+                self.pages_sent(),
+                self.stats.precopy_bytes.load(Ordering::Relaxed),
+            );
             self.send_pass(&sender, &mut lp)?;
+            lp.cost.add_pass(
+                self.pages_sent() - pass_start.1,
+                self.stats.precopy_bytes.load(Ordering::Relaxed) - pass_start.2,
+                pass_start.0.elapsed().as_nanos() as u64,
+            );
             sender.iteration_end(iteration)?;
             stats.iterations.store(iteration, Ordering::Relaxed);
             self.sync(&mut lp)?;
@@ -554,11 +567,22 @@ impl Run {
         }
     }
 
+    /// Pages sent so far (whole, sparse and zero).
+    fn pages_sent(&self) -> u64 {
+        self.stats.normal_pages.load(Ordering::Relaxed)
+            + self.stats.zero_pages.load(Ordering::Relaxed)
+    }
+
+    /// How long the rest would take to send, ms, at what pages cost on the wire and
+    /// the measured bandwidth; `None` until the bandwidth is known.
+    fn expected_downtime_ms(&self, lp: &Loop) -> Option<u64> {
+        lp.cost.expected_ms(lp.bitmap.count(), self.bandwidth(lp))
+    }
+
     fn ready_to_switch(&self, lp: &Loop) -> bool {
-        let remaining = lp.bitmap.count() * PAGE_SIZE;
         let limit_ms = self.live.downtime_limit_ms.load(Ordering::Relaxed);
-        let threshold = self.bandwidth(lp) as u128 * u128::from(limit_ms) / 1000;
-        u128::from(remaining) <= threshold
+        self.expected_downtime_ms(lp)
+            .is_some_and(|ms| ms <= limit_ms)
     }
 
     /// Waits (the guest still running) until the destination has every page of
@@ -644,10 +668,9 @@ impl Run {
         );
         let remaining = lp.bitmap.count() * PAGE_SIZE;
         stats.remaining_bytes.store(remaining, Ordering::Relaxed);
-        let bw = self.bandwidth(lp).max(1);
-        stats
-            .expected_downtime_ms
-            .store(remaining * 1000 / bw, Ordering::Relaxed);
+        if let Some(ms) = self.expected_downtime_ms(lp) {
+            stats.expected_downtime_ms.store(ms, Ordering::Relaxed);
+        }
         lp.tick = Tick {
             at: now,
             bytes,
@@ -701,11 +724,12 @@ impl Run {
         }
         let remaining = lp.bitmap.count() * PAGE_SIZE;
         stats.remaining_bytes.store(remaining, Ordering::Relaxed);
-        let rate_bytes = stats.dirty_pages_rate.load(Ordering::Relaxed) * PAGE_SIZE;
+        // In bytes on the wire: what the link has to carry.
+        let wire = |pages: u64| lp.cost.wire_bytes(pages);
         let conv = predict_convergence(
-            remaining,
-            rate_bytes,
-            lp.last_sync_dirty_pages * PAGE_SIZE,
+            wire(lp.bitmap.count()),
+            wire(stats.dirty_pages_rate.load(Ordering::Relaxed)),
+            wire(lp.last_sync_dirty_pages),
             self.bandwidth(lp),
             self.live.downtime_limit_ms.load(Ordering::Relaxed),
         );
