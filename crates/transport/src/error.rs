@@ -99,5 +99,23 @@ pub enum Error {
     InvalidArgument(String),
 }
 
+impl Error {
+    /// An I/O error that a socket timeout ended (`WouldBlock` / `TimedOut`) becomes
+    /// [`Error::TimedOut`] saying `why`; any other error passes unchanged.
+    pub(crate) fn or_timed_out(self, why: impl FnOnce() -> String) -> Error {
+        match self {
+            Error::Io(io)
+                if matches!(
+                    io.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Error::TimedOut(why())
+            }
+            e => e,
+        }
+    }
+}
+
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -150,19 +150,13 @@ fn read_arrival(conn: Conn, timeout: Duration) -> Result<Arrived> {
         conn.set_read_timeout(Some(timeout))?;
     }
     let mut reader = RecordReader::new(conn);
-    let timed = |e: Error| match e {
-        Error::Io(io)
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            Error::TimedOut(format!(
+    let timed = |e: Error| {
+        e.or_timed_out(|| {
+            format!(
                 "no preamble and header within {}",
                 crate::fmt_duration(timeout)
-            ))
-        }
-        e => e,
+            )
+        })
     };
     let mut pb = [0u8; PREAMBLE_BYTES];
     reader.read_exact(&mut pb, "preamble").map_err(timed)?;

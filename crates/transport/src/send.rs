@@ -642,24 +642,16 @@ impl Sender {
             return Ok(Ack { resumed: false });
         };
         {
-            let deadline = deadline_after(self.switchover_timeout);
-            let mut st = back.lock();
-            while !st.ready && !st.done {
-                if self.cancel.is_cancelled() {
-                    return Err(Error::Cancelled);
-                }
-                let Some(slice) = slice_until(deadline) else {
+            let mut st = match self.wait_back(back, |st| st.ready || st.done) {
+                Ok(st) => st,
+                Err(WaitEnd::Cancelled) => return Err(Error::Cancelled),
+                Err(WaitEnd::TimedOut) => {
                     return Err(Error::TimedOut(format!(
                         "the destination did not offer the switch-over within {}",
                         crate::fmt_duration(self.switchover_timeout)
-                    )));
-                };
-                st = back
-                    .changed
-                    .wait_timeout(st, slice)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
+                    )))
+                }
+            };
             if !st.ready {
                 // `apply` turns an Ack before Ready into an error.
                 return Err(st
@@ -679,32 +671,49 @@ impl Sender {
             .map_err(|e| stalled_write(e, self.io_timeout))?;
         control.flush()?;
         let _ = control.shutdown_write();
-        let deadline = deadline_after(self.switchover_timeout);
-        let mut st = back.lock();
-        while st.answer.is_none() {
-            if self.cancel.is_cancelled() {
+        let mut st = match self.wait_back(back, |st| st.answer.is_some()) {
+            Ok(st) => st,
+            Err(WaitEnd::Cancelled) => {
                 return Err(Error::InDoubt(
                     "cancelled while waiting for the acknowledgement".into(),
-                ));
+                ))
             }
-            let Some(slice) = slice_until(deadline) else {
+            Err(WaitEnd::TimedOut) => {
                 return Err(Error::InDoubt(format!(
                     "no acknowledgement within {}",
                     crate::fmt_duration(self.switchover_timeout)
-                )));
-            };
-            st = back
-                .changed
-                .wait_timeout(st, slice)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+                )))
+            }
+        };
         match st.answer.take() {
             Some(Ok(ack)) => Ok(ack),
             Some(Err(Error::Refused(why))) => Err(Error::Refused(why)),
             Some(Err(e)) => Err(Error::InDoubt(e.to_string())),
             None => Err(Error::InDoubt("no answer".into())),
         }
+    }
+
+    /// Waits on the back-channel until `done` holds, a cancel, or the switch-over
+    /// timeout, whichever is first; returns the state, locked, when `done` held.
+    fn wait_back<'a>(
+        &self,
+        back: &'a BackChannel,
+        done: impl Fn(&BackState) -> bool,
+    ) -> std::result::Result<MutexGuard<'a, BackState>, WaitEnd> {
+        let deadline = deadline_after(self.switchover_timeout);
+        let mut st = back.lock();
+        while !done(&st) {
+            if self.cancel.is_cancelled() {
+                return Err(WaitEnd::Cancelled);
+            }
+            let slice = slice_until(deadline).ok_or(WaitEnd::TimedOut)?;
+            st = back
+                .changed
+                .wait_timeout(st, slice)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(st)
     }
 
     /// The receiver's refusal, if it sent one (it may do so at any time, e.g. right
@@ -798,20 +807,12 @@ fn slice_until(deadline: Option<Instant>) -> Option<Duration> {
 /// A write that failed because the send timeout ran out (the peer stopped reading)
 /// says so; other errors pass unchanged.
 fn stalled_write(e: Error, io_timeout: Duration) -> Error {
-    match e {
-        Error::Io(io)
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            Error::TimedOut(format!(
-                "the destination did not read for {}",
-                crate::fmt_duration(io_timeout)
-            ))
-        }
-        e => e,
-    }
+    e.or_timed_out(|| {
+        format!(
+            "the destination did not read for {}",
+            crate::fmt_duration(io_timeout)
+        )
+    })
 }
 
 fn dummy_conn() -> Conn {
@@ -828,6 +829,12 @@ fn dummy_channel() -> Channel {
         zin: Vec::new(),
         zout: Vec::new(),
     }
+}
+
+/// Why [`Sender::wait_back`] stopped waiting.
+enum WaitEnd {
+    Cancelled,
+    TimedOut,
 }
 
 /// What the receiver says on the control connection while the sender writes.
