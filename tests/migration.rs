@@ -313,25 +313,45 @@ fn rate_and_truth(polls: &[Poll], w: u64, max_sync_ns: u64) -> Result<(f64, f64)
     // The sync that closes a period is the one the sender starts when the period is
     // due, so most closes fall within our polling error of 1000 ms. Such a sync is a
     // close unless another sync follows within 50 ms (an end-of-pass sync just before
-    // the due one); that case cannot be told apart.
-    let mut start = active_at;
-    let mut periods = Vec::new();
+    // the due one). When that cannot be told, both readings are followed: they meet
+    // again at the next sync that surely closes a period in each, and the last period
+    // counts only when every reading agrees on it.
+    type Span = (u64, u64);
+    // (start of the open period, the last closed period)
+    let mut readings: Vec<(Span, Option<(Span, Span)>)> = vec![(active_at, None)];
     for (k, &(lo, hi)) in syncs.iter().enumerate() {
-        let surely = lo.saturating_sub(start.1) >= 1_000_000;
-        let maybe = hi.saturating_sub(start.0) >= 1_000_000;
         let next_soon = match syncs.get(k + 1) {
             Some(n) => n.0 < hi + 50_000,
             // The last sync seen: whether another follows is known only 50 ms later.
             None if polls.last().unwrap().before_us < hi + 50_000 => return Err(TOO_RECENT.into()),
             None => false,
         };
-        if surely || (maybe && !next_soon) {
-            periods.push((start, (lo, hi)));
-            start = (lo, hi);
-        } else if maybe {
-            return Err("a sync too close to a period's end to call".into());
+        let mut next = Vec::new();
+        for &(start, last) in &readings {
+            let surely = lo.saturating_sub(start.1) >= 1_000_000;
+            let maybe = hi.saturating_sub(start.0) >= 1_000_000;
+            let closed = ((lo, hi), Some((start, (lo, hi))));
+            if surely || (maybe && !next_soon) {
+                next.push(closed);
+            } else if maybe {
+                next.push(closed);
+                next.push((start, last));
+            } else {
+                next.push((start, last));
+            }
         }
+        next.sort_unstable();
+        next.dedup();
+        if next.len() > 8 {
+            return Err("too many readings of the periods".into());
+        }
+        readings = next;
     }
+    let lasts: Vec<_> = readings.iter().map(|r| r.1).collect();
+    if lasts.windows(2).any(|p| p[0] != p[1]) {
+        return Err("a sync too close to a period's end to call".into());
+    }
+    let periods: Vec<(Span, Span)> = lasts.into_iter().flatten().take(1).collect();
     let ((a_lo, a_hi), (b_lo, b_hi)) = *periods.last().ok_or("no closed period")?;
     // Every unique page the guest wrote in the period counts: each vCPU's working set
     // and counter page, once every vCPU did a whole round inside it (a page counts when
