@@ -267,9 +267,10 @@ def test_link_down_for_2s_mid_precopy_completes(netpair):
         net = netpair()
 
         async def body():
-            # An I/O timeout longer than the cut plus TCP's retransmit backoff.
-            s, src, dst = await mid_precopy(net, case)
-            await set_timeouts(s, case, **{"x-ferry-io-timeout-ms": 8000})
+            # An I/O timeout longer than the cut plus TCP's retransmit backoff, set
+            # before the migrate (a running migration keeps the parameters it began
+            # with; only bandwidth and downtime limits change live).
+            s, src, dst = await mid_precopy(net, case, **{"x-ferry-io-timeout-ms": 8000})
             t0 = time.monotonic()
             net.link("down")
             await asyncio.sleep(2)
