@@ -508,6 +508,7 @@ impl Run {
                 self.stats.precopy_bytes.load(Ordering::Relaxed),
             );
             self.send_pass(&sender, &mut lp)?;
+            self.measure_link(&sender, &mut lp);
             lp.cost.add_pass(
                 self.pages_sent() - pass_start.1,
                 self.stats.precopy_bytes.load(Ordering::Relaxed) - pass_start.2,
@@ -616,6 +617,18 @@ impl Run {
         Ok(start.elapsed() > Duration::from_millis(CATCH_UP_MS))
     }
 
+    /// Refreshes the bandwidth's lower bound (what the receiver has, over the time
+    /// since sending began) after a pass: short passes end before the first progress
+    /// tick, and the switch-over must not wait for one to know the link carries them.
+    fn measure_link(&self, sender: &Sender, lp: &mut Loop) {
+        let bytes = lp.sender_counters.total_bytes();
+        let delivered = bytes - sender.queued_bytes().min(bytes);
+        lp.bw.set_lower_bound(
+            delivered.saturating_sub(lp.delivered_since),
+            lp.sending_since.elapsed().as_nanos() as u64,
+        );
+    }
+
     /// Refreshes the progress numbers; called every [`TICK_MS`] while sending.
     fn tick(&self, sender: &Sender, lp: &mut Loop) {
         let now = Instant::now();
@@ -651,10 +664,7 @@ impl Run {
             delivered_bytes: delivered - lp.tick.delivered,
             queued_bytes: queued,
         });
-        lp.bw.set_lower_bound(
-            delivered.saturating_sub(lp.delivered_since),
-            lp.sending_since.elapsed().as_nanos() as u64,
-        );
+        self.measure_link(sender, lp);
         stats
             .bandwidth_bytes_per_sec
             .store(lp.bw.bytes_per_sec(), Ordering::Relaxed);
