@@ -262,27 +262,7 @@ fn finish_against(
     });
     let s = Sender::connect(&uri, PAGE_SIZE, blocks(), timeouts(switchover)).unwrap();
     // Everything but the finish, then time the finish alone.
-    let ps = PAGE_SIZE as usize;
-    for op in &ops() {
-        match op {
-            Op::Pages {
-                block,
-                offsets,
-                fill,
-            } => {
-                let data: Vec<Vec<u8>> = offsets
-                    .iter()
-                    .zip(fill)
-                    .map(|(o, f)| page_bytes(ps, *f, *o))
-                    .collect();
-                let slices: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
-                s.send_pages(*block, offsets, &slices).unwrap();
-            }
-            Op::IterationEnd(i) => s.iteration_end(*i).unwrap(),
-            Op::Device { name, data } => s.send_device_state(name, data).unwrap(),
-            _ => unreachable!(),
-        }
-    }
+    send_ops_unfinished(&s, &ops()).unwrap();
     let t0 = Instant::now();
     let r = s.finish();
     let took = t0.elapsed();

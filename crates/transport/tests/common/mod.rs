@@ -136,6 +136,13 @@ pub fn model(page_size: usize, blocks: &[BlockInfo], ops: &[Op]) -> Vec<Vec<u8>>
 
 /// Sends `ops` on `sender`, then finishes.
 pub fn send_ops(sender: Sender, ops: &[Op]) -> Result<Ack> {
+    send_ops_unfinished(&sender, ops)?;
+    sender.finish()
+}
+
+/// Sends `ops` on `sender` and leaves the stream open (no `finish`).
+#[allow(dead_code)]
+pub fn send_ops_unfinished(sender: &Sender, ops: &[Op]) -> Result<()> {
     let ps = sender.header().page_size as usize;
     for op in ops {
         match op {
@@ -169,7 +176,7 @@ pub fn send_ops(sender: Sender, ops: &[Op]) -> Result<Ack> {
             Op::IterationEnd(i) => sender.iteration_end(*i)?,
         }
     }
-    sender.finish()
+    Ok(())
 }
 
 /// Result of a full round trip.
