@@ -517,6 +517,8 @@ impl Run {
             sender.iteration_end(iteration)?;
             stats.iterations.store(iteration, Ordering::Relaxed);
             self.sync(&mut lp)?;
+            // The prediction to set beside what happens (kept from the first pass on).
+            stats.record_first_pass_convergence();
             if !self.ready_to_switch(&lp) {
                 continue;
             }

@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Sender, TrySendError};
 use migration_core::{
-    incoming_with, Capability, DirtyRateArgs, DirtyRateJob, IncomingOptions, MigratableVm,
-    MigrationEvent, MigrationSource, ParametersUpdate, RunControl, RunState,
+    incoming_with, ram_digest, Capability, DirtyRateArgs, DirtyRateJob, GuestRam, IncomingOptions,
+    MigratableVm, MigrationEvent, MigrationSource, ParametersUpdate, RunControl, RunState,
 };
 use serde_json::{json, Map, Value};
 use stats::{DirtyRateMode, MigStats, MigrationInfo, MigrationStatus, TimeUnit};
@@ -47,6 +47,7 @@ pub const COMMANDS: &[&str] = &[
     "calc-dirty-rate",
     "query-dirty-rate",
     "x-ferry-query-guest-progress",
+    "x-ferry-query-ram-digest",
 ];
 
 /// How the destination side starts (QEMU's `-incoming`).
@@ -567,6 +568,11 @@ impl Monitor {
                 })?;
                 json!({"vcpu-rounds": rounds})
             }
+            "x-ferry-query-ram-digest" => {
+                a.finish()?;
+                let (digest, pages) = self.ram_digest()?;
+                json!({"digest": digest, "pages": pages})
+            }
             _ => {
                 return Err(QmpError::not_found(format!(
                     "The command {cmd} has not been found"
@@ -574,6 +580,24 @@ impl Monitor {
             }
         };
         Ok((Ret::Value(ret), After::Continue))
+    }
+
+    /// `x-ferry-query-ram-digest`: the digest the demo compares
+    /// ([`migration_core::ram_digest`]) of the guest's RAM, and the number of pages it
+    /// covers. Refused while the vCPUs run (the pages would change under it), and when
+    /// they started while it was taken.
+    fn ram_digest(&self) -> Result<(u64, u64), QmpError> {
+        let paused = || {
+            if self.run_state().is_running() {
+                Err(QmpError::generic("the guest must be paused"))
+            } else {
+                Ok(())
+            }
+        };
+        paused()?;
+        let digest = ram_digest(&GuestRam::new(self.vm.clone()));
+        paused()?;
+        Ok((digest, self.vm.address_space().total_pages()))
     }
 
     /// Ends the process through the machine (after `quit` was answered).
@@ -962,6 +986,33 @@ mod tests {
         );
         assert_eq!(err(&r).1, "The incoming migration has already been started");
         assert_eq!(dst.run_state(), RunState::Inmigrate);
+    }
+
+    #[test]
+    fn ram_digest_only_while_paused() {
+        let mon = monitor(IncomingStart::None);
+        let mut s = negotiated(&mon);
+        let q = r#"{"execute":"x-ferry-query-ram-digest"}"#;
+        let r = one(&mon, &mut s, q);
+        assert_eq!(err(&r), ("GenericError", "the guest must be paused"));
+        one(&mon, &mut s, r#"{"execute":"stop"}"#);
+        let r = one(&mon, &mut s, q);
+        // 4 MiB of zeros: every page is skipped, the digest is the empty one.
+        assert_eq!(r, json!({"return": {"digest": 0, "pages": 1024}}));
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"x-ferry-query-ram-digest","arguments":{"x":1}}"#,
+        );
+        assert_eq!(err(&r), ("GenericError", "Parameter 'x' is unexpected"));
+        one(&mon, &mut s, r#"{"execute":"cont"}"#);
+        let r = one(&mon, &mut s, q);
+        assert_eq!(err(&r).1, "the guest must be paused");
+        // A destination that has not started its guest is not running either.
+        let dst = monitor(IncomingStart::Defer);
+        let mut s = negotiated(&dst);
+        let r = one(&dst, &mut s, q);
+        assert_eq!(r["return"]["pages"], 1024, "{r}");
     }
 
     #[test]

@@ -144,6 +144,8 @@ pub struct MigStats {
     pub downtime_phases: DowntimePhases,
     /// Ferry: convergence prediction, encoded (see [`MigStats::set_convergence`]).
     convergence: AtomicU64,
+    /// Ferry: the prediction as it stood at the end of the first pass.
+    first_pass_convergence: OnceLock<Convergence>,
     error: OnceLock<String>,
 }
 
@@ -187,6 +189,7 @@ impl MigStats {
             sparse_pages: AtomicU64::new(0),
             downtime_phases: DowntimePhases::default(),
             convergence: AtomicU64::new(CONV_UNKNOWN),
+            first_pass_convergence: OnceLock::new(),
             error: OnceLock::new(),
         }
     }
@@ -248,6 +251,18 @@ impl MigStats {
                 expected_completion_ms: v,
             },
         }
+    }
+
+    /// Records the current prediction as the first pass's (`x-ferry.first-pass-convergence`);
+    /// only the first call counts, so the engine calls it at the end of every pass it
+    /// likes without overwriting it.
+    pub fn record_first_pass_convergence(&self) {
+        let _ = self.first_pass_convergence.set(self.convergence());
+    }
+
+    /// The prediction recorded at the end of the first pass, if that pass ended.
+    pub fn first_pass_convergence(&self) -> Option<Convergence> {
+        self.first_pass_convergence.get().copied()
     }
 
     /// Adds `bytes` sent, to precopy or downtime by whether the guest is paused.
@@ -332,6 +347,7 @@ impl MigStats {
             sparse_pages: ld(&self.sparse_pages),
             downtime_phases_us: completed.then(|| self.downtime_phases.snapshot()),
             convergence: self.convergence(),
+            first_pass_convergence: self.first_pass_convergence(),
         });
         info
     }
@@ -440,6 +456,10 @@ pub struct FerryMigrationInfo {
     pub downtime_phases_us: Option<DowntimePhasesUs>,
     /// Convergence prediction.
     pub convergence: Convergence,
+    /// The prediction made at the end of the first pass (absent before it ended), to
+    /// set beside what happened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_pass_convergence: Option<Convergence>,
 }
 
 /// QEMU's `MigrationInfo`, the `query-migrate` reply; absent parts are omitted as QEMU does.
@@ -597,5 +617,29 @@ mod tests {
             s.set_convergence(c);
             assert_eq!(s.convergence(), c);
         }
+    }
+
+    #[test]
+    fn first_pass_convergence_is_recorded_once() {
+        let s = MigStats::new();
+        s.set_status(MigrationStatus::Active);
+        let v = serde_json::to_value(s.snapshot()).unwrap();
+        assert!(v["x-ferry"].get("first-pass-convergence").is_none(), "{v}");
+        let first = Convergence::NotConverging {
+            needed_bandwidth_bytes_per_sec: 5 << 30,
+        };
+        s.set_convergence(first);
+        s.record_first_pass_convergence();
+        s.set_convergence(Convergence::Converging {
+            expected_completion_ms: 40,
+        });
+        s.record_first_pass_convergence();
+        assert_eq!(s.first_pass_convergence(), Some(first));
+        let v = serde_json::to_value(s.snapshot()).unwrap();
+        assert_eq!(
+            v["x-ferry"]["first-pass-convergence"],
+            serde_json::json!({"state": "not-converging", "needed-bandwidth-bytes-per-sec": 5u64 << 30})
+        );
+        assert_eq!(v["x-ferry"]["convergence"]["state"], "converging");
     }
 }
