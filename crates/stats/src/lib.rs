@@ -15,5 +15,5 @@ pub use dirty_rate::{
 };
 pub use migration::{
     Convergence, DowntimePhases, DowntimePhasesUs, FerryMigrationInfo, MigStats, MigrationInfo,
-    MigrationStats, MigrationStatus,
+    MigrationStats, MigrationStatus, Prediction,
 };

@@ -145,7 +145,7 @@ pub struct MigStats {
     /// Ferry: convergence prediction, encoded (see [`MigStats::set_convergence`]).
     convergence: AtomicU64,
     /// Ferry: the prediction as it stood at the end of the first pass.
-    first_pass_convergence: OnceLock<Convergence>,
+    first_pass_convergence: OnceLock<Prediction>,
     error: OnceLock<String>,
 }
 
@@ -257,11 +257,14 @@ impl MigStats {
     /// only the first call counts, so the engine calls it at the end of every pass it
     /// likes without overwriting it.
     pub fn record_first_pass_convergence(&self) {
-        let _ = self.first_pass_convergence.set(self.convergence());
+        let _ = self.first_pass_convergence.set(Prediction {
+            at_ms: self.elapsed_ms(),
+            convergence: self.convergence(),
+        });
     }
 
     /// The prediction recorded at the end of the first pass, if that pass ended.
-    pub fn first_pass_convergence(&self) -> Option<Convergence> {
+    pub fn first_pass_convergence(&self) -> Option<Prediction> {
         self.first_pass_convergence.get().copied()
     }
 
@@ -459,7 +462,19 @@ pub struct FerryMigrationInfo {
     /// The prediction made at the end of the first pass (absent before it ended), to
     /// set beside what happened.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub first_pass_convergence: Option<Convergence>,
+    pub first_pass_convergence: Option<Prediction>,
+}
+
+/// A convergence prediction and when it was made: a converging one predicts the
+/// switch-over at `at_ms + expected_completion_ms` since the migration started.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Prediction {
+    /// When the prediction was made, ms since the migration started.
+    #[serde(rename = "at-ms")]
+    pub at_ms: u64,
+    /// What it said.
+    #[serde(flatten)]
+    pub convergence: Convergence,
 }
 
 /// QEMU's `MigrationInfo`, the `query-migrate` reply; absent parts are omitted as QEMU does.
@@ -634,11 +649,15 @@ mod tests {
             expected_completion_ms: 40,
         });
         s.record_first_pass_convergence();
-        assert_eq!(s.first_pass_convergence(), Some(first));
+        assert_eq!(
+            s.first_pass_convergence().map(|p| p.convergence),
+            Some(first)
+        );
         let v = serde_json::to_value(s.snapshot()).unwrap();
         assert_eq!(
             v["x-ferry"]["first-pass-convergence"],
-            serde_json::json!({"state": "not-converging", "needed-bandwidth-bytes-per-sec": 5u64 << 30})
+            serde_json::json!({"state": "not-converging", "needed-bandwidth-bytes-per-sec": 5u64 << 30,
+                "at-ms": s.first_pass_convergence().unwrap().at_ms})
         );
         assert_eq!(v["x-ferry"]["convergence"]["state"], "converging");
     }
