@@ -7,7 +7,9 @@
 //! per cell, default 3; FERRY_BENCH_WINDOW_MS, default 1000). Each cell boots a 1 GiB,
 //! 2-vCPU minivm, measures the guest's speed over one window without measuring, then
 //! runs calc-dirty-rate windows. Truth: a working set W dirties W + 2 counter pages in
-//! every window of ≥ 1 round; a sweep's truth is its own page counter over the window.
+//! every window of ≥ 1 round, and so does dense; a sweep's truth is its own page
+//! counter over the window; zipf's is the unique pages of the writes in the window,
+//! replayed from the guest's seed between the counters at the window's ends.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -102,11 +104,11 @@ fn total(c: &[u64]) -> u64 {
     c.iter().sum()
 }
 
-/// Records (time, sum of the guest's counters) every millisecond until dropped, so a
-/// sweep's truth can be read at the job's own window boundaries.
+/// Records (time, the guest's counters) every millisecond until dropped, so a paced
+/// workload's truth can be read at the job's own window boundaries.
 struct CounterLog {
     stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Vec<(u64, u64)>>>,
+    handle: Option<std::thread::JoinHandle<Vec<(u64, Vec<u64>)>>>,
 }
 
 impl CounterLog {
@@ -116,7 +118,7 @@ impl CounterLog {
         let handle = std::thread::spawn(move || {
             let mut v = Vec::new();
             while !s.load(Ordering::Relaxed) {
-                v.push((unix_us(), total(&g.counters())));
+                v.push((unix_us(), g.counters()));
                 std::thread::sleep(Duration::from_millis(1));
             }
             v
@@ -127,7 +129,7 @@ impl CounterLog {
         }
     }
 
-    fn finish(mut self) -> Vec<(u64, u64)> {
+    fn finish(mut self) -> Vec<(u64, Vec<u64>)> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle
             .take()
@@ -143,17 +145,47 @@ fn unix_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// The counter sum at `t_us`, interpolated between the records around it.
-fn counter_at(log: &[(u64, u64)], t_us: u64) -> f64 {
+/// Each vCPU's counter at `t_us`, interpolated between the records around it.
+fn counters_at(log: &[(u64, Vec<u64>)], t_us: u64) -> Vec<f64> {
     let i = log.partition_point(|(at, _)| *at <= t_us);
+    let f = |c: &[u64]| c.iter().map(|&x| x as f64).collect::<Vec<f64>>();
     match (i.checked_sub(1).and_then(|j| log.get(j)), log.get(i)) {
-        (Some(&(ta, a)), Some(&(tb, b))) if tb > ta => {
-            a as f64 + (b as f64 - a as f64) * t_us.saturating_sub(ta) as f64 / (tb - ta) as f64
+        (Some((ta, a)), Some((tb, b))) if tb > ta => {
+            let w = t_us.saturating_sub(*ta) as f64 / (tb - ta) as f64;
+            a.iter()
+                .zip(b)
+                .map(|(&x, &y)| x as f64 + (y as f64 - x as f64) * w)
+                .collect()
         }
-        (Some(&(_, a)), _) => a as f64,
-        (None, Some(&(_, b))) => b as f64,
-        (None, None) => 0.0,
+        (Some((_, a)), _) => f(a),
+        (None, Some((_, b))) => f(b),
+        (None, None) => vec![0.0; VCPUS as usize],
     }
+}
+
+/// Unique pages the zipf guest's writes `(from[v], to[v]]` of each vCPU touched,
+/// replayed from its seed (minivm's ground truth).
+fn zipf_unique_pages(pages: u64, from: &[f64], to: &[f64]) -> f64 {
+    let vcpus = u64::from(VCPUS);
+    let mut unique = 0;
+    for v in 0..VCPUS {
+        let mine = pages / vcpus + u64::from(u64::from(v) < pages % vcpus);
+        let levels = minivm::zipf_levels(mine);
+        let (a, b) = (
+            from[v as usize].round() as u64,
+            to[v as usize].round() as u64,
+        );
+        let mut x = minivm::xorshift_seed(minivm::ZIPF_SEED, v);
+        let mut seen = std::collections::HashSet::new();
+        for n in 1..=b {
+            x = minivm::xorshift_next(x);
+            if n > a {
+                seen.insert(minivm::zipf_page(x, levels, mine));
+            }
+        }
+        unique += seen.len();
+    }
+    unique as f64
 }
 
 /// One cell's result.
@@ -169,7 +201,7 @@ struct Cell {
 fn run_cell(workload: Workload, m: Method, repeats: u64, window_ms: u64) -> Result<Cell, String> {
     let guest = boot(workload, m.ring_entries)?;
     let job = DirtyRateJob::new(guest.clone());
-    let paced = !matches!(workload, Workload::WorkingSet { .. });
+    let paced = matches!(workload, Workload::Sweep { .. } | Workload::Zipf { .. });
     let mut estimates = Vec::new();
     let mut truths = Vec::new();
     let mut errs = Vec::new();
@@ -227,11 +259,24 @@ fn run_cell(workload: Workload, m: Method, repeats: u64, window_ms: u64) -> Resu
         let window_secs = x.window_us as f64 / 1e6;
         let truth_pages = match workload {
             Workload::Idle => f64::from(VCPUS),
-            Workload::WorkingSet { pages } => (pages + u64::from(VCPUS)) as f64,
+            Workload::WorkingSet { pages } | Workload::Dense { pages, .. } => {
+                (pages + u64::from(VCPUS)) as f64
+            }
+            Workload::Zipf { pages, .. } => {
+                let start = x.window_start_unix_us;
+                let (a, b) = (
+                    counters_at(&records, start),
+                    counters_at(&records, start + x.window_us),
+                );
+                zipf_unique_pages(pages, &a, &b) + f64::from(VCPUS)
+            }
             _ => {
                 let start = x.window_start_unix_us;
-                counter_at(&records, start + x.window_us) - counter_at(&records, start)
-                    + f64::from(VCPUS)
+                let (a, b) = (
+                    counters_at(&records, start),
+                    counters_at(&records, start + x.window_us),
+                );
+                b.iter().sum::<f64>() - a.iter().sum::<f64>() + f64::from(VCPUS)
             }
         };
         let truth = truth_pages / window_secs / 256.0;
@@ -285,10 +330,18 @@ fn main() {
         .write(true)
         .open("/dev/kvm")
         .is_ok();
-    println!(
+    let title = format!(
         "calc-dirty-rate accuracy: 1 GiB, {VCPUS} vCPUs, {window_ms} ms windows, {repeats} per cell, backend {}",
         if kvm { "kvm" } else { "host threads" }
     );
+    println!("{title}");
+    // The same table in markdown, for README (scripts/numbers).
+    let mut md = vec![
+        format!("`cargo bench --bench dirty_rate_accuracy`: {title}."),
+        String::new(),
+        "| workload | mode | estimate MiB/s | truth MiB/s | err % | mean \\|err\\| % | cpu ms | guest slowed % | note |".to_string(),
+        "|---|---|---|---|---|---|---|---|---|".to_string(),
+    ];
     println!(
         "{:<18} {:<17} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7}  note",
         "workload", "mode", "est MiB/s", "true MiB/s", "err %", "|err| %", "cpu ms", "slow %"
@@ -300,6 +353,14 @@ fn main() {
         Workload::Sweep {
             pages_per_sec: 25600,
         },
+        Workload::Dense {
+            pages: 65536,
+            bytes_per_page: 256,
+        },
+        Workload::Zipf {
+            pages: 65536,
+            writes_per_sec: 200_000,
+        },
     ];
     for w in workloads {
         for m in METHODS {
@@ -307,20 +368,32 @@ fn main() {
                 continue;
             }
             match run_cell(w, m, repeats, window_ms) {
-                Ok(c) => println!(
-                    "{:<18} {:<17} {:>10.2} {:>10.2} {:>+8.2} {:>8.2} {:>8.2} {:>7}  {}",
-                    w.to_string(),
-                    m.name,
-                    c.estimate_mib,
-                    c.truth_mib,
-                    (c.estimate_mib - c.truth_mib) / c.truth_mib * 100.0,
-                    c.mean_abs_err_pct,
-                    c.job_cpu_ms,
-                    c.slowdown_pct
-                        .map_or("-".to_string(), |s| format!("{s:+.1}")),
-                    c.note
-                ),
-                Err(e) => println!("{:<18} {:<17} failed: {e}", w.to_string(), m.name),
+                Ok(c) => {
+                    let err_pct = (c.estimate_mib - c.truth_mib) / c.truth_mib * 100.0;
+                    let slow = c
+                        .slowdown_pct
+                        .map_or("-".to_string(), |s| format!("{s:+.1}"));
+                    println!(
+                        "{:<18} {:<17} {:>10.2} {:>10.2} {:>+8.2} {:>8.2} {:>8.2} {:>7}  {}",
+                        w.to_string(),
+                        m.name,
+                        c.estimate_mib,
+                        c.truth_mib,
+                        err_pct,
+                        c.mean_abs_err_pct,
+                        c.job_cpu_ms,
+                        slow,
+                        c.note
+                    );
+                    md.push(format!(
+                        "| {w} | {} | {:.2} | {:.2} | {err_pct:+.2} | {:.2} | {:.2} | {slow} | {} |",
+                        m.name, c.estimate_mib, c.truth_mib, c.mean_abs_err_pct, c.job_cpu_ms, c.note
+                    ));
+                }
+                Err(e) => {
+                    println!("{:<18} {:<17} failed: {e}", w.to_string(), m.name);
+                    md.push(format!("| {w} | {} | failed: {e} | | | | | | |", m.name));
+                }
             }
         }
     }
@@ -329,4 +402,17 @@ fn main() {
          error per window; cpu ms: CPU time of the mig/dirtyrate thread per window; slow %: \
          guest rounds/s lost while measuring (working sets; noisy on a shared host)"
     );
+    md.push(String::new());
+    md.push(
+        "estimate/truth: medians over the windows; err %: of the medians; mean |err| %: per \
+         window; cpu ms: CPU time of the measuring thread per window; guest slowed %: guest \
+         rounds/s lost while measuring (noisy on a shared host)."
+            .to_string(),
+    );
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let written = std::fs::create_dir_all(&out)
+        .and_then(|()| std::fs::write(out.join("dirty_rate_accuracy.md"), md.join("\n") + "\n"));
+    if let Err(e) = written {
+        eprintln!("writing target/bench/dirty_rate_accuracy.md: {e}");
+    }
 }

@@ -169,6 +169,13 @@ fn full_migration(workload: Workload, uri: &str, channels: u8, pages: Pages) {
         "one count per sync"
     );
     assert!(info.downtime.is_some());
+    // Every byte on the wire was sent either before the pause or during it, counted
+    // once however many channels sent at the same time.
+    assert_eq!(
+        ram.precopy_bytes + ram.downtime_bytes,
+        ram.transferred,
+        "{workload} x{channels}: precopy + downtime bytes"
+    );
     let sparse = info.ferry.unwrap().sparse_pages;
     match (pages, workload) {
         (Pages::Whole, _) => assert_eq!(sparse, 0),
@@ -183,12 +190,20 @@ fn unix_uri(tag: &str) -> String {
     format!("unix:{}", path.display())
 }
 
-const WORKLOADS: [Workload; 4] = [
+const WORKLOADS: [Workload; 6] = [
     Workload::Idle,
     Workload::WorkingSet { pages: 4096 },
     Workload::WorkingSet { pages: 65536 },
     Workload::Sweep {
         pages_per_sec: 20_000,
+    },
+    Workload::Dense {
+        pages: 4096,
+        bytes_per_page: 256,
+    },
+    Workload::Zipf {
+        pages: 65536,
+        writes_per_sec: 100_000,
     },
 ];
 

@@ -878,7 +878,6 @@ impl Run {
             return Ok(());
         };
         let start = Instant::now();
-        let before = sender.counters().total_bytes();
         if !batch.offsets.is_empty() {
             if paused {
                 sender.send_pages(block, &batch.offsets, &batch.pages)?;
@@ -903,13 +902,14 @@ impl Run {
         }
         self.busy_ns
             .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        let sent = sender.counters().total_bytes().saturating_sub(before);
-        let bucket = if paused {
-            &self.stats.downtime_bytes
-        } else {
-            &self.stats.precopy_bytes
-        };
-        bucket.fetch_add(sent, Ordering::Relaxed);
+        // Everything on the wire so far was sent in precopy until the switch-over,
+        // which takes its own count (`complete`). Several workers send at once, so a
+        // difference of totals around one batch would count the others' bytes too.
+        if !paused {
+            self.stats
+                .precopy_bytes
+                .fetch_max(sender.counters().total_bytes(), Ordering::Relaxed);
+        }
         batch.clear();
         Ok(())
     }
@@ -939,6 +939,10 @@ impl Run {
             lap = now;
         };
         phase_done(&phases.pause_us);
+        // The precopy workers are done: every byte from here on is the downtime's.
+        let counters = sender.counters();
+        let at_pause = counters.total_bytes();
+        self.stats.precopy_bytes.store(at_pause, Ordering::Relaxed);
         sender.set_max_bandwidth(0);
         self.sync(lp)?;
         phase_done(&phases.sync_us);
@@ -960,9 +964,7 @@ impl Run {
         )?;
         sender.send_device_state("vcpus", &state)?;
         phase_done(&phases.device_us);
-        let before = sender.counters().total_bytes();
         self.check_cancel()?;
-        let counters = sender.counters();
         // The switch-over: the destination says it loaded everything, the source
         // commits, the destination starts the guest and acknowledges. Until the
         // commit any failure resumes the source; after it a missing answer is
@@ -975,7 +977,7 @@ impl Run {
         let after = counters.total_bytes();
         self.stats
             .downtime_bytes
-            .fetch_add(after.saturating_sub(before), Ordering::Relaxed);
+            .store(after.saturating_sub(at_pause), Ordering::Relaxed);
         self.stats.transferred_bytes.store(after, Ordering::Relaxed);
         let downtime_ms = paused_at.elapsed().as_millis() as u64;
         self.stats.downtime_ms.store(downtime_ms, Ordering::Relaxed);
