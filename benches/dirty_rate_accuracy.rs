@@ -104,11 +104,14 @@ fn total(c: &[u64]) -> u64 {
     c.iter().sum()
 }
 
+/// (unix µs, every vCPU's counter) samples.
+type Samples = Vec<(u64, Vec<u64>)>;
+
 /// Records (time, the guest's counters) every millisecond until dropped, so a paced
 /// workload's truth can be read at the job's own window boundaries.
 struct CounterLog {
     stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Vec<(u64, Vec<u64>)>>>,
+    handle: Option<std::thread::JoinHandle<Samples>>,
 }
 
 impl CounterLog {
@@ -129,7 +132,7 @@ impl CounterLog {
         }
     }
 
-    fn finish(mut self) -> Vec<(u64, Vec<u64>)> {
+    fn finish(mut self) -> Samples {
         self.stop.store(true, Ordering::Relaxed);
         self.handle
             .take()
