@@ -17,7 +17,8 @@ use crate::params::{
     Capabilities, Capability, CompressionParam, MigrationParameters, ParametersUpdate,
 };
 use crate::rates::{
-    predict_convergence, AutoConverge, BandwidthEstimator, DirtyRatePeriod, PassCost, SendWindow,
+    predict_convergence, AutoConverge, BandwidthEstimator, DirtyGrowth, DirtyRatePeriod, PassCost,
+    SendWindow,
 };
 use crate::runstate::{MigrationEvent, RunControl, RunState, SwitchoverEnd};
 use crate::{Error, Result};
@@ -304,6 +305,10 @@ struct Loop {
     /// Wire bytes and sending time per page, learnt from the passes.
     cost: PassCost,
     period: DirtyRatePeriod,
+    /// Distinct pages dirtied per window length, for the convergence prediction.
+    growth: DirtyGrowth,
+    /// When the last sync ran, ms since the migration started.
+    last_sync_ms: Option<u64>,
     auto: AutoConverge,
     last_sync_dirty_pages: u64,
     period_start_bytes: u64,
@@ -479,6 +484,9 @@ impl Run {
             bw: BandwidthEstimator::default(),
             cost: PassCost::default(),
             period: DirtyRatePeriod::default(),
+            growth: DirtyGrowth::new(self.space.total_pages()),
+            // The log started during setup: the first sync's window runs from here.
+            last_sync_ms: Some(stats.elapsed_ms()),
             auto: AutoConverge::default(),
             last_sync_dirty_pages: 0,
             period_start_bytes: 0,
@@ -699,13 +707,19 @@ impl Run {
         let syncs = stats.dirty_sync_count.fetch_add(1, Ordering::Relaxed) + 1;
         let new_pages = report.new_pages(DirtyReason::Migration);
         lp.last_sync_dirty_pages = report.reported_pages;
+        let now_ms = stats.elapsed_ms();
+        if let Some(prev) = lp.last_sync_ms.replace(now_ms) {
+            lp.growth
+                .observe_sync(now_ms.saturating_sub(prev), report.reported_pages);
+        }
         let bytes = lp.sender_counters.total_bytes();
         stats.transferred_bytes.store(bytes, Ordering::Relaxed);
-        if let Some((new_rate, period_ms)) = lp.period.add(new_pages, stats.elapsed_ms()) {
+        if let Some((new_rate, period_ms)) = lp.period.add(new_pages, now_ms) {
             // QEMU's rule counts a page once per sync; Ferry's dirty-pages-rate counts it
             // once per period (unique pages), which is the guest's write rate.
             let unique = lp.window.count();
             lp.window.clear_all();
+            lp.growth.observe_period(period_ms, unique);
             stats
                 .dirty_pages_rate
                 .store(unique * 1000 / period_ms.max(1), Ordering::Relaxed);
@@ -737,11 +751,10 @@ impl Run {
         let remaining = lp.bitmap.count() * PAGE_SIZE;
         stats.remaining_bytes.store(remaining, Ordering::Relaxed);
         // In bytes on the wire: what the link has to carry.
-        let wire = |pages: u64| lp.cost.wire_bytes(pages);
         let conv = predict_convergence(
-            wire(lp.bitmap.count()),
-            wire(stats.dirty_pages_rate.load(Ordering::Relaxed)),
-            wire(lp.last_sync_dirty_pages),
+            lp.cost.wire_bytes(lp.bitmap.count()),
+            &lp.growth,
+            lp.cost.bytes_per_page(),
             self.bandwidth(lp),
             self.live.downtime_limit_ms.load(Ordering::Relaxed),
         );
