@@ -64,6 +64,12 @@ const DIRTY_QEMU: SeriesStyle = SeriesStyle {
     rgb: (148, 103, 189),
 };
 
+/// Auto-converge's vCPU throttle (bottom panel, right axis), where it acted.
+const THROTTLE: SeriesStyle = SeriesStyle {
+    label: "vCPU throttle (right axis)",
+    rgb: (23, 190, 207),
+};
+
 /// The data series every plot has, each drawn as one `<polyline>` of its colour
 /// with a point per sample (legend swatches are `<rect>`s), for checking a plot.
 /// The expected downtime is drawn too where the snapshots know it (the engine
@@ -83,6 +89,8 @@ const HEIGHT_PX: u32 = 940;
 const HEADER_PX: u32 = 96;
 const LEGEND_PX: u32 = 330;
 const FONT: &str = "sans-serif";
+/// Characters a header line holds at 15 px across the picture.
+const HEADER_LINE_CHARS: usize = 168;
 /// Pass boundaries get a number above them up to this many passes.
 const MAX_PASS_LABELS: usize = 24;
 /// A predicted switch-over later than this many times the end is drawn as an arrow.
@@ -257,13 +265,23 @@ fn draw_header(
         .map_err(draw_err)?;
     for (i, l) in lines.iter().filter(|l| !l.is_empty()).enumerate() {
         area.draw(&Text::new(
-            l.clone(),
+            clip(l, HEADER_LINE_CHARS),
             (16, 38 + 19 * i as i32),
             font(15, &TEXT),
         ))
         .map_err(draw_err)?;
     }
     Ok(())
+}
+
+/// `text`, cut to `max` characters with an ellipsis.
+fn clip(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let mut s: String = text.chars().take(max.saturating_sub(1)).collect();
+    s.push('…');
+    s
 }
 
 fn outcome_line(tl: &Timeline) -> String {
@@ -351,17 +369,18 @@ fn verdict_line(tl: &Timeline, facts: &Facts) -> String {
         .iter()
         .filter_map(|s| s.cpu_throttle_percentage)
         .max()
-        .map(|p| format!("; auto-converge throttled the vCPUs up to {p}%"))
+        .filter(|&p| p > 0)
+        .map(|p| format!("; auto-converge throttled up to {p}%"))
         .unwrap_or_default();
     let rates = format!(
-        "throughput {}/s against dirty rate {}/s (Ferry) / {}/s (QEMU rule)",
+        "throughput {}/s vs dirty rate {}/s (Ferry), {}/s (QEMU rule)",
         bytes_text(s.throughput_bytes_per_sec),
         bytes_text(tl.pages_to_bytes(s.dirty_pages_rate)),
         bytes_text(tl.pages_to_bytes(s.qemu_rule_dirty_pages_rate)),
     );
     let completed = tl.outcome.as_ref().is_some_and(|o| o.status == "completed");
     if completed {
-        format!("converged: the remaining bytes fell to what fits the downtime limit; last live sample: {rates}{throttle}")
+        format!("converged; last live sample: {rates}{throttle}")
     } else if let Some(need) = facts.needed_bandwidth {
         format!(
             "did not converge: {rates}; it needs {}/s{throttle}",
@@ -875,15 +894,47 @@ fn draw_rates_panel(
         .margin(12)
         .x_label_area_size(42)
         .y_label_area_size(72)
-        .margin_right(12 + 64)
+        .right_y_label_area_size(64)
         .caption(
             "converges while throughput stays above the dirty rate",
             font(16, &TEXT),
         )
         .build_cartesian_2d(0.0..facts.x_max, 0.0..y_max)
-        .map_err(draw_err)?;
+        .map_err(draw_err)?
+        .set_secondary_coord(0.0..facts.x_max, 0.0..105.0);
     mesh(&mut chart, facts, y_max, &format!("{}/s", unit.name))?;
+    // Auto-converge's throttle on the right axis, where it acted: it is why a
+    // guest's dirty rate falls.
+    let throttled = tl
+        .samples
+        .iter()
+        .any(|s| s.cpu_throttle_percentage.is_some_and(|p| p > 0));
+    if throttled {
+        chart
+            .configure_secondary_axes()
+            .y_desc("vCPU throttle (%)")
+            .y_label_formatter(&|v: &f64| format!("{v:.0}"))
+            .label_style(font(13, &TEXT))
+            .axis_desc_style(font(14, &TEXT))
+            .draw()
+            .map_err(draw_err)?;
+    }
     draw_backdrop(&mut chart, facts, y_max, tl)?;
+    if throttled {
+        let pts: Vec<(f64, f64)> = tl
+            .samples
+            .iter()
+            .map(|s| {
+                (
+                    facts.x(s.t_ms),
+                    s.cpu_throttle_percentage.unwrap_or(0) as f64,
+                )
+            })
+            .collect();
+        chart
+            .draw_secondary_series(LineSeries::new(pts, THROTTLE.color().stroke_width(2)))
+            .map_err(draw_err)?;
+    }
     if let Some(need) = facts.needed_bandwidth {
         let y = need as f64 / unit.div;
         chart
@@ -960,6 +1011,19 @@ fn draw_rates_panel(
             Swatch::Line(DIRTY_QEMU.color()),
         ),
     ];
+    if throttled {
+        let max = tl
+            .samples
+            .iter()
+            .filter_map(|s| s.cpu_throttle_percentage)
+            .max()
+            .unwrap_or(0);
+        entries.push(entry(
+            THROTTLE.label,
+            Some(format!("auto-converge; up to {max}%")),
+            Swatch::Line(THROTTLE.color()),
+        ));
+    }
     if let Some(need) = facts.needed_bandwidth {
         entries.push(entry(
             &format!("needed bandwidth {}/s", bytes_text(need)),
@@ -1059,6 +1123,7 @@ mod tests {
             s.dirty_pages_rate = 600_000;
             s.qemu_rule_dirty_pages_rate = 450_000;
             s.expected_downtime_ms = Some(remaining / 1_000_000);
+            s.cpu_throttle_percentage = (pass >= 2).then_some(20 + pass * 10);
             tl.samples.push(s);
         }
         tl.outcome = Some(Outcome {
@@ -1137,6 +1202,7 @@ mod tests {
             "pause 0.1 | sync 0.3 | pages 5.0 | device 0.1 | ack 6.0 ms"
         ));
         assert!(!has("needed bandwidth"));
+        assert!(!has(THROTTLE.label), "no throttle, no throttle series");
         let (_, lines) = parse(&svg);
         assert!(points_of(&lines, PREDICTED) >= 2, "predicted marker drawn");
         assert!(points_of(&lines, PASS) >= 2, "pass boundaries drawn");
@@ -1160,8 +1226,11 @@ mod tests {
         assert!(!has("predicted switch-over"));
         assert!(has("predicted here: NOT converging"));
         assert!(has("cancelled at 8000 ms"));
+        assert!(has("auto-converge throttled up to 90%"));
+        assert!(has(THROTTLE.label));
         let (_, lines) = parse(&svg);
         assert!(points_of(&lines, NEEDED_BANDWIDTH) >= 2);
+        assert_eq!(points_of(&lines, THROTTLE.color()), tl.samples.len());
     }
 
     #[test]
@@ -1175,6 +1244,23 @@ mod tests {
         let (_, lines) = parse(&svg);
         assert_eq!(points_of(&lines, EXPECTED_DOWNTIME.color()), 0);
         assert!(std::panic::catch_unwind(|| assert_series(&svg, 2)).is_err());
+    }
+
+    #[test]
+    fn long_header_lines_are_clipped() {
+        let mut tl = non_converging();
+        if let Some(o) = tl.outcome.as_mut() {
+            o.status = "failed".into();
+            o.error_desc = Some("x".repeat(500));
+        }
+        let svg = render_svg_string(&tl, "failed").unwrap();
+        let (texts, _) = parse(&svg);
+        let line = texts
+            .iter()
+            .find(|t| t.starts_with("failed after"))
+            .unwrap();
+        assert_eq!(line.chars().count(), HEADER_LINE_CHARS);
+        assert!(line.ends_with('…'));
     }
 
     #[test]
