@@ -6,6 +6,7 @@
 pub use dirty_sync;
 pub use migration_core;
 pub use minivm;
+pub use plot;
 pub use stats;
 pub use transport;
 

@@ -10,7 +10,7 @@ use clap::Args;
 use ferry::stats::MigrationStatus;
 use serde_json::{json, Value};
 
-use super::send::{boot, migrate, report, write_json};
+use super::send::{boot, migrate, report, write_json, Plot};
 use super::{MigrateArgs, VmArgs};
 
 /// Migrate a running guest to a second process on this machine and verify it.
@@ -26,6 +26,9 @@ pub struct DemoArgs {
     /// Write the report (query-migrate and the checks) as JSON to FILE.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Draw the migration over time as an SVG picture in FILE.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 /// The destination process and its JSON lines.
@@ -79,6 +82,10 @@ impl Drop for Destination {
 
 /// Runs `ferry demo`.
 pub fn run(args: DemoArgs) -> Result<(), String> {
+    let plot = match &args.plot {
+        Some(path) => Some(Plot::new(path, "demo", &args.vm, &args.migrate)?),
+        None => None,
+    };
     let mut dst = Destination::start(&args)?;
     let listening = dst.expect("listening")?;
     let uri = listening["uri"]
@@ -93,7 +100,7 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
         ..args.vm.clone()
     };
     let guest = boot(&source_vm)?;
-    let out = migrate(&guest, &args.migrate, &uri)?;
+    let out = migrate(&guest, &args.migrate, &uri, plot.as_ref())?;
     report(&out.info);
     let mut checks = json!({});
     let mut ok = out.info.status == MigrationStatus::Completed;

@@ -4,6 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use ferry::migration_core::MigrationSource;
+use ferry::plot::Timeline;
 use ferry::stats::{Convergence, MigrationInfo};
 
 /// Formats bytes as B/KiB/MiB/GiB.
@@ -58,13 +59,30 @@ pub fn line(info: &MigrationInfo) -> String {
 
 /// Polls `source` every 100 ms until the migration ends, drawing the line on stderr
 /// (redrawn in place on a terminal, one line a second otherwise); returns the final
-/// snapshot.
-pub fn watch(source: &MigrationSource) -> MigrationInfo {
+/// snapshot. With a `timeline` it records every snapshot there, polling every 2 ms at
+/// first and every 100 ms after 10 s (a short migration still gets a curve, a long
+/// one ~1000 samples), drawing the line at the same 100 ms pace.
+pub fn watch(source: &MigrationSource, mut timeline: Option<&mut Timeline>) -> MigrationInfo {
     let tty = std::io::stderr().is_terminal();
+    let start = Instant::now();
+    let tick = |sampling: bool| match sampling {
+        true => (start.elapsed() / 100).clamp(Duration::from_millis(2), Duration::from_millis(100)),
+        false => Duration::from_millis(100),
+    };
+    let mut last_draw = Instant::now() - Duration::from_secs(10);
     let mut last_print = Instant::now() - Duration::from_secs(10);
     loop {
         let info = source.query();
+        if let Some(t) = timeline.as_deref_mut() {
+            // The snapshot is the engine's own: it always has query-migrate's shape.
+            let _ = t.record(&info);
+        }
         let done = info.status.is_finished();
+        if !done && last_draw.elapsed() < Duration::from_millis(100) {
+            std::thread::sleep(tick(timeline.is_some()));
+            continue;
+        }
+        last_draw = Instant::now();
         let mut err = std::io::stderr().lock();
         if tty {
             let _ = write!(err, "\r\x1b[2K{}", line(&info));
@@ -77,8 +95,12 @@ pub fn watch(source: &MigrationSource) -> MigrationInfo {
         }
         let _ = err.flush();
         if done {
-            return source.query();
+            let info = source.query();
+            if let Some(t) = timeline.as_deref_mut() {
+                let _ = t.record(&info);
+            }
+            return info;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(tick(timeline.is_some()));
     }
 }

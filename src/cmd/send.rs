@@ -1,11 +1,12 @@
 //! `ferry send`: boot a guest and migrate it to a `ferry receive` elsewhere.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 use ferry::migration_core::{ram_digest, GuestRam, MigrationSource};
+use ferry::plot::{render_svg, Timeline};
 use ferry::stats::{MigrationInfo, MigrationStatus};
 use ferry::GuestVm;
 
@@ -25,6 +26,37 @@ pub struct SendArgs {
     /// Write the final query-migrate JSON (and the source RAM digest) to FILE.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Draw the migration over time as an SVG picture in FILE.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+}
+
+/// Where `--plot` draws the migration, and the picture's title.
+pub struct Plot<'a> {
+    /// The SVG file.
+    pub path: &'a Path,
+    /// The title.
+    pub title: String,
+}
+
+impl<'a> Plot<'a> {
+    /// Checks that `--plot FILE` can be written before anything starts.
+    pub fn new(path: &'a Path, cmd: &str, vm: &VmArgs, args: &MigrateArgs) -> Result<Self, String> {
+        std::fs::File::create(path).map_err(|e| format!("--plot {}: {e}", path.display()))?;
+        let mut title = format!(
+            "ferry {cmd}: {} RAM, {} vCPU(s), workload {}",
+            bytes(vm.mem),
+            vm.vcpus,
+            vm.workload
+        );
+        if args.max_bandwidth > 0 {
+            title += &format!(", max-bandwidth {}/s", bytes(args.max_bandwidth));
+        }
+        if args.auto_converge {
+            title += ", auto-converge";
+        }
+        Ok(Plot { path, title })
+    }
 }
 
 /// What a finished migration left on the source.
@@ -57,12 +89,28 @@ pub fn boot(vm: &VmArgs) -> Result<Arc<GuestVm>, String> {
     Ok(Arc::new(guest))
 }
 
-/// Migrates `guest` to `uri` with a progress line; digests RAM once completed.
-pub fn migrate(guest: &Arc<GuestVm>, args: &MigrateArgs, uri: &str) -> Result<Outcome, String> {
+/// Migrates `guest` to `uri` with a progress line; digests RAM once completed. With
+/// `plot`, records the progress snapshots and draws them however the migration ended.
+pub fn migrate(
+    guest: &Arc<GuestVm>,
+    args: &MigrateArgs,
+    uri: &str,
+    plot: Option<&Plot>,
+) -> Result<Outcome, String> {
     let source = MigrationSource::new(guest.clone());
     args.apply(&source)?;
     source.migrate(uri).map_err(|e| e.to_string())?;
-    let info = watch(&source);
+    let mut timeline = plot.map(|_| Timeline {
+        downtime_limit_ms: Some(args.downtime_limit),
+        ..Timeline::new()
+    });
+    let info = watch(&source, timeline.as_mut());
+    if let (Some(p), Some(t)) = (plot, &timeline) {
+        match render_svg(t, &p.title, p.path) {
+            Ok(()) => eprintln!("plot: {}", p.path.display()),
+            Err(e) => eprintln!("ferry: --plot: {e}"),
+        }
+    }
     let completed = info.status == MigrationStatus::Completed;
     Ok(Outcome {
         ram_digest: completed.then(|| ram_digest(&GuestRam::new(guest.clone()))),
@@ -120,8 +168,12 @@ pub fn write_json(path: &PathBuf, value: &serde_json::Value) -> Result<(), Strin
 
 /// Runs `ferry send`.
 pub fn run(args: SendArgs) -> Result<(), String> {
+    let plot = match &args.plot {
+        Some(path) => Some(Plot::new(path, "send", &args.vm, &args.migrate)?),
+        None => None,
+    };
     let guest = boot(&args.vm)?;
-    let out = migrate(&guest, &args.migrate, &args.uri)?;
+    let out = migrate(&guest, &args.migrate, &args.uri, plot.as_ref())?;
     report(&out.info);
     if let Some(path) = &args.json {
         write_json(
