@@ -144,8 +144,9 @@ pub struct MigStats {
     pub downtime_phases: DowntimePhases,
     /// Ferry: convergence prediction, encoded (see [`MigStats::set_convergence`]).
     convergence: AtomicU64,
-    /// Ferry: the prediction as it stood at the end of the first pass.
-    first_pass_convergence: OnceLock<Convergence>,
+    /// Ferry: the prediction as it stood at the end of the first pass, and when (ms
+    /// since the start).
+    first_pass_convergence: OnceLock<(Convergence, u64)>,
     error: OnceLock<String>,
 }
 
@@ -253,16 +254,23 @@ impl MigStats {
         }
     }
 
-    /// Records the current prediction as the first pass's (`x-ferry.first-pass-convergence`);
-    /// only the first call counts, so the engine calls it at the end of every pass it
-    /// likes without overwriting it.
+    /// Records the current prediction as the first pass's
+    /// (`x-ferry.first-pass-convergence`, and the time as `first-pass-end-ms`); only
+    /// the first call counts, so the engine may call it at the end of every pass.
     pub fn record_first_pass_convergence(&self) {
-        let _ = self.first_pass_convergence.set(self.convergence());
+        let _ = self
+            .first_pass_convergence
+            .set((self.convergence(), self.elapsed_ms()));
     }
 
     /// The prediction recorded at the end of the first pass, if that pass ended.
     pub fn first_pass_convergence(&self) -> Option<Convergence> {
-        self.first_pass_convergence.get().copied()
+        self.first_pass_convergence.get().map(|(c, _)| *c)
+    }
+
+    /// When the first pass ended (ms since the start), if it did.
+    pub fn first_pass_end_ms(&self) -> Option<u64> {
+        self.first_pass_convergence.get().map(|(_, ms)| *ms)
     }
 
     /// Adds `bytes` sent, to precopy or downtime by whether the guest is paused.
@@ -348,6 +356,7 @@ impl MigStats {
             downtime_phases_us: completed.then(|| self.downtime_phases.snapshot()),
             convergence: self.convergence(),
             first_pass_convergence: self.first_pass_convergence(),
+            first_pass_end_ms: self.first_pass_end_ms(),
         });
         info
     }
@@ -460,6 +469,10 @@ pub struct FerryMigrationInfo {
     /// set beside what happened.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_pass_convergence: Option<Convergence>,
+    /// When the first pass ended, ms since the start: `expected-completion-ms` of
+    /// [`FerryMigrationInfo::first_pass_convergence`] counts from there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_pass_end_ms: Option<u64>,
 }
 
 /// QEMU's `MigrationInfo`, the `query-migrate` reply; absent parts are omitted as QEMU does.
@@ -625,6 +638,7 @@ mod tests {
         s.set_status(MigrationStatus::Active);
         let v = serde_json::to_value(s.snapshot()).unwrap();
         assert!(v["x-ferry"].get("first-pass-convergence").is_none(), "{v}");
+        assert!(v["x-ferry"].get("first-pass-end-ms").is_none(), "{v}");
         let first = Convergence::NotConverging {
             needed_bandwidth_bytes_per_sec: 5 << 30,
         };
@@ -635,11 +649,13 @@ mod tests {
         });
         s.record_first_pass_convergence();
         assert_eq!(s.first_pass_convergence(), Some(first));
+        assert!(s.first_pass_end_ms().is_some());
         let v = serde_json::to_value(s.snapshot()).unwrap();
         assert_eq!(
             v["x-ferry"]["first-pass-convergence"],
             serde_json::json!({"state": "not-converging", "needed-bandwidth-bytes-per-sec": 5u64 << 30})
         );
         assert_eq!(v["x-ferry"]["convergence"]["state"], "converging");
+        assert!(v["x-ferry"]["first-pass-end-ms"].is_u64(), "{v}");
     }
 }
