@@ -459,8 +459,9 @@ struct Run {
     transferred_bytes: u64,
     downtime_bytes: u64,
     passes: u64,
-    /// Bytes/s while sending: the median of the 100 ms windows of the active phase,
-    /// or precopy bytes over the precopy time when it was shorter than three windows.
+    /// Bytes/s while sending: the median of the 100 ms windows of the active phase in
+    /// which bytes went out (`precopy-bytes` grew), or precopy bytes over the precopy
+    /// time when there were fewer than three such windows.
     send_rate: f64,
     first_pass: Value,
     first_pass_end_ms: Option<u64>,
@@ -626,10 +627,10 @@ fn send_rate(timeline: &[Value], fin: &Value) -> f64 {
         .filter(|w| w.iter().all(|p| p["reply"]["status"] == "active"))
         .filter_map(|w| {
             let dt = w[1]["t_ms"].as_u64()?.checked_sub(w[0]["t_ms"].as_u64()?)?;
-            let db = w[1]["reply"]["ram"]["transferred"]
+            let db = w[1]["reply"]["ram"]["precopy-bytes"]
                 .as_u64()?
-                .checked_sub(w[0]["reply"]["ram"]["transferred"].as_u64()?)?;
-            (dt > 0).then(|| db as f64 * 1000.0 / dt as f64)
+                .checked_sub(w[0]["reply"]["ram"]["precopy-bytes"].as_u64()?)?;
+            (dt > 0 && db > 0).then(|| db as f64 * 1000.0 / dt as f64)
         })
         .collect();
     if rates.len() >= 3 {
@@ -679,18 +680,36 @@ fn outcome(r: &Run) -> String {
     }
 }
 
-const HEADER: &str = "| row | status | total ms | downtime ms | pause / sync / pages / device / ack ms | transferred MiB | in downtime MiB | passes | send rate MB/s | % of link | first-pass prediction | happened | RAM equal |";
+const HEADER: &str = "| row | status | total ms | downtime ms | pause / sync / pages / device / ack ms | transferred MiB | in downtime MiB | physics ms | passes | send rate MB/s | % of link | first-pass prediction | happened | RAM equal |";
+const RULE: &str = "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
 
 fn table_line(name: &str, m: &Run, d: &Run, link_rate: Option<f64>) -> String {
     let ms = |us: u64| format!("{:.1}", us as f64 / 1000.0);
+    let done = d.status == "completed";
     format!(
-        "| {name} | {} | {} | {} | {} | {:.1} | {:.2} | {} | {:.0} | {} | {} | {} | {} |",
+        "| {name} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {:.0} | {} | {} | {} | {} |",
         m.status,
         m.total_ms,
-        d.downtime_ms,
-        d.phases_us.map(ms).join(" / "),
+        if done {
+            d.downtime_ms.to_string()
+        } else {
+            "-".into()
+        },
+        if done {
+            d.phases_us.map(ms).join(" / ")
+        } else {
+            "-".into()
+        },
         m.transferred_bytes as f64 / MIB as f64,
-        d.downtime_bytes as f64 / MIB as f64,
+        if done {
+            format!("{:.2}", d.downtime_bytes as f64 / MIB as f64)
+        } else {
+            "-".into()
+        },
+        match link_rate {
+            Some(l) if done => format!("{:.1}", d.downtime_bytes as f64 / l * 1000.0),
+            _ => "-".into(),
+        },
         m.passes,
         m.send_rate / 1e6,
         link_rate.map_or("-".into(), |l| format!("{:.0} %", m.send_rate / l * 100.0)),
@@ -740,12 +759,19 @@ fn main() {
             limit.as_secs()
         ),
         String::new(),
+        "Guests: 2 vCPUs, 1 GiB (idle: 4 GiB); destination `ferry vm --incoming tcp:... -S`, fresh \
+         RAM unless `prealloc`; `max-bandwidth` 0, `downtime-limit` 300 ms (the default). \
+         send rate: median of the 100 ms windows in which precopy bytes went out; % of link: \
+         of the nominal rate of a veth link, of a raw socket copy between two processes on \
+         loopback. physics: the bytes sent while paused over the link's rate (the round trip, \
+         < 0.1 ms here, not added). happened: time from the end of the first pass to the \
+         switch-over. RAM equal: x-ferry-query-ram-digest of source (postmigrate) and \
+         destination (paused by -S), taken after the migration."
+            .to_string(),
+        String::new(),
     ];
     let mut notes = Vec::new();
-    let mut lines = vec![
-        HEADER.to_string(),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|".to_string(),
-    ];
+    let mut lines = vec![HEADER.to_string(), RULE.to_string()];
     println!("{}", lines[0]);
     println!("{}", lines[1]);
     let started = Instant::now();
