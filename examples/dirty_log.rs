@@ -22,7 +22,7 @@ struct Args {
     /// vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    /// idle | working-set=W | sweep=R | random=SEED,HOT%.
+    /// idle | working-set=W | dense=N[,BYTES] | zipf=N[,WRITES/S] | sweep=R | random=SEED,HOT%.
     #[arg(long, default_value = "working-set=4096")]
     workload: Workload,
     /// Syncs to print.

@@ -26,7 +26,9 @@ pub struct VmArgs {
     /// vCPUs.
     #[arg(long, default_value_t = 2)]
     pub vcpus: u32,
-    /// idle | working-set=W (pages, or a size like 16M) | sweep=R (pages/s) | random=SEED,HOT%.
+    /// idle | working-set=W (pages, or a size like 16M) | dense=N[,BYTES] (N pages rewritten
+    /// with fresh data, BYTES of each a round) | zipf=N[,WRITES/S] (skewed whole-page writes)
+    /// | sweep=R (pages/s) | random=SEED,HOT%.
     #[arg(long, default_value = "working-set=16M")]
     pub workload: Workload,
     /// Run the workload on host threads even where /dev/kvm exists.

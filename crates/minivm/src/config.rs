@@ -36,7 +36,29 @@ pub enum Workload {
         /// Percentage of writes that land in the hot set (0..=100).
         hot_percent: u8,
     },
+    /// Like working-set, but each round rewrites `bytes_per_page` bytes at the start of
+    /// each page with incompressible data that changes every round (a xorshift64 stream
+    /// seeded by round and page; the first round fills whole pages).
+    Dense {
+        /// Pages rewritten every round, for the whole guest.
+        pages: u64,
+        /// Bytes rewritten at the start of each page every round (8..=4096, a multiple of 8).
+        bytes_per_page: u64,
+    },
+    /// A skewed working set, like a cache or a database: each write rewrites one whole
+    /// page with fresh incompressible data, the page picked Zipf-like (rank `i` of the
+    /// vCPU's part of `pages` drawn with probability about `1/i`), paced by the TSC. Its
+    /// unique dirty rate grows with the window.
+    Zipf {
+        /// Pages the writes land in, for the whole guest.
+        pages: u64,
+        /// Page writes per second, for the whole guest.
+        writes_per_sec: u64,
+    },
 }
+
+/// Zipf's page writes per second when `zipf=N` gives no rate.
+pub const ZIPF_DEFAULT_WRITES_PER_SEC: u64 = 200_000;
 
 impl std::fmt::Display for Workload {
     /// The form [`Workload::from_str`] accepts (`working-set=4096`, `random=42,80`).
@@ -46,6 +68,14 @@ impl std::fmt::Display for Workload {
             Workload::WorkingSet { pages } => write!(f, "working-set={pages}"),
             Workload::Sweep { pages_per_sec } => write!(f, "sweep={pages_per_sec}"),
             Workload::Random { seed, hot_percent } => write!(f, "random={seed},{hot_percent}"),
+            Workload::Dense {
+                pages,
+                bytes_per_page,
+            } => write!(f, "dense={pages},{bytes_per_page}"),
+            Workload::Zipf {
+                pages,
+                writes_per_sec,
+            } => write!(f, "zipf={pages},{writes_per_sec}"),
         }
     }
 }
@@ -53,7 +83,8 @@ impl std::fmt::Display for Workload {
 impl FromStr for Workload {
     type Err = Error;
 
-    /// Parses `idle`, `working-set=4096`, `working-set=16M`, `sweep=R`, `random=SEED,HOT%`.
+    /// Parses `idle`, `working-set=4096`, `working-set=16M`, `sweep=R`, `random=SEED,HOT%`,
+    /// `dense=N[,BYTES]` and `zipf=N[,WRITES_PER_SEC]` (N in pages or as a size: `16M`).
     fn from_str(s: &str) -> Result<Self> {
         let bad = || Error::BadWorkload {
             input: s.to_string(),
@@ -63,19 +94,48 @@ impl FromStr for Workload {
             return Ok(Workload::Idle);
         }
         let (name, arg) = t.split_once('=').ok_or_else(bad)?;
+        // A page count, or a page-aligned byte size with a K/M/G suffix.
+        let pages = |arg: &str| -> Result<u64> {
+            let arg = arg.trim();
+            if arg.ends_with(['K', 'k', 'M', 'm', 'G', 'g']) {
+                let bytes = parse_size_bytes(arg).map_err(|_| bad())?;
+                if bytes % PAGE_SIZE != 0 {
+                    return Err(bad());
+                }
+                Ok(bytes / PAGE_SIZE)
+            } else {
+                arg.parse::<u64>().map_err(|_| bad())
+            }
+        };
+        let number = |arg: &str| arg.trim().parse::<u64>().map_err(|_| bad());
         match name {
-            "working-set" => {
-                let has_suffix = arg.ends_with(['K', 'k', 'M', 'm', 'G', 'g']);
-                let pages = if has_suffix {
-                    let bytes = parse_size_bytes(arg).map_err(|_| bad())?;
-                    if bytes % PAGE_SIZE != 0 {
-                        return Err(bad());
-                    }
-                    bytes / PAGE_SIZE
-                } else {
-                    arg.parse::<u64>().map_err(|_| bad())?
+            "working-set" => Ok(Workload::WorkingSet { pages: pages(arg)? }),
+            "dense" => {
+                let (n, bytes) = match arg.split_once(',') {
+                    Some((n, b)) => (n, number(b)?),
+                    None => (arg, PAGE_SIZE),
                 };
-                Ok(Workload::WorkingSet { pages })
+                if bytes == 0 || bytes > PAGE_SIZE || bytes % 8 != 0 {
+                    return Err(bad());
+                }
+                Ok(Workload::Dense {
+                    pages: pages(n)?,
+                    bytes_per_page: bytes,
+                })
+            }
+            "zipf" => {
+                let (n, rate) = match arg.split_once(',') {
+                    Some((n, r)) => (n, number(r)?),
+                    None => (arg, ZIPF_DEFAULT_WRITES_PER_SEC),
+                };
+                let pages = pages(n)?;
+                if rate == 0 || pages == 0 {
+                    return Err(bad());
+                }
+                Ok(Workload::Zipf {
+                    pages,
+                    writes_per_sec: rate,
+                })
             }
             "sweep" => {
                 let pages_per_sec = arg.parse::<u64>().map_err(|_| bad())?;
@@ -200,7 +260,9 @@ impl VmConfig {
             return cfg("data region too small for one page per vCPU".to_string());
         }
         match self.workload {
-            Workload::WorkingSet { pages } => {
+            Workload::WorkingSet { pages }
+            | Workload::Dense { pages, .. }
+            | Workload::Zipf { pages, .. } => {
                 let per_vcpu = pages.div_ceil(u64::from(self.vcpus));
                 if per_vcpu > layout.share_pages {
                     return cfg(format!(
@@ -217,6 +279,19 @@ impl VmConfig {
             }
             _ => {}
         }
+        match self.workload {
+            Workload::Dense { bytes_per_page, .. }
+                if bytes_per_page == 0 || bytes_per_page > PAGE_SIZE || bytes_per_page % 8 != 0 =>
+            {
+                return cfg(format!(
+                    "dense bytes per page {bytes_per_page} must be a multiple of 8 in 8..=4096"
+                ));
+            }
+            Workload::Zipf {
+                writes_per_sec: 0, ..
+            } => return cfg("zipf rate must be at least 1 write/s".to_string()),
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -227,7 +302,14 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for w in ["idle", "working-set=4096", "sweep=1000", "random=42,80"] {
+        for w in [
+            "idle",
+            "working-set=4096",
+            "sweep=1000",
+            "random=42,80",
+            "dense=65536,256",
+            "zipf=65536,200000",
+        ] {
             let parsed: Workload = w.parse().unwrap();
             assert_eq!(parsed.to_string(), w);
         }
@@ -261,6 +343,34 @@ mod tests {
                 hot_percent: 80
             })
         );
+        assert_eq!(
+            "dense=4096".parse::<Workload>().ok(),
+            Some(Workload::Dense {
+                pages: 4096,
+                bytes_per_page: 4096
+            })
+        );
+        assert_eq!(
+            "dense=256M,256".parse::<Workload>().ok(),
+            Some(Workload::Dense {
+                pages: 65536,
+                bytes_per_page: 256
+            })
+        );
+        assert_eq!(
+            "zipf=65536".parse::<Workload>().ok(),
+            Some(Workload::Zipf {
+                pages: 65536,
+                writes_per_sec: ZIPF_DEFAULT_WRITES_PER_SEC
+            })
+        );
+        assert_eq!(
+            "zipf=1G,1000".parse::<Workload>().ok(),
+            Some(Workload::Zipf {
+                pages: 262144,
+                writes_per_sec: 1000
+            })
+        );
     }
 
     #[test]
@@ -277,6 +387,14 @@ mod tests {
             "random=42,101",
             "random=a,5",
             "idle=3",
+            "dense=",
+            "dense=4096,0",
+            "dense=4096,4",
+            "dense=4096,8192",
+            "dense=4096,x",
+            "zipf=0",
+            "zipf=4096,0",
+            "zipf=4096,",
         ] {
             let e = s.parse::<Workload>().err();
             assert!(
@@ -340,6 +458,28 @@ mod tests {
             VmConfig {
                 mem_bytes: 4 << 20,
                 workload: Workload::WorkingSet { pages: 1 << 20 },
+                ..Default::default()
+            },
+            VmConfig {
+                mem_bytes: 4 << 20,
+                workload: Workload::Dense {
+                    pages: 1 << 20,
+                    bytes_per_page: 4096,
+                },
+                ..Default::default()
+            },
+            VmConfig {
+                workload: Workload::Dense {
+                    pages: 16,
+                    bytes_per_page: 12,
+                },
+                ..Default::default()
+            },
+            VmConfig {
+                workload: Workload::Zipf {
+                    pages: 16,
+                    writes_per_sec: 0,
+                },
                 ..Default::default()
             },
         ];

@@ -7,7 +7,9 @@ pub enum Error {
     #[error(
         "invalid workload {input:?}: accepted forms are `idle`, `working-set=PAGES` or \
          `working-set=SIZE` (SIZE with K/M/G suffix, e.g. 16M), `sweep=PAGES_PER_SEC`, \
-         `random=SEED,HOT_PERCENT` (e.g. random=42,80)"
+         `random=SEED,HOT_PERCENT` (e.g. random=42,80), `dense=PAGES[,BYTES]` (BYTES a \
+         multiple of 8 up to 4096, e.g. dense=65536,256), `zipf=PAGES[,WRITES_PER_SEC]` \
+         (e.g. zipf=65536,200000)"
     )]
     BadWorkload {
         /// The rejected text.

@@ -11,7 +11,9 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::config::Workload;
 use crate::control::Control;
 use crate::error::{Error, Result};
-use crate::guest::{xorshift_seed, Layout};
+use crate::guest::{
+    page_words, xorshift_next, xorshift_seed, zipf_levels, zipf_page, Layout, ZIPF_SEED,
+};
 use crate::memory::GuestMemory;
 use crate::state::ThreadProgress;
 use crate::{SharedErrors, PAGE_SIZE};
@@ -76,6 +78,10 @@ impl Worker {
                     self.sweep_step(pages_per_sec, &mut sweep_start)
                 }
                 Workload::Random { .. } => self.random_step(),
+                Workload::Dense { bytes_per_page, .. } => self.dense_step(bytes_per_page),
+                Workload::Zipf { writes_per_sec, .. } => {
+                    self.zipf_step(writes_per_sec, &mut sweep_start)
+                }
             };
             if let Err(e) = r {
                 self.errors
@@ -128,19 +134,19 @@ impl Worker {
         Ok(())
     }
 
-    fn sweep_step(&self, pages_per_sec: u64, start: &mut Option<(Instant, u64)>) -> Result<()> {
-        let rate = (pages_per_sec / u64::from(self.layout.vcpus)).max(1);
-        let written = self.counter()?;
+    /// Writes due now for a vCPU paced at `rate` writes/s that has done `written`; naps
+    /// and returns 0 when ahead of schedule. More than 20 ms behind (paused, throttled)
+    /// restarts the schedule instead of catching up in a burst.
+    fn due_writes(&self, rate: u64, written: u64, start: &mut Option<(Instant, u64)>) -> u64 {
         let (t0, base) = *start.get_or_insert((Instant::now(), written));
         let elapsed = t0.elapsed();
         let due_total = u64::try_from(elapsed.as_nanos() * u128::from(rate) / 1_000_000_000)
             .unwrap_or(u64::MAX);
-        let mut due = due_total.saturating_sub(written.saturating_sub(base));
+        let due = due_total.saturating_sub(written.saturating_sub(base));
         let max_lag = (rate * SWEEP_MAX_LAG.as_millis() as u64 / 1000).max(1);
         if due > max_lag {
-            // Too far behind (paused or throttled): restart the schedule, no burst.
             *start = Some((Instant::now(), written));
-            due = 1;
+            return 1;
         }
         if due == 0 {
             let wait_ns = 1_000_000_000 / rate;
@@ -148,15 +154,82 @@ impl Worker {
                 self.id as usize,
                 Duration::from_nanos(wait_ns.min(1_000_000)),
             );
+        }
+        due.min(CHUNK_PAGES)
+    }
+
+    fn sweep_step(&self, pages_per_sec: u64, start: &mut Option<(Instant, u64)>) -> Result<()> {
+        let rate = (pages_per_sec / u64::from(self.layout.vcpus)).max(1);
+        let written = self.counter()?;
+        let due = self.due_writes(rate, written, start);
+        if due == 0 {
             return Ok(());
         }
         let share = self.layout.share_pages;
         let mut p = self.lock_progress();
         let mut count = written;
-        for _ in 0..due.min(CHUNK_PAGES) {
+        for _ in 0..due {
             count += 1;
             self.memory.write_obj(count, self.page_addr(p.position))?;
             p.position = (p.position + 1) % share;
+        }
+        self.bump_counter(count)
+    }
+
+    /// Writes `words` of the dense stream for (`tag`, page) at the start of `page`.
+    fn write_dense_page(&self, page: u64, tag: u64, words: u64) -> Result<()> {
+        let addr = self.page_addr(page);
+        let mut buf = [0u8; PAGE_SIZE as usize];
+        let len = (words.min(PAGE_SIZE / 8) * 8) as usize;
+        for (chunk, w) in buf[..len].chunks_exact_mut(8).zip(page_words(addr.0, tag)) {
+            chunk.copy_from_slice(&w.to_le_bytes());
+        }
+        Ok(self.memory.write_slice(&buf[..len], addr)?)
+    }
+
+    fn dense_step(&self, bytes_per_page: u64) -> Result<()> {
+        let pages = self.layout.touched_pages(&self.workload, self.id);
+        if pages == 0 {
+            return self.idle_step();
+        }
+        let round = self.counter()? + 1;
+        // The first round fills whole pages, as the guest program does.
+        let words = if round == 1 {
+            PAGE_SIZE / 8
+        } else {
+            bytes_per_page / 8
+        };
+        let mut p = self.lock_progress();
+        let end = (p.position + CHUNK_PAGES / 8).min(pages);
+        for page in p.position..end {
+            self.write_dense_page(page, round, words)?;
+        }
+        p.position = end;
+        if end == pages {
+            p.position = 0;
+            self.bump_counter(round)?;
+        }
+        Ok(())
+    }
+
+    fn zipf_step(&self, writes_per_sec: u64, start: &mut Option<(Instant, u64)>) -> Result<()> {
+        let pages = self.layout.touched_pages(&self.workload, self.id);
+        if pages == 0 {
+            return self.idle_step();
+        }
+        let rate = (writes_per_sec / u64::from(self.layout.vcpus)).max(1);
+        let written = self.counter()?;
+        let due = self.due_writes(rate, written, start);
+        let levels = zipf_levels(pages);
+        let mut p = self.lock_progress();
+        if p.rng == 0 {
+            p.rng = xorshift_seed(ZIPF_SEED, self.id);
+        }
+        let mut count = written;
+        for _ in 0..due {
+            p.rng = xorshift_next(p.rng);
+            count += 1;
+            self.write_dense_page(zipf_page(p.rng, levels, pages), count, PAGE_SIZE / 8)?;
         }
         self.bump_counter(count)
     }
@@ -173,10 +246,7 @@ impl Worker {
             p.rng = xorshift_seed(seed, self.id);
         }
         for _ in 0..RANDOM_WRITES_PER_ROUND {
-            let mut x = p.rng;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = xorshift_next(p.rng);
             p.rng = x;
             let page = if (x & 0xff) < threshold {
                 (x >> 8) % hot

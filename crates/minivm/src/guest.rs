@@ -51,13 +51,19 @@ pub const ENTRY_WORKING_SET: u64 = 0x08;
 pub const ENTRY_SWEEP: u64 = 0x2a;
 /// Random entry point.
 pub const ENTRY_RANDOM: u64 = 0x7f;
+/// Dense entry point.
+pub const ENTRY_DENSE: u64 = 0xd2;
+/// Zipf entry point.
+pub const ENTRY_ZIPF: u64 = 0x148;
 
 /// The guest program: x86-64 machine code, CPL 3, no stack, never faults.
 /// Registers in: rdi = share base GPA, rsi = pages, r12 = counter GPA;
 /// sweep: r8 = TSC ticks per page, r10 = max lag ticks;
-/// random: r8 = xorshift state, r9 = hot pages, r10 = hot threshold (of 256).
+/// random: r8 = xorshift state, r9 = hot pages, r10 = hot threshold (of 256);
+/// dense: r8 = words per page after the first round;
+/// zipf: r8 = TSC ticks per write, r9 = xorshift state, r10 = max lag ticks, r11 = levels.
 #[rustfmt::skip]
-pub const PROGRAM: [u8; 0xd2] = [
+pub const PROGRAM: [u8; 0x21b] = [
     // idle (0x00):
     0x49, 0xff, 0x04, 0x24,                   // 00: inc qword [r12]        ; counter += 1
     0xe6, 0x80,                               // 04: out 0x80, al           ; exit to host, which naps ~10 ms
@@ -131,6 +137,113 @@ pub const PROGRAM: [u8; 0xd2] = [
     0x75, 0xb3,                               // ca: jnz random
     0x49, 0xff, 0x04, 0x24,                   // cc: inc qword [r12]        ; every 4096 writes: counter += 1
     0xeb, 0xad,                               // d0: jmp random
+    // dense (0xd2):
+    0x49, 0xbb, 0x15, 0x7c, 0x4a, 0x7f, 0xb9, 0x79, 0x37, 0x9e,// d2: movabs r11,0x9e3779b97f4a7c15
+    0x49, 0x8b, 0x04, 0x24,                   // dc: mov rax,qword [r12]
+    // dense_round (0xe0):
+    0x48, 0xff, 0xc0,                         // e0: inc rax
+    0x49, 0x89, 0xc5,                         // e3: mov r13,rax
+    0x4d, 0x0f, 0xaf, 0xeb,                   // e6: imul r13,r11
+    0x48, 0x89, 0xf1,                         // ea: mov rcx,rsi
+    0x48, 0x89, 0xfb,                         // ed: mov rbx,rdi
+    // dense_page (0xf0):
+    0x4d, 0x89, 0xc7,                         // f0: mov r15,r8
+    0x48, 0x83, 0xf8, 0x01,                   // f3: cmp rax,0x1
+    0x75, 0x06,                               // f7: jne ff <dense_fill>
+    0x41, 0xbf, 0x00, 0x02, 0x00, 0x00,       // f9: mov r15d,0x200
+    // dense_fill (0xff):
+    0x48, 0x89, 0xda,                         // ff: mov rdx,rbx
+    0x4c, 0x31, 0xea,                         // 102: xor rdx,r13
+    0x48, 0x83, 0xca, 0x01,                   // 105: or rdx,0x1
+    0x49, 0x89, 0xde,                         // 109: mov r14,rbx
+    // dense_word (0x10c):
+    0x49, 0x89, 0xd2,                         // 10c: mov r10,rdx
+    0x49, 0xc1, 0xe2, 0x0d,                   // 10f: shl r10,0xd
+    0x4c, 0x31, 0xd2,                         // 113: xor rdx,r10
+    0x49, 0x89, 0xd2,                         // 116: mov r10,rdx
+    0x49, 0xc1, 0xea, 0x07,                   // 119: shr r10,0x7
+    0x4c, 0x31, 0xd2,                         // 11d: xor rdx,r10
+    0x49, 0x89, 0xd2,                         // 120: mov r10,rdx
+    0x49, 0xc1, 0xe2, 0x11,                   // 123: shl r10,0x11
+    0x4c, 0x31, 0xd2,                         // 127: xor rdx,r10
+    0x49, 0x89, 0x16,                         // 12a: mov qword [r14],rdx
+    0x49, 0x83, 0xc6, 0x08,                   // 12d: add r14,0x8
+    0x49, 0xff, 0xcf,                         // 131: dec r15
+    0x75, 0xd6,                               // 134: jne 10c <dense_word>
+    0x48, 0x81, 0xc3, 0x00, 0x10, 0x00, 0x00, // 136: add rbx,0x1000
+    0x48, 0xff, 0xc9,                         // 13d: dec rcx
+    0x75, 0xae,                               // 140: jne f0 <dense_page>
+    0x49, 0x89, 0x04, 0x24,                   // 142: mov qword [r12],rax
+    0xeb, 0x98,                               // 146: jmp e0 <dense_round>
+    // zipf (0x148):
+    0x49, 0xbf, 0x15, 0x7c, 0x4a, 0x7f, 0xb9, 0x79, 0x37, 0x9e,// 148: movabs r15,0x9e3779b97f4a7c15
+    0x0f, 0x31,                               // 152: rdtsc
+    0x48, 0xc1, 0xe2, 0x20,                   // 154: shl rdx,0x20
+    0x48, 0x09, 0xd0,                         // 158: or rax,rdx
+    0x49, 0x89, 0xc5,                         // 15b: mov r13,rax
+    // zipf_loop (0x15e):
+    0x0f, 0x31,                               // 15e: rdtsc
+    0x48, 0xc1, 0xe2, 0x20,                   // 160: shl rdx,0x20
+    0x48, 0x09, 0xd0,                         // 164: or rax,rdx
+    0x4c, 0x39, 0xe8,                         // 167: cmp rax,r13
+    0x73, 0x04,                               // 16a: jae 170 <zipf_due>
+    0xe6, 0x81,                               // 16c: out 0x81,al
+    0xeb, 0xee,                               // 16e: jmp 15e <zipf_loop>
+    // zipf_due (0x170):
+    0x48, 0x89, 0xc1,                         // 170: mov rcx,rax
+    0x4c, 0x29, 0xe9,                         // 173: sub rcx,r13
+    0x4c, 0x39, 0xd1,                         // 176: cmp rcx,r10
+    0x76, 0x03,                               // 179: jbe 17e <zipf_pick>
+    0x49, 0x89, 0xc5,                         // 17b: mov r13,rax
+    // zipf_pick (0x17e):
+    0x4d, 0x01, 0xc5,                         // 17e: add r13,r8
+    0x4c, 0x89, 0xc8,                         // 181: mov rax,r9
+    0x48, 0xc1, 0xe0, 0x0d,                   // 184: shl rax,0xd
+    0x49, 0x31, 0xc1,                         // 188: xor r9,rax
+    0x4c, 0x89, 0xc8,                         // 18b: mov rax,r9
+    0x48, 0xc1, 0xe8, 0x07,                   // 18e: shr rax,0x7
+    0x49, 0x31, 0xc1,                         // 192: xor r9,rax
+    0x4c, 0x89, 0xc8,                         // 195: mov rax,r9
+    0x48, 0xc1, 0xe0, 0x11,                   // 198: shl rax,0x11
+    0x49, 0x31, 0xc1,                         // 19c: xor r9,rax
+    0x41, 0x0f, 0xb7, 0xc1,                   // 19f: movzx eax,r9w
+    0x31, 0xd2,                               // 1a3: xor edx,edx
+    0x49, 0xf7, 0xf3,                         // 1a5: div r11
+    0x89, 0xd1,                               // 1a8: mov ecx,edx
+    0x4c, 0x89, 0xc8,                         // 1aa: mov rax,r9
+    0x48, 0xc1, 0xe8, 0x10,                   // 1ad: shr rax,0x10
+    0xbb, 0x01, 0x00, 0x00, 0x00,             // 1b1: mov ebx,0x1
+    0x48, 0xd3, 0xe3,                         // 1b6: shl rbx,cl
+    0x48, 0xff, 0xcb,                         // 1b9: dec rbx
+    0x48, 0x21, 0xd8,                         // 1bc: and rax,rbx
+    0x31, 0xd2,                               // 1bf: xor edx,edx
+    0x48, 0xf7, 0xf6,                         // 1c1: div rsi
+    0x48, 0xc1, 0xe2, 0x0c,                   // 1c4: shl rdx,0xc
+    0x48, 0x01, 0xfa,                         // 1c8: add rdx,rdi
+    0x48, 0x89, 0xd3,                         // 1cb: mov rbx,rdx
+    0x4d, 0x8b, 0x34, 0x24,                   // 1ce: mov r14,qword [r12]
+    0x49, 0xff, 0xc6,                         // 1d2: inc r14
+    0x4c, 0x89, 0xf2,                         // 1d5: mov rdx,r14
+    0x49, 0x0f, 0xaf, 0xd7,                   // 1d8: imul rdx,r15
+    0x48, 0x31, 0xda,                         // 1dc: xor rdx,rbx
+    0x48, 0x83, 0xca, 0x01,                   // 1df: or rdx,0x1
+    0xb9, 0x00, 0x02, 0x00, 0x00,             // 1e3: mov ecx,0x200
+    // zipf_word (0x1e8):
+    0x48, 0x89, 0xd0,                         // 1e8: mov rax,rdx
+    0x48, 0xc1, 0xe0, 0x0d,                   // 1eb: shl rax,0xd
+    0x48, 0x31, 0xc2,                         // 1ef: xor rdx,rax
+    0x48, 0x89, 0xd0,                         // 1f2: mov rax,rdx
+    0x48, 0xc1, 0xe8, 0x07,                   // 1f5: shr rax,0x7
+    0x48, 0x31, 0xc2,                         // 1f9: xor rdx,rax
+    0x48, 0x89, 0xd0,                         // 1fc: mov rax,rdx
+    0x48, 0xc1, 0xe0, 0x11,                   // 1ff: shl rax,0x11
+    0x48, 0x31, 0xc2,                         // 203: xor rdx,rax
+    0x48, 0x89, 0x13,                         // 206: mov qword [rbx],rdx
+    0x48, 0x83, 0xc3, 0x08,                   // 209: add rbx,0x8
+    0x48, 0xff, 0xc9,                         // 20d: dec rcx
+    0x75, 0xd6,                               // 210: jne 1e8 <zipf_word>
+    0x4d, 0x89, 0x34, 0x24,                   // 212: mov qword [r12],r14
+    0xe9, 0x43, 0xff, 0xff, 0xff,             // 216: jmp 15e <zipf_loop>
 ];
 
 /// Where each vCPU's pages are: derived from guest RAM size and vCPU count only,
@@ -167,11 +280,14 @@ impl Layout {
         DATA_GPA + u64::from(vcpu) * self.share_pages * PAGE_SIZE
     }
 
-    /// Pages of its share a vCPU's workload writes (working set: its part of W; idle: 0).
+    /// Pages of its share a vCPU's workload writes (working set, dense, zipf: its part
+    /// of N; idle: 0).
     pub fn touched_pages(&self, workload: &Workload, vcpu: u32) -> u64 {
         match *workload {
             Workload::Idle => 0,
-            Workload::WorkingSet { pages } => {
+            Workload::WorkingSet { pages }
+            | Workload::Dense { pages, .. }
+            | Workload::Zipf { pages, .. } => {
                 let n = u64::from(self.vcpus);
                 pages / n + u64::from(u64::from(vcpu) < pages % n)
             }
@@ -196,10 +312,12 @@ pub struct EntryRegs {
     pub rsi: u64,
     /// Sweep: ticks per page; random: xorshift state.
     pub r8: u64,
-    /// Random: hot pages.
+    /// Random: hot pages; zipf: xorshift state.
     pub r9: u64,
-    /// Sweep: max lag ticks; random: hot threshold of 256.
+    /// Sweep, zipf: max lag ticks; random: hot threshold of 256.
     pub r10: u64,
+    /// Zipf: levels ([`zipf_levels`]).
+    pub r11: u64,
     /// Counter GPA.
     pub r12: u64,
 }
@@ -214,7 +332,44 @@ pub fn xorshift_seed(seed: u64, vcpu: u32) -> u64 {
     }
 }
 
-/// The registers that start `workload` on `vcpu`; `tsc_hz` paces the sweep.
+/// Seed of the zipf workload's page picks (vCPU `v` starts from `xorshift_seed(ZIPF_SEED, v)`).
+pub const ZIPF_SEED: u64 = 0x5eed_2f1f;
+/// Multiplier that spreads a round or write number over a page's seed.
+const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// One xorshift64 step (13, 7, 17), as the guest program computes it.
+pub fn xorshift_next(x: u64) -> u64 {
+    let x = x ^ (x << 13);
+    let x = x ^ (x >> 7);
+    x ^ (x << 17)
+}
+
+/// The words a dense or zipf write puts at the start of the page at `gpa`: a xorshift64
+/// stream seeded by `tag` (dense: the round; zipf: the write's sequence number) and the
+/// page, so content is incompressible and differs between pages and between rounds.
+pub fn page_words(gpa: u64, tag: u64) -> impl Iterator<Item = u64> {
+    let mut x = (tag.wrapping_mul(GOLDEN) ^ gpa) | 1;
+    std::iter::repeat_with(move || {
+        x = xorshift_next(x);
+        x
+    })
+}
+
+/// Zipf levels for `pages` pages: the smallest L with 2^(L-1) >= pages (at least 1).
+pub fn zipf_levels(pages: u64) -> u64 {
+    u64::from(64 - pages.saturating_sub(1).leading_zeros()) + 1
+}
+
+/// The page (index in the vCPU's part) a zipf write picks from xorshift state `x`: a
+/// level k uniform in [0, levels), then a page uniform below 2^k, so rank i is drawn
+/// with probability about 1 / (i · levels).
+pub fn zipf_page(x: u64, levels: u64, pages: u64) -> u64 {
+    let k = (x & 0xffff) % levels.max(1);
+    let mask = (1u64 << k) - 1;
+    ((x >> 16) & mask) % pages.max(1)
+}
+
+/// The registers that start `workload` on `vcpu`; `tsc_hz` paces the sweep and zipf.
 pub fn entry_regs(layout: &Layout, workload: &Workload, vcpu: u32, tsc_hz: u64) -> EntryRegs {
     let base = EntryRegs {
         rip: CODE_GPA + ENTRY_IDLE,
@@ -247,6 +402,23 @@ pub fn entry_regs(layout: &Layout, workload: &Workload, vcpu: u32, tsc_hz: u64) 
             r10: u64::from(hot_percent.min(100)) * 256 / 100,
             ..base
         },
+        Workload::Dense { .. } | Workload::Zipf { .. } if base.rsi == 0 => base,
+        Workload::Dense { bytes_per_page, .. } => EntryRegs {
+            rip: CODE_GPA + ENTRY_DENSE,
+            r8: (bytes_per_page / 8).clamp(1, PAGE_SIZE / 8),
+            ..base
+        },
+        Workload::Zipf { writes_per_sec, .. } => {
+            let per_vcpu = (writes_per_sec / u64::from(layout.vcpus)).max(1);
+            EntryRegs {
+                rip: CODE_GPA + ENTRY_ZIPF,
+                r8: (tsc_hz / per_vcpu).max(1),
+                r9: xorshift_seed(ZIPF_SEED, vcpu),
+                r10: tsc_hz / 50,
+                r11: zipf_levels(base.rsi),
+                ..base
+            }
+        }
     }
 }
 
@@ -290,6 +462,102 @@ mod tests {
         let l = Layout::new(8 << 20, 2);
         assert_eq!(l.share_pages, (7 << 20) / 4096 / 2);
         assert_eq!(l.share_gpa(1), DATA_GPA + l.share_pages * 4096);
+    }
+
+    /// The embedded bytes are what `asm/program.S` assembles to (checked where GNU as
+    /// is installed; the bytes are committed, so building never needs it).
+    #[test]
+    fn program_matches_its_source() {
+        let dir = std::env::temp_dir().join(format!("minivm-asm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let obj = dir.join("p.o");
+        let bin = dir.join("p.bin");
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/asm/program.S");
+        let run = |cmd: &str, args: &[&std::ffi::OsStr]| {
+            std::process::Command::new(cmd)
+                .args(args)
+                .status()
+                .map(|s| s.success())
+        };
+        match run(
+            "as",
+            &[
+                "--64".as_ref(),
+                src.as_ref(),
+                "-o".as_ref(),
+                obj.as_os_str(),
+            ],
+        ) {
+            Ok(true) => {}
+            Ok(false) => panic!("as failed on {src}"),
+            Err(_) => {
+                eprintln!("skipped: GNU as is not installed");
+                return;
+            }
+        }
+        let copied = run(
+            "objcopy",
+            &[
+                "-O".as_ref(),
+                "binary".as_ref(),
+                "-j".as_ref(),
+                ".text".as_ref(),
+                obj.as_os_str(),
+                bin.as_os_str(),
+            ],
+        );
+        assert!(matches!(copied, Ok(true)), "objcopy failed");
+        let bytes = std::fs::read(&bin).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(bytes.len(), PROGRAM.len(), "program length");
+        let first_diff = bytes.iter().zip(PROGRAM.iter()).position(|(a, b)| a != b);
+        assert_eq!(first_diff, None, "PROGRAM differs from asm/program.S");
+    }
+
+    #[test]
+    fn dense_words_differ_by_page_and_round() {
+        let a: Vec<u64> = page_words(DATA_GPA, 1).take(512).collect();
+        let b: Vec<u64> = page_words(DATA_GPA, 2).take(512).collect();
+        let c: Vec<u64> = page_words(DATA_GPA + PAGE_SIZE, 1).take(512).collect();
+        assert!(a.iter().zip(&b).all(|(x, y)| x != y));
+        assert!(a.iter().zip(&c).all(|(x, y)| x != y));
+        // Incompressible enough: no zero word, no repeated word in a page.
+        let distinct: std::collections::BTreeSet<u64> = a.iter().copied().collect();
+        assert_eq!(distinct.len(), 512);
+        assert!(!a.contains(&0));
+    }
+
+    #[test]
+    fn zipf_is_skewed_and_its_unique_set_grows_with_the_window() {
+        let pages = 32768;
+        let levels = zipf_levels(pages);
+        assert_eq!(levels, 16);
+        assert_eq!(zipf_levels(1), 1);
+        assert_eq!(zipf_levels(2), 2);
+        assert_eq!(zipf_levels(3), 3);
+        let mut x = xorshift_seed(ZIPF_SEED, 0);
+        let mut hits = vec![0u64; pages as usize];
+        let mut unique_at = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for n in 1..=400_000u64 {
+            x = xorshift_next(x);
+            let p = zipf_page(x, levels, pages);
+            assert!(p < pages);
+            hits[p as usize] += 1;
+            seen.insert(p);
+            if [25_000, 100_000, 400_000].contains(&n) {
+                unique_at.push(seen.len() as f64);
+            }
+        }
+        // The hottest 1 % of pages take most writes; the coldest half few.
+        let hot: u64 = hits[..(pages as usize / 100)].iter().sum();
+        let cold: u64 = hits[(pages as usize / 2)..].iter().sum();
+        assert!(hot > 400_000 / 2, "hot {hot}");
+        assert!(cold < 400_000 / 10, "cold {cold}");
+        // Unique pages grow with the window, but slower than it: a rate measured over
+        // one window does not predict another.
+        assert!(unique_at[1] > unique_at[0] * 1.5 && unique_at[1] < unique_at[0] * 3.5);
+        assert!(unique_at[2] > unique_at[1] * 1.2 && unique_at[2] < unique_at[1] * 3.5);
     }
 
     #[test]

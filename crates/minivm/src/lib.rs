@@ -18,7 +18,15 @@
 //! | 1 MiB .. mem_bytes | data region, split evenly into one share per vCPU |
 //!
 //! vCPUs run at CPL 3 with RFLAGS.IOPL = 3, so `out` is legal and exits to the host:
-//! port 0x80 (idle: host naps 10 ms) and 0x81 (sweep ahead of schedule: host naps 1 ms).
+//! port 0x80 (idle: host naps 10 ms) and 0x81 (sweep or zipf ahead of schedule: host
+//! naps 1 ms).
+//!
+//! Workloads (`--workload`): `idle`; `working-set=N` (one 8-byte round number per page,
+//! N pages round and round); `dense=N[,BYTES]` (each round rewrites BYTES of each of N
+//! pages with incompressible data, [`page_words`]); `zipf=N[,RATE]` (RATE whole-page
+//! writes a second, skewed over N pages, [`zipf_page`]); `sweep=RATE`; `random=SEED,HOT%`.
+//! Each has a ground truth the tests check: the pages it dirties, and for dense and zipf
+//! the content of every page, computed on the host from the counters.
 
 mod config;
 mod control;
@@ -47,7 +55,10 @@ pub use config::{
 };
 pub use dirty_log::DirtyTracking;
 pub use error::{Error, Result};
-pub use guest::{Layout, COUNTER_GPA, DATA_GPA};
+pub use guest::{
+    page_words, xorshift_next, xorshift_seed, zipf_levels, zipf_page, Layout, COUNTER_GPA,
+    DATA_GPA, ZIPF_SEED,
+};
 pub use memory::SlotInfo;
 pub use state::FORMAT_VERSION;
 
@@ -504,7 +515,8 @@ impl MiniVm {
 
     /// The vCPU's round counter, read from guest memory (0 for an unknown vCPU).
     /// A round is: idle, one yield; working set, one pass over its pages; sweep, one
-    /// page written (the counter is pages written so far); random, 4096 writes.
+    /// page written (the counter is pages written so far); random, 4096 writes; dense,
+    /// one pass over its pages; zipf, one page write (the counter is writes so far).
     pub fn counter(&self, vcpu: u32) -> u64 {
         if vcpu >= self.cfg.vcpus {
             return 0;
@@ -522,8 +534,8 @@ impl MiniVm {
         self.layout.counter_gpa(vcpu)
     }
 
-    /// (GPA, pages) the vCPU's workload writes: its part of the working set, its whole
-    /// share for sweep and random, no pages for idle.
+    /// (GPA, pages) the vCPU's workload writes: its part of N for working set, dense and
+    /// zipf, its whole share for sweep and random, no pages for idle.
     pub fn workload_region(&self, vcpu: u32) -> (u64, u64) {
         (
             self.layout.share_gpa(vcpu),

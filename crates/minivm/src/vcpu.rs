@@ -159,6 +159,7 @@ pub fn set_entry_state(vcpu: &VcpuFd, entry: &EntryRegs) -> Result<()> {
         r8: entry.r8,
         r9: entry.r9,
         r10: entry.r10,
+        r11: entry.r11,
         r12: entry.r12,
         // Bit 1 is reserved-1; IOPL = 3 lets CPL 3 use `out` (exits to the host).
         rflags: 0x2 | 0x3000,
