@@ -578,7 +578,16 @@ fn migrate_inner(
     run.total_ms = u(&fin["total-time"]);
     run.downtime_ms = u(&fin["downtime"]);
     run.transferred_bytes = u(&ram["transferred"]);
-    run.downtime_bytes = u(&ram["downtime-bytes"]);
+    // With one channel the precopy passes run on one worker and `precopy-bytes` is
+    // exact, so the bytes of the downtime are the rest of `transferred`. The engine's
+    // own `downtime-bytes` counts more than that when several workers send at once
+    // (the final pass uses every core): each adds the shared counter's growth over
+    // its batch, the other workers' bytes included.
+    run.downtime_bytes = if row.channels == 1 {
+        u(&ram["transferred"]).saturating_sub(u(&ram["precopy-bytes"]))
+    } else {
+        u(&ram["downtime-bytes"])
+    };
     run.passes = u(&x["iterations"]);
     run.first_pass = x["first-pass-convergence"].clone();
     run.first_pass_end_ms = x["first-pass-end-ms"].as_u64();
@@ -764,8 +773,9 @@ fn main() {
          send rate: median of the 100 ms windows in which precopy bytes went out; % of link: \
          of the nominal rate of a veth link, of a raw socket copy between two processes on \
          loopback. physics: the bytes sent while paused over the link's rate (the round trip, \
-         < 0.1 ms here, not added). happened: time from the end of the first pass to the \
-         switch-over. RAM equal: x-ferry-query-ram-digest of source (postmigrate) and \
+         < 0.1 ms here, not added); those bytes are transferred - precopy-bytes with one \
+         channel, the engine's downtime-bytes (which over-counts) with two. happened: time \
+         from the end of the first pass to the switch-over. RAM equal: x-ferry-query-ram-digest of source (postmigrate) and \
          destination (paused by -S), taken after the migration."
             .to_string(),
         String::new(),
