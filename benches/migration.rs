@@ -1,454 +1,938 @@
-//! End-to-end precopy benchmark: real KVM guests (host threads without /dev/kvm),
-//! loopback TCP, destination in this process. Prints a table of medians.
+//! The real deployment: a migration as a user runs it. Source and destination are
+//! separate `ferry vm` processes (the destination fresh and held by `-S` unless the
+//! row says `prealloc`), driven over QMP the way a management tool drives QEMU, over
+//! loopback and over two network namespaces joined by a veth pair rate-limited to
+//! 10 and 1 Gbit/s (`scripts/netns`). The RAM of both sides is compared by digest
+//! once the migration completed, outside the timed downtime.
 //!
-//! `cargo bench --bench migration` (set `FERRY_BENCH_REPS` to change the 3 repetitions,
-//! `FERRY_BENCH_ONLY=TEXT` to run only the scenarios whose name contains TEXT;
-//! `FERRY_BENCH_ONLY=throughput` runs only the dense-page throughput measures and the
-//! polling cost, `FERRY_BENCH_ONLY=polling` only the polling cost, over
-//! `FERRY_BENCH_POLL_PAIRS` rounds, default the repetitions).
+//! `cargo bench --bench migration`. Environment:
+//! - `FERRY_BENCH_REPS=N` repetitions per row (default 1; medians when more);
+//! - `FERRY_BENCH_ONLY=TEXT` only the rows whose name contains TEXT;
+//! - `FERRY_BENCH_LINKS=loopback,10gbit,1gbit` the links (default all three);
+//! - `FERRY_BENCH_TIMEOUT_S=S` per-row limit, then `migrate_cancel` (default 30).
+//!
+//! Prints a markdown table and writes it, with one JSON file per row (the replies
+//! and a timeline of `query-migrate` every 100 ms), to `target/bench/`; the
+//! processes' stderr goes to `target/bench/<row>.log`. Needs root for the network
+//! namespaces (the loopback rows run without) and /dev/kvm.
+//!
+//! The engine's own cost (in one process, no QMP) is `cargo bench --bench engine`.
 
-use std::io::{Read, Write};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry::migration_core::{incoming, Capability, MigrationSource, ParametersUpdate};
-use ferry::stats::{Convergence, MigrationInfo, MigrationStatus};
-use ferry::GuestVm;
-use minivm::{DirtyTracking, VmConfig, Workload};
+use serde_json::{json, Value};
 
-/// One row of the table.
-struct Scenario {
-    name: &'static str,
-    mem_bytes: u64,
-    workload: Workload,
-    channels: u8,
-    max_bandwidth: u64,
-    auto_converge: bool,
-    /// Send pages with a few non-zero words as those words (`x-ferry-sparse-pages`).
-    /// Off, every page the guest writes travels whole, as in QEMU.
-    sparse_pages: bool,
-    /// MiB of guest RAM (from 256 MiB up) the host fills with random bytes before the
-    /// migration: dense pages that cross the wire whole.
-    dense_mib: u64,
-    /// The destination faults its RAM in when it is built (`-mem-prealloc`), so
-    /// incoming pages cost it no page fault (~2 µs each here).
-    dest_prealloc: bool,
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+/// How often `query-migrate` is asked during a migration (and a timeline point kept).
+const POLL: Duration = Duration::from_millis(100);
+/// Longest wait for one QMP reply (the digest of 4 GiB included).
+const QMP_TIMEOUT: Duration = Duration::from_secs(60);
+/// The destination's incoming port inside its network namespace.
+const NETNS_PORT: u16 = 47_000;
+
+// ---------------------------------------------------------------------------------
+// A QMP client, as small as a management tool's.
+
+/// One negotiated QMP connection over a unix socket.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
 }
 
-impl Scenario {
-    /// One channel, unlimited bandwidth, sparse pages, nothing else on.
-    fn new(name: &'static str, mem_bytes: u64, workload: Workload) -> Scenario {
-        Scenario {
-            name,
-            mem_bytes,
-            workload,
-            channels: 1,
-            max_bandwidth: 0,
-            auto_converge: false,
-            sparse_pages: true,
-            dense_mib: 0,
-            dest_prealloc: false,
+impl Qmp {
+    /// Connects, reads the greeting and negotiates capabilities.
+    fn connect(path: &Path) -> Result<Qmp, String> {
+        let sock = UnixStream::connect(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        sock.set_read_timeout(Some(QMP_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        let writer = sock.try_clone().map_err(|e| e.to_string())?;
+        let mut q = Qmp {
+            reader: BufReader::new(sock),
+            writer,
+        };
+        let greeting = q.read()?;
+        if greeting.get("QMP").is_none() {
+            return Err(format!("not a QMP greeting: {greeting}"));
+        }
+        q.execute("qmp_capabilities", json!({}))?;
+        Ok(q)
+    }
+
+    fn read(&mut self) -> Result<Value, String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err("QMP connection closed".into()),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("{e}: {line}")),
+            Err(e) => Err(format!("QMP read: {e}")),
+        }
+    }
+
+    /// Runs `cmd` with `args`; returns its `return` value, or the error's text.
+    /// Events that arrive before the reply are skipped.
+    fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
+        let mut req = json!({"execute": cmd});
+        if args.as_object().is_some_and(|m| !m.is_empty()) {
+            req["arguments"] = args;
+        }
+        let mut line = req.to_string();
+        line.push('\n');
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|e| format!("QMP write: {e}"))?;
+        loop {
+            let mut v = self.read()?;
+            if v.get("event").is_some() {
+                continue;
+            }
+            if let Some(r) = v.get_mut("return") {
+                return Ok(r.take());
+            }
+            return Err(format!("{cmd}: {}", v["error"]["desc"]));
         }
     }
 }
 
-/// What one migration measured.
-#[derive(Clone, Default)]
-struct Run {
-    status: String,
-    total_ms: u64,
-    downtime_ms: u64,
-    setup_ms: u64,
-    transferred: u64,
-    passes: u64,
-    gib_per_s: f64,
-    not_converging_ms: Option<u64>,
-    query_max_us: u64,
-    query_p99_us: u64,
-    /// Downtime phases, ms: pause / sync / pages / devices / ack.
-    phases: String,
+// ---------------------------------------------------------------------------------
+// Links.
+
+/// Where the two `ferry vm` processes run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Link {
+    /// Both in this network namespace, over 127.0.0.1.
+    Loopback,
+    /// One in each of two namespaces joined by a veth pair limited to this many bit/s.
+    Veth { bits_per_sec: u64 },
 }
 
-fn config(mem_bytes: u64, workload: Workload) -> VmConfig {
-    VmConfig {
-        mem_bytes,
-        vcpus: 2,
-        workload,
-        ..Default::default()
-    }
-}
-
-/// How a thread beside the migration wakes up.
-#[derive(Clone, Copy, PartialEq)]
-enum Poll {
-    /// No such thread.
-    Off,
-    /// Wakes at this rate and calls query-migrate, recording its latency.
-    Query(u64),
-    /// Wakes at this rate and does nothing (the cost of the wake-ups alone).
-    WakeOnly(u64),
-}
-
-/// Migrates once, with a polling thread per `poll`. Gives up (cancels) after `limit`.
-fn migrate(s: &Scenario, poll: Poll, limit: Duration) -> Run {
-    let cfg = config(s.mem_bytes, s.workload);
-    let src = Arc::new(GuestVm::boot(cfg.clone(), DirtyTracking::default()).expect("boot"));
-    for v in 0..cfg.vcpus {
-        src.vm()
-            .wait_rounds(v, 2, Duration::from_secs(30))
-            .expect("guest runs");
-    }
-    if s.dense_mib > 0 {
-        fill_random(&src, 256 << 20, s.dense_mib << 20);
-    }
-    let dst_cfg = VmConfig {
-        prealloc: s.dest_prealloc,
-        ..cfg
-    };
-    let dst = Arc::new(GuestVm::incoming(dst_cfg, DirtyTracking::default()).expect("incoming"));
-    let inc = incoming(dst.clone(), "tcp:127.0.0.1:0", false).expect("listen");
-    let source = Arc::new(MigrationSource::new(src.clone()));
-    source
-        .set_parameters(&ParametersUpdate {
-            max_bandwidth: Some(s.max_bandwidth),
-            multifd_channels: Some(s.channels),
-            x_ferry_sparse_pages: Some(s.sparse_pages),
-            ..Default::default()
-        })
-        .unwrap();
-    source
-        .set_capability(Capability::Multifd, s.channels > 1)
-        .unwrap();
-    source
-        .set_capability(Capability::AutoConverge, s.auto_converge)
-        .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let poller = match poll {
-        Poll::Off => None,
-        Poll::Query(hz) | Poll::WakeOnly(hz) => {
-            let (source, stop) = (source.clone(), stop.clone());
-            Some(std::thread::spawn(move || {
-                let period = Duration::from_nanos(1_000_000_000 / hz);
-                let mut lat = Vec::new();
-                while !stop.load(Ordering::Acquire) {
-                    let t = Instant::now();
-                    if poll != Poll::WakeOnly(hz) {
-                        let info = source.query();
-                        lat.push(t.elapsed().as_micros() as u64);
-                        std::hint::black_box(info);
-                    }
-                    std::thread::sleep(period.saturating_sub(t.elapsed()));
-                }
-                lat
-            }))
+impl Link {
+    fn name(self) -> String {
+        match self {
+            Link::Loopback => "loopback".into(),
+            Link::Veth { bits_per_sec } => format!("{}gbit", bits_per_sec / 1_000_000_000),
         }
-    };
-    let t0 = Instant::now();
-    source.migrate(&inc.uri().to_string()).expect("migrate");
-    let mut not_converging_ms = None;
-    let info: MigrationInfo = loop {
-        let info = source.query();
-        if info.status.is_finished() {
-            break info;
+    }
+}
+
+/// Two network namespaces from `scripts/netns`, removed again on drop (also when a
+/// row panics).
+struct Netns {
+    name: String,
+    ns_a: String,
+    ns_b: String,
+    addr_b: String,
+}
+
+fn netns_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/netns")
+}
+
+impl Netns {
+    fn up(name: &str, rate: &str) -> Result<Netns, String> {
+        // A namespace left by an interrupted run would make `up` refuse.
+        let _ = Command::new(netns_script())
+            .args(["down", name])
+            .stderr(Stdio::null())
+            .status();
+        let out = Command::new(netns_script())
+            .args(["up", "--name", name, "--rate", rate])
+            .output()
+            .map_err(|e| format!("scripts/netns: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "scripts/netns up: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
         }
-        if not_converging_ms.is_none() {
-            if let Some(f) = &info.ferry {
-                if matches!(f.convergence, Convergence::NotConverging { .. }) {
-                    not_converging_ms = Some(t0.elapsed().as_millis() as u64);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let key = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(str::to_owned)
+                .ok_or_else(|| format!("scripts/netns up printed no {k}: {text}"))
+        };
+        let ns = Netns {
+            name: name.to_owned(),
+            ns_a: key("ns_a")?,
+            ns_b: key("ns_b")?,
+            addr_b: key("addr_b")?,
+        };
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let ok = Command::new(netns_script())
+            .args(["down", &self.name])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("bench: scripts/netns down {} failed", self.name);
+        }
+    }
+}
+
+/// Where one row's processes run and how the source reaches the destination.
+struct Place {
+    src_wrap: Vec<String>,
+    dst_wrap: Vec<String>,
+    /// The destination's listening address, `HOST:PORT`.
+    dst_addr: String,
+}
+
+impl Place {
+    fn new(netns: Option<&Netns>) -> Place {
+        match netns {
+            None => Place {
+                src_wrap: Vec::new(),
+                dst_wrap: Vec::new(),
+                dst_addr: format!("127.0.0.1:{}", free_port()),
+            },
+            Some(n) => {
+                let wrap = |ns: &str| ["ip", "netns", "exec", ns].map(String::from).to_vec();
+                Place {
+                    src_wrap: wrap(&n.ns_a),
+                    dst_wrap: wrap(&n.ns_b),
+                    dst_addr: format!("{}:{NETNS_PORT}", n.addr_b),
                 }
             }
         }
-        if t0.elapsed() > limit {
-            source.cancel();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_or(47_001, |a| a.port())
+}
+
+// ---------------------------------------------------------------------------------
+// The raw socket copy: the ceiling a migration's stream is compared with.
+
+/// Entry point of the copy's two child processes (this same executable with
+/// `FERRY_BENCH_RAW` set): `recv PORT BYTES fresh|faulted` listens on PORT, reads
+/// BYTES into memory and prints the rate in bytes/s from the first byte to the last;
+/// `send HOST:PORT BYTES` writes BYTES of noise from memory.
+fn raw_child(spec: &str) -> ! {
+    let w: Vec<&str> = spec.split_whitespace().collect();
+    let bytes: usize = w.get(2).and_then(|b| b.parse().ok()).expect("BYTES");
+    match w.first().copied() {
+        Some("recv") => {
+            let mut buf = if w.get(3) == Some(&"faulted") {
+                vec![1u8; bytes]
+            } else {
+                vec![0u8; bytes]
+            };
+            let l = TcpListener::bind(format!("0.0.0.0:{}", w[1])).expect("bind");
+            println!("ready");
+            std::io::stdout().flush().expect("stdout");
+            let (mut c, _) = l.accept().expect("accept");
+            let mut n = c.read(&mut buf[..1]).expect("read");
+            let t = Instant::now();
+            while n < bytes {
+                let end = (n + MIB as usize).min(bytes);
+                match c.read(&mut buf[n..end]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => n += k,
+                }
+            }
+            let s = t.elapsed().as_secs_f64();
+            std::hint::black_box(&buf);
+            println!("{}", (n as f64 / s) as u64);
         }
-        std::thread::sleep(Duration::from_millis(2));
+        Some("send") => {
+            let mut buf = vec![0u8; bytes];
+            let mut x = 0x2545_f491_4f6c_dd1du64;
+            for c in buf.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+            let mut c = TcpStream::connect(w[1]).expect("connect");
+            for chunk in buf.chunks(MIB as usize) {
+                c.write_all(chunk).expect("write");
+            }
+        }
+        _ => panic!("FERRY_BENCH_RAW={spec}"),
+    }
+    std::process::exit(0)
+}
+
+/// Copies `bytes` from one child process's memory to another's over the row's link
+/// (into fresh or faulted memory); bytes/s.
+fn raw_copy(place: &Place, bytes: u64, fresh: bool) -> Result<u64, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let port = place.dst_addr.rsplit(':').next().unwrap_or("0").to_owned();
+    let spawn = |wrap: &[String], spec: String| {
+        let mut argv: Vec<String> = wrap.to_vec();
+        argv.push(exe.display().to_string());
+        Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("FERRY_BENCH_RAW", spec)
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("raw copy: {e}"))
     };
-    stop.store(true, Ordering::Release);
-    let mut lat = poller.map(|p| p.join().unwrap()).unwrap_or_default();
-    lat.sort_unstable();
-    if info.status == MigrationStatus::Completed {
-        inc.wait().expect("destination");
+    let mut recv = Guard(spawn(
+        &place.dst_wrap,
+        format!(
+            "recv {port} {bytes} {}",
+            if fresh { "fresh" } else { "faulted" }
+        ),
+    )?);
+    let mut out = BufReader::new(recv.0.stdout.take().ok_or("no stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line).map_err(|e| e.to_string())?;
+    if line.trim() != "ready" {
+        return Err(format!("raw copy receiver: {line:?}"));
     }
-    let ram = info.ram.clone().unwrap_or_default();
-    let total_ms = info.total_time.unwrap_or(0);
-    Run {
-        status: info.status.as_str().to_string(),
-        total_ms,
-        downtime_ms: info.downtime.unwrap_or(0),
-        setup_ms: info.setup_time.unwrap_or(0),
-        transferred: ram.transferred,
-        passes: info.ferry.as_ref().map_or(0, |f| f.iterations),
-        gib_per_s: ram.transferred as f64 / (1u64 << 30) as f64 / (total_ms.max(1) as f64 / 1000.0),
-        not_converging_ms,
-        query_max_us: lat.last().copied().unwrap_or(0),
-        query_p99_us: lat.get(lat.len() * 99 / 100).copied().unwrap_or(0),
-        phases: info
-            .ferry
-            .and_then(|f| f.downtime_phases_us)
-            .map_or("-".into(), |p| {
-                [p.pause, p.sync, p.pages, p.device, p.ack]
-                    .map(|us| format!("{:.1}", us as f64 / 1000.0))
-                    .join(" / ")
-            }),
+    let mut send = Guard(spawn(
+        &place.src_wrap,
+        format!("send {} {bytes}", place.dst_addr),
+    )?);
+    line.clear();
+    out.read_line(&mut line).map_err(|e| e.to_string())?;
+    let _ = send.0.wait();
+    line.trim()
+        .parse()
+        .map_err(|_| format!("raw copy receiver said {line:?}"))
+}
+
+/// A child process killed (if still running) and reaped on drop.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
-/// Fills `len` bytes of guest RAM at `gpa` with xorshift noise (incompressible,
-/// never zero words), through the host mapping.
-fn fill_random(vm: &GuestVm, gpa: u64, len: u64) {
-    use vm_memory::{Bytes, GuestAddress};
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut chunk = vec![0u8; 1 << 20];
-    for off in (0..len).step_by(chunk.len()) {
-        for w in chunk.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            w.copy_from_slice(&(x | 1).to_le_bytes());
+// ---------------------------------------------------------------------------------
+// Rows.
+
+/// One row of the table.
+#[derive(Clone, Debug)]
+struct Row {
+    link: Link,
+    mem_bytes: u64,
+    workload: &'static str,
+    channels: u8,
+    sparse_pages: bool,
+    /// The destination faults its RAM in at start (`--prealloc`).
+    prealloc: bool,
+}
+
+impl Row {
+    fn name(&self) -> String {
+        let mut n = format!(
+            "{} {} {}ch",
+            self.link.name(),
+            if self.mem_bytes == GIB {
+                self.workload.to_string()
+            } else {
+                format!("{} {} GiB", self.workload, self.mem_bytes / GIB)
+            },
+            self.channels
+        );
+        if !self.sparse_pages {
+            n.push_str(" whole-pages");
         }
-        vm.vm()
-            .memory()
-            .write_slice(&chunk, GuestAddress(gpa + off))
-            .expect("fill guest RAM");
+        if self.prealloc {
+            n.push_str(" prealloc");
+        }
+        n
+    }
+
+    fn file_stem(&self) -> String {
+        self.name()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect()
     }
 }
 
-/// The median of `v` and a distribution-free 95 % interval for it (order
-/// statistics: the ranks n/2 ± 0.98·√n). Sorts `v`.
-fn median_with_interval(v: &mut [f64]) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let k = ((n as f64 - 1.96 * (n as f64).sqrt()) / 2.0)
-        .floor()
-        .max(0.0) as usize;
-    (v[n / 2], v[k.min(n - 1)], v[(n - 1).saturating_sub(k)])
+/// The rows of one link: the issue's workloads, 1 and 2 channels, sparse pages on and
+/// off where the guest writes pages sparsely enough for it to matter.
+fn rows(link: Link) -> Vec<Row> {
+    // (workload, RAM, sparse pages apply)
+    let workloads: [(&str, u64, bool); 7] = [
+        ("idle", 4 * GIB, false),
+        ("working-set=4096", GIB, true),
+        ("working-set=65536", GIB, true),
+        ("dense=4096", GIB, false),
+        ("dense=65536", GIB, false),
+        ("dense=65536,256", GIB, true),
+        ("zipf=65536,200000", GIB, true),
+    ];
+    let mut v = Vec::new();
+    for (workload, mem_bytes, sparse_applies) in workloads {
+        for channels in [1, 2] {
+            for sparse_pages in [true, false] {
+                if !sparse_pages && !sparse_applies {
+                    continue;
+                }
+                v.push(Row {
+                    link,
+                    mem_bytes,
+                    workload,
+                    channels,
+                    sparse_pages,
+                    prealloc: false,
+                });
+            }
+        }
+    }
+    v.push(Row {
+        link,
+        mem_bytes: GIB,
+        workload: "dense=65536",
+        channels: 1,
+        sparse_pages: true,
+        prealloc: true,
+    });
+    v
 }
+
+// ---------------------------------------------------------------------------------
+// One migration.
+
+/// One `ferry vm` process and its QMP connection; killed on drop.
+struct Vm {
+    child: Guard,
+    qmp: Qmp,
+}
+
+/// Starts `ferry vm` with `args` under `wrap`; waits for its ready line.
+fn start_vm(
+    wrap: &[String],
+    args: &[String],
+    qmp_path: &Path,
+    log: &File,
+    what: &str,
+) -> Result<Vm, String> {
+    let mut argv: Vec<String> = wrap.to_vec();
+    argv.push(env!("CARGO_BIN_EXE_ferry").to_owned());
+    argv.push("vm".into());
+    argv.extend(args.iter().cloned());
+    argv.push("--qmp".into());
+    argv.push(format!("unix:{}", qmp_path.display()));
+    let _ = std::fs::remove_file(qmp_path);
+    let mut log_w = log.try_clone().map_err(|e| e.to_string())?;
+    let _ = writeln!(log_w, "== {what}: {}", argv.join(" "));
+    let child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log_w))
+        .spawn()
+        .map_err(|e| format!("{what}: {e}"))?;
+    let mut child = Guard(child);
+    let mut out = BufReader::new(child.0.stdout.take().ok_or("no stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line).map_err(|e| e.to_string())?;
+    let ready: Value = serde_json::from_str(&line)
+        .map_err(|_| format!("{what} did not start (see its log): {line:?}"))?;
+    if ready["event"] != "ready" {
+        return Err(format!("{what}: unexpected first line {line:?}"));
+    }
+    let qmp = Qmp::connect(qmp_path)?;
+    Ok(Vm { child, qmp })
+}
+
+/// What one migration measured.
+#[derive(Clone, Debug, Default)]
+struct Run {
+    /// `completed`, `failed`, `timeout` (cancelled at the limit), or the error.
+    status: String,
+    total_ms: u64,
+    downtime_ms: u64,
+    /// pause / sync / pages / device / ack, µs.
+    phases_us: [u64; 5],
+    transferred_bytes: u64,
+    downtime_bytes: u64,
+    passes: u64,
+    /// Bytes/s while sending: the median over the active phase of the 300 ms windows
+    /// (three polls) in which `transferred` grew, or `transferred` over the time after
+    /// setup when there were fewer than three such windows.
+    send_rate: f64,
+    first_pass: Value,
+    first_pass_end_ms: Option<u64>,
+    ram_match: Option<bool>,
+    /// The replies: timeline, final source and destination `query-migrate`, digests.
+    json: Value,
+}
+
+impl Run {
+    fn failed(why: String) -> Run {
+        Run {
+            status: format!("error: {why}"),
+            ..Default::default()
+        }
+    }
+}
+
+fn migrate(row: &Row, place: &Place, log: &File, dir: &Path, limit: Duration) -> Run {
+    match migrate_inner(row, place, log, dir, limit) {
+        Ok(r) => r,
+        Err(e) => Run::failed(e),
+    }
+}
+
+fn migrate_inner(
+    row: &Row,
+    place: &Place,
+    log: &File,
+    dir: &Path,
+    limit: Duration,
+) -> Result<Run, String> {
+    let guest = [
+        "--mem".to_string(),
+        row.mem_bytes.to_string(),
+        "--vcpus".into(),
+        "2".into(),
+        "--workload".into(),
+        row.workload.into(),
+    ];
+    let mut dst_args = guest.to_vec();
+    dst_args.extend([
+        "--incoming".into(),
+        format!("tcp:{}", place.dst_addr),
+        "-S".into(),
+    ]);
+    if row.prealloc {
+        dst_args.push("--prealloc".into());
+    }
+    let stem = row.file_stem();
+    let mut dst = start_vm(
+        &place.dst_wrap,
+        &dst_args,
+        &dir.join(format!("{stem}.dst.qmp")),
+        log,
+        "destination",
+    )?;
+    let mut src = start_vm(
+        &place.src_wrap,
+        &guest,
+        &dir.join(format!("{stem}.src.qmp")),
+        log,
+        "source",
+    )?;
+    // What a management tool sets, on both sides as libvirt does.
+    for vm in [&mut src, &mut dst] {
+        vm.qmp.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "multifd", "state": row.channels > 1}]}),
+        )?;
+        vm.qmp.execute(
+            "migrate-set-parameters",
+            json!({"multifd-channels": row.channels, "max-bandwidth": 0,
+                   "x-ferry-sparse-pages": row.sparse_pages}),
+        )?;
+    }
+    let t0 = Instant::now();
+    src.qmp
+        .execute("migrate", json!({"uri": format!("tcp:{}", place.dst_addr)}))?;
+    let mut timeline = Vec::new();
+    let mut timed_out = false;
+    let fin = loop {
+        let t_ms = t0.elapsed().as_millis() as u64;
+        let info = src.qmp.execute("query-migrate", json!({}))?;
+        let status = info["status"].as_str().unwrap_or("").to_owned();
+        timeline.push(json!({"t_ms": t_ms, "reply": info}));
+        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+            break info;
+        }
+        if !timed_out && t0.elapsed() > limit {
+            timed_out = true;
+            src.qmp.execute("migrate_cancel", json!({}))?;
+        }
+        if t0.elapsed() > limit + Duration::from_secs(30) {
+            return Err(format!("still {status} 30 s after migrate_cancel"));
+        }
+        let next = t0 + POLL * timeline.len() as u32;
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    };
+    let status = fin["status"].as_str().unwrap_or("").to_owned();
+    let mut run = Run {
+        status: if timed_out && status != "completed" {
+            "timeout".into()
+        } else {
+            status.clone()
+        },
+        ..Default::default()
+    };
+    if status == "failed" {
+        run.status = format!("failed: {}", fin["error-desc"]);
+    }
+    let ram = &fin["ram"];
+    let x = &fin["x-ferry"];
+    let u = |v: &Value| v.as_u64().unwrap_or(0);
+    run.total_ms = u(&fin["total-time"]);
+    run.downtime_ms = u(&fin["downtime"]);
+    run.transferred_bytes = u(&ram["transferred"]);
+    run.downtime_bytes = u(&ram["downtime-bytes"]);
+    run.passes = u(&x["iterations"]);
+    run.first_pass = x["first-pass-convergence"].clone();
+    run.first_pass_end_ms = x["first-pass-convergence"]["at-ms"].as_u64();
+    let p = &x["downtime-phases-us"];
+    run.phases_us = ["pause", "sync", "pages", "device", "ack"].map(|k| u(&p[k]));
+    run.send_rate = send_rate(&timeline, &fin);
+    // The check, outside the timed downtime: the destination is held paused by -S
+    // once it has the guest, the source is in postmigrate.
+    let mut digests = Value::Null;
+    let mut dst_info = Value::Null;
+    if status == "completed" {
+        let waited = Instant::now();
+        loop {
+            let st = dst.qmp.execute("query-status", json!({}))?;
+            if st["status"] == "paused" {
+                break;
+            }
+            if waited.elapsed() > Duration::from_secs(30) {
+                return Err(format!("the destination stays {}", st["status"]));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        dst_info = dst.qmp.execute("query-migrate", json!({}))?;
+        let a = src.qmp.execute("x-ferry-query-ram-digest", json!({}))?;
+        let b = dst.qmp.execute("x-ferry-query-ram-digest", json!({}))?;
+        run.ram_match = Some(a == b);
+        digests = json!({"source": a, "destination": b});
+    }
+    for vm in [&mut src, &mut dst] {
+        let _ = vm.qmp.execute("quit", json!({}));
+        let _ = vm.child.0.wait();
+    }
+    run.json = json!({
+        "timeline": timeline,
+        "source-final": fin,
+        "destination-final": dst_info,
+        "ram-digests": digests,
+    });
+    Ok(run)
+}
+
+/// Bytes/s while the source was sending (see [`Run::send_rate`]).
+fn send_rate(timeline: &[Value], fin: &Value) -> f64 {
+    // `transferred` is the sender's byte count, refreshed by the engine every 100 ms
+    // tick while it sends: over windows of three polls the ticks' phase against
+    // the polls matters little. (`precopy-bytes` over-counts with two channels.)
+    let span = 3;
+    let mut rates: Vec<f64> = timeline
+        .windows(span + 1)
+        .filter(|w| w.iter().all(|p| p["reply"]["status"] == "active"))
+        .filter_map(|w| {
+            let (a, b) = (&w[0], &w[span]);
+            let dt = b["t_ms"].as_u64()?.checked_sub(a["t_ms"].as_u64()?)?;
+            let db = b["reply"]["ram"]["transferred"]
+                .as_u64()?
+                .checked_sub(a["reply"]["ram"]["transferred"].as_u64()?)?;
+            (dt > 0 && db > 0).then(|| db as f64 * 1000.0 / dt as f64)
+        })
+        .collect();
+    if rates.len() >= 3 {
+        rates.sort_by(f64::total_cmp);
+        return rates[rates.len() / 2];
+    }
+    let u = |v: &Value| v.as_u64().unwrap_or(0);
+    let busy_ms = u(&fin["total-time"]).saturating_sub(u(&fin["setup-time"]));
+    u(&fin["ram"]["transferred"]) as f64 * 1000.0 / busy_ms.max(1) as f64
+}
+
+// ---------------------------------------------------------------------------------
+// The table.
 
 fn median_by<F: Fn(&Run) -> u64>(runs: &[Run], f: F) -> Run {
-    let mut v: Vec<Run> = runs.to_vec();
+    let mut v = runs.to_vec();
     v.sort_by_key(|r| f(r));
     v[v.len() / 2].clone()
 }
 
-/// A raw loopback TCP copy of `bytes` of random data, read from memory and written
-/// into prefaulted memory (or fresh, `into_fresh`) with 1 MiB writes and reads: the
-/// ceiling for the stream into a destination of the same kind.
-/// Like the migration it reads a buffer far larger than the caches; the copy it is
-/// compared with reads guest RAM the same way.
-fn raw_tcp_gib_per_s(bytes: u64, into_fresh: bool) -> f64 {
-    let len = bytes as usize;
-    let mut src = vec![1u8; len];
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    for w in src.chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        w.copy_from_slice(&x.to_le_bytes());
+fn prediction(v: &Value) -> String {
+    match v["state"].as_str() {
+        Some("converging") => format!("conv {} ms", v["expected-completion-ms"]),
+        Some("not-converging") => format!(
+            "not conv (needs {:.0} MB/s)",
+            v["needed-bandwidth-bytes-per-sec"].as_f64().unwrap_or(0.0) / 1e6
+        ),
+        Some(s) => s.to_owned(),
+        None => "-".into(),
     }
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        // Faulted in before the clock starts, as a preallocated destination is; or
-        // fresh (calloc maps it untouched), as a destination that did not preallocate.
-        let mut dst = if into_fresh {
-            vec![0u8; len]
+}
+
+/// What happened, to set beside the prediction: the time from the end of the first
+/// pass to the switch-over, or that it did not converge.
+fn outcome(r: &Run) -> String {
+    if r.status != "completed" {
+        return "did not converge".into();
+    }
+    match r.first_pass_end_ms {
+        Some(end) => format!(
+            "conv {} ms",
+            r.total_ms.saturating_sub(r.downtime_ms).saturating_sub(end)
+        ),
+        None => "conv".into(),
+    }
+}
+
+const HEADER: &str = "| row | status | total ms | downtime ms | pause / sync / pages / device / ack ms | transferred MiB | in downtime MiB | physics ms | passes | send rate MB/s | % of link | first-pass prediction | happened | RAM equal |";
+const RULE: &str = "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+
+fn table_line(name: &str, m: &Run, d: &Run, link_rate: Option<f64>) -> String {
+    let ms = |us: u64| format!("{:.1}", us as f64 / 1000.0);
+    let done = d.status == "completed";
+    format!(
+        "| {name} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {:.0} | {} | {} | {} | {} |",
+        m.status,
+        m.total_ms,
+        if done {
+            d.downtime_ms.to_string()
         } else {
-            vec![1u8; len]
-        };
-        ready_tx.send(()).unwrap();
-        let (mut c, _) = l.accept().unwrap();
-        let mut n = 0usize;
-        while n < len {
-            let end = (n + (1 << 20)).min(len);
-            match c.read(&mut dst[n..end]) {
-                Ok(0) | Err(_) => break,
-                Ok(k) => n += k,
-            }
-        }
-        std::hint::black_box(&dst);
-    });
-    ready_rx.recv().unwrap();
-    let mut c = TcpStream::connect(addr).unwrap();
-    let t = Instant::now();
-    for chunk in src.chunks(1 << 20) {
-        c.write_all(chunk).unwrap();
-    }
-    drop(c);
-    reader.join().unwrap();
-    bytes as f64 / (1u64 << 30) as f64 / t.elapsed().as_secs_f64()
+            "-".into()
+        },
+        if done {
+            d.phases_us.map(ms).join(" / ")
+        } else {
+            "-".into()
+        },
+        m.transferred_bytes as f64 / MIB as f64,
+        if done {
+            format!("{:.2}", d.downtime_bytes as f64 / MIB as f64)
+        } else {
+            "-".into()
+        },
+        match link_rate {
+            Some(l) if done => format!("{:.1}", d.downtime_bytes as f64 / l * 1000.0),
+            _ => "-".into(),
+        },
+        m.passes,
+        m.send_rate / 1e6,
+        link_rate.map_or("-".into(), |l| format!("{:.0} %", m.send_rate / l * 100.0)),
+        prediction(&m.first_pass),
+        outcome(m),
+        m.ram_match.map_or("-", |ok| if ok { "yes" } else { "NO" }),
+    )
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 fn main() {
-    let reps: usize = std::env::var("FERRY_BENCH_REPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    let gib = 1u64 << 30;
-    let ws = |pages| Workload::WorkingSet { pages };
-    let scenarios = [
-        Scenario::new("idle 4 GiB", 4 * gib, Workload::Idle),
-        Scenario::new("1 GiB, ws 4096", gib, ws(4096)),
-        Scenario::new("1 GiB, ws 65536, 1 ch", gib, ws(65536)),
-        Scenario {
-            channels: 2,
-            ..Scenario::new("1 GiB, ws 65536, 2 ch", gib, ws(65536))
-        },
-        Scenario {
-            max_bandwidth: 128 << 20,
-            sparse_pages: false,
-            ..Scenario::new("1 GiB, ws 65536, 128 MiB/s, whole pages", gib, ws(65536))
-        },
-        Scenario {
-            max_bandwidth: 128 << 20,
-            sparse_pages: false,
-            auto_converge: true,
-            ..Scenario::new(
-                "1 GiB, ws 65536, 128 MiB/s, whole pages, auto-converge",
-                gib,
-                ws(65536),
-            )
-        },
-        Scenario {
-            sparse_pages: false,
-            ..Scenario::new("1 GiB, ws 65536, 1 ch, whole pages", gib, ws(65536))
-        },
-        Scenario {
-            dense_mib: 512,
-            ..Scenario::new("1 GiB idle, 512 MiB random data, 1 ch", gib, Workload::Idle)
-        },
-        Scenario {
-            dense_mib: 512,
-            dest_prealloc: true,
-            ..Scenario::new("same, destination preallocated", gib, Workload::Idle)
-        },
-        Scenario {
-            dense_mib: 512,
-            dest_prealloc: true,
-            channels: 2,
-            ..Scenario::new("same, destination preallocated, 2 ch", gib, Workload::Idle)
-        },
-        Scenario {
-            max_bandwidth: 128 << 20,
-            sparse_pages: false,
-            auto_converge: true,
-            ..Scenario::new(
-                "1 GiB, random, 128 MiB/s, whole pages, auto-converge",
-                gib,
-                Workload::Random {
-                    seed: 7,
-                    hot_percent: 0,
-                },
-            )
-        },
-    ];
-    println!("| scenario | status | total ms | downtime ms | setup ms | transferred MiB | passes | GiB/s | 'not converging' at ms | downtime: pause / sync / pages / devices / ack ms |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    let only = std::env::var("FERRY_BENCH_ONLY").unwrap_or_default();
-    for s in scenarios.iter().filter(|s| s.name.contains(only.as_str())) {
-        let limit = if s.max_bandwidth > 0 && !s.auto_converge {
-            Duration::from_secs(5)
-        } else {
-            Duration::from_secs(60)
-        };
-        let runs: Vec<Run> = (0..reps).map(|_| migrate(s, Poll::Off, limit)).collect();
-        let m = median_by(&runs, |r| r.total_ms);
-        let d = median_by(&runs, |r| r.downtime_ms);
-        println!(
-            "| {} | {} | {} | {} | {} | {:.1} | {} | {:.2} | {} | {} |",
-            s.name,
-            m.status,
-            m.total_ms,
-            d.downtime_ms,
-            m.setup_ms,
-            m.transferred as f64 / (1 << 20) as f64,
-            m.passes,
-            m.gib_per_s,
-            m.not_converging_ms
-                .map_or("-".to_string(), |v| v.to_string()),
-            d.phases,
-        );
+    if let Ok(spec) = std::env::var("FERRY_BENCH_RAW") {
+        raw_child(&spec);
     }
-    if !only.is_empty() && only != "throughput" && only != "polling" {
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let reps: usize = env("FERRY_BENCH_REPS").parse().unwrap_or(1).max(1);
+    let only = env("FERRY_BENCH_ONLY");
+    let limit = Duration::from_secs(env("FERRY_BENCH_TIMEOUT_S").parse().unwrap_or(30));
+    let links_env = env("FERRY_BENCH_LINKS");
+    let wanted: Vec<&str> = if links_env.is_empty() {
+        vec!["loopback", "10gbit", "1gbit"]
+    } else {
+        links_env.split(',').map(str::trim).collect()
+    };
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        println!("bench migration: skipped: no usable /dev/kvm (the guests would be host threads, not a deployment)");
         return;
     }
-    // Throughput of dense pages beside a raw socket copy, and the cost of polling.
-    println!();
-    println!("| measure | value |");
-    println!("|---|---|");
-    let dense: Vec<&Scenario> = scenarios.iter().filter(|s| s.dense_mib > 0).collect();
-    // Paired: each repetition runs the raw copy right before the migration, and the
-    // ratio is taken per pair (the machine's speed drifts more than the two differ).
-    for s in dense.iter().filter(|_| only != "polling") {
-        let (mut runs, mut raws, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..reps {
-            let raw = raw_tcp_gib_per_s(s.dense_mib << 20, !s.dest_prealloc);
-            let run = migrate(s, Poll::Off, Duration::from_secs(60));
-            ratios.push(run.gib_per_s / raw);
-            raws.push(raw);
-            runs.push(run);
-        }
-        let mid = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
+    let root = is_root();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir).expect("target/bench");
+    let mut out = vec![
+        format!(
+            "# Migration benchmark: the real deployment (`cargo bench --bench migration`, {} rep(s), {} s limit)",
+            reps,
+            limit.as_secs()
+        ),
+        String::new(),
+        "Guests: 2 vCPUs, 1 GiB (idle: 4 GiB); destination `ferry vm --incoming tcp:... -S`, fresh \
+         RAM unless `prealloc`; `max-bandwidth` 0, `downtime-limit` 300 ms (the default). \
+         send rate: median of the 300 ms windows of the active phase in which \
+         `transferred` grew (short rows: transferred over the time after setup); % of link: \
+         of the nominal rate of a veth link, of a raw socket copy between two processes on \
+         loopback. physics: the bytes sent while paused over the link's rate (the round trip, \
+         < 0.1 ms here, not added), from `downtime-bytes`. happened: time \
+         from the end of the first pass to the switch-over. RAM equal: x-ferry-query-ram-digest of source (postmigrate) and \
+         destination (paused by -S), taken after the migration."
+            .to_string(),
+        String::new(),
+    ];
+    let mut notes = Vec::new();
+    let mut lines = vec![HEADER.to_string(), RULE.to_string()];
+    println!("{}", lines[0]);
+    println!("{}", lines[1]);
+    let started = Instant::now();
+    for link_name in wanted {
+        let link = match link_name {
+            "loopback" => Link::Loopback,
+            "10gbit" => Link::Veth {
+                bits_per_sec: 10_000_000_000,
+            },
+            "1gbit" => Link::Veth {
+                bits_per_sec: 1_000_000_000,
+            },
+            other => {
+                notes.push(format!(
+                    "unknown link {other:?} skipped (loopback, 10gbit, 1gbit)"
+                ));
+                continue;
+            }
         };
-        let q = median_by(&runs, |r| (r.gib_per_s * 1000.0) as u64);
-        println!(
-            "| migration '{}' beside a raw TCP copy of the same bytes (memory to {} memory) | {:.2} GiB/s beside {:.2} GiB/s: {:.0} % of raw |",
-            s.name,
-            if s.dest_prealloc { "faulted" } else { "fresh" },
-            q.gib_per_s,
-            mid(raws),
-            mid(ratios) * 100.0
-        );
-    }
-    // Polling cost, paired the same way: each round runs the migration unpolled,
-    // polled and with a thread that only wakes, in an order that rotates, so the
-    // machine's drift falls on all three alike. One pair can differ by 15 % here
-    // from noise alone, so the cost is given with a 95 % interval for its median.
-    let heavy = dense[1];
-    let pairs: usize = std::env::var("FERRY_BENCH_POLL_PAIRS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(reps);
-    let modes = [Poll::Off, Poll::Query(10_000), Poll::WakeOnly(10_000)];
-    let mut ratios = [Vec::new(), Vec::new()];
-    let mut polled = Vec::new();
-    for round in 0..pairs {
-        let mut gib_per_s = [0.0; 3];
-        for k in 0..modes.len() {
-            let m = (round + k) % modes.len();
-            let run = migrate(heavy, modes[m], Duration::from_secs(60));
-            gib_per_s[m] = run.gib_per_s;
-            if m == 1 {
-                polled.push(run);
+        let rows: Vec<Row> = rows(link)
+            .into_iter()
+            .filter(|r| r.name().contains(only.as_str()))
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let netns = match link {
+            Link::Loopback => None,
+            Link::Veth { .. } if !root => {
+                notes.push(format!(
+                    "{link_name}: skipped, network namespaces need root"
+                ));
+                continue;
+            }
+            Link::Veth { .. } => match Netns::up(&format!("fbench{link_name}"), link_name) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    notes.push(format!("{link_name}: skipped: {e}"));
+                    continue;
+                }
+            },
+        };
+        // The link's rate: nominal for a veth pair (also measured, to show what tbf
+        // gives), a raw copy between two processes on loopback.
+        let raw_bytes = match link {
+            Link::Veth { bits_per_sec } if bits_per_sec <= 1_000_000_000 => 256 * MIB,
+            _ => GIB,
+        };
+        let mut link_rate = |fresh: bool| -> Option<f64> {
+            let place = Place::new(netns.as_ref());
+            let raw = raw_copy(&place, raw_bytes, fresh);
+            let into = if fresh { "fresh" } else { "faulted" };
+            match (link, raw) {
+                (_, Err(e)) => {
+                    notes.push(format!("{link_name}: raw copy failed: {e}"));
+                    match link {
+                        Link::Loopback => None,
+                        Link::Veth { bits_per_sec } => Some(bits_per_sec as f64 / 8.0),
+                    }
+                }
+                (Link::Loopback, Ok(r)) => {
+                    notes.push(format!(
+                        "{link_name}: raw socket copy of {} MiB between two processes, into {into} memory: {:.0} MB/s (the % of link of its rows)",
+                        raw_bytes / MIB,
+                        r as f64 / 1e6
+                    ));
+                    Some(r as f64)
+                }
+                (Link::Veth { bits_per_sec }, Ok(r)) => {
+                    let nominal = bits_per_sec as f64 / 8.0;
+                    notes.push(format!(
+                        "{link_name}: raw socket copy of {} MiB between two processes, into {into} memory: {:.0} MB/s ({:.0} % of the nominal {:.0} MB/s, which the % of link of its rows uses)",
+                        raw_bytes / MIB,
+                        r as f64 / 1e6,
+                        r as f64 / nominal * 100.0,
+                        nominal / 1e6
+                    ));
+                    Some(nominal)
+                }
+            }
+        };
+        let rate_fresh = link_rate(true);
+        let rate_faulted = if link == Link::Loopback && rows.iter().any(|r| r.prealloc) {
+            link_rate(false)
+        } else {
+            rate_fresh
+        };
+        for row in rows {
+            let name = row.name();
+            let stem = row.file_stem();
+            let log = match OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(dir.join(format!("{stem}.log")))
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    notes.push(format!("{name}: no log file: {e}"));
+                    continue;
+                }
+            };
+            let runs: Vec<Run> = (0..reps)
+                .map(|_| migrate(&row, &Place::new(netns.as_ref()), &log, &dir, limit))
+                .collect();
+            let m = median_by(&runs, |r| r.total_ms);
+            let d = median_by(&runs, |r| r.downtime_ms);
+            let rate = if row.prealloc {
+                rate_faulted
+            } else {
+                rate_fresh
+            };
+            let line = table_line(&name, &m, &d, rate);
+            println!("{line}");
+            lines.push(line);
+            let j = json!({
+                "row": name,
+                "link": link_name,
+                "mem-bytes": row.mem_bytes,
+                "vcpus": 2,
+                "workload": row.workload,
+                "channels": row.channels,
+                "sparse-pages": row.sparse_pages,
+                "prealloc": row.prealloc,
+                "link-rate-bytes-per-sec": rate,
+                "limit-s": limit.as_secs(),
+                "runs": runs.iter().map(|r| json!({
+                    "status": r.status,
+                    "total-ms": r.total_ms,
+                    "downtime-ms": r.downtime_ms,
+                    "send-rate-bytes-per-sec": r.send_rate,
+                    "ram-match": r.ram_match,
+                    "replies": r.json,
+                })).collect::<Vec<_>>(),
+            });
+            if let Err(e) = std::fs::write(
+                dir.join(format!("{stem}.json")),
+                serde_json::to_string_pretty(&j).unwrap_or_default(),
+            ) {
+                notes.push(format!("{name}: {e}"));
             }
         }
-        ratios[0].push(gib_per_s[1] / gib_per_s[0]);
-        ratios[1].push(gib_per_s[2] / gib_per_s[0]);
     }
-    let [query, wake] = &mut ratios;
-    for (what, r) in [
-        ("query-migrate polled at 10 kHz", query),
-        (
-            "a thread waking at 10 kHz that does not query (the wake-ups' own cost)",
-            wake,
-        ),
-    ] {
-        let (median, low, high) = median_with_interval(r);
-        println!(
-            "| '{}', {what}: throughput cost, median of {pairs} rounds [95 % interval] | {:+.1} % [{:+.1}, {:+.1}] |",
-            heavy.name,
-            (1.0 - median) * 100.0,
-            (1.0 - high) * 100.0,
-            (1.0 - low) * 100.0,
-        );
+    notes.push(format!(
+        "wall time of the whole run: {:.0} s",
+        started.elapsed().as_secs_f64()
+    ));
+    out.extend(lines);
+    out.push(String::new());
+    for n in &notes {
+        println!("- {n}");
+        out.push(format!("- {n}"));
     }
-    let p = median_by(&polled, |r| r.query_max_us);
-    println!(
-        "| query-migrate latency during it (in-process) | p99 {} µs, max {} µs |",
-        p.query_p99_us, p.query_max_us
-    );
+    out.push(String::new());
+    let path = dir.join("migration.md");
+    match std::fs::write(&path, out.join("\n")) {
+        Ok(()) => println!("written: {} and one JSON per row", path.display()),
+        Err(e) => println!("cannot write {}: {e}", path.display()),
+    }
 }

@@ -44,6 +44,7 @@ def test_digests_match_after_migration_to_a_held_destination(vms):
         assert final["status"] == "completed", final
         first = final["x-ferry"]["first-pass-convergence"]
         assert first["state"] in ("unknown", "converging", "not-converging"), first
+        assert 0 <= first["at-ms"] <= final["total-time"], final
         assert (await s.execute("query-status"))["status"] == "postmigrate"
         # -S: the destination stays paused once the migration completed.
         await wait_status(d, "paused")
