@@ -110,7 +110,7 @@ impl Drop for Destination {
 
 /// Runs `ferry demo`.
 pub fn run(args: DemoArgs) -> Result<(), String> {
-    let parsed = check_uri(&args.uri)?;
+    let parsed = check_uri(&args.uri, &args.migrate)?;
     args.vm.validate()?;
     catch_sigint();
     // Preallocation serves the destination: on the source it would make every page

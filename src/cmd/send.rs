@@ -37,10 +37,17 @@ pub struct Outcome {
     pub counters: Vec<u64>,
 }
 
-/// Checks `--uri` for a migration to another process: it parses, and is not `mem:`
-/// (an in-process channel, which no other process can reach).
-pub fn check_uri(uri: &str) -> Result<ferry::transport::Uri, String> {
+/// Checks `--uri` for a migration to another process: it parses, is not `mem:` (an
+/// in-process channel, which no other process can reach), and is not `file:` with
+/// more than one `--channels`.
+pub fn check_uri(uri: &str, args: &MigrateArgs) -> Result<ferry::transport::Uri, String> {
     let parsed = parse_uri("--uri", uri)?;
+    if matches!(parsed, ferry::transport::Uri::File(_)) && args.channels > 1 {
+        return Err(format!(
+            "--channels {} with --uri {uri}: a file carries exactly one channel",
+            args.channels
+        ));
+    }
     if let ferry::transport::Uri::Mem(_) = parsed {
         return Err(format!(
             "--uri {uri}: mem: is an in-process channel and cannot reach another process; \
@@ -145,7 +152,7 @@ pub fn not_completed(info: &MigrationInfo, uri: &str) -> String {
 
 /// Runs `ferry send`.
 pub fn run(args: SendArgs) -> Result<(), String> {
-    check_uri(&args.uri)?;
+    check_uri(&args.uri, &args.migrate)?;
     args.vm.validate()?;
     catch_sigint();
     let guest = boot(&args.vm)?;
