@@ -44,6 +44,16 @@ fn tmp(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// Kills the child if the test ends before it did (a failed assertion).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("json report")).expect("json")
 }
@@ -178,25 +188,27 @@ fn demo_to_a_file_restores_it_and_checks() {
 fn ctrl_c_cancels_and_prints_the_summary() {
     let _g = common::guest_lock();
     let json = tmp("cancel.json");
-    let mut child = ferry(&[
-        "demo",
-        "--mem",
-        "256M",
-        "--vcpus",
-        "1",
-        "--workload",
-        "working-set=64M",
-        "--no-sparse-pages",
-        "--max-bandwidth",
-        "4M",
-        "--json",
-        json.to_str().expect("utf-8 path"),
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("spawn ferry demo");
-    let stderr = child.stderr.take().expect("stderr");
+    let mut child = KillOnDrop(
+        ferry(&[
+            "demo",
+            "--mem",
+            "256M",
+            "--vcpus",
+            "1",
+            "--workload",
+            "working-set=64M",
+            "--no-sparse-pages",
+            "--max-bandwidth",
+            "4M",
+            "--json",
+            json.to_str().expect("utf-8 path"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ferry demo"),
+    );
+    let stderr = child.0.stderr.take().expect("stderr");
     let (tx, rx) = mpsc::channel();
     let reader = std::thread::spawn(move || {
         let mut all = String::new();
@@ -218,23 +230,22 @@ fn ctrl_c_cancels_and_prints_the_summary() {
             break;
         }
     }
-    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    let pid = libc::pid_t::try_from(child.0.id()).expect("pid");
     // SAFETY: kill has no memory preconditions; pid is our running child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
+        if let Some(s) = child.0.try_wait().expect("wait") {
             break s;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
             panic!("ferry demo did not end within 15 s of Ctrl-C");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     let stderr = reader.join().expect("reader");
     let mut stdout = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut stdout)
+    std::io::Read::read_to_string(&mut child.0.stdout.take().expect("stdout"), &mut stdout)
         .expect("stdout");
     assert!(!status.success(), "{status}");
     assert_eq!(status.code(), Some(1), "an exit, not a signal: {status}");
