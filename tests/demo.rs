@@ -107,6 +107,11 @@ fn errors_name_the_flag_and_the_address_once() {
             vec!["receive", "--mem", "64M", "--uri", "tcp:192.0.2.1:4444"],
             "ferry: cannot listen on tcp:192.0.2.1:4444: ",
         ),
+        // Port 1 on loopback: nothing listens there.
+        (
+            vec!["send", "--mem", "64M", "--uri", "tcp:127.0.0.1:1"],
+            "ferry: migration to tcp:127.0.0.1:1 failed: ",
+        ),
     ] {
         let (out, _, stderr) = run(&mut ferry(&args));
         assert!(!out.status.success(), "{args:?}");
