@@ -49,13 +49,26 @@ impl Destination {
     /// without its last `ferry: ...` line: its `failed` event says the same, once.
     fn start(args: &DemoArgs, uri: &str) -> Result<Self, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let mut child = Command::new(exe)
-            .arg("receive")
+        let mut cmd = Command::new(exe);
+        cmd.arg("receive")
             .args(["--uri", uri, "--verify"])
             .args(args.vm.to_args())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
+            .process_group(0);
+        // SAFETY: between fork and exec the closure makes one system call (prctl is
+        // async-signal-safe) and allocates nothing. Outside the terminal's process
+        // group the destination must still end with the demo (a second Ctrl-C kills
+        // the demo at once): the kernel sends it SIGKILL when its parent dies.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .spawn()
             .map_err(|e| format!("starting the destination: {e}"))?;
         let stdout = child.stdout.take().ok_or("no destination stdout")?;
