@@ -100,7 +100,7 @@ fn demo_draws_the_migration() {
 #[test]
 fn an_unwritable_plot_path_is_refused_before_migrating() {
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["demo", "--mem", "16M", "--vcpus", "1", "--threads"])
+        .args(["demo", "--mem", "64M", "--vcpus", "1", "--threads"])
         .args(["--plot", "/nonexistent-dir/F.svg"])
         .output()
         .expect("run ferry demo");

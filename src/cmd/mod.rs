@@ -7,14 +7,59 @@ pub mod receive;
 pub mod send;
 pub mod vm;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use clap::Args;
 use dirty_sync::kvm::KvmBitmapConfig;
 use ferry::migration_core::{Capability, CompressionParam, MigrationSource, ParametersUpdate};
+use ferry::transport::Uri;
 use minivm::{parse_size_bytes, Backend, DirtyTracking, VmConfig, Workload};
 
 /// Parses a byte size with an optional K/M/G suffix.
 pub fn size(s: &str) -> Result<u64, String> {
     parse_size_bytes(s).map_err(|e| e.to_string())
+}
+
+/// A byte count the way a user would type it: the largest exact K/M/G suffix
+/// (3145728 -> `3M`), else plain bytes.
+pub fn size_flag(n: u64) -> String {
+    for (shift, suffix) in [(30, "G"), (20, "M"), (10, "K")] {
+        if n != 0 && n & ((1u64 << shift) - 1) == 0 {
+            return format!("{}{suffix}", n >> shift);
+        }
+    }
+    n.to_string()
+}
+
+/// Parses the value of `flag` as a migration URI, with an error that names the flag.
+pub fn parse_uri(flag: &str, uri: &str) -> Result<Uri, String> {
+    uri.parse::<Uri>().map_err(|e| format!("{flag} {uri}: {e}"))
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Catches the first SIGINT (Ctrl-C) as a request to cancel the migration: the
+/// command reports what it has and exits non-zero. The handler is reset after it
+/// fires (SA_RESETHAND), so a second Ctrl-C ends the process at once.
+pub fn catch_sigint() {
+    // SAFETY: the handler only stores to an atomic (async-signal-safe); the struct
+    // is fully initialised (zeroed, then the fields set) before sigaction reads it.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        sa.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
+    }
+}
+
+/// Whether Ctrl-C was pressed since [`catch_sigint`].
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
 }
 
 /// The guest to boot.
@@ -55,6 +100,36 @@ impl VmArgs {
             prealloc: self.prealloc,
             ..Default::default()
         }
+    }
+
+    /// Checks the guest flags before anything starts, with errors that name the flag
+    /// and its value (`--mem 3M: must be a multiple of 2 MiB and at least 4 MiB`).
+    pub fn validate(&self) -> Result<(), String> {
+        let Err(e) = self.config().validate() else {
+            return Ok(());
+        };
+        let msg = match &e {
+            minivm::Error::Config(m) => m.clone(),
+            other => return Err(other.to_string()),
+        };
+        // minivm words its rules after its config fields; say them as the flags.
+        let rest = |prefix: &str| msg.strip_prefix(prefix).map(str::trim_start);
+        let (mem, vcpus, workload) = (size_flag(self.mem), self.vcpus, self.workload);
+        let named = if let Some(r) = rest(&format!("mem_bytes {}", self.mem)) {
+            format!("--mem {mem}: {r}")
+        } else if let Some(r) = rest(&format!("vcpus {vcpus}")) {
+            format!("--vcpus {vcpus}: {r}")
+        } else if msg.starts_with("data region") {
+            format!("--mem {mem} with --vcpus {vcpus}: {msg}")
+        } else if msg.starts_with("working set")
+            || msg.starts_with("sweep")
+            || msg.starts_with("hot_percent")
+        {
+            format!("--workload {workload} (with --mem {mem}, --vcpus {vcpus}): {msg}")
+        } else {
+            e.to_string()
+        };
+        Err(named)
     }
 
     /// Dirty tracking: the KVM bitmap with manual protect.

@@ -1,8 +1,9 @@
 //! `ferry receive`: an empty guest waiting for a migration; resumes it when it arrives.
 //!
 //! Talks to a parent process in JSON lines on stdout: `listening` (with the real URI),
-//! then `completed` (with the RAM digest taken before resuming) or `failed`, then
-//! `running` once every vCPU has done two more rounds on this side.
+//! then `completed` (with the RAM digest taken before resuming and what it cost), then
+//! `running` once every vCPU has done two more rounds on this side. Any error, from
+//! the flags on, is a `failed` line (with `error`, the same text as on stderr).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use ferry::migration_core::incoming;
 use ferry::GuestVm;
 use serde_json::json;
 
-use super::VmArgs;
+use super::{parse_uri, VmArgs};
 
 /// Wait for a migration on URI and run the guest it brings.
 #[derive(Args, Debug)]
@@ -22,7 +23,9 @@ pub struct ReceiveArgs {
     pub uri: String,
     #[command(flatten)]
     pub vm: VmArgs,
-    /// Digest guest RAM before resuming (adds to the downtime; for checking).
+    /// Digest guest RAM before resuming, for checking. Taken after the switch-over is
+    /// acknowledged, so it is not in the source's downtime; the guest stays paused
+    /// for it (`ram-digest-ms` in the `completed` line).
     #[arg(long)]
     pub verify: bool,
     /// Keep the guest running after it was seen running (until killed).
@@ -36,18 +39,25 @@ fn say(v: serde_json::Value) {
 
 /// Runs `ferry receive`.
 pub fn run(args: ReceiveArgs) -> Result<(), String> {
+    let r = serve(&args);
+    if let Err(e) = &r {
+        say(json!({"event": "failed", "error": e}));
+    }
+    r
+}
+
+fn serve(args: &ReceiveArgs) -> Result<(), String> {
+    parse_uri("--uri", &args.uri)?;
+    args.vm.validate()?;
     let guest = Arc::new(
         GuestVm::incoming(args.vm.config(), args.vm.tracking()).map_err(|e| e.to_string())?,
     );
-    let inc = incoming(guest.clone(), &args.uri, args.verify).map_err(|e| e.to_string())?;
+    let inc = incoming(guest.clone(), &args.uri, args.verify)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.uri))?;
     say(json!({"event": "listening", "uri": inc.uri().to_string()}));
-    let report = match inc.wait() {
-        Ok(r) => r,
-        Err(e) => {
-            say(json!({"event": "failed", "error": e.to_string()}));
-            return Err(format!("incoming migration failed: {e}"));
-        }
-    };
+    let report = inc
+        .wait()
+        .map_err(|e| format!("incoming migration on {} failed: {e}", args.uri))?;
     let at_resume = guest.counters();
     say(json!({
         "event": "completed",
@@ -55,6 +65,7 @@ pub fn run(args: ReceiveArgs) -> Result<(), String> {
         "received-bytes": report.received_bytes,
         "total-ms": report.total_ms,
         "ram-digest": report.ram_digest,
+        "ram-digest-ms": report.ram_digest_us.map(|us| us as f64 / 1000.0),
         "counters": at_resume,
     }));
     {

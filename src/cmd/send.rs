@@ -11,7 +11,7 @@ use ferry::stats::{MigrationInfo, MigrationStatus};
 use ferry::GuestVm;
 
 use super::progress::{bytes, watch};
-use super::{MigrateArgs, VmArgs};
+use super::{catch_sigint, parse_uri, MigrateArgs, VmArgs};
 
 /// Boot a guest and migrate it to URI.
 #[derive(Args, Debug)]
@@ -69,8 +69,29 @@ pub struct Outcome {
     pub counters: Vec<u64>,
 }
 
+/// Checks `--uri` for a migration to another process: it parses, is not `mem:` (an
+/// in-process channel, which no other process can reach), and is not `file:` with
+/// more than one `--channels`.
+pub fn check_uri(uri: &str, args: &MigrateArgs) -> Result<ferry::transport::Uri, String> {
+    let parsed = parse_uri("--uri", uri)?;
+    if matches!(parsed, ferry::transport::Uri::File(_)) && args.channels > 1 {
+        return Err(format!(
+            "--channels {} with --uri {uri}: a file carries exactly one channel",
+            args.channels
+        ));
+    }
+    if let ferry::transport::Uri::Mem(_) = parsed {
+        return Err(format!(
+            "--uri {uri}: mem: is an in-process channel and cannot reach another process; \
+             use tcp:HOST:PORT, unix:PATH or file:PATH"
+        ));
+    }
+    Ok(parsed)
+}
+
 /// Boots the source guest and lets it run two rounds.
 pub fn boot(vm: &VmArgs) -> Result<Arc<GuestVm>, String> {
+    vm.validate()?;
     let guest = GuestVm::boot(vm.config(), vm.tracking()).map_err(|e| e.to_string())?;
     {
         let g = guest.vm();
@@ -89,7 +110,8 @@ pub fn boot(vm: &VmArgs) -> Result<Arc<GuestVm>, String> {
     Ok(Arc::new(guest))
 }
 
-/// Migrates `guest` to `uri` with a progress line; digests RAM once completed. With
+/// Migrates `guest` to `uri` with a progress line; digests RAM once completed. A
+/// Ctrl-C (after [`catch_sigint`]) cancels it: the outcome then says `cancelled`. With
 /// `plot`, records the progress snapshots and draws them however the migration ended.
 pub fn migrate(
     guest: &Arc<GuestVm>,
@@ -99,7 +121,9 @@ pub fn migrate(
 ) -> Result<Outcome, String> {
     let source = MigrationSource::new(guest.clone());
     args.apply(&source)?;
-    source.migrate(uri).map_err(|e| e.to_string())?;
+    source
+        .migrate(uri)
+        .map_err(|e| format!("cannot migrate to {uri}: {e}"))?;
     let mut timeline = plot.map(|_| Timeline {
         downtime_limit_ms: Some(args.downtime_limit),
         ..Timeline::new()
@@ -166,12 +190,23 @@ pub fn write_json(path: &PathBuf, value: &serde_json::Value) -> Result<(), Strin
     std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
+/// The error of a migration that did not complete, naming where it went.
+pub fn not_completed(info: &MigrationInfo, uri: &str) -> String {
+    match &info.error_desc {
+        Some(e) => format!("migration to {uri} {}: {e}", info.status.as_str()),
+        None => format!("migration to {uri} {}", info.status.as_str()),
+    }
+}
+
 /// Runs `ferry send`.
 pub fn run(args: SendArgs) -> Result<(), String> {
+    check_uri(&args.uri, &args.migrate)?;
+    args.vm.validate()?;
     let plot = match &args.plot {
         Some(path) => Some(Plot::new(path, "send", &args.vm, &args.migrate)?),
         None => None,
     };
+    catch_sigint();
     let guest = boot(&args.vm)?;
     let out = migrate(&guest, &args.migrate, &args.uri, plot.as_ref())?;
     report(&out.info);
@@ -184,6 +219,6 @@ pub fn run(args: SendArgs) -> Result<(), String> {
     if out.info.status == MigrationStatus::Completed {
         Ok(())
     } else {
-        Err(format!("migration {}", out.info.status.as_str()))
+        Err(not_completed(&out.info, &args.uri))
     }
 }

@@ -3,11 +3,13 @@
 the script reports the round trip and the CPU time the ferry process and the client
 each spent per query. A benchmark, not a test: it asserts nothing.
 
-    python3 tests/qmp/query_cost.py [--queries 20000] [--workload idle] [--migrating]
+    python3 tests/qmp/query_cost.py [--queries 20000] [--workload W] [--migrating]
 
 With `--migrating` the queries fall in a migration that lasts (4 MiB/s to a second
 `ferry vm`, whole pages), so each reply is the full report, and the server's cost
-is the CPU of its QMP client threads alone.
+is the CPU of its QMP client threads alone. Its guest must dirty memory for the
+migration to last: the workload defaults to working-set=64M there (idle otherwise),
+and the script waits at most 30 s for the migration to be active.
 """
 
 import argparse
@@ -30,9 +32,12 @@ def process_cpu_s(pid):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--queries", type=int, default=20000)
-    ap.add_argument("--workload", default="idle")
+    ap.add_argument("--workload", default=None,
+                    help="guest workload (default: idle; working-set=64M with --migrating)")
     ap.add_argument("--migrating", action="store_true")
     args = ap.parse_args()
+    if args.workload is None:
+        args.workload = "working-set=64M" if args.migrating else "idle"
     with tempfile.TemporaryDirectory() as tmp:
         vm = FerryVm(Path(tmp), "vm", mem="1G", vcpus=2, workload=args.workload)
         dst = None
@@ -49,10 +54,18 @@ def main():
                 ):
                     s.sendall(cmd.encode())
                     assert b'"return"' in f.readline()
+                deadline = time.monotonic() + 30
                 while True:
                     s.sendall(b'{"execute":"query-migrate"}')
-                    if b'"status":"active"' in f.readline():
+                    reply = f.readline()
+                    if b'"status":"active"' in reply:
                         break
+                    if (b'"status":"completed"' in reply or b'"status":"failed"' in reply
+                            or time.monotonic() > deadline):
+                        print(f"the migration is not active (workload {args.workload}; "
+                              f"an idle guest completes at once): {reply.decode().strip()}",
+                              file=sys.stderr)
+                        return 1
                     time.sleep(0.05)
                 qmp0 = qmp_threads_cpu_s(vm.proc.pid)
             pid, n = vm.proc.pid, args.queries

@@ -28,6 +28,9 @@ pub struct IncomingReport {
     pub device_state_bytes: u64,
     /// Digest of guest RAM taken after loading and before resuming (with `verify`).
     pub ram_digest: Option<u64>,
+    /// How long taking [`IncomingReport::ram_digest`] held the guest paused, µs
+    /// (after the acknowledgement, so outside the source's downtime).
+    pub ram_digest_us: Option<u64>,
     /// Whether the guest was resumed (false: autostart was off or the source's guest
     /// was paused; it waits for `cont`).
     pub resumed: bool,
@@ -36,7 +39,11 @@ pub struct IncomingReport {
 /// How a destination finishes a migration.
 #[derive(Clone, Default)]
 pub struct IncomingOptions {
-    /// Take a digest of RAM before resuming (adds to the downtime; tests and the demo).
+    /// Take a digest of RAM as it was at the switch-over, before the guest runs here
+    /// (tests and the demo). It is taken after the acknowledgement, so it does not
+    /// add to the downtime the source measures: the guest stays paused for the
+    /// digest's time ([`IncomingReport::ram_digest_us`]) and is resumed after it.
+    /// The acknowledgement then says whether the guest *will* be resumed.
     pub verify: bool,
     /// The guest's run state, shared with the VMM's monitor; it must be in
     /// inmigrate. After the commit it starts the guest if its autostart is on (QEMU's
@@ -97,7 +104,7 @@ unsafe impl PageSink for RamSink<'_> {
 ///
 /// The guest is resumed only when the stream ended cleanly on every channel, matched
 /// the guest's RAM blocks, and its device state loaded. With `verify`, a digest of RAM
-/// is taken before resuming (it adds to the downtime; for tests and the demo).
+/// is taken before resuming, after the acknowledgement (see [`IncomingOptions::verify`]).
 pub fn incoming(vm: Arc<dyn MigratableVm>, uri: &str, verify: bool) -> Result<Incoming> {
     incoming_with(
         vm,
@@ -214,27 +221,35 @@ fn receive(
         report.device_state_bytes = state.len() as u64;
         vm.load_device_state(&state)
             .map_err(|e| Error::Guest(format!("loading device state: {e}")))?;
-        if opts.verify {
-            report.ram_digest = Some(ram_digest(&ram));
-        }
         // Loaded: offer the switch-over, and start nothing unless the source commits.
         rx.await_commit()?;
-        report.resumed = run.finish_incoming(source_was_running)?;
+        if !opts.verify {
+            report.resumed = run.finish_incoming(source_was_running)?;
+        }
         Ok(())
     })();
-    match result {
-        Ok(()) => {
-            // The guest is ours from the commit on: a lost acknowledgement leaves the
-            // source paused and in doubt, never this side failed.
-            let _ = rx.send_ack(report.resumed);
-            report.total_ms = start.elapsed().as_millis() as u64;
-            Ok(report)
-        }
-        Err(e) => {
-            let _ = rx.send_refusal(&e.to_string());
-            Err(e)
-        }
+    if let Err(e) = result {
+        let _ = rx.send_refusal(&e.to_string());
+        return Err(e);
     }
+    // The guest is ours from the commit on: a lost acknowledgement leaves the source
+    // paused and in doubt, never this side failed.
+    if !opts.verify {
+        let _ = rx.send_ack(report.resumed);
+        report.total_ms = start.elapsed().as_millis() as u64;
+        return Ok(report);
+    }
+    // Verify: acknowledge first (what the guest's downtime would be without the
+    // check), then digest RAM while the guest is still paused (nothing has written it
+    // since the end of the stream), then start it. A failure to start it now is
+    // this side's alone: the source already let go and stays paused.
+    let _ = rx.send_ack(run.autostart() && source_was_running);
+    let digest_start = Instant::now();
+    report.ram_digest = Some(ram_digest(&ram));
+    report.ram_digest_us = Some(digest_start.elapsed().as_micros() as u64);
+    report.resumed = run.finish_incoming(source_was_running)?;
+    report.total_ms = start.elapsed().as_millis() as u64;
+    Ok(report)
 }
 
 fn check_blocks(ram: &GuestRam, header: &transport::StreamHeader) -> Result<()> {
