@@ -284,7 +284,23 @@ fn raw_tcp_gib_per_s(bytes: u64, into_fresh: bool) -> f64 {
     bytes as f64 / (1u64 << 30) as f64 / t.elapsed().as_secs_f64()
 }
 
+/// Prints a line and keeps it for the markdown file.
+macro_rules! emit {
+    ($md:ident, $($arg:tt)*) => {{
+        let line = format!($($arg)*);
+        println!("{line}");
+        $md.push(line);
+    }};
+}
+
 fn main() {
+    // Everything printed also goes to target/bench/engine.md, for README (scripts/numbers).
+    let mut md: Vec<String> = vec![
+        "`cargo bench --bench engine`: the engine's own cost, destination in the same process, \
+         loopback TCP, unlimited bandwidth unless the row says, medians."
+            .to_string(),
+        String::new(),
+    ];
     let reps: usize = std::env::var("FERRY_BENCH_REPS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -347,8 +363,8 @@ fn main() {
             )
         },
     ];
-    println!("| scenario | status | total ms | downtime ms | setup ms | transferred MiB | passes | GiB/s | 'not converging' at ms | downtime: pause / sync / pages / devices / ack ms |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    emit!(md, "| scenario | status | total ms | downtime ms | setup ms | transferred MiB | passes | GiB/s | 'not converging' at ms | downtime: pause / sync / pages / devices / ack ms |");
+    emit!(md, "|---|---|---|---|---|---|---|---|---|---|");
     let only = std::env::var("FERRY_BENCH_ONLY").unwrap_or_default();
     for s in scenarios.iter().filter(|s| s.name.contains(only.as_str())) {
         let limit = if s.max_bandwidth > 0 && !s.auto_converge {
@@ -359,7 +375,8 @@ fn main() {
         let runs: Vec<Run> = (0..reps).map(|_| migrate(s, Poll::Off, limit)).collect();
         let m = median_by(&runs, |r| r.total_ms);
         let d = median_by(&runs, |r| r.downtime_ms);
-        println!(
+        emit!(
+            md,
             "| {} | {} | {} | {} | {} | {:.1} | {} | {:.2} | {} | {} |",
             s.name,
             m.status,
@@ -375,12 +392,13 @@ fn main() {
         );
     }
     if !only.is_empty() && only != "throughput" && only != "polling" {
+        write_md(&md);
         return;
     }
     // Throughput of dense pages beside a raw socket copy, and the cost of polling.
-    println!();
-    println!("| measure | value |");
-    println!("|---|---|");
+    emit!(md, "");
+    emit!(md, "| measure | value |");
+    emit!(md, "|---|---|");
     let dense: Vec<&Scenario> = scenarios.iter().filter(|s| s.dense_mib > 0).collect();
     // Paired: each repetition runs the raw copy right before the migration, and the
     // ratio is taken per pair (the machine's speed drifts more than the two differ).
@@ -398,7 +416,7 @@ fn main() {
             v[v.len() / 2]
         };
         let q = median_by(&runs, |r| (r.gib_per_s * 1000.0) as u64);
-        println!(
+        emit!(md, 
             "| migration '{}' beside a raw TCP copy of the same bytes (memory to {} memory) | {:.2} GiB/s beside {:.2} GiB/s: {:.0} % of raw |",
             s.name,
             if s.dest_prealloc { "faulted" } else { "fresh" },
@@ -441,7 +459,7 @@ fn main() {
         ),
     ] {
         let (median, low, high) = median_with_interval(r);
-        println!(
+        emit!(md, 
             "| '{}', {what}: throughput cost, median of {pairs} rounds [95 % interval] | {:+.1} % [{:+.1}, {:+.1}] |",
             heavy.name,
             (1.0 - median) * 100.0,
@@ -450,8 +468,21 @@ fn main() {
         );
     }
     let p = median_by(&polled, |r| r.query_max_us);
-    println!(
+    emit!(
+        md,
         "| query-migrate latency during it (in-process) | p99 {} µs, max {} µs |",
-        p.query_p99_us, p.query_max_us
+        p.query_p99_us,
+        p.query_max_us
     );
+    write_md(&md);
+}
+
+/// Writes the table to target/bench/engine.md.
+fn write_md(md: &[String]) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let r = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join("engine.md"), md.join("\n") + "\n"));
+    if let Err(e) = r {
+        eprintln!("writing target/bench/engine.md: {e}");
+    }
 }

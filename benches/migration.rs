@@ -9,11 +9,11 @@
 //! - `FERRY_BENCH_REPS=N` repetitions per row (default 1; medians when more);
 //! - `FERRY_BENCH_ONLY=TEXT` only the rows whose name contains TEXT;
 //! - `FERRY_BENCH_LINKS=loopback,10gbit,1gbit` the links (default all three);
-//! - `FERRY_BENCH_TIMEOUT_S=S` per-row limit, then `migrate_cancel` (default 30).
+//! - `FERRY_BENCH_TIMEOUT_S=S` per-row limit, then `migrate_cancel` (default 15).
 //!
 //! Prints a markdown table and writes it, with one JSON file per row (the replies
-//! and a timeline of `query-migrate` every 100 ms), to `target/bench/`; the
-//! processes' stderr goes to `target/bench/<row>.log`. Needs root for the network
+//! and a timeline of `query-migrate` every 100 ms), to `target/bench/migration/`; the
+//! processes' stderr goes to `target/bench/migration/<row>.log`. Needs root for the network
 //! namespaces (the loopback rows run without) and /dev/kvm.
 //!
 //! The engine's own cost (in one process, no QMP) is `cargo bench --bench engine`.
@@ -329,6 +329,10 @@ struct Row {
     sparse_pages: bool,
     /// The destination faults its RAM in at start (`--prealloc`).
     prealloc: bool,
+    /// The source guest is stopped (QMP `stop`) once its workload has run: the
+    /// migration then measures the link and the engine alone, with the guest's RAM
+    /// as the workload left it and no vCPU competing for the cores.
+    stopped: bool,
 }
 
 impl Row {
@@ -348,6 +352,9 @@ impl Row {
         }
         if self.prealloc {
             n.push_str(" prealloc");
+        }
+        if self.stopped {
+            n.push_str(" stopped");
         }
         n
     }
@@ -387,6 +394,7 @@ fn rows(link: Link) -> Vec<Row> {
                     channels,
                     sparse_pages,
                     prealloc: false,
+                    stopped: false,
                 });
             }
         }
@@ -398,7 +406,21 @@ fn rows(link: Link) -> Vec<Row> {
         channels: 1,
         sparse_pages: true,
         prealloc: true,
+        stopped: false,
     });
+    // Throughput alone: 256 MiB of incompressible pages, guest stopped, into a fresh
+    // and into a preallocated destination.
+    for prealloc in [false, true] {
+        v.push(Row {
+            link,
+            mem_bytes: GIB,
+            workload: "dense=65536",
+            channels: 1,
+            sparse_pages: true,
+            prealloc,
+            stopped: true,
+        });
+    }
     v
 }
 
@@ -537,6 +559,31 @@ fn migrate_inner(
                    "x-ferry-sparse-pages": row.sparse_pages}),
         )?;
     }
+    // Steady state first: every vCPU past two rounds of its workload (dense guests
+    // have filled their pages), and at least a second of it.
+    let booted = Instant::now();
+    loop {
+        let p = src.qmp.execute("x-ferry-query-guest-progress", json!({}))?;
+        let rounds: Vec<u64> = p["vcpu-rounds"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        if !rounds.is_empty()
+            && rounds.iter().all(|&r| r >= 2)
+            && booted.elapsed() >= Duration::from_secs(1)
+        {
+            break;
+        }
+        if booted.elapsed() > limit {
+            return Err(format!(
+                "the guest did not run two rounds in {limit:?}: {p}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if row.stopped {
+        src.qmp.execute("stop", json!({}))?;
+    }
     let t0 = Instant::now();
     src.qmp
         .execute("migrate", json!({"uri": format!("tcp:{}", place.dst_addr)}))?;
@@ -668,19 +715,29 @@ fn prediction(v: &Value) -> String {
     }
 }
 
-/// What happened, to set beside the prediction: the time from the end of the first
-/// pass to the switch-over, or that it did not converge.
+/// What happened, to set beside the prediction: the time from the prediction to the
+/// switch-over, or that it did not converge; and whether the prediction was right
+/// (✓): a converging prediction's switch-over time (since the start) within 25 % +
+/// 10 ms of the real one, a not-converging one for a row that did not converge.
 fn outcome(r: &Run) -> String {
+    let state = r.first_pass["state"].as_str().unwrap_or("");
     if r.status != "completed" {
-        return "did not converge".into();
+        let right = state == "not-converging";
+        return format!("did not converge {}", if right { "✓" } else { "✗" });
     }
-    match r.first_pass_end_ms {
-        Some(end) => format!(
-            "conv {} ms",
-            r.total_ms.saturating_sub(r.downtime_ms).saturating_sub(end)
-        ),
-        None => "conv".into(),
-    }
+    let Some(at) = r.first_pass_end_ms else {
+        return "conv ✗".into();
+    };
+    let switch = r.total_ms.saturating_sub(r.downtime_ms);
+    let right = state == "converging" && {
+        let predicted = at + r.first_pass["expected-completion-ms"].as_u64().unwrap_or(0);
+        predicted.abs_diff(switch) as f64 <= 0.25 * switch as f64 + 10.0
+    };
+    format!(
+        "conv {} ms {}",
+        switch.saturating_sub(at),
+        if right { "✓" } else { "✗" }
+    )
 }
 
 const HEADER: &str = "| row | status | total ms | downtime ms | pause / sync / pages / device / ack ms | transferred MiB | in downtime MiB | physics ms | passes | send rate MB/s | % of link | first-pass prediction | happened | RAM equal |";
@@ -736,7 +793,7 @@ fn main() {
     let env = |k: &str| std::env::var(k).unwrap_or_default();
     let reps: usize = env("FERRY_BENCH_REPS").parse().unwrap_or(1).max(1);
     let only = env("FERRY_BENCH_ONLY");
-    let limit = Duration::from_secs(env("FERRY_BENCH_TIMEOUT_S").parse().unwrap_or(30));
+    let limit = Duration::from_secs(env("FERRY_BENCH_TIMEOUT_S").parse().unwrap_or(15));
     let links_env = env("FERRY_BENCH_LINKS");
     let wanted: Vec<&str> = if links_env.is_empty() {
         vec!["loopback", "10gbit", "1gbit"]
@@ -753,23 +810,30 @@ fn main() {
         return;
     }
     let root = is_root();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    std::fs::create_dir_all(&dir).expect("target/bench");
+    let bench_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    // One JSON, one log (and the QMP sockets) per row, beside the table.
+    let dir = bench_dir.join("migration");
+    std::fs::create_dir_all(&dir).expect("target/bench/migration");
     let mut out = vec![
         format!(
-            "# Migration benchmark: the real deployment (`cargo bench --bench migration`, {} rep(s), {} s limit)",
+            "**The real deployment** (`cargo bench --bench migration`, {} rep(s), {} s limit per row).",
             reps,
             limit.as_secs()
         ),
         String::new(),
-        "Guests: 2 vCPUs, 1 GiB (idle: 4 GiB); destination `ferry vm --incoming tcp:... -S`, fresh \
+        "Guests: 2 vCPUs, 1 GiB (idle: 4 GiB), migrated once every vCPU has run two rounds \
+         of its workload and a second has passed (`stopped`: then paused by QMP `stop`, so the \
+         row measures the link and the engine alone); destination `ferry vm --incoming tcp:... -S`, fresh \
          RAM unless `prealloc`; `max-bandwidth` 0, `downtime-limit` 300 ms (the default). \
          send rate: median of the 300 ms windows of the active phase in which \
          `transferred` grew (short rows: transferred over the time after setup); % of link: \
          of the nominal rate of a veth link, of a raw socket copy between two processes on \
          loopback. physics: the bytes sent while paused over the link's rate (the round trip, \
-         < 0.1 ms here, not added), from `downtime-bytes`. happened: time \
-         from the end of the first pass to the switch-over. RAM equal: x-ferry-query-ram-digest of source (postmigrate) and \
+         < 0.1 ms here, not added), from `downtime-bytes`. happened: time from the \
+         prediction to the switch-over, ✓ when the prediction was right (a converging one's \
+         switch-over time since the start within 25 % + 10 ms; a not-converging one for a \
+         row that did not converge in the limit). First-pass prediction: the engine's \
+         `x-ferry.first-pass-convergence`. RAM equal: x-ferry-query-ram-digest of source (postmigrate) and \
          destination (paused by -S), taken after the migration."
             .to_string(),
         String::new(),
@@ -930,7 +994,7 @@ fn main() {
         out.push(format!("- {n}"));
     }
     out.push(String::new());
-    let path = dir.join("migration.md");
+    let path = bench_dir.join("migration.md");
     match std::fs::write(&path, out.join("\n")) {
         Ok(()) => println!("written: {} and one JSON per row", path.display()),
         Err(e) => println!("cannot write {}: {e}", path.display()),

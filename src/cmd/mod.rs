@@ -124,6 +124,8 @@ impl VmArgs {
         } else if msg.starts_with("working set")
             || msg.starts_with("sweep")
             || msg.starts_with("hot_percent")
+            || msg.starts_with("dense")
+            || msg.starts_with("zipf")
         {
             format!("--workload {workload} (with --mem {mem}, --vcpus {vcpus}): {msg}")
         } else {

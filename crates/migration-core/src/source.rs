@@ -525,9 +525,11 @@ impl Run {
             sender.iteration_end(iteration)?;
             stats.iterations.store(iteration, Ordering::Relaxed);
             self.sync(&mut lp)?;
-            // The prediction to set beside what happens (kept from the first pass on).
-            stats.record_first_pass_convergence();
+            // The first decision's prediction is kept to set beside what happens
+            // (`first-pass-convergence`): made once the first pass is sent, or, when
+            // the engine waited for the destination to apply it, once it has.
             if !self.ready_to_switch(&lp) {
+                stats.record_first_pass_convergence();
                 continue;
             }
             if self.wait_for_destination(&sender, iteration)? {
@@ -535,9 +537,11 @@ impl Run {
                 // still fits the downtime.
                 self.sync(&mut lp)?;
                 if !self.ready_to_switch(&lp) {
+                    stats.record_first_pass_convergence();
                     continue;
                 }
             }
+            stats.record_first_pass_convergence();
             break;
         }
         self.complete(sender, &mut lp, iteration + 1)

@@ -459,8 +459,9 @@ pub struct FerryMigrationInfo {
     pub downtime_phases_us: Option<DowntimePhasesUs>,
     /// Convergence prediction.
     pub convergence: Convergence,
-    /// The prediction made at the end of the first pass (absent before it ended), to
-    /// set beside what happened.
+    /// The prediction behind the engine's first switch-over decision: at the end of the
+    /// first pass, or once the destination applied it when the engine waited for that
+    /// (absent before), to set beside what happened.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_pass_convergence: Option<Prediction>,
 }
