@@ -416,7 +416,7 @@ fn main() {
             v[v.len() / 2]
         };
         let q = median_by(&runs, |r| (r.gib_per_s * 1000.0) as u64);
-        emit!(md, 
+        emit!(md,
             "| migration '{}' beside a raw TCP copy of the same bytes (memory to {} memory) | {:.2} GiB/s beside {:.2} GiB/s: {:.0} % of raw |",
             s.name,
             if s.dest_prealloc { "faulted" } else { "fresh" },
@@ -459,7 +459,7 @@ fn main() {
         ),
     ] {
         let (median, low, high) = median_with_interval(r);
-        emit!(md, 
+        emit!(md,
             "| '{}', {what}: throughput cost, median of {pairs} rounds [95 % interval] | {:+.1} % [{:+.1}, {:+.1}] |",
             heavy.name,
             (1.0 - median) * 100.0,
