@@ -12,7 +12,8 @@
 //! - `FERRY_BENCH_TIMEOUT_S=S` per-row limit, then `migrate_cancel` (default 15).
 //!
 //! Prints a markdown table and writes it, with one JSON file per row (the replies
-//! and a timeline of `query-migrate` every 100 ms), to `target/bench/migration/`; the
+//! and a timeline of `query-migrate` every 100 ms, drawn as `<row>.svg`), to
+//! `target/bench/migration/`; the
 //! processes' stderr goes to `target/bench/migration/<row>.log`. Needs root for the network
 //! namespaces (the loopback rows run without) and /dev/kvm.
 //!
@@ -779,6 +780,19 @@ fn table_line(name: &str, m: &Run, d: &Run, link_rate: Option<f64>) -> String {
     )
 }
 
+/// Draws one run's `query-migrate` timeline (every 100 ms) to `path`.
+fn plot_run(run: &Run, title: &str, path: &Path) -> Result<(), String> {
+    let mut t = ferry::plot::Timeline {
+        downtime_limit_ms: Some(300),
+        ..ferry::plot::Timeline::new()
+    };
+    let replies = run.json["timeline"].as_array().ok_or("no timeline")?;
+    for r in replies {
+        t.record_value(&r["reply"]).map_err(|e| e.to_string())?;
+    }
+    ferry::plot::render_svg(&t, title, path).map_err(|e| e.to_string())
+}
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -955,6 +969,10 @@ fn main() {
             let line = table_line(&name, &m, &d, rate);
             println!("{line}");
             lines.push(line);
+            // The picture of the median run, as `ferry demo --plot` draws it.
+            if let Err(e) = plot_run(&m, &name, &dir.join(format!("{stem}.svg"))) {
+                notes.push(format!("{name}: no plot: {e}"));
+            }
             let j = json!({
                 "row": name,
                 "link": link_name,
