@@ -12,27 +12,8 @@ use ferry::plot::SERIES;
 
 /// (stroke colour, point count) of every polyline, and every text, of an SVG.
 fn parse(svg: &str) -> (Vec<(String, usize)>, Vec<String>) {
-    let doc = roxmltree::Document::parse(svg).expect("the plot is well-formed XML");
-    assert_eq!(doc.root_element().tag_name().name(), "svg");
-    let lines = doc
-        .descendants()
-        .filter(|n| n.has_tag_name("polyline"))
-        .map(|n| {
-            (
-                n.attribute("stroke").unwrap_or("").to_uppercase(),
-                n.attribute("points")
-                    .unwrap_or("")
-                    .split_whitespace()
-                    .count(),
-            )
-        })
-        .collect();
-    let texts = doc
-        .descendants()
-        .filter(|n| n.has_tag_name("text"))
-        .map(|n| n.text().unwrap_or("").trim().to_owned())
-        .collect();
-    (lines, texts)
+    let inv = ferry::plot::inspect_svg(svg).expect("the plot is well-formed XML");
+    (inv.polylines, inv.texts)
 }
 
 #[test]

@@ -18,12 +18,15 @@
 //! # Ok::<(), plot::Error>(())
 //! ```
 
+mod inspect;
 mod render;
 mod timeline;
 
+pub use inspect::{inspect_svg, SvgInventory};
+
 pub use render::{render_svg, render_svg_string, SeriesStyle, SERIES};
 pub use timeline::{
-    DowntimePhasesUs, Outcome, Prediction, Sample, Timeline, DEFAULT_PAGE_SIZE_BYTES,
+    Convergence, DowntimePhasesUs, Outcome, Sample, Timeline, DEFAULT_PAGE_SIZE_BYTES,
 };
 
 /// Everything that can go wrong recording or drawing a timeline.

@@ -14,7 +14,7 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::timeline::{Prediction, Timeline};
+use crate::timeline::{Convergence, Timeline};
 use crate::Error;
 
 /// A data series' legend label and its stroke colour in the SVG.
@@ -172,7 +172,7 @@ struct Facts {
     /// Pass boundaries (time ms, pass count).
     passes: Vec<(u64, u64)>,
     /// The first pass's prediction: when it was made, what it said.
-    prediction: Option<(u64, Prediction)>,
+    prediction: Option<(u64, Convergence)>,
     /// The predicted switch-over, ms, if the prediction was "converging".
     predicted_ms: Option<u64>,
     /// The downtime window, ms.
@@ -186,7 +186,7 @@ impl Facts {
         let end_ms = tl.end_ms();
         let prediction = tl.first_pass_prediction();
         let predicted_ms = prediction.and_then(|(t, p)| match p {
-            Prediction::Converging {
+            Convergence::Converging {
                 expected_completion_ms,
             } => Some(t + expected_completion_ms),
             _ => None,
@@ -212,7 +212,7 @@ impl Facts {
                 .map(|d| (o.total_time_ms.saturating_sub(d), o.total_time_ms))
         });
         let needed_bandwidth = tl.samples.iter().rev().find_map(|s| match s.prediction {
-            Prediction::NotConverging {
+            Convergence::NotConverging {
                 needed_bandwidth_bytes_per_sec,
             } => Some(needed_bandwidth_bytes_per_sec),
             _ => None,
@@ -332,7 +332,7 @@ fn prediction_line(facts: &Facts) -> String {
         .map(|(start, _)| format!("; it switched over at {}", ms_text(start)));
     match facts.prediction {
         None => "no convergence prediction after the first pass".into(),
-        Some((at, Prediction::Converging { .. })) => format!(
+        Some((at, Convergence::Converging { .. })) => format!(
             "predicted at the end of pass 1 ({}): converging, switch-over at {}{}",
             ms_text(at),
             ms_text(facts.predicted_ms.unwrap_or(at)),
@@ -340,7 +340,7 @@ fn prediction_line(facts: &Facts) -> String {
         ),
         Some((
             at,
-            Prediction::NotConverging {
+            Convergence::NotConverging {
                 needed_bandwidth_bytes_per_sec,
             },
         )) => format!(
@@ -349,7 +349,7 @@ fn prediction_line(facts: &Facts) -> String {
             bytes_text(needed_bandwidth_bytes_per_sec),
             actual.unwrap_or_default()
         ),
-        Some((_, Prediction::Unknown)) => String::new(),
+        Some((_, Convergence::Unknown)) => String::new(),
     }
 }
 
@@ -497,8 +497,8 @@ fn draw_backdrop(
             .map_err(draw_err)?;
     }
     let predicted_at = match facts.prediction {
-        Some((_, Prediction::Converging { .. })) => facts.predicted_ms,
-        Some((at, Prediction::NotConverging { .. })) => Some(at),
+        Some((_, Convergence::Converging { .. })) => facts.predicted_ms,
+        Some((at, Convergence::NotConverging { .. })) => Some(at),
         _ => None,
     };
     if let Some(p) = predicted_at {
@@ -591,7 +591,7 @@ fn draw_marker_labels(
         let x = facts.x(p).min(facts.x_max);
         boxed_label(chart, text, x, 1, HPos::Right, 13, &PREDICTED)?;
     }
-    if let Some((at, Prediction::NotConverging { .. })) = facts.prediction {
+    if let Some((at, Convergence::NotConverging { .. })) = facts.prediction {
         boxed_label(
             chart,
             "predicted here: NOT converging".to_owned(),
@@ -698,7 +698,7 @@ fn marker_entries(facts: &Facts, tl: &Timeline) -> Vec<Entry> {
         ));
     }
     match facts.prediction {
-        Some((at, Prediction::Converging { .. })) => v.push(entry(
+        Some((at, Convergence::Converging { .. })) => v.push(entry(
             "predicted switch-over",
             Some(format!(
                 "at {}, predicted at the end of pass 1 ({})",
@@ -709,7 +709,7 @@ fn marker_entries(facts: &Facts, tl: &Timeline) -> Vec<Entry> {
         )),
         Some((
             at,
-            Prediction::NotConverging {
+            Convergence::NotConverging {
                 needed_bandwidth_bytes_per_sec,
             },
         )) => v.push(entry(
@@ -1046,7 +1046,7 @@ mod tests {
     use super::*;
     use crate::timeline::{DowntimePhasesUs, Outcome, Sample};
 
-    fn sample(t_ms: u64, remaining: u64, transferred: u64, pass: u64, p: Prediction) -> Sample {
+    fn sample(t_ms: u64, remaining: u64, transferred: u64, pass: u64, p: Convergence) -> Sample {
         Sample {
             t_ms,
             status: "active".into(),
@@ -1068,7 +1068,7 @@ mod tests {
         tl.total_bytes = 1 << 30;
         tl.setup_time_ms = Some(5);
         tl.downtime_limit_ms = Some(300);
-        let conv = Prediction::Converging {
+        let conv = Convergence::Converging {
             expected_completion_ms: 350,
         };
         let mut remaining = 1u64 << 30;
@@ -1079,11 +1079,15 @@ mod tests {
                 _ => 2,
             };
             remaining = remaining * 3 / 4;
-            let p = if pass >= 1 { conv } else { Prediction::Unknown };
+            let p = if pass >= 1 {
+                conv
+            } else {
+                Convergence::Unknown
+            };
             tl.samples
                 .push(sample(10 + i * 100, remaining, i * 100_000_000, pass, p));
         }
-        let mut done = sample(1412, 0, 1_500_000_000, 3, Prediction::Unknown);
+        let mut done = sample(1412, 0, 1_500_000_000, 3, Convergence::Unknown);
         done.status = "completed".into();
         done.expected_downtime_ms = None;
         tl.samples.push(done);
@@ -1108,7 +1112,7 @@ mod tests {
         let mut tl = Timeline::new();
         tl.total_bytes = 4 << 30;
         tl.downtime_limit_ms = Some(300);
-        let not = Prediction::NotConverging {
+        let not = Convergence::NotConverging {
             needed_bandwidth_bytes_per_sec: 2_500_000_000,
         };
         for i in 0..80u64 {
@@ -1118,7 +1122,7 @@ mod tests {
             } else {
                 1_600_000_000 + (i % 10) * 10_000_000
             };
-            let p = if pass >= 1 { not } else { Prediction::Unknown };
+            let p = if pass >= 1 { not } else { Convergence::Unknown };
             let mut s = sample(100 * i + 3, remaining, i * 100_000_000, pass, p);
             s.dirty_pages_rate = 600_000;
             s.qemu_rule_dirty_pages_rate = 450_000;
@@ -1138,27 +1142,8 @@ mod tests {
 
     /// The text nodes and (stroke colour, point count) of every polyline.
     fn parse(svg: &str) -> (Vec<String>, Vec<(String, usize)>) {
-        let doc = roxmltree::Document::parse(svg).expect("well-formed SVG");
-        assert_eq!(doc.root_element().tag_name().name(), "svg");
-        let texts = doc
-            .descendants()
-            .filter(|n| n.has_tag_name("text"))
-            .map(|n| n.text().unwrap_or("").trim().to_owned())
-            .collect();
-        let lines = doc
-            .descendants()
-            .filter(|n| n.has_tag_name("polyline"))
-            .map(|n| {
-                (
-                    n.attribute("stroke").unwrap_or("").to_uppercase(),
-                    n.attribute("points")
-                        .unwrap_or("")
-                        .split_whitespace()
-                        .count(),
-                )
-            })
-            .collect();
-        (texts, lines)
+        let inv = crate::inspect_svg(svg).expect("well-formed SVG");
+        (inv.texts, inv.polylines)
     }
 
     fn points_of(lines: &[(String, usize)], rgb: RGBColor) -> usize {

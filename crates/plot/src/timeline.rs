@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use stats::MigrationInfo;
+pub use stats::{Convergence, DowntimePhasesUs};
 
 use crate::Error;
 
@@ -12,27 +13,6 @@ pub const DEFAULT_PAGE_SIZE_BYTES: u64 = 4096;
 /// Throughput is the transferred bytes' growth over at least this long (the engine
 /// refreshes `ram.transferred` every 100 ms, so a shorter span reads 0 or a jump).
 const THROUGHPUT_WINDOW_MS: u64 = 300;
-
-/// Ferry's convergence prediction (`x-ferry.convergence`), in the same JSON shape.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "state")]
-pub enum Prediction {
-    /// Not enough data yet (first pass), or no prediction in the snapshot.
-    #[default]
-    Unknown,
-    /// Bandwidth beats the dirty rate; switch-over expected this many ms after the sample.
-    Converging {
-        /// Expected time from the sample to switch-over, ms.
-        #[serde(rename = "expected-completion-ms")]
-        expected_completion_ms: u64,
-    },
-    /// The guest dirties memory at least as fast as it can be sent.
-    NotConverging {
-        /// Bandwidth that would let it converge, bytes/s.
-        #[serde(rename = "needed-bandwidth-bytes-per-sec")]
-        needed_bandwidth_bytes_per_sec: u64,
-    },
-}
 
 /// One `query-migrate` snapshot that carried RAM statistics.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -57,28 +37,13 @@ pub struct Sample {
     /// Passes over the dirty bitmap done (`x-ferry.iterations`).
     pub pass: u64,
     /// The convergence prediction (`x-ferry.convergence`).
-    pub prediction: Prediction,
+    pub prediction: Convergence,
     /// `expected-downtime`, ms (absent once completed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_downtime_ms: Option<u64>,
     /// `cpu-throttle-percentage` (auto-converge), while throttling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_throttle_percentage: Option<u64>,
-}
-
-/// Where the downtime went, µs (`x-ferry.downtime-phases-us`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DowntimePhasesUs {
-    /// Stopping the vCPUs.
-    pub pause: u64,
-    /// The final dirty-log sync.
-    pub sync: u64,
-    /// Sending the last dirty pages.
-    pub pages: u64,
-    /// Saving and sending the device state.
-    pub device: u64,
-    /// End of stream until the destination acknowledged.
-    pub ack: u64,
 }
 
 /// How the migration ended (from the first finished snapshot).
@@ -183,7 +148,7 @@ impl Timeline {
                 .unwrap_or((mbps.max(0.0) * 1e6 / 8.0) as u64);
             let prediction = match v.pointer("/x-ferry/convergence") {
                 Some(c) => serde_json::from_value(c.clone())?,
-                None => Prediction::Unknown,
+                None => Convergence::Unknown,
             };
             let sample = Sample {
                 t_ms,
@@ -261,10 +226,10 @@ impl Timeline {
 
     /// The prediction made at the end of the first pass: the first sample after pass 1
     /// whose prediction is known, as (its time ms, the prediction).
-    pub fn first_pass_prediction(&self) -> Option<(u64, Prediction)> {
+    pub fn first_pass_prediction(&self) -> Option<(u64, Convergence)> {
         self.samples
             .iter()
-            .find(|s| s.pass >= 1 && s.prediction != Prediction::Unknown)
+            .find(|s| s.pass >= 1 && s.prediction != Convergence::Unknown)
             .map(|s| (s.t_ms, s.prediction))
     }
 
@@ -336,7 +301,7 @@ mod tests {
         assert_eq!(s.qemu_rule_dirty_pages_rate, 1500);
         assert_eq!(
             s.prediction,
-            Prediction::Converging {
+            Convergence::Converging {
                 expected_completion_ms: 250
             }
         );
@@ -437,7 +402,7 @@ mod tests {
         assert_eq!(x.pass, 2);
         assert_eq!(
             x.prediction,
-            Prediction::NotConverging {
+            Convergence::NotConverging {
                 needed_bandwidth_bytes_per_sec: 5
             }
         );

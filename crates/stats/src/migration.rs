@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use atomic::Atomic;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Where a migration is (QEMU's MigrationStatus, the subset precopy uses).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -65,10 +65,11 @@ impl MigrationStatus {
 }
 
 /// Whether the migration can finish at the current rates (Ferry's prediction).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "state")]
 pub enum Convergence {
     /// Not enough data yet (first pass).
+    #[default]
     Unknown,
     /// Bandwidth beats the dirty rate; expected milliseconds until switch-over.
     Converging {
@@ -413,7 +414,7 @@ pub struct DowntimePhases {
 }
 
 /// [`DowntimePhases`] as a snapshot (`x-ferry.downtime-phases-us`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DowntimePhasesUs {
     /// See [`DowntimePhases::pause_us`].
     pub pause: u64,
