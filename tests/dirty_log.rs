@@ -7,7 +7,10 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{assert_no_lost_write, config, expected_working_set, guest_lock, start, wait_all};
+use common::{
+    assert_no_lost_write, assert_same_pages, config, expected_working_set, guest_lock, start,
+    wait_all,
+};
 use dirty_sync::kvm::{KvmBitmapConfig, KvmBitmapListener, ProtectMode};
 use dirty_sync::{DirtyReason, MemoryListener, RamBlock, PAGE_SIZE};
 use minivm::{DirtyTracking, MiniVm, Workload};
@@ -35,17 +38,7 @@ fn exact_set(w: u64, vcpus: u32, manual: bool) {
     let report = space.global_dirty_log_sync(None).unwrap();
     let got: BTreeSet<u64> = bitmap.iter_set().collect();
     let want = expected_working_set(&vm);
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "W={w} vcpus={vcpus} manual={manual}: count"
-    );
-    assert!(
-        got == want,
-        "W={w} vcpus={vcpus} manual={manual}: sets differ: extra {:?} missing {:?}",
-        got.difference(&want).take(5).collect::<Vec<_>>(),
-        want.difference(&got).take(5).collect::<Vec<_>>()
-    );
+    assert_same_pages(&got, &want, &format!("W={w} vcpus={vcpus} manual={manual}"));
     assert_eq!(report.new_pages(DirtyReason::DirtyRate), want.len() as u64);
     space.global_dirty_log_stop(DirtyReason::DirtyRate).unwrap();
     assert!(!space.logging());

@@ -9,7 +9,8 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::{
-    assert_no_lost_write, backend, config, expected_working_set, guest_lock, start, wait_all,
+    assert_no_lost_write, assert_same_pages, backend, config, expected_working_set, guest_lock,
+    start, wait_all,
 };
 use dirty_sync::kvm::KvmRingConfig;
 use dirty_sync::{DirtyReason, PAGE_SIZE};
@@ -54,14 +55,7 @@ fn exact_set(w: u64, vcpus: u32, entries: u32) {
     let report = space.global_dirty_log_sync(None).unwrap();
     let got: BTreeSet<u64> = bitmap.iter_set().collect();
     let want = expected_working_set(&vm);
-    assert!(
-        got == want,
-        "W={w} vcpus={vcpus}: {} pages, want {}: extra {:?} missing {:?}",
-        got.len(),
-        want.len(),
-        got.difference(&want).take(5).collect::<Vec<_>>(),
-        want.difference(&got).take(5).collect::<Vec<_>>()
-    );
+    assert_same_pages(&got, &want, &format!("W={w} vcpus={vcpus}"));
     assert_eq!(report.new_pages(DirtyReason::DirtyRate), want.len() as u64);
     let stats = ring.stats();
     assert_eq!(stats.last_sync_unique_pages, want.len() as u64);

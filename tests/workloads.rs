@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{config, expected_working_set, guest_lock, start, wait_all};
+use common::{assert_same_pages, config, expected_working_set, guest_lock, start, wait_all};
 use dirty_sync::{DirtyReason, PAGE_SIZE};
 use minivm::{
     page_words, xorshift_next, xorshift_seed, zipf_levels, zipf_page, DirtyTracking, MiniVm,
@@ -49,13 +49,10 @@ fn dense_exact_set(pages: u64, bytes_per_page: u64, vcpus: u32) {
     space.global_dirty_log_sync(None).unwrap();
     let got: BTreeSet<u64> = bitmap.iter_set().collect();
     let want = expected_working_set(&vm);
-    assert!(
-        got == want,
-        "dense={pages},{bytes_per_page} vcpus={vcpus}: {} pages dirty, {} expected; extra {:?} missing {:?}",
-        got.len(),
-        want.len(),
-        got.difference(&want).take(5).collect::<Vec<_>>(),
-        want.difference(&got).take(5).collect::<Vec<_>>()
+    assert_same_pages(
+        &got,
+        &want,
+        &format!("dense={pages},{bytes_per_page} vcpus={vcpus}"),
     );
 }
 

@@ -77,6 +77,22 @@ pub fn expected_working_set(vm: &MiniVm) -> std::collections::BTreeSet<u64> {
     set
 }
 
+/// Asserts two page sets are equal, showing a few pages each way when they are not.
+pub fn assert_same_pages(
+    got: &std::collections::BTreeSet<u64>,
+    want: &std::collections::BTreeSet<u64>,
+    what: &str,
+) {
+    assert!(
+        got == want,
+        "{what}: {} pages dirty, {} expected; extra {:?} missing {:?}",
+        got.len(),
+        want.len(),
+        got.difference(want).take(5).collect::<Vec<_>>(),
+        want.difference(got).take(5).collect::<Vec<_>>()
+    );
+}
+
 /// A host-side copy of guest RAM kept up to date from the dirty log: what a precopy
 /// destination would hold. Equal to guest RAM after a final sync with vCPUs paused,
 /// or a write was lost.
