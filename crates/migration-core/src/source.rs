@@ -436,6 +436,7 @@ impl Run {
             },
             max_bandwidth_bytes_per_sec: self.live.max_bandwidth.load(Ordering::Relaxed),
             sparse_pages: self.params.x_ferry_sparse_pages,
+            page_checksum: transport::PageChecksum::default(),
             connect_timeout: Duration::from_millis(self.params.x_ferry_connect_timeout_ms),
             io_timeout: Duration::from_millis(self.params.x_ferry_io_timeout_ms),
             switchover_timeout: Duration::from_millis(self.params.x_ferry_switchover_timeout_ms),

@@ -1,7 +1,8 @@
 //! Paired ferry-vs-raw throughput, robust to a shared, noisy machine: each
-//! round runs one raw-socket copy and one ferry stream of the same 64 MiB back
-//! to back (alternating which goes first), and the report gives the median of
-//! the per-round ratios beside the median rates.
+//! round runs one raw-socket copy and two ferry streams (XXH3 page checksums, the
+//! default, and CRC32C) of the same 64 MiB back to back (rotating which goes
+//! first), and the report gives the median of the per-round ratios beside the
+//! median rates.
 //! Run: `CARGO_TARGET_DIR=/work/target-transport cargo bench -p ferry-transport --bench paired`
 
 mod support;
@@ -11,7 +12,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Instant;
 
 use support::*;
-use transport::{Compression, Uri};
+use transport::{Compression, PageChecksum, SendOptions, Uri};
 
 const ROUNDS: usize = 15;
 
@@ -48,39 +49,50 @@ fn main() {
     let rp = rpath.clone();
     let unix_connect = move || UnixStream::connect(&rp).unwrap();
 
-    println!("4 KiB pages, 64 MiB per stream, {ROUNDS} paired rounds, medians");
+    println!("4 KiB pages, 64 MiB per stream, {ROUNDS} rounds of raw, ferry (XXH3 page checksums) and ferry (CRC32C) back to back, medians");
     for (name, uri) in [("tcp", &tcp), ("unix", &unix)] {
         for n in [1u16, 2, 4] {
-            let (mut raw, mut ferry, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut raw, mut xxh3, mut crc) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut ratio_xxh3, mut ratio_crc) = (Vec::new(), Vec::new());
             for round in 0..ROUNDS + 1 {
-                let r_raw = || {
-                    gib_per_s(|| {
-                        if name == "tcp" {
-                            raw_send(&tcp_connect, &src, n.into())
-                        } else {
-                            raw_send(&unix_connect, &src, n.into())
-                        }
-                    })
-                };
-                let r_ferry = || gib_per_s(|| ferry_send(uri, &src, opts(n, Compression::None)));
-                let (r, f) = if round % 2 == 0 {
-                    let r = r_raw();
-                    (r, r_ferry())
-                } else {
-                    let f = r_ferry();
-                    (r_raw(), f)
-                };
+                let mut rates = [0.0f64; 3];
+                // Rotate which goes first, so a drift in the machine's load hits each alike.
+                for k in 0..3 {
+                    let which = (round + k) % 3;
+                    rates[which] = match which {
+                        0 => gib_per_s(|| {
+                            if name == "tcp" {
+                                raw_send(&tcp_connect, &src, n.into())
+                            } else {
+                                raw_send(&unix_connect, &src, n.into())
+                            }
+                        }),
+                        1 => gib_per_s(|| ferry_send(uri, &src, opts(n, Compression::None))),
+                        _ => gib_per_s(|| {
+                            let o = SendOptions {
+                                page_checksum: PageChecksum::Crc32c,
+                                ..opts(n, Compression::None)
+                            };
+                            ferry_send(uri, &src, o)
+                        }),
+                    };
+                }
                 if round > 0 {
+                    let [r, x, c] = rates;
                     raw.push(r);
-                    ferry.push(f);
-                    ratio.push(f / r);
+                    xxh3.push(x);
+                    crc.push(c);
+                    ratio_xxh3.push(x / r);
+                    ratio_crc.push(c / r);
                 }
             }
             println!(
-                "{name} {n} ch: raw {:.2} GiB/s, ferry {:.2} GiB/s, ferry/raw {:.0} %",
+                "{name} {n} ch: raw {:.2} GiB/s, ferry xxh3 {:.2} GiB/s = {:.0} %, ferry crc32c {:.2} GiB/s = {:.0} % of raw",
                 median(raw),
-                median(ferry),
-                100.0 * median(ratio)
+                median(xxh3),
+                100.0 * median(ratio_xxh3),
+                median(crc),
+                100.0 * median(ratio_crc)
             );
         }
     }

@@ -1,9 +1,10 @@
 //! The wire format: constants, the connection preamble, record headers and the
 //! stream header. `FORMAT.md` beside `Cargo.toml` is the prose version.
 //!
-//! All integers are little-endian. Checksums are CRC32C (Castagnoli).
+//! All integers are little-endian. Checksums are CRC32C (Castagnoli), except those
+//! of page batches in a stream with [`FEATURE_XXH3_PAGES`] (see [`PageChecksum`]).
 
-use crate::checksum;
+use crate::checksum::{self, PageChecksum};
 use crate::error::{Error, Result};
 
 /// First four bytes of every connection.
@@ -275,10 +276,18 @@ pub struct Features {
     pub channels: u16,
     /// Whether the sender may send [`Kind::SparsePages`] records.
     pub sparse_pages: bool,
+    /// The checksum of page batches ([`FEATURE_XXH3_PAGES`] when XXH3).
+    pub page_checksum: PageChecksum,
 }
 
 /// Header feature bit: sparse-page records may follow.
-const FEATURE_SPARSE_PAGES: u8 = 1;
+pub const FEATURE_SPARSE_PAGES: u8 = 1;
+/// Header feature bit: every checksum of a page batch (the body checksum in its
+/// record header and, in live batches, the per-page checksums) is the low 32 bits of
+/// XXH3-64 (seed 0) instead of CRC32C.
+pub const FEATURE_XXH3_PAGES: u8 = 2;
+/// Every feature bit this build knows.
+const KNOWN_FEATURES: u8 = FEATURE_SPARSE_PAGES | FEATURE_XXH3_PAGES;
 
 /// The stream header: page size, RAM block table and features.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -341,11 +350,14 @@ impl StreamHeader {
             Compression::None => 0,
             Compression::Zstd => 1,
         });
-        v.push(if self.features.sparse_pages {
-            FEATURE_SPARSE_PAGES
-        } else {
-            0
-        });
+        let mut bits = 0;
+        if self.features.sparse_pages {
+            bits |= FEATURE_SPARSE_PAGES;
+        }
+        if self.features.page_checksum == PageChecksum::Xxh3 {
+            bits |= FEATURE_XXH3_PAGES;
+        }
+        v.push(bits);
         v.extend_from_slice(&self.features.channels.to_le_bytes());
         v.extend_from_slice(&(self.blocks.len() as u32).to_le_bytes());
         for b in &self.blocks {
@@ -366,7 +378,7 @@ impl StreamHeader {
             other => return Err(Error::Malformed(format!("compression {other}"))),
         };
         let feature_bits = c.u8()?;
-        if feature_bits & !FEATURE_SPARSE_PAGES != 0 {
+        if feature_bits & !KNOWN_FEATURES != 0 {
             return Err(Error::Malformed(format!(
                 "unknown feature bits {feature_bits:#x}"
             )));
@@ -397,6 +409,11 @@ impl StreamHeader {
                 compression,
                 channels,
                 sparse_pages: feature_bits & FEATURE_SPARSE_PAGES != 0,
+                page_checksum: if feature_bits & FEATURE_XXH3_PAGES != 0 {
+                    PageChecksum::Xxh3
+                } else {
+                    PageChecksum::Crc32c
+                },
             },
         };
         h.validate()?;
@@ -483,7 +500,7 @@ mod tests {
 
     #[test]
     fn header_round_trips() {
-        let h = StreamHeader {
+        let mut h = StreamHeader {
             page_size: 4096,
             blocks: vec![
                 BlockInfo {
@@ -499,9 +516,31 @@ mod tests {
                 compression: Compression::Zstd,
                 channels: 4,
                 sparse_pages: true,
+                page_checksum: PageChecksum::Xxh3,
             },
         };
-        assert_eq!(StreamHeader::decode_body(&h.encode_body()).unwrap(), h);
+        for (sparse_pages, page_checksum, bits) in [
+            (
+                true,
+                PageChecksum::Xxh3,
+                FEATURE_SPARSE_PAGES | FEATURE_XXH3_PAGES,
+            ),
+            (true, PageChecksum::Crc32c, FEATURE_SPARSE_PAGES),
+            (false, PageChecksum::Xxh3, FEATURE_XXH3_PAGES),
+            (false, PageChecksum::Crc32c, 0),
+        ] {
+            h.features.sparse_pages = sparse_pages;
+            h.features.page_checksum = page_checksum;
+            let body = h.encode_body();
+            assert_eq!(body[5], bits, "feature byte");
+            assert_eq!(StreamHeader::decode_body(&body).unwrap(), h);
+        }
+        // Bits this build does not know are refused.
+        let mut body = h.encode_body();
+        for bit in 2..8 {
+            body[5] = 1 << bit;
+            assert!(StreamHeader::decode_body(&body).is_err(), "bit {bit}");
+        }
     }
 
     #[test]

@@ -38,9 +38,12 @@ mod sparse;
 mod uri;
 
 pub use cancel::Cancel;
+pub use checksum::PageChecksum;
 pub use counters::ByteCounters;
 pub use error::{Error, Result};
-pub use format::{BlockInfo, Compression, Features, StreamHeader};
+pub use format::{
+    BlockInfo, Compression, Features, StreamHeader, FEATURE_SPARSE_PAGES, FEATURE_XXH3_PAGES,
+};
 pub use limiter::RateLimiter;
 pub use recv::{decode_bytes, AcceptOptions, Decoded, Event, Listener, Receiver};
 pub use send::{decode_answers, AbortHandle, Ack, Answers, SendOptions, Sender, DEFAULT_TIMEOUT};

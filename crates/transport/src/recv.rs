@@ -869,7 +869,8 @@ fn page_ptr<S: PageSink + ?Sized>(sink: &S, block_idx: usize, page_index: u64) -
 }
 
 /// A page batch: prefix, offsets, then page data read straight into the sink
-/// (uncompressed) or decompressed after its CRC checked (zstd).
+/// (uncompressed) or decompressed after its checksum checked (zstd). Every checksum
+/// of the record is the header's [`PageChecksum`](checksum::PageChecksum).
 fn read_pages<S: PageSink + ?Sized>(
     idx: usize,
     r: &mut RecordReader,
@@ -919,7 +920,13 @@ fn read_pages<S: PageSink + ?Sized>(
     }
     sc.bytes.resize(offsets_bytes, 0);
     r.read_exact(&mut sc.bytes, "page offsets")?;
-    let mut crc = checksum::crc32c_append(checksum::crc32c(&pre), &sc.bytes);
+    // Every checksum of this record is the stream's page checksum (CRC32C, or XXH3
+    // with FEATURE_XXH3_PAGES); the body's is streamed over prefix, offsets, then
+    // the rest, in wire order.
+    let sum = sh.header.features.page_checksum;
+    let mut body_sum = sum.hasher();
+    body_sum.update(&pre);
+    body_sum.update(&sc.bytes);
     parse_offsets(&sc.bytes, block_idx, block_pages, true, &mut sc.offsets)?;
     let mut iov: Vec<(*mut u8, usize)> = Vec::with_capacity(count);
     for &o in &sc.offsets {
@@ -928,8 +935,8 @@ fn read_pages<S: PageSink + ?Sized>(
     if compressed {
         sc.bytes.resize(data_bytes, 0);
         r.read_exact(&mut sc.bytes, "compressed pages")?;
-        crc = checksum::crc32c_append(crc, &sc.bytes);
-        if crc != h.body_crc {
+        body_sum.update(&sc.bytes);
+        if body_sum.finish() != h.body_crc {
             return Err(Error::Checksum { what: "page batch" });
         }
         if sc.zstd.is_none() {
@@ -959,22 +966,41 @@ fn read_pages<S: PageSink + ?Sized>(
     } else if live {
         sc.crcs.resize(crc_bytes, 0);
         r.read_exact(&mut sc.crcs, "page checksums")?;
-        if checksum::crc32c_append(crc, &sc.crcs) != h.body_crc {
+        body_sum.update(&sc.crcs);
+        if body_sum.finish() != h.body_crc {
             return Err(Error::Checksum {
                 what: "page batch offsets",
             });
         }
-        // Each page's CRC is folded as its bytes land, while they are in cache: read
-        // back after the whole batch, they come from memory (the kernel's copy of a
-        // large read does not keep them cached).
+        // Each page's checksum is computed as its bytes land, while they are in
+        // cache: read back after the whole batch, they come from memory (the kernel's
+        // copy of a large read does not keep them cached). A page that lands in one
+        // piece (the common case) is hashed in one go; one that lands in several is
+        // streamed (pieces come in page order).
         sc.page_crcs.clear();
         sc.page_crcs.resize(count, 0);
         let page_crcs = &mut sc.page_crcs;
+        let mut piecewise = sum.hasher();
+        let (mut cur, mut filled) = (usize::MAX, 0usize);
         // SAFETY: as below: distinct pages of the sink, valid for writes.
         unsafe {
             r.read_exact_raw(
                 &iov,
-                |i, b| page_crcs[i] = checksum::crc32c_append(page_crcs[i], b),
+                |i, b| {
+                    if b.len() == page_size {
+                        page_crcs[i] = sum.of(b);
+                        return;
+                    }
+                    if i != cur {
+                        piecewise.reset();
+                        (cur, filled) = (i, 0);
+                    }
+                    piecewise.update(b);
+                    filled += b.len();
+                    if filled == page_size {
+                        page_crcs[i] = piecewise.finish();
+                    }
+                },
                 "page data",
             )?
         };
@@ -990,14 +1016,8 @@ fn read_pages<S: PageSink + ?Sized>(
     } else {
         // SAFETY: each `(p, page_size)` is a distinct page of the sink (offsets strictly
         // increase), valid for writes per the PageSink contract, and never our buffer.
-        unsafe {
-            r.read_exact_raw(
-                &iov,
-                |_, b| crc = checksum::crc32c_append(crc, b),
-                "page data",
-            )?
-        };
-        if crc != h.body_crc {
+        unsafe { r.read_exact_raw(&iov, |_, b| body_sum.update(b), "page data")? };
+        if body_sum.finish() != h.body_crc {
             return Err(Error::Checksum { what: "page batch" });
         }
     }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
-use crate::checksum;
+use crate::checksum::{self, PageChecksum};
 use crate::conn::{Conn, ConnTimeouts};
 use crate::counters::ByteCounters;
 use crate::error::{Error, Result};
@@ -45,6 +45,10 @@ pub struct SendOptions {
     pub max_bandwidth_bytes_per_sec: u64,
     /// Declare sparse pages in the header, so [`Sender::send_sparse_pages`] works.
     pub sparse_pages: bool,
+    /// Checksum of page batches. Default [`PageChecksum::Xxh3`] (header feature
+    /// `FEATURE_XXH3_PAGES`, about 2.5 times faster than CRC32C without VPCLMULQDQ);
+    /// [`PageChecksum::Crc32c`] for receivers that predate the feature.
+    pub page_checksum: PageChecksum,
     /// Most time one TCP connect may take (zero: no limit). Default 10 s.
     pub connect_timeout: Duration,
     /// Liveness of the destination (zero: the kernel's defaults): a TCP peer that
@@ -71,6 +75,7 @@ impl Default for SendOptions {
             compression: Compression::None,
             max_bandwidth_bytes_per_sec: 0,
             sparse_pages: true,
+            page_checksum: PageChecksum::Xxh3,
             connect_timeout: DEFAULT_TIMEOUT,
             io_timeout: DEFAULT_TIMEOUT,
             switchover_timeout: DEFAULT_TIMEOUT,
@@ -179,6 +184,7 @@ impl Sender {
                 compression: opts.compression,
                 channels: opts.channels,
                 sparse_pages: opts.sparse_pages,
+                page_checksum: opts.page_checksum,
             },
         };
         header
@@ -303,7 +309,7 @@ impl Sender {
         (self.limiter.bytes_per_sec() != 0).then_some((&self.limiter, &self.cancel))
     }
 
-    /// Writes one record: header (with the CRC of `body`) then the body parts.
+    /// Writes one record: header (with the CRC32C of `body`) then the body parts.
     fn write_record(
         &self,
         ch_idx: usize,
@@ -313,25 +319,23 @@ impl Sender {
         body: &[&[u8]],
         payload_bytes: u64,
     ) -> Result<()> {
-        self.write_record_crc(ch_idx, ch, kind, flags, body, body.len(), payload_bytes)
+        let crc = PageChecksum::Crc32c.of_parts(body);
+        self.write_record_summed(ch_idx, ch, kind, flags, body, crc, payload_bytes)
     }
 
-    /// Writes one record whose header CRC covers the first `crc_parts` body parts.
+    /// Writes one record whose header carries the body checksum `crc`.
     #[allow(clippy::too_many_arguments)]
-    fn write_record_crc(
+    fn write_record_summed(
         &self,
         ch_idx: usize,
         ch: &mut Channel,
         kind: Kind,
         flags: u8,
         body: &[&[u8]],
-        crc_parts: usize,
+        crc: u32,
         payload_bytes: u64,
     ) -> Result<()> {
         let body_len: usize = body.iter().map(|b| b.len()).sum();
-        let crc = body[..crc_parts]
-            .iter()
-            .fold(0, |c, b| checksum::crc32c_append(c, b));
         let hdr = RecordHeader {
             kind,
             flags,
@@ -444,25 +448,28 @@ impl Sender {
             ch.prefix.extend_from_slice(&o.to_le_bytes());
         }
         let prefix = std::mem::take(&mut ch.prefix);
+        let sum = self.header.features.page_checksum;
+        let payload = (n * page_size) as u64;
         let res = match ch.zstd.as_mut() {
             None if live => {
-                // One CRC per page, so a page torn in flight condemns only itself.
+                // One checksum per page, so a page torn in flight condemns only itself.
                 let mut crcs = Vec::with_capacity(4 * n);
                 for p in pages {
-                    crcs.extend_from_slice(&checksum::crc32c(p).to_le_bytes());
+                    crcs.extend_from_slice(&sum.of(p).to_le_bytes());
                 }
+                let crc = sum.of_parts(&[&prefix, &crcs]);
                 let mut body: Vec<&[u8]> = Vec::with_capacity(n + 2);
                 body.push(&prefix);
                 body.push(&crcs);
                 body.extend_from_slice(pages);
-                let payload = (n * page_size) as u64;
-                self.write_record_crc(ch_idx, ch, Kind::Pages, FLAG_LIVE, &body, 2, payload)
+                self.write_record_summed(ch_idx, ch, Kind::Pages, FLAG_LIVE, &body, crc, payload)
             }
             None => {
                 let mut body: Vec<&[u8]> = Vec::with_capacity(n + 1);
                 body.push(&prefix);
                 body.extend_from_slice(pages);
-                self.write_record(ch_idx, ch, Kind::Pages, 0, &body, (n * page_size) as u64)
+                let crc = sum.of_parts(&body);
+                self.write_record_summed(ch_idx, ch, Kind::Pages, 0, &body, crc, payload)
             }
             Some(z) => {
                 ch.zin.clear();
@@ -475,12 +482,14 @@ impl Sender {
                 match z.compress_to_buffer(&ch.zin, &mut ch.zout) {
                     Ok(_) => {
                         let zout = std::mem::take(&mut ch.zout);
-                        let r = self.write_record(
+                        let crc = sum.of_parts(&[&prefix, &zout]);
+                        let r = self.write_record_summed(
                             ch_idx,
                             ch,
                             Kind::Pages,
                             FLAG_ZSTD,
                             &[&prefix, &zout],
+                            crc,
                             zout.len() as u64,
                         );
                         ch.zout = zout;

@@ -10,7 +10,10 @@ use common::*;
 use transport::format::{
     Kind as RecordKind, Preamble, RecordHeader, MAX_BODY_BYTES, PREAMBLE_BYTES, RECORD_HEADER_BYTES,
 };
-use transport::{decode_bytes, BlockInfo, Compression, Error, Listener, Sender, Uri, VecSink};
+use transport::{
+    decode_bytes, BlockInfo, Compression, Error, Listener, PageChecksum, SendOptions, Sender, Uri,
+    VecSink,
+};
 
 const PAGE_SIZE: u32 = 512;
 const MAX_RAM: u64 = 1 << 20;
@@ -59,12 +62,28 @@ fn ops() -> Vec<Op> {
 
 /// A small valid one-channel stream, as written to a file.
 pub fn small_stream(compression: Compression) -> Vec<u8> {
+    small_stream_with(compression, PageChecksum::default())
+}
+
+/// Every compression with every page checksum.
+const VARIANTS: [(Compression, PageChecksum); 4] = [
+    (Compression::None, PageChecksum::Xxh3),
+    (Compression::Zstd, PageChecksum::Xxh3),
+    (Compression::None, PageChecksum::Crc32c),
+    (Compression::Zstd, PageChecksum::Crc32c),
+];
+
+/// [`small_stream`] with page checksum `sum`.
+pub fn small_stream_with(compression: Compression, sum: PageChecksum) -> Vec<u8> {
     let path = temp_path("small");
     let s = Sender::connect(
         &Uri::File(path.clone()),
         PAGE_SIZE,
         blocks(),
-        opts(1, compression),
+        SendOptions {
+            page_checksum: sum,
+            ..opts(1, compression)
+        },
     )
     .unwrap();
     send_ops(s, &ops()).unwrap();
@@ -106,15 +125,13 @@ fn record(kind: RecordKind, body: &[u8]) -> Vec<u8> {
 fn small_streams_decode() {
     // With FERRY_FUZZ_SEEDS=DIR, also leave them there as seeds for the fuzzer.
     let seeds = std::env::var("FERRY_FUZZ_SEEDS").ok();
-    for (i, c) in [Compression::None, Compression::Zstd]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, (c, sum)) in VARIANTS.into_iter().enumerate() {
         if let Some(dir) = &seeds {
             std::fs::create_dir_all(dir).unwrap();
-            std::fs::write(format!("{dir}/small-{i}"), small_stream(c)).unwrap();
+            std::fs::write(format!("{dir}/small-{i}"), small_stream_with(c, sum)).unwrap();
         }
-        let d = decode_bytes(&small_stream(c), MAX_RAM).unwrap();
+        let d = decode_bytes(&small_stream_with(c, sum), MAX_RAM).unwrap();
+        assert_eq!(d.header.features.page_checksum, sum);
         assert_eq!(d.memory, model(PAGE_SIZE as usize, &blocks(), &ops()));
         assert_eq!(d.events.len(), 2);
     }
@@ -122,12 +139,12 @@ fn small_streams_decode() {
 
 #[test]
 fn truncated_at_every_byte_is_truncated() {
-    for c in [Compression::None, Compression::Zstd] {
-        let s = small_stream(c);
+    for (c, sum) in VARIANTS {
+        let s = small_stream_with(c, sum);
         for len in 0..s.len() {
             match decode_bytes(&s[..len], MAX_RAM) {
                 Err(Error::Truncated { .. }) => {}
-                other => panic!("{c:?} cut at {len}/{}: {other:?}", s.len()),
+                other => panic!("{c:?} {sum:?} cut at {len}/{}: {other:?}", s.len()),
             }
         }
     }
@@ -135,14 +152,14 @@ fn truncated_at_every_byte_is_truncated() {
 
 #[test]
 fn every_flipped_bit_is_an_error() {
-    for c in [Compression::None, Compression::Zstd] {
-        let s = small_stream(c);
+    for (c, sum) in VARIANTS {
+        let s = small_stream_with(c, sum);
         for bit in 0..s.len() * 8 {
             let mut m = s.clone();
             m[bit / 8] ^= 1 << (bit % 8);
             assert!(
                 decode_bytes(&m, MAX_RAM).is_err(),
-                "{c:?}: flip of bit {bit} went unnoticed"
+                "{c:?} {sum:?}: flip of bit {bit} went unnoticed"
             );
         }
     }

@@ -1,12 +1,12 @@
 //! Round-trip property tests: random page batches, zero pages, sparse pages, device state and
 //! iteration markers, on every channel kind, with 1 and 4 parallel channels,
-//! uncompressed and zstd.
+//! uncompressed and zstd, with both page checksums (XXH3 and CRC32C).
 
 mod common;
 
 use common::*;
 use proptest::prelude::*;
-use transport::{BlockInfo, Compression, Event};
+use transport::{BlockInfo, Compression, Event, PageChecksum, SendOptions};
 
 const PAGE_SIZE: u32 = 4096;
 
@@ -100,10 +100,30 @@ fn check(
     blocks: Vec<BlockInfo>,
     ops: Vec<Op>,
 ) {
-    let out = round_trip(kind, PAGE_SIZE, &blocks, opts(channels, compression), &ops)
-        .unwrap_or_else(|e| panic!("{kind:?} x{channels} {compression:?}: {e}"));
-    let want = model(PAGE_SIZE as usize, &blocks, &ops);
-    assert!(out.memory == want, "{kind:?} x{channels}: memory differs");
+    for sum in [PageChecksum::Xxh3, PageChecksum::Crc32c] {
+        check_with(kind, channels, compression, sum, &blocks, &ops);
+    }
+}
+
+fn check_with(
+    kind: Kind,
+    channels: u16,
+    compression: Compression,
+    sum: PageChecksum,
+    blocks: &[BlockInfo],
+    ops: &[Op],
+) {
+    let o = SendOptions {
+        page_checksum: sum,
+        ..opts(channels, compression)
+    };
+    let out = round_trip(kind, PAGE_SIZE, blocks, o, ops)
+        .unwrap_or_else(|e| panic!("{kind:?} x{channels} {compression:?} {sum:?}: {e}"));
+    let want = model(PAGE_SIZE as usize, blocks, ops);
+    assert!(
+        out.memory == want,
+        "{kind:?} x{channels} {sum:?}: memory differs"
+    );
     let want_events: Vec<Event> = ops
         .iter()
         .filter_map(|op| match op {

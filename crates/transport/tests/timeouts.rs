@@ -351,6 +351,7 @@ fn header_record(channels: u16) -> Vec<u8> {
             compression: Compression::None,
             channels,
             sparse_pages: true,
+            page_checksum: transport::PageChecksum::Xxh3,
         },
     };
     let body = h.encode_body();

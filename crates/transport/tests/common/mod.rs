@@ -157,7 +157,12 @@ pub fn send_ops_unfinished(sender: &Sender, ops: &[Op]) -> Result<()> {
                     .map(|(o, f)| page_bytes(ps, *f, *o))
                     .collect();
                 let slices: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
-                sender.send_pages(*block, offsets, &slices)?;
+                // Batches whose first fill is odd go as live (one checksum per page).
+                if fill.first().is_some_and(|f| f % 2 == 1) {
+                    sender.send_live_pages(*block, offsets, &slices)?;
+                } else {
+                    sender.send_pages(*block, offsets, &slices)?;
+                }
             }
             Op::Zero { block, offsets } => sender.send_zero_pages(*block, offsets)?,
             Op::Sparse {
