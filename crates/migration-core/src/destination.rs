@@ -98,6 +98,42 @@ unsafe impl PageSink for RamSink<'_> {
             _ => std::ptr::null_mut(),
         }
     }
+
+    /// Maps each run of consecutive pages with one `MADV_POPULATE_WRITE` before the
+    /// receiver writes them: a fresh destination's RAM is mapped lazily, and a page
+    /// fault per incoming page cost ~20 % of a raw socket copy's speed here. Pages
+    /// already mapped stay as they are; a kernel without the advice (before 5.14)
+    /// refuses it and the pages fault in as before.
+    fn prepare_pages(&self, block_idx: usize, offsets: &[u64], page_size: usize) {
+        let Some(b) = self.ram.blocks().get(block_idx) else {
+            return;
+        };
+        if page_size as u64 != PAGE_SIZE {
+            return;
+        }
+        let mut i = 0;
+        while i < offsets.len() {
+            let first = offsets[i];
+            let mut n = 1;
+            while i + n < offsets.len() && offsets[i + n] == first + n as u64 {
+                n += 1;
+            }
+            i += n;
+            if first + n as u64 > b.pages() {
+                continue;
+            }
+            // SAFETY: [first, first + n) pages lie inside the block's live mapping
+            // (checked just above); populating a range maps in the pages that are not
+            // (zero-filled, or from their backing) and changes no byte of any page.
+            unsafe {
+                libc::madvise(
+                    (b.host_addr + first * PAGE_SIZE) as *mut libc::c_void,
+                    n * page_size,
+                    libc::MADV_POPULATE_WRITE,
+                );
+            }
+        }
+    }
 }
 
 /// Binds `uri` and receives one migration into `vm` on a thread (`mig/dst`).
@@ -312,4 +348,102 @@ pub fn ram_digest(ram: &GuestRam) -> u64 {
         }
     }
     digest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::mark_touched_pages;
+    use dirty_sync::{AddressSpace, DirtyBitmap, RamBlock};
+
+    /// 64 pages of lazily mapped anonymous memory as one RAM block.
+    struct LazyVm {
+        space: Arc<AddressSpace>,
+        base: *mut u8,
+        len: usize,
+    }
+
+    // SAFETY: the mapping is only read and written through the test's own calls.
+    unsafe impl Send for LazyVm {}
+    // SAFETY: as above.
+    unsafe impl Sync for LazyVm {}
+
+    impl LazyVm {
+        fn new() -> Arc<Self> {
+            let len = 64 * PAGE_SIZE as usize;
+            // SAFETY: a fresh private anonymous mapping, owned by this struct.
+            let base = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(base, libc::MAP_FAILED);
+            let block = RamBlock {
+                id: "ram0".into(),
+                gpa: 0,
+                size_bytes: len as u64,
+                host_addr: base as u64,
+                kvm_slot: 0,
+                first_page: 0,
+            };
+            Arc::new(LazyVm {
+                space: Arc::new(AddressSpace::new(vec![block]).unwrap()),
+                base: base.cast(),
+                len,
+            })
+        }
+    }
+
+    impl Drop for LazyVm {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in `new`, unmapped once.
+            unsafe { libc::munmap(self.base.cast(), self.len) };
+        }
+    }
+
+    impl MigratableVm for LazyVm {
+        fn address_space(&self) -> &Arc<AddressSpace> {
+            &self.space
+        }
+        fn pause_vcpus(&self) -> std::result::Result<(), crate::GuestError> {
+            Ok(())
+        }
+        fn resume_vcpus(&self) -> std::result::Result<(), crate::GuestError> {
+            Ok(())
+        }
+        fn save_device_state(&self) -> std::result::Result<Vec<u8>, crate::GuestError> {
+            Ok(Vec::new())
+        }
+        fn load_device_state(&self, _: &[u8]) -> std::result::Result<(), crate::GuestError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn prepare_pages_maps_the_runs_and_changes_no_byte() {
+        let vm = LazyVm::new();
+        // SAFETY: page 3 is inside the mapping.
+        unsafe { *vm.base.add(3 * PAGE_SIZE as usize + 5) = 0xab };
+        let ram = GuestRam::new(vm.clone());
+        let sink = RamSink { ram: &ram };
+        let present = || {
+            let b = DirtyBitmap::new(64);
+            mark_touched_pages(&ram.blocks()[0], &b).unwrap();
+            b.iter_set().collect::<Vec<u64>>()
+        };
+        assert_eq!(present(), vec![3]);
+        // Two runs and a page past the block (ignored), and a wrong block.
+        sink.prepare_pages(0, &[2, 3, 4, 10, 11, 64], PAGE_SIZE as usize);
+        sink.prepare_pages(1, &[20], PAGE_SIZE as usize);
+        assert_eq!(present(), vec![2, 3, 4, 10, 11]);
+        // SAFETY: the whole mapping is readable.
+        let bytes = unsafe { std::slice::from_raw_parts(vm.base, vm.len) };
+        let nonzero: Vec<usize> = (0..vm.len).filter(|&i| bytes[i] != 0).collect();
+        assert_eq!(nonzero, vec![3 * PAGE_SIZE as usize + 5]);
+    }
 }

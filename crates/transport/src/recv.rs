@@ -932,6 +932,7 @@ fn read_pages<S: PageSink + ?Sized>(
     for &o in &sc.offsets {
         iov.push((page_ptr(sink, block_idx, o)?, page_size));
     }
+    sink.prepare_pages(block_idx, &sc.offsets, page_size);
     if compressed {
         sc.bytes.resize(data_bytes, 0);
         r.read_exact(&mut sc.bytes, "compressed pages")?;

@@ -24,6 +24,14 @@ pub unsafe trait PageSink: Sync {
     /// Host address of page `page_index` of block `block_idx`, or null to refuse.
     fn page_ptr(&self, block_idx: usize, page_index: u64) -> *mut u8;
 
+    /// The receiver is about to write the pages `offsets` (increasing, in bounds) of
+    /// block `block_idx`. A sink whose memory is mapped lazily may map them here in one
+    /// go (cheaper than a page fault each); the default does nothing. Never changes
+    /// what any page reads.
+    fn prepare_pages(&self, block_idx: usize, offsets: &[u64], page_size: usize) {
+        let _ = (block_idx, offsets, page_size);
+    }
+
     /// Makes the page zero. The default skips pages that already read as zero
     /// (like QEMU), so untouched destination memory is never written.
     fn zero_page(&self, block_idx: usize, page_index: u64, page_size: usize) {
