@@ -354,81 +354,65 @@ pub fn ram_digest(ram: &GuestRam) -> u64 {
 mod tests {
     use super::*;
     use crate::guest::mark_touched_pages;
+    use crate::test_vm::TestVm;
     use dirty_sync::{AddressSpace, DirtyBitmap, RamBlock};
 
-    /// 64 pages of lazily mapped anonymous memory as one RAM block.
-    struct LazyVm {
-        space: Arc<AddressSpace>,
+    /// 64 pages of lazily mapped anonymous memory, unmapped on drop.
+    struct Mapping {
         base: *mut u8,
         len: usize,
     }
 
     // SAFETY: the mapping is only read and written through the test's own calls.
-    unsafe impl Send for LazyVm {}
+    unsafe impl Send for Mapping {}
     // SAFETY: as above.
-    unsafe impl Sync for LazyVm {}
+    unsafe impl Sync for Mapping {}
 
-    impl LazyVm {
-        fn new() -> Arc<Self> {
-            let len = 64 * PAGE_SIZE as usize;
-            // SAFETY: a fresh private anonymous mapping, owned by this struct.
-            let base = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(base, libc::MAP_FAILED);
-            let block = RamBlock {
-                id: "ram0".into(),
-                gpa: 0,
-                size_bytes: len as u64,
-                host_addr: base as u64,
-                kvm_slot: 0,
-                first_page: 0,
-            };
-            Arc::new(LazyVm {
-                space: Arc::new(AddressSpace::new(vec![block]).unwrap()),
-                base: base.cast(),
-                len,
-            })
-        }
-    }
-
-    impl Drop for LazyVm {
+    impl Drop for Mapping {
         fn drop(&mut self) {
-            // SAFETY: the mapping made in `new`, unmapped once.
+            // SAFETY: the mapping made in `lazy_vm`, unmapped once.
             unsafe { libc::munmap(self.base.cast(), self.len) };
         }
     }
 
-    impl MigratableVm for LazyVm {
-        fn address_space(&self) -> &Arc<AddressSpace> {
-            &self.space
-        }
-        fn pause_vcpus(&self) -> std::result::Result<(), crate::GuestError> {
-            Ok(())
-        }
-        fn resume_vcpus(&self) -> std::result::Result<(), crate::GuestError> {
-            Ok(())
-        }
-        fn save_device_state(&self) -> std::result::Result<Vec<u8>, crate::GuestError> {
-            Ok(Vec::new())
-        }
-        fn load_device_state(&self, _: &[u8]) -> std::result::Result<(), crate::GuestError> {
-            Ok(())
-        }
+    /// A guest whose one RAM block is a fresh [`Mapping`].
+    fn lazy_vm() -> Arc<TestVm<Mapping>> {
+        let len = 64 * PAGE_SIZE as usize;
+        // SAFETY: a fresh private anonymous mapping, owned by the returned Mapping.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let block = RamBlock {
+            id: "ram0".into(),
+            gpa: 0,
+            size_bytes: len as u64,
+            host_addr: base as u64,
+            kvm_slot: 0,
+            first_page: 0,
+        };
+        Arc::new(TestVm {
+            space: Arc::new(AddressSpace::new(vec![block]).unwrap()),
+            mem: Mapping {
+                base: base.cast(),
+                len,
+            },
+        })
     }
 
     #[test]
     fn prepare_pages_maps_the_runs_and_changes_no_byte() {
-        let vm = LazyVm::new();
+        let vm = lazy_vm();
+        let (base, len) = (vm.mem.base, vm.mem.len);
         // SAFETY: page 3 is inside the mapping.
-        unsafe { *vm.base.add(3 * PAGE_SIZE as usize + 5) = 0xab };
+        unsafe { *base.add(3 * PAGE_SIZE as usize + 5) = 0xab };
         let ram = GuestRam::new(vm.clone());
         let sink = RamSink { ram: &ram };
         let present = || {
@@ -442,8 +426,8 @@ mod tests {
         sink.prepare_pages(1, &[20], PAGE_SIZE as usize);
         assert_eq!(present(), vec![2, 3, 4, 10, 11]);
         // SAFETY: the whole mapping is readable.
-        let bytes = unsafe { std::slice::from_raw_parts(vm.base, vm.len) };
-        let nonzero: Vec<usize> = (0..vm.len).filter(|&i| bytes[i] != 0).collect();
+        let bytes = unsafe { std::slice::from_raw_parts(base, len) };
+        let nonzero: Vec<usize> = (0..len).filter(|&i| bytes[i] != 0).collect();
         assert_eq!(nonzero, vec![3 * PAGE_SIZE as usize + 5]);
     }
 }

@@ -702,49 +702,27 @@ mod tests {
     }
 
     /// 4 MiB of heap "RAM" in one block.
-    struct FakeVm {
-        space: Arc<AddressSpace>,
-        _ram: Vec<u8>,
-    }
+    type FakeVm = crate::test_vm::TestVm<Vec<u8>>;
 
-    impl FakeVm {
-        fn new(pages_per_sync: u64) -> Arc<Self> {
-            let ram = vec![0u8; 4 << 20];
-            let block = RamBlock {
-                id: "ram0".into(),
-                gpa: 0,
-                size_bytes: ram.len() as u64,
-                host_addr: ram.as_ptr() as u64,
-                kvm_slot: 0,
-                first_page: 0,
-            };
-            let space = AddressSpace::new(vec![block]).unwrap();
-            space
-                .register_listener(Arc::new(EverySync(pages_per_sync)))
-                .unwrap();
-            Arc::new(FakeVm {
-                space: Arc::new(space),
-                _ram: ram,
-            })
-        }
-    }
-
-    impl MigratableVm for FakeVm {
-        fn address_space(&self) -> &Arc<AddressSpace> {
-            &self.space
-        }
-        fn pause_vcpus(&self) -> std::result::Result<(), crate::GuestError> {
-            Ok(())
-        }
-        fn resume_vcpus(&self) -> std::result::Result<(), crate::GuestError> {
-            Ok(())
-        }
-        fn save_device_state(&self) -> std::result::Result<Vec<u8>, crate::GuestError> {
-            Ok(Vec::new())
-        }
-        fn load_device_state(&self, _: &[u8]) -> std::result::Result<(), crate::GuestError> {
-            Ok(())
-        }
+    /// A guest whose listener reports pages `0..pages_per_sync` on every sync.
+    fn fake_vm(pages_per_sync: u64) -> Arc<FakeVm> {
+        let ram = vec![0u8; 4 << 20];
+        let block = RamBlock {
+            id: "ram0".into(),
+            gpa: 0,
+            size_bytes: ram.len() as u64,
+            host_addr: ram.as_ptr() as u64,
+            kvm_slot: 0,
+            first_page: 0,
+        };
+        let space = AddressSpace::new(vec![block]).unwrap();
+        space
+            .register_listener(Arc::new(EverySync(pages_per_sync)))
+            .unwrap();
+        Arc::new(FakeVm {
+            space: Arc::new(space),
+            mem: ram,
+        })
     }
 
     fn refused(job: &DirtyRateJob, args: DirtyRateArgs, text: &str) {
@@ -758,7 +736,7 @@ mod tests {
 
     #[test]
     fn bad_arguments_get_qemus_errors() {
-        let job = DirtyRateJob::new(FakeVm::new(0));
+        let job = DirtyRateJob::new(fake_vm(0));
         let range = "Calculation time is out of range [50ms, 60000ms].";
         refused(
             &job,
@@ -797,7 +775,7 @@ mod tests {
 
     #[test]
     fn one_at_a_time_and_cancel() {
-        let job = DirtyRateJob::new(FakeVm::new(0));
+        let job = DirtyRateJob::new(fake_vm(0));
         job.calc(&DirtyRateArgs {
             calc_time: 60,
             ..Default::default()
@@ -825,7 +803,7 @@ mod tests {
 
     #[test]
     fn cancel_ends_a_wait_from_another_thread() {
-        let job = DirtyRateJob::new(FakeVm::new(0));
+        let job = DirtyRateJob::new(fake_vm(0));
         job.calc(&DirtyRateArgs::millis(60_000, DirtyRateMode::DirtyBitmap))
             .unwrap();
         let q = std::thread::scope(|s| {
@@ -843,7 +821,7 @@ mod tests {
 
     #[test]
     fn bitmap_mode_counts_the_log_beside_a_migration() {
-        let vm = FakeVm::new(256);
+        let vm = fake_vm(256);
         let space = Arc::clone(vm.address_space());
         let mig = space
             .global_dirty_log_start(DirtyReason::Migration)
@@ -867,7 +845,7 @@ mod tests {
 
     #[test]
     fn sampling_static_memory_reads_zero() {
-        let job = DirtyRateJob::new(FakeVm::new(0));
+        let job = DirtyRateJob::new(fake_vm(0));
         let mut a = DirtyRateArgs::millis(50, DirtyRateMode::PageSampling);
         a.sample_pages = Some(16384);
         job.calc(&a).unwrap();

@@ -16,6 +16,8 @@ mod params;
 mod rates;
 mod runstate;
 mod source;
+#[cfg(test)]
+mod test_vm;
 
 pub use destination::{
     incoming, incoming_with, ram_digest, Incoming, IncomingOptions, IncomingReport,
