@@ -5,11 +5,9 @@
 
 mod common;
 
-use std::collections::BTreeSet;
-
 use common::{
-    assert_no_lost_write, assert_same_pages, config, expected_working_set, guest_lock, start,
-    wait_all,
+    assert_no_lost_write, assert_same_pages, config, dirty_window, expected_working_set,
+    guest_lock, start, wait_all,
 };
 use dirty_sync::kvm::{KvmBitmapConfig, KvmBitmapListener, ProtectMode};
 use dirty_sync::{DirtyReason, MemoryListener, RamBlock, PAGE_SIZE};
@@ -31,12 +29,7 @@ fn exact_set(w: u64, vcpus: u32, manual: bool) {
         .global_dirty_log_start(DirtyReason::DirtyRate)
         .unwrap();
     wait_all(&vm, 2);
-    // Baseline: absorbs INITIALLY_SET and everything before the window.
-    space.global_dirty_log_sync(None).unwrap();
-    bitmap.clear_all();
-    wait_all(&vm, 3);
-    let report = space.global_dirty_log_sync(None).unwrap();
-    let got: BTreeSet<u64> = bitmap.iter_set().collect();
+    let (got, report) = dirty_window(&vm, &space, &bitmap, 3);
     let want = expected_working_set(&vm);
     assert_same_pages(&got, &want, &format!("W={w} vcpus={vcpus} manual={manual}"));
     assert_eq!(report.new_pages(DirtyReason::DirtyRate), want.len() as u64);

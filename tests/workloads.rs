@@ -9,7 +9,9 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{assert_same_pages, config, expected_working_set, guest_lock, start, wait_all};
+use common::{
+    assert_same_pages, config, dirty_window, expected_working_set, guest_lock, start, wait_all,
+};
 use dirty_sync::{DirtyReason, PAGE_SIZE};
 use minivm::{
     page_words, xorshift_next, xorshift_seed, zipf_levels, zipf_page, DirtyTracking, MiniVm,
@@ -43,11 +45,7 @@ fn dense_exact_set(pages: u64, bytes_per_page: u64, vcpus: u32) {
         .global_dirty_log_start(DirtyReason::DirtyRate)
         .unwrap();
     wait_all(&vm, 2);
-    space.global_dirty_log_sync(None).unwrap();
-    bitmap.clear_all();
-    wait_all(&vm, 2);
-    space.global_dirty_log_sync(None).unwrap();
-    let got: BTreeSet<u64> = bitmap.iter_set().collect();
+    let (got, _) = dirty_window(&vm, &space, &bitmap, 2);
     let want = expected_working_set(&vm);
     assert_same_pages(
         &got,

@@ -77,6 +77,21 @@ pub fn expected_working_set(vm: &MiniVm) -> std::collections::BTreeSet<u64> {
     set
 }
 
+/// The pages dirtied in a steady window of `rounds` guest rounds: a baseline sync
+/// (absorbing the log's initial state and everything before), then the window's own.
+pub fn dirty_window(
+    vm: &MiniVm,
+    space: &dirty_sync::AddressSpace,
+    bitmap: &dirty_sync::DirtyBitmap,
+    rounds: u64,
+) -> (std::collections::BTreeSet<u64>, dirty_sync::SyncReport) {
+    space.global_dirty_log_sync(None).expect("baseline sync");
+    bitmap.clear_all();
+    wait_all(vm, rounds);
+    let report = space.global_dirty_log_sync(None).expect("window sync");
+    (bitmap.iter_set().collect(), report)
+}
+
 /// Asserts two page sets are equal, showing a few pages each way when they are not.
 pub fn assert_same_pages(
     got: &std::collections::BTreeSet<u64>,
