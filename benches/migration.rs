@@ -461,6 +461,22 @@ fn start_vm(
     Ok(Vm { child, qmp })
 }
 
+/// This machine's CPU time from the first line of `/proc/stat`: (busy, total) in
+/// clock ticks, busy being all but idle and iowait.
+fn machine_cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3)? + v.get(4)?;
+    Some((total - idle, total))
+}
+
 /// What one migration measured.
 #[derive(Clone, Debug, Default)]
 struct Run {
@@ -480,6 +496,9 @@ struct Run {
     first_pass: Value,
     first_pass_end_ms: Option<u64>,
     ram_match: Option<bool>,
+    /// How busy this machine's cores were from `migrate` to the end (%): both sides
+    /// and the guest share them.
+    cpu_busy_percent: Option<f64>,
     /// The replies: timeline, final source and destination `query-migrate`, digests.
     json: Value,
 }
@@ -581,6 +600,7 @@ fn migrate_inner(
         .execute("migrate", json!({"uri": format!("tcp:{}", place.dst_addr)}))?;
     let mut timeline = Vec::new();
     let mut timed_out = false;
+    let cpu_at_start = machine_cpu_ticks();
     let fin = loop {
         let t_ms = t0.elapsed().as_millis() as u64;
         let info = src.qmp.execute("query-migrate", json!({}))?;
@@ -624,6 +644,12 @@ fn migrate_inner(
     let p = &x["downtime-phases-us"];
     run.phases_us = ["pause", "sync", "pages", "device", "ack"].map(|k| u(&p[k]));
     run.send_rate = send_rate(&timeline, &fin);
+    run.cpu_busy_percent =
+        cpu_at_start
+            .zip(machine_cpu_ticks())
+            .and_then(|((b0, t0), (b1, t1))| {
+                (t1 > t0).then(|| (b1 - b0) as f64 * 100.0 / (t1 - t0) as f64)
+            });
     // The check, outside the timed downtime: the destination is held paused by -S
     // once it has the guest, the source is in postmigrate.
     let mut digests = Value::Null;
@@ -732,14 +758,14 @@ fn outcome(r: &Run) -> String {
     )
 }
 
-const HEADER: &str = "| row | status | total ms | downtime ms | pause / sync / pages / device / ack ms | transferred MiB | in downtime MiB | physics ms | passes | send rate MB/s | % of link | first-pass prediction | happened | RAM equal |";
-const RULE: &str = "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+const HEADER: &str = "| row | status | total ms | downtime ms | pause / sync / pages / device / ack ms | transferred MiB | in downtime MiB | physics ms | passes | send rate MB/s | % of link | cores busy | first-pass prediction | happened | RAM equal |";
+const RULE: &str = "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
 
 fn table_line(name: &str, m: &Run, d: &Run, link_rate: Option<f64>) -> String {
     let ms = |us: u64| format!("{:.1}", us as f64 / 1000.0);
     let done = d.status == "completed";
     format!(
-        "| {name} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {:.0} | {} | {} | {} | {} |",
+        "| {name} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} |",
         m.status,
         m.total_ms,
         if done {
@@ -765,6 +791,8 @@ fn table_line(name: &str, m: &Run, d: &Run, link_rate: Option<f64>) -> String {
         m.passes,
         m.send_rate / 1e6,
         link_rate.map_or("-".into(), |l| format!("{:.0} %", m.send_rate / l * 100.0)),
+        m.cpu_busy_percent
+            .map_or("-".into(), |p| format!("{p:.0} %")),
         prediction(&m.first_pass),
         outcome(m),
         m.ram_match.map_or("-", |ok| if ok { "yes" } else { "NO" }),
@@ -837,7 +865,10 @@ fn main() {
          < 0.1 ms here, not added), from `downtime-bytes`. happened: time from the \
          prediction to the switch-over, ✓ when the prediction was right (a converging one's \
          switch-over time since the start within 25 % + 10 ms; a not-converging one for a \
-         row that did not converge in the limit). First-pass prediction: the engine's \
+         row that did not converge in the limit). cores busy: the share of \
+         this machine's CPU time (all cores, /proc/stat) not idle from `migrate` to the end; \
+         the guest's 2 vCPUs, the source and the destination (which on two real hosts has \
+         its own) share these cores. First-pass prediction: the engine's \
          `x-ferry.first-pass-convergence`. RAM equal: x-ferry-query-ram-digest of source (postmigrate) and \
          destination (paused by -S), taken after the migration."
             .to_string(),
