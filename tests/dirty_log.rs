@@ -153,14 +153,13 @@ fn bad_input_gives_errors() {
         .is_err());
         // A slot that does not exist.
         let l = KvmBitmapListener::new(fd, KvmBitmapConfig::default()).unwrap();
-        let bogus = RamBlock {
-            id: "nope".into(),
-            gpa: 1 << 40,
-            size_bytes: 1 << 20,
-            host_addr: 0,
-            kvm_slot: 999,
-            first_page: 0,
-        };
+        let bogus = RamBlock::new(
+            "nope",
+            1 << 40,
+            dirty_sync::HostMemory::anonymous(1 << 20).unwrap(),
+            999,
+            0,
+        );
         let bm = dirty_sync::DirtyBitmap::new(256);
         let mut sink = dirty_sync::DirtySink::new([Some(&bm), None, None, None, None, None]);
         assert!(l.log_sync(&bogus, &mut sink).is_err());

@@ -138,12 +138,10 @@ impl Shadow {
                 bits &= bits - 1;
                 let (bi, off) = space.locate_page(page).expect("page in RAM");
                 let b = &space.blocks()[bi];
-                let src = (b.host_addr + off * PAGE_SIZE) as *const u8;
                 let dst =
                     &mut self.bytes[(page * PAGE_SIZE) as usize..((page + 1) * PAGE_SIZE) as usize];
-                // SAFETY: src is inside the block's live mapping (the VM outlives this
-                // call); the guest may write it meanwhile, which the tests race on purpose.
-                unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE as usize) };
+                // The guest may write the page meanwhile, which the tests race on purpose.
+                assert!(b.memory.read_volatile(off * PAGE_SIZE, dst));
                 n += 1;
             }
         }
@@ -154,10 +152,9 @@ impl Shadow {
     pub fn assert_equals_ram(&self, space: &dirty_sync::AddressSpace, what: &str) {
         use dirty_sync::PAGE_SIZE;
         for b in space.blocks() {
-            // SAFETY: the block's mapping is live and the caller paused the guest.
-            let ram = unsafe {
-                std::slice::from_raw_parts(b.host_addr as *const u8, b.size_bytes as usize)
-            };
+            // The caller paused the guest.
+            let mut ram = vec![0u8; b.size_bytes as usize];
+            assert!(b.memory.read_volatile(0, &mut ram));
             let sh = &self.bytes[b.gpa as usize..(b.gpa + b.size_bytes) as usize];
             if ram != sh {
                 let bad = (0..b.pages()).find(|p| {

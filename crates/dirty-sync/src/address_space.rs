@@ -63,6 +63,14 @@ impl AddressSpace {
                     b.id, b.gpa, b.size_bytes
                 )));
             }
+            if b.size_bytes > b.memory.size_bytes() {
+                return Err(Error::InvalidBlocks(format!(
+                    "block {} has {:#x} bytes but its host memory only {:#x}",
+                    b.id,
+                    b.size_bytes,
+                    b.memory.size_bytes()
+                )));
+            }
             if b.first_page != next_page {
                 return Err(Error::InvalidBlocks(format!(
                     "block {} starts at page {} but the previous blocks end at page {}",
@@ -374,13 +382,14 @@ mod tests {
 
     fn two_blocks() -> Vec<RamBlock> {
         (0..2)
-            .map(|i| RamBlock {
-                id: format!("ram{i}"),
-                gpa: i * (1 << 20),
-                size_bytes: 1 << 20,
-                host_addr: 0,
-                kvm_slot: i as u32,
-                first_page: i * 256,
+            .map(|i| {
+                RamBlock::new(
+                    format!("ram{i}"),
+                    i * (1 << 20),
+                    crate::HostMemory::anonymous(1 << 20).unwrap(),
+                    i as u32,
+                    i * 256,
+                )
             })
             .collect()
     }

@@ -1,6 +1,6 @@
 //! RAM blocks and the flat sections that listeners log.
 
-use crate::{PAGE_SHIFT, PAGE_SIZE};
+use crate::{HostMemory, PAGE_SHIFT, PAGE_SIZE};
 
 /// One contiguous piece of guest RAM backed by host memory and registered as one KVM slot.
 ///
@@ -12,10 +12,11 @@ pub struct RamBlock {
     pub id: String,
     /// Guest physical address of the first byte.
     pub gpa: u64,
-    /// Length in bytes, a multiple of [`PAGE_SIZE`].
+    /// Length in bytes, a multiple of [`PAGE_SIZE`]; never more than the host memory's
+    /// (the address space checks).
     pub size_bytes: u64,
-    /// Host virtual address of the first byte (the mmap backing the block).
-    pub host_addr: u64,
+    /// The host memory backing the block (the VMM's mapping).
+    pub memory: HostMemory,
     /// KVM slot number, `(address_space << 16) | slot_id`.
     pub kvm_slot: u32,
     /// Index of the block's first page in the address space's global page-index space.
@@ -23,6 +24,25 @@ pub struct RamBlock {
 }
 
 impl RamBlock {
+    /// A block of all of `memory` at guest physical address `gpa`, KVM slot `kvm_slot`,
+    /// starting at global page `first_page`.
+    pub fn new(
+        id: impl Into<String>,
+        gpa: u64,
+        memory: HostMemory,
+        kvm_slot: u32,
+        first_page: u64,
+    ) -> RamBlock {
+        RamBlock {
+            id: id.into(),
+            gpa,
+            size_bytes: memory.size_bytes(),
+            memory,
+            kvm_slot,
+            first_page,
+        }
+    }
+
     /// Number of pages in the block.
     pub fn pages(&self) -> u64 {
         self.size_bytes >> PAGE_SHIFT

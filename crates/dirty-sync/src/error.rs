@@ -8,6 +8,9 @@ pub enum Error {
     /// The RAM block table is not usable (empty, unaligned, overlapping, not contiguous).
     #[error("invalid RAM block table: {0}")]
     InvalidBlocks(String),
+    /// Host memory that cannot back guest RAM (null, unaligned, empty, unmappable).
+    #[error("invalid host memory: {0}")]
+    InvalidMemory(String),
     /// A section or page range names memory the address space does not have.
     #[error("no such memory: {0}")]
     NoSuchMemory(String),

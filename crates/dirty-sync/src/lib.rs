@@ -12,6 +12,7 @@ mod block;
 mod error;
 pub mod kvm;
 mod listener;
+mod memory;
 mod reason;
 mod vmm_writes;
 
@@ -20,6 +21,7 @@ pub use bitmap::{DirtyBitmap, SetBits, BITS_PER_WORD};
 pub use block::RamBlock;
 pub use error::{Error, Result};
 pub use listener::{DirtySink, MemoryListener, SyncMode};
+pub use memory::{ram_blocks, HostMemory, HostPage};
 pub use reason::{DirtyReason, ReasonMask};
 pub use vmm_writes::VmmWritesListener;
 

@@ -58,7 +58,7 @@ impl VmmWritesListener {
 mod tests {
     use std::sync::Arc;
 
-    use vm_memory::{Bytes, GuestRegionMmap};
+    use vm_memory::Bytes;
 
     use super::*;
     use crate::{AddressSpace, DirtyReason};
@@ -71,18 +71,7 @@ mod tests {
             (GuestAddress(size), size as usize),
         ])
         .unwrap();
-        let blocks: Vec<RamBlock> = mem
-            .iter()
-            .enumerate()
-            .map(|(i, r): (usize, &GuestRegionMmap<AtomicBitmap>)| RamBlock {
-                id: format!("ram{i}"),
-                gpa: r.start_addr().0,
-                size_bytes: r.len(),
-                host_addr: r.as_ptr() as u64,
-                kvm_slot: i as u32,
-                first_page: r.start_addr().0 / 4096,
-            })
-            .collect();
+        let blocks = crate::ram_blocks(&mem).unwrap();
         let space = AddressSpace::new(blocks).unwrap();
         space
             .register_listener(Arc::new(VmmWritesListener::new(mem.clone())))
@@ -110,14 +99,7 @@ mod tests {
         let mem: GuestMemoryMmap<AtomicBitmap> =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let l = VmmWritesListener::new(mem);
-        let bogus = RamBlock {
-            id: "x".into(),
-            gpa: 0,
-            size_bytes: 2 << 20,
-            host_addr: 0,
-            kvm_slot: 0,
-            first_page: 0,
-        };
+        let bogus = RamBlock::new("x", 0, crate::HostMemory::anonymous(2 << 20).unwrap(), 0, 0);
         assert!(l.log_start(&bogus).is_err());
     }
 }

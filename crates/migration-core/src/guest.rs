@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
 
-use dirty_sync::{AddressSpace, DirtyBitmap, RamBlock, PAGE_SIZE};
+use dirty_sync::{AddressSpace, DirtyBitmap, HostPage, RamBlock, PAGE_SIZE};
 
 /// Error type the VMM's callbacks return.
 pub type GuestError = Box<dyn std::error::Error + Send + Sync>;
@@ -36,10 +36,7 @@ pub trait MigratableVm: Send + Sync {
     }
 }
 
-/// Byte-level access to guest RAM through the blocks' host addresses.
-///
-/// Holding the VM keeps the mappings alive: `RamBlock::host_addr` is valid for
-/// `size_bytes` for as long as the `MigratableVm` lives (its implementor's promise).
+/// Access to guest RAM, page by page, through the blocks' [`HostMemory`](dirty_sync::HostMemory).
 #[derive(Clone)]
 pub struct GuestRam {
     vm: Arc<dyn MigratableVm>,
@@ -56,55 +53,16 @@ impl GuestRam {
         self.vm.address_space().blocks()
     }
 
-    /// Page `page` of block `block` (caller checks bounds with [`GuestRam::blocks`]).
+    /// Page `page` of block `block`, or None when there is no such page.
     ///
     /// The guest may write the page while it is read; the bytes are then a mix that
     /// the dirty log will make the sender resend.
-    pub fn page(&self, block: usize, page: u64) -> &[u8] {
-        let b = &self.blocks()[block];
-        assert!(page < b.pages(), "page {page} beyond block {}", b.id);
-        // SAFETY: the block maps size_bytes at host_addr for the VM's lifetime (held by
-        // self), and page < pages keeps the slice inside it.
-        unsafe {
-            std::slice::from_raw_parts(
-                (b.host_addr + page * PAGE_SIZE) as *const u8,
-                PAGE_SIZE as usize,
-            )
+    pub fn page(&self, block: usize, page: u64) -> Option<HostPage<'_>> {
+        let b = self.blocks().get(block)?;
+        if page >= b.pages() {
+            return None;
         }
-    }
-
-    /// `n` consecutive pages of block `block` starting at `page`.
-    pub fn pages(&self, block: usize, page: u64, n: u64) -> &[u8] {
-        let b = &self.blocks()[block];
-        assert!(
-            page + n <= b.pages(),
-            "pages {page}+{n} beyond block {}",
-            b.id
-        );
-        // SAFETY: as in `page`, the range is inside the block's mapping.
-        unsafe {
-            std::slice::from_raw_parts(
-                (b.host_addr + page * PAGE_SIZE) as *const u8,
-                (n * PAGE_SIZE) as usize,
-            )
-        }
-    }
-
-    /// Mutable access to a page of a guest that is not running (the destination).
-    ///
-    /// # Safety
-    /// No vCPU may run and no other thread may access the same page concurrently.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn page_mut(&self, block: usize, page: u64) -> &mut [u8] {
-        let b = &self.blocks()[block];
-        assert!(page < b.pages(), "page {page} beyond block {}", b.id);
-        // SAFETY: inside the mapping (as in `page`); exclusivity is the caller's contract.
-        unsafe {
-            std::slice::from_raw_parts_mut(
-                (b.host_addr + page * PAGE_SIZE) as *mut u8,
-                PAGE_SIZE as usize,
-            )
-        }
+        b.memory.page(page)
     }
 
     /// The VM.
@@ -123,7 +81,9 @@ pub fn mark_touched_pages(block: &RamBlock, bitmap: &DirtyBitmap) -> std::io::Re
     if host_page != PAGE_SIZE {
         return Err(std::io::Error::other("pagemap scan needs 4 KiB host pages"));
     }
-    f.seek(SeekFrom::Start(block.host_addr / PAGE_SIZE * 8))?;
+    f.seek(SeekFrom::Start(
+        block.memory.as_ptr() as u64 / PAGE_SIZE * 8,
+    ))?;
     let mut buf = vec![0u8; 8 * 8192];
     let mut done = 0u64;
     let mut touched = 0u64;
@@ -160,38 +120,14 @@ mod tests {
 
     #[test]
     fn pagemap_sees_only_touched_pages() {
-        let len = 64 * 4096usize;
-        // SAFETY: a fresh private anonymous mapping, unmapped at the end of the test.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
-        // SAFETY: inside the mapping.
-        unsafe {
-            *(addr as *mut u8).add(3 * 4096) = 1;
-            *(addr as *mut u8).add(40 * 4096 + 5) = 1;
-        }
-        let block = RamBlock {
-            id: "t".into(),
-            gpa: 0,
-            size_bytes: len as u64,
-            host_addr: addr as u64,
-            kvm_slot: 0,
-            first_page: 0,
-        };
+        let memory = dirty_sync::HostMemory::anonymous(64 * 4096).unwrap();
+        assert!(memory.write_volatile(3 * 4096, &[1]));
+        assert!(memory.write_volatile(40 * 4096 + 5, &[1]));
+        let block = RamBlock::new("t", 0, memory, 0, 0);
         let bm = DirtyBitmap::new(64);
         let n = mark_touched_pages(&block, &bm).unwrap();
         // THP may populate neighbours; the touched pages must be there.
         assert!(bm.is_set(3) && bm.is_set(40));
         assert!(n >= 2);
-        // SAFETY: unmapping what we mapped.
-        unsafe { libc::munmap(addr, len) };
     }
 }

@@ -361,14 +361,13 @@ mod tests {
 
     impl Vcpus {
         fn new(running: bool) -> Arc<Self> {
-            let block = RamBlock {
-                id: "ram0".into(),
-                gpa: 0,
-                size_bytes: 4096,
-                host_addr: 4096,
-                kvm_slot: 0,
-                first_page: 0,
-            };
+            let block = RamBlock::new(
+                "ram0",
+                0,
+                dirty_sync::HostMemory::anonymous(4096).unwrap(),
+                0,
+                0,
+            );
             Arc::new(Vcpus {
                 space: Arc::new(AddressSpace::new(vec![block]).expect("block")),
                 running: AtomicBool::new(running),

@@ -863,7 +863,16 @@ impl Run {
                         self.flush(sender, &mut batch, paused())?;
                         batch.block = Some(block_idx);
                     }
-                    let data = self.ram.page(block_idx, offset);
+                    let Some(page) = self.ram.page(block_idx, offset) else {
+                        continue;
+                    };
+                    // SAFETY: the sender's reads race the guest's writes by design: the
+                    // bytes are classified, hashed and written to the socket as they
+                    // are, never assumed to stay the same, and a page torn by a write is
+                    // resent because that write dirtied it again (FORMAT.md, torn
+                    // pages). While the guest is paused nothing writes it. Nothing in
+                    // this process writes a source guest's RAM through Rust code.
+                    let data = unsafe { page.as_bytes() };
                     let class = if sparse {
                         batch.sparse.classify(offset, data)
                     } else if is_zero(data) {

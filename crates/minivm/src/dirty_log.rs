@@ -6,7 +6,7 @@ use std::sync::Arc;
 use dirty_sync::kvm::{KickFn, KvmBitmapConfig, KvmBitmapListener, KvmRingConfig, KvmRingListener};
 use dirty_sync::{AddressSpace, RamBlock, VmmWritesListener};
 
-use crate::{vcpu, Error, ExitHandler, MiniVm, Result, PAGE_SIZE};
+use crate::{vcpu, Error, ExitHandler, MiniVm, Result};
 
 /// How the guest's writes are tracked.
 #[derive(Clone, Copy, Debug)]
@@ -51,18 +51,8 @@ impl Default for DirtyTracking {
 impl MiniVm {
     /// The guest's memory slots as RAM blocks `ram0`, `ram1`, ... laid end to end.
     pub fn ram_blocks(&self) -> Vec<RamBlock> {
-        self.slots()
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| RamBlock {
-                id: format!("ram{i}"),
-                gpa: s.gpa,
-                size_bytes: s.size_bytes,
-                host_addr: s.host_addr,
-                kvm_slot: s.slot,
-                first_page: s.gpa / PAGE_SIZE,
-            })
-            .collect()
+        // minivm's regions are its KVM slots 0.. in order, from guest address 0.
+        dirty_sync::ram_blocks(self.memory()).expect("minivm's regions are page-aligned")
     }
 
     /// A flush for the dirty ring: kicks every running vCPU out of KVM_RUN and returns

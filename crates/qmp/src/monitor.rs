@@ -705,23 +705,15 @@ mod tests {
 
     /// 4 MiB of heap as guest RAM; no vCPUs.
     struct FakeVm {
-        _ram: Vec<u8>,
         space: Arc<AddressSpace>,
     }
 
     impl FakeVm {
         fn new() -> Arc<Self> {
-            let ram = vec![0u8; 4 << 20];
-            let block = RamBlock {
-                id: "ram0".into(),
-                gpa: 0,
-                size_bytes: ram.len() as u64,
-                host_addr: ram.as_ptr() as u64,
-                kvm_slot: 0,
-                first_page: 0,
-            };
+            let ram = dirty_sync::HostMemory::anonymous(4 << 20).expect("4 MiB");
+            let block = RamBlock::new("ram0", 0, ram, 0, 0);
             let space = Arc::new(AddressSpace::new(vec![block]).expect("valid block"));
-            Arc::new(FakeVm { _ram: ram, space })
+            Arc::new(FakeVm { space })
         }
     }
 

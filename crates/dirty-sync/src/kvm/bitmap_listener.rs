@@ -68,7 +68,9 @@ pub struct KvmBitmapListener {
     /// slot's mappings each time (QEMU defers the stop for that reason), while an armed
     /// slot nobody syncs costs nothing with manual protect (and one fault per page,
     /// once, without). The next start's baseline sync absorbs what accumulated.
-    armed: Mutex<std::collections::HashSet<u32>>,
+    /// The value is the slot's size in pages, as registered by `set_slot_logging`:
+    /// the size of the buffer KVM_GET_DIRTY_LOG fills.
+    armed: Mutex<std::collections::HashMap<u32, u64>>,
 }
 
 impl KvmBitmapListener {
@@ -103,7 +105,7 @@ impl KvmBitmapListener {
             chunk_pages: chunk_bytes / PAGE_SIZE,
             deferred_clear: config.deferred_clear,
             slots: Mutex::new(HashMap::new()),
-            armed: Mutex::new(std::collections::HashSet::new()),
+            armed: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -150,6 +152,25 @@ impl MemoryListener for KvmBitmapListener {
 
     fn log_start(&self, block: &RamBlock) -> Result<()> {
         let words = block.pages().div_ceil(BITS_PER_WORD) as usize;
+        {
+            let mut armed = self.armed.lock().unwrap_or_else(|p| p.into_inner());
+            match armed.get(&block.kvm_slot) {
+                None => {
+                    ioctls::set_slot_logging(&self.vm, block, true)?;
+                    armed.insert(block.kvm_slot, block.pages());
+                }
+                // KVM would fill a bitmap of the armed size, not this block's.
+                Some(&pages) if pages != block.pages() => {
+                    return Err(Error::InvalidBlocks(format!(
+                        "block {} has {} pages but slot {} was armed with {pages}",
+                        block.id,
+                        block.pages(),
+                        block.kvm_slot
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
         self.lock().insert(
             block.kvm_slot,
             SlotLog {
@@ -161,11 +182,6 @@ impl MemoryListener for KvmBitmapListener {
                 },
             },
         );
-        let mut armed = self.armed.lock().unwrap_or_else(|p| p.into_inner());
-        if !armed.contains(&block.kvm_slot) {
-            ioctls::set_slot_logging(&self.vm, block, true)?;
-            armed.insert(block.kvm_slot);
-        }
         Ok(())
     }
 
@@ -180,7 +196,7 @@ impl MemoryListener for KvmBitmapListener {
         let log = slots.get_mut(&block.kvm_slot).ok_or_else(|| {
             Error::NoSuchMemory(format!("slot {} is not logging", block.kvm_slot))
         })?;
-        ioctls::get_dirty_log(&self.vm, block.kvm_slot, &mut log.harvested)?;
+        ioctls::get_dirty_log(&self.vm, block, &mut log.harvested)?;
         sink.merge_le(block.first_page, &log.harvested, block.pages());
         if self.mode == ProtectMode::Manual {
             if self.deferred_clear {

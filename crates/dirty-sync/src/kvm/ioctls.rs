@@ -20,7 +20,8 @@ mod nr {
 }
 
 /// KVM capability number of the manual dirty-log protect interface (version 2).
-pub const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
+pub(crate) const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 =
+    kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
 
 fn kvm_err(op: &'static str) -> Error {
     Error::Kvm {
@@ -29,15 +30,28 @@ fn kvm_err(op: &'static str) -> Error {
     }
 }
 
-/// `KVM_GET_DIRTY_LOG` into a caller-owned buffer (at least `ceil(pages / 64)` words).
-pub fn get_dirty_log(vm: &VmFd, slot: u32, bitmap: &mut [u64]) -> Result<()> {
+/// `KVM_GET_DIRTY_LOG` of `block`'s slot into a caller-owned buffer of at least
+/// `ceil(pages / 64)` words (refused otherwise).
+///
+/// The slot's size is the block's: logging was turned on by [`set_slot_logging`],
+/// which registers the slot with the block's size, and KVM refuses to resize a slot.
+pub(crate) fn get_dirty_log(vm: &VmFd, block: &RamBlock, bitmap: &mut [u64]) -> Result<()> {
+    if (bitmap.len() as u64) < block.pages().div_ceil(64) {
+        return Err(Error::InvalidParameter(format!(
+            "a dirty bitmap of {} words for block {} of {} pages",
+            bitmap.len(),
+            block.id,
+            block.pages()
+        )));
+    }
     let mut log = kvm_dirty_log {
-        slot,
+        slot: block.kvm_slot,
         ..Default::default()
     };
     log.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
-    // SAFETY: the ioctl reads `log` and writes the slot's bitmap into `bitmap`, which the
-    // caller sized for the slot (the kernel writes ALIGN(npages, 64) / 8 bytes).
+    // SAFETY: the ioctl reads `log` and writes the slot's bitmap into `bitmap`: the
+    // kernel writes ALIGN(npages, 64) / 8 bytes, and the slot has the block's pages
+    // (see above), for which the buffer was checked to be large enough.
     let ret = unsafe { ioctl_with_mut_ref(vm, KVM_GET_DIRTY_LOG(), &mut log) };
     if ret < 0 {
         return Err(kvm_err("KVM_GET_DIRTY_LOG"));
@@ -50,14 +64,19 @@ pub fn get_dirty_log(vm: &VmFd, slot: u32, bitmap: &mut [u64]) -> Result<()> {
 ///
 /// The kernel wants `first_page` and `num_pages` multiples of 64, except that the range
 /// may end at the slot's end.
-pub fn clear_dirty_log(
+pub(crate) fn clear_dirty_log(
     vm: &VmFd,
     slot: u32,
     first_page: u64,
     num_pages: u32,
     bitmap: &[u64],
 ) -> Result<()> {
-    debug_assert!(bitmap.len() as u64 * 64 >= u64::from(num_pages));
+    if (bitmap.len() as u64) < u64::from(num_pages).div_ceil(64) {
+        return Err(Error::InvalidParameter(format!(
+            "a clear bitmap of {} words for {num_pages} pages",
+            bitmap.len()
+        )));
+    }
     let mut clear = kvm_clear_dirty_log {
         slot,
         num_pages,
@@ -67,7 +86,8 @@ pub fn clear_dirty_log(
     // The kernel only reads through this pointer.
     clear.__bindgen_anon_1.dirty_bitmap = bitmap.as_ptr().cast_mut().cast();
     // SAFETY: the kernel reads `clear` and ceil(num_pages / 64) words from `bitmap`, which
-    // the debug assertion above and every caller keep in bounds.
+    // holds at least that many (checked above); it checks the page range against the
+    // slot itself.
     let ret = unsafe { ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &clear) };
     if ret < 0 {
         return Err(kvm_err("KVM_CLEAR_DIRTY_LOG"));
@@ -76,7 +96,7 @@ pub fn clear_dirty_log(
 }
 
 /// `KVM_RESET_DIRTY_RINGS`: re-protects every collected ring entry; returns how many.
-pub fn reset_dirty_rings(vm: &VmFd) -> Result<u64> {
+pub(crate) fn reset_dirty_rings(vm: &VmFd) -> Result<u64> {
     // SAFETY: the ioctl takes no argument and only touches kernel state of this VM.
     let ret = unsafe { ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
     if ret < 0 {
@@ -86,7 +106,13 @@ pub fn reset_dirty_rings(vm: &VmFd) -> Result<u64> {
 }
 
 /// Turns KVM_MEM_LOG_DIRTY_PAGES on or off for the slot backing `block`.
-pub fn set_slot_logging(vm: &VmFd, block: &RamBlock, on: bool) -> Result<()> {
+pub(crate) fn set_slot_logging(vm: &VmFd, block: &RamBlock, on: bool) -> Result<()> {
+    if block.size_bytes > block.memory.size_bytes() {
+        return Err(Error::InvalidBlocks(format!(
+            "block {} is larger than its host memory",
+            block.id
+        )));
+    }
     let region = kvm_userspace_memory_region {
         slot: block.kvm_slot,
         flags: if on {
@@ -96,10 +122,12 @@ pub fn set_slot_logging(vm: &VmFd, block: &RamBlock, on: bool) -> Result<()> {
         },
         guest_phys_addr: block.gpa,
         memory_size: block.size_bytes,
-        userspace_addr: block.host_addr,
+        userspace_addr: block.memory.as_ptr() as u64,
     };
-    // SAFETY: the slot already maps exactly this host range (the block describes the
-    // registration its owner made); only the flags change, so no new memory is exposed.
+    // SAFETY: the range is the block's host memory, which stays mapped while the block
+    // lives (HostMemory's contract) and holds size_bytes (checked above). For a slot
+    // that already exists KVM accepts a change of the flags only (a different address
+    // or size is refused), so the slot keeps mapping exactly this memory.
     unsafe { vm.set_user_memory_region(region) }.map_err(|e| Error::Kvm {
         op: "KVM_SET_USER_MEMORY_REGION",
         source: e.into(),

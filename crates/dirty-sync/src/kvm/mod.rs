@@ -1,7 +1,7 @@
 //! KVM dirty tracking: the dirty-bitmap and dirty-ring listeners and the raw ioctls they need.
 
 mod bitmap_listener;
-pub mod ioctls;
+mod ioctls;
 mod ring_listener;
 
 pub use bitmap_listener::{KvmBitmapConfig, KvmBitmapListener, ProtectMode};

@@ -929,29 +929,27 @@ impl MemoryListener for KvmRingListener {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{AddressSpace, DirtyReason};
+    use crate::{AddressSpace, DirtyReason, HostMemory};
 
     const SLOT0_PAGES: u64 = 256;
     const SLOT1_PAGES: u64 = 128;
 
     fn blocks() -> Vec<RamBlock> {
         vec![
-            RamBlock {
-                id: "ram0".into(),
-                gpa: 0,
-                size_bytes: SLOT0_PAGES * 4096,
-                host_addr: 0,
-                kvm_slot: 0,
-                first_page: 0,
-            },
-            RamBlock {
-                id: "ram1".into(),
-                gpa: 1 << 32,
-                size_bytes: SLOT1_PAGES * 4096,
-                host_addr: 0,
-                kvm_slot: (1 << 16) | 3,
-                first_page: SLOT0_PAGES,
-            },
+            RamBlock::new(
+                "ram0",
+                0,
+                HostMemory::anonymous(SLOT0_PAGES * 4096).unwrap(),
+                0,
+                0,
+            ),
+            RamBlock::new(
+                "ram1",
+                1 << 32,
+                HostMemory::anonymous(SLOT1_PAGES * 4096).unwrap(),
+                (1 << 16) | 3,
+                SLOT0_PAGES,
+            ),
         ]
     }
 
