@@ -24,8 +24,9 @@ pub const QEMU_VERSION: (u32, u32, u32) = (8, 2, 0);
 /// Events queued for one client before it counts as stuck and is disconnected.
 pub const EVENT_QUEUE: usize = 4096;
 
-/// How often the incoming-migration watcher looks at the destination's status.
-const INCOMING_POLL: Duration = Duration::from_millis(2);
+/// The longest the incoming-migration watcher waits for a status change before it
+/// checks that its monitor still exists.
+const INCOMING_WATCH: Duration = Duration::from_secs(1);
 
 /// The commands Ferry answers (`query-commands`).
 pub const COMMANDS: &[&str] = &[
@@ -298,7 +299,12 @@ impl Monitor {
             .spawn(move || {
                 let mut last = MigrationStatus::Setup;
                 loop {
-                    let s = stats.status();
+                    // Woken by each status change of the incoming migration; the
+                    // timeout only bounds how long a dropped monitor keeps the thread.
+                    let s = stats.wait_status_change(last, INCOMING_WATCH);
+                    if weak.strong_count() == 0 {
+                        return;
+                    }
                     if s != last {
                         last = s;
                         let Some(mon) = weak.upgrade() else { return };
@@ -309,7 +315,6 @@ impl Monitor {
                     if s.is_finished() {
                         break;
                     }
-                    std::thread::sleep(INCOMING_POLL);
                 }
                 let result = inc.wait();
                 let Some(mon) = weak.upgrade() else { return };

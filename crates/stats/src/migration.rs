@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use atomic::Atomic;
 use serde::{Deserialize, Serialize};
@@ -92,6 +92,10 @@ pub enum Convergence {
 #[derive(Debug)]
 pub struct MigStats {
     status: AtomicU8,
+    /// Taken by a status change after the store, and by a waiter around its check, so
+    /// `wait_status_change` misses no change.
+    status_lock: std::sync::Mutex<()>,
+    status_changed: std::sync::Condvar,
     started: Instant,
     /// Bytes put on the wire (all channels, headers included).
     pub transferred_bytes: AtomicU64,
@@ -164,6 +168,8 @@ impl MigStats {
     pub fn new() -> Self {
         MigStats {
             status: AtomicU8::new(MigrationStatus::None as u8),
+            status_lock: std::sync::Mutex::new(()),
+            status_changed: std::sync::Condvar::new(),
             started: Instant::now(),
             transferred_bytes: AtomicU64::new(0),
             remaining_bytes: AtomicU64::new(0),
@@ -203,13 +209,44 @@ impl MigStats {
     /// Sets the status unconditionally.
     pub fn set_status(&self, s: MigrationStatus) {
         self.status.store(s as u8, Ordering::Release);
+        self.notify_status();
     }
 
     /// Moves `from` → `to` only if the status is still `from` (QEMU's migrate_set_state).
     pub fn transition(&self, from: MigrationStatus, to: MigrationStatus) -> bool {
-        self.status
+        let moved = self
+            .status
             .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+            .is_ok();
+        if moved {
+            self.notify_status();
+        }
+        moved
+    }
+
+    fn notify_status(&self) {
+        drop(self.status_lock.lock().unwrap_or_else(|p| p.into_inner()));
+        self.status_changed.notify_all();
+    }
+
+    /// Waits until the status differs from `seen` or `timeout` passes; returns the
+    /// status then. For a watcher that reports each change as it happens (QMP's
+    /// `MIGRATION` events) without polling.
+    pub fn wait_status_change(&self, seen: MigrationStatus, timeout: Duration) -> MigrationStatus {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.status_lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let now = self.status();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if now != seen || left.is_zero() {
+                return now;
+            }
+            guard = self
+                .status_changed
+                .wait_timeout(guard, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Milliseconds since these counters were created.
@@ -529,6 +566,33 @@ impl Default for MigrationInfo {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_status_watcher_wakes_on_each_change_and_times_out_without_one() {
+        let stats = std::sync::Arc::new(MigStats::new());
+        let s2 = stats.clone();
+        let setter = std::thread::spawn(move || {
+            s2.set_status(MigrationStatus::Setup);
+            assert!(s2.transition(MigrationStatus::Setup, MigrationStatus::Active));
+            assert!(!s2.transition(MigrationStatus::Setup, MigrationStatus::Failed));
+            s2.set_status(MigrationStatus::Completed);
+        });
+        // Each wait returns a status other than the one seen, well before its long
+        // timeout, until the last one.
+        let mut seen = MigrationStatus::None;
+        let started = Instant::now();
+        while seen != MigrationStatus::Completed {
+            let now = stats.wait_status_change(seen, Duration::from_secs(60));
+            assert_ne!(now, seen, "woken without a change");
+            seen = now;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30));
+        setter.join().unwrap();
+        let t = Instant::now();
+        let same = stats.wait_status_change(MigrationStatus::Completed, Duration::from_millis(50));
+        assert_eq!(same, MigrationStatus::Completed);
+        assert!(t.elapsed() >= Duration::from_millis(50));
+    }
+
     use super::*;
     use serde_json::Value;
 
