@@ -9,10 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use std::sync::Arc;
-
-use dirty_sync::kvm::{KvmBitmapConfig, KvmBitmapListener, KvmRingConfig, RingStats};
-use dirty_sync::{AddressSpace, DirtyReason};
+use dirty_sync::kvm::{KvmBitmapConfig, KvmRingConfig, RingStats};
+use dirty_sync::DirtyReason;
 use minivm::{DirtyTracking, MiniVm, VmConfig, Workload};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -56,15 +54,8 @@ fn sync_cost(mem: u64, w: u64, ring_entries: u32) -> BoxResult<(f64, Option<Ring
     } else {
         DirtyTracking::Bitmap(KvmBitmapConfig::default())
     };
-    // Only the KVM listener (no VMM-writes listener), so the numbers are KVM's alone.
-    let space = AddressSpace::new(vm.ram_blocks())?;
-    match tracking {
-        DirtyTracking::Ring(cfg) => space.register_listener(vm.ring_listener(cfg)?)?,
-        DirtyTracking::Bitmap(cfg) => space.register_listener(Arc::new(KvmBitmapListener::new(
-            vm.vm_fd().ok_or("no KVM")?,
-            cfg,
-        )?))?,
-    }
+    // A KVM guest's space has the KVM listener only, so the numbers are KVM's alone.
+    let space = vm.address_space(tracking)?;
     vm.start()?;
     space.global_dirty_log_start(DirtyReason::DirtyRate)?;
     let wait = |vm: &MiniVm| -> BoxResult<()> {

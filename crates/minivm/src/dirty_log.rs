@@ -3,35 +3,11 @@
 
 use std::sync::Arc;
 
-use dirty_sync::kvm::{KickFn, KvmBitmapConfig, KvmBitmapListener, KvmRingConfig, KvmRingListener};
+pub use dirty_sync::kvm::DirtyTracking;
+use dirty_sync::kvm::{KickFn, KvmDirtyLog, KvmRingListener};
 use dirty_sync::{AddressSpace, RamBlock, VmmWritesListener};
 
 use crate::{vcpu, Error, ExitHandler, MiniVm, Result};
-
-/// How the guest's writes are tracked.
-#[derive(Clone, Copy, Debug)]
-pub enum DirtyTracking {
-    /// The KVM dirty bitmap (per slot), with its options.
-    Bitmap(KvmBitmapConfig),
-    /// The KVM dirty ring (per vCPU); the VM must have been created with
-    /// `dirty_ring_entries` equal to the config's `entries`.
-    Ring(KvmRingConfig),
-}
-
-impl DirtyTracking {
-    /// The tracking `--dirty-ring ENTRIES` selects: 0 is the bitmap, else a ring of that
-    /// many entries with the default reaper settings.
-    pub fn from_ring_entries(entries: u32) -> Self {
-        if entries == 0 {
-            DirtyTracking::default()
-        } else {
-            DirtyTracking::Ring(KvmRingConfig {
-                entries,
-                ..Default::default()
-            })
-        }
-    }
-}
 
 /// Hands KVM_EXIT_DIRTY_RING_FULL to the ring listener on the vCPU thread.
 struct RingFull(Arc<KvmRingListener>);
@@ -39,12 +15,6 @@ struct RingFull(Arc<KvmRingListener>);
 impl ExitHandler for RingFull {
     fn dirty_ring_full(&self, vcpu: u32) {
         self.0.handle_ring_full(vcpu);
-    }
-}
-
-impl Default for DirtyTracking {
-    fn default() -> Self {
-        DirtyTracking::Bitmap(KvmBitmapConfig::default())
     }
 }
 
@@ -78,30 +48,6 @@ impl MiniVm {
         })
     }
 
-    /// Builds the dirty-ring listener over this VM's vCPU rings, installs it as the
-    /// ring-full exit handler and starts its reaper thread.
-    /// Fails on a VM made without a ring, or with a ring of another size.
-    pub fn ring_listener(&self, cfg: KvmRingConfig) -> Result<Arc<KvmRingListener>> {
-        let (Some(vm), Some(_cap)) = (self.vm_fd(), self.dirty_ring_cap()) else {
-            return Err(Error::DirtyRing(
-                "this VM was created without a dirty ring (dirty_ring_entries = 0)".into(),
-            ));
-        };
-        if cfg.entries != self.cfg.dirty_ring_entries {
-            return Err(Error::DirtyRing(format!(
-                "listener ring of {} entries, but the VM's rings have {}",
-                cfg.entries, self.cfg.dirty_ring_entries
-            )));
-        }
-        let l = KvmRingListener::new(vm, &self.vcpu_raw_fds(), cfg, self.kick_fn())
-            .map_err(Error::DirtyLog)?;
-        let l = Arc::new(l);
-        self.set_exit_handler(Arc::new(RingFull(Arc::clone(&l))));
-        l.start_reaper().map_err(Error::DirtyLog)?;
-        *self.ring.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&l));
-        Ok(l)
-    }
-
     /// The dirty-ring listener last made for this VM (per-vCPU counts, stats).
     pub fn dirty_ring_listener(&self) -> Option<Arc<KvmRingListener>> {
         self.ring.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -111,35 +57,49 @@ impl MiniVm {
     /// listener chosen by `tracking` (KVM backend), or the VMM-writes listener (the
     /// host-thread fallback, whose writes go through vm-memory).
     pub fn address_space(&self, tracking: DirtyTracking) -> Result<Arc<AddressSpace>> {
-        let space = AddressSpace::new(self.ram_blocks()).map_err(Error::DirtyLog)?;
-        if let Some(vm) = self.vm_fd() {
-            match tracking {
-                DirtyTracking::Bitmap(cfg) => {
-                    if self.dirty_ring_cap().is_some() {
-                        return Err(Error::DirtyLog(dirty_sync::Error::Conflict(
-                            "this VM has a dirty ring; KVM_GET_DIRTY_LOG is not available beside it"
-                                .into(),
-                        )));
-                    }
-                    let l = KvmBitmapListener::new(vm, cfg).map_err(Error::DirtyLog)?;
-                    space
-                        .register_listener(Arc::new(l))
-                        .map_err(Error::DirtyLog)?;
-                }
-                DirtyTracking::Ring(cfg) => {
-                    let l = self.ring_listener(cfg)?;
-                    space.register_listener(l).map_err(Error::DirtyLog)?;
-                }
-            }
-        }
-        // The host-thread fallback writes through vm-memory, so its bitmap is the log.
-        // A KVM guest's VMM writes nothing here; a VMM that DMA-writes through vm-memory
-        // registers `VmmWritesListener` itself (one atomic swap per 64 pages per sync).
-        if !self.is_kvm() {
+        let Some(vm) = self.vm_fd() else {
+            // The host-thread fallback writes through vm-memory, so its bitmap is the
+            // log. (A KVM VMM that DMA-writes through vm-memory registers
+            // `VmmWritesListener` beside its KVM listener.)
+            let space = AddressSpace::new(self.ram_blocks()).map_err(Error::DirtyLog)?;
             space
                 .register_listener(Arc::new(VmmWritesListener::new(self.memory().clone())))
                 .map_err(Error::DirtyLog)?;
+            return Ok(Arc::new(space));
+        };
+        match tracking {
+            DirtyTracking::Bitmap(_) if self.dirty_ring_cap().is_some() => {
+                return Err(Error::DirtyLog(dirty_sync::Error::Conflict(
+                    "this VM has a dirty ring; KVM_GET_DIRTY_LOG is not available beside it".into(),
+                )));
+            }
+            DirtyTracking::Ring(_) if self.dirty_ring_cap().is_none() => {
+                return Err(Error::DirtyRing(
+                    "this VM was created without a dirty ring (dirty_ring_entries = 0)".into(),
+                ));
+            }
+            DirtyTracking::Ring(cfg) if cfg.entries != self.cfg.dirty_ring_entries => {
+                return Err(Error::DirtyRing(format!(
+                    "listener ring of {} entries, but the VM's rings have {}",
+                    cfg.entries, self.cfg.dirty_ring_entries
+                )));
+            }
+            _ => {}
         }
-        Ok(Arc::new(space))
+        let log = KvmDirtyLog::new(
+            vm,
+            self.ram_blocks(),
+            tracking,
+            &self.vcpu_raw_fds(),
+            self.kick_fn(),
+        )
+        .map_err(Error::DirtyLog)?;
+        if let Some(ring) = &log.ring {
+            // Ring-full exits go to the listener before its reaper starts.
+            self.set_exit_handler(Arc::new(RingFull(Arc::clone(ring))));
+            ring.start_reaper().map_err(Error::DirtyLog)?;
+            *self.ring.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(ring));
+        }
+        Ok(log.space)
     }
 }

@@ -31,7 +31,6 @@
 mod config;
 mod control;
 mod dirty_log;
-mod dirty_ring;
 mod error;
 mod fallback;
 mod guest;
@@ -200,7 +199,10 @@ impl MiniVm {
         let vm = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
         memory::register(&vm, slots, cfg.dirty_log)?;
         let dirty_ring_cap = if cfg.dirty_ring_entries > 0 {
-            Some(dirty_ring::enable(&vm, cfg.dirty_ring_entries)?)
+            Some(
+                dirty_sync::kvm::enable_dirty_ring(&vm, cfg.dirty_ring_entries)
+                    .map_err(|e| Error::DirtyRing(e.to_string()))?,
+            )
         } else {
             None
         };

@@ -3,9 +3,13 @@
 mod bitmap_listener;
 mod ioctls;
 mod ring_listener;
+mod vm;
 
 pub use bitmap_listener::{KvmBitmapConfig, KvmBitmapListener, ProtectMode};
 pub use ring_listener::{
     KickFn, KvmRingConfig, KvmRingListener, RingStats, DEFAULT_RING_ENTRIES, DIRTY_GFN_BYTES,
     KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET,
+};
+pub use vm::{
+    enable_dirty_ring, DirtyTracking, KvmDirtyLog, CAP_DIRTY_LOG_RING, CAP_DIRTY_LOG_RING_ACQ_REL,
 };
