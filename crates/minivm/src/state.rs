@@ -10,6 +10,7 @@
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, Msrs};
 use kvm_ioctls::{Kvm, VcpuFd};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::error::{kvm, Error, Result};
 
@@ -39,37 +40,68 @@ const WANTED_MSRS: [u32; 12] = [
     0xc000_0103,
 ];
 
-/// Marker for kernel ABI structs that are plain old data (no pointers, no invalid bit patterns).
-///
-/// # Safety
-/// Implementors must be `repr(C)` integer-only structs for which every byte pattern is valid.
-unsafe trait Pod: Copy + Default {}
-// SAFETY: kvm-bindings structs generated from the kernel UAPI: repr(C), integers and arrays only.
-unsafe impl Pod for kvm_regs {}
-// SAFETY: as above (segments and descriptor tables are integers).
-unsafe impl Pod for kvm_sregs {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_fpu {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_xcrs {}
-// SAFETY: as above (the nested unions hold only integers).
-unsafe impl Pod for kvm_vcpu_events {}
+/// The kernel structs saved as raw bytes: kvm-bindings derives zerocopy's byte
+/// conversions for them (its `serde` feature), so no `unsafe` is needed here.
+trait KernelBytes: IntoBytes + FromBytes + Immutable {}
+impl KernelBytes for kvm_regs {}
+impl KernelBytes for kvm_sregs {}
+impl KernelBytes for kvm_xcrs {}
+impl KernelBytes for kvm_vcpu_events {}
 
-fn pod_bytes<T: Pod>(t: &T) -> &[u8] {
-    // SAFETY: T is Pod, so all size_of::<T>() bytes are initialised plain data; the slice
-    // borrows `t` and cannot outlive it.
-    unsafe { std::slice::from_raw_parts((t as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+/// `kvm_fpu`'s bytes in the kernel's layout (kvm-bindings derives no byte conversion
+/// for it): every field little-endian in declaration order; the struct has no
+/// implicit padding, so these are its raw bytes on x86-64.
+fn fpu_bytes(f: &kvm_fpu) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FPU_BYTES);
+    for r in &f.fpr {
+        out.extend_from_slice(r);
+    }
+    out.extend_from_slice(&f.fcw.to_le_bytes());
+    out.extend_from_slice(&f.fsw.to_le_bytes());
+    out.push(f.ftwx);
+    out.push(f.pad1);
+    out.extend_from_slice(&f.last_opcode.to_le_bytes());
+    out.extend_from_slice(&f.last_ip.to_le_bytes());
+    out.extend_from_slice(&f.last_dp.to_le_bytes());
+    for x in &f.xmm {
+        out.extend_from_slice(x);
+    }
+    out.extend_from_slice(&f.mxcsr.to_le_bytes());
+    out.extend_from_slice(&f.pad2.to_le_bytes());
+    out
 }
 
-fn pod_from_bytes<T: Pod>(b: &[u8]) -> Option<T> {
-    if b.len() != std::mem::size_of::<T>() {
+/// Size of `kvm_fpu`.
+const FPU_BYTES: usize = std::mem::size_of::<kvm_fpu>();
+
+/// The inverse of [`fpu_bytes`]; None unless `b` is exactly [`FPU_BYTES`] long.
+fn fpu_from_bytes(b: &[u8]) -> Option<kvm_fpu> {
+    if b.len() != FPU_BYTES {
         return None;
     }
-    let mut t = T::default();
-    // SAFETY: lengths are equal (checked above), the regions cannot overlap (t is a local),
-    // and any byte pattern is a valid T because T is Pod.
-    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut t as *mut T).cast::<u8>(), b.len()) };
-    Some(t)
+    let mut at = 0;
+    let mut take = |n: usize| {
+        let s = &b[at..at + n];
+        at += n;
+        s
+    };
+    let mut f = kvm_fpu::default();
+    for r in &mut f.fpr {
+        r.copy_from_slice(take(16));
+    }
+    f.fcw = u16::from_le_bytes(take(2).try_into().ok()?);
+    f.fsw = u16::from_le_bytes(take(2).try_into().ok()?);
+    f.ftwx = take(1)[0];
+    f.pad1 = take(1)[0];
+    f.last_opcode = u16::from_le_bytes(take(2).try_into().ok()?);
+    f.last_ip = u64::from_le_bytes(take(8).try_into().ok()?);
+    f.last_dp = u64::from_le_bytes(take(8).try_into().ok()?);
+    for x in &mut f.xmm {
+        x.copy_from_slice(take(16));
+    }
+    f.mxcsr = u32::from_le_bytes(take(4).try_into().ok()?);
+    f.pad2 = u32::from_le_bytes(take(4).try_into().ok()?);
+    Some(f)
 }
 
 /// One KVM vCPU's architectural state.
@@ -200,11 +232,11 @@ fn header(backend: u32, vcpus: u32) -> Vec<u8> {
 pub fn encode_kvm(states: &[KvmVcpuState]) -> Vec<u8> {
     let mut out = header(BACKEND_KVM, states.len() as u32);
     for s in states {
-        put_section(&mut out, pod_bytes(&s.regs));
-        put_section(&mut out, pod_bytes(&s.sregs));
-        put_section(&mut out, pod_bytes(&s.fpu));
-        put_section(&mut out, pod_bytes(&s.xcrs));
-        put_section(&mut out, pod_bytes(&s.events));
+        put_section(&mut out, s.regs.as_bytes());
+        put_section(&mut out, s.sregs.as_bytes());
+        put_section(&mut out, &fpu_bytes(&s.fpu));
+        put_section(&mut out, s.xcrs.as_bytes());
+        put_section(&mut out, s.events.as_bytes());
         put_u32(&mut out, s.msrs.len() as u32);
         for &(i, d) in &s.msrs {
             put_u32(&mut out, i);
@@ -261,10 +293,10 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(a))
     }
 
-    fn section<T: Pod>(&mut self, what: &str) -> Result<T> {
+    fn section<T: KernelBytes>(&mut self, what: &str) -> Result<T> {
         let len = self.u32(what)? as usize;
         let b = self.take(len, what)?;
-        pod_from_bytes(b).ok_or_else(|| {
+        T::read_from_bytes(b).map_err(|_| {
             Error::Truncated(format!(
                 "{what}: {len} bytes, this build expects {}",
                 std::mem::size_of::<T>()
@@ -320,7 +352,14 @@ pub fn decode(blob: &[u8], vcpus: u32, want_backend: u32) -> Result<Decoded> {
             let mut s = KvmVcpuState {
                 regs: r.section("regs")?,
                 sregs: r.section("sregs")?,
-                fpu: r.section("fpu")?,
+                fpu: {
+                    let len = r.u32("fpu")? as usize;
+                    fpu_from_bytes(r.take(len, "fpu")?).ok_or_else(|| {
+                        Error::Truncated(format!(
+                            "fpu: {len} bytes, this build expects {FPU_BYTES}"
+                        ))
+                    })?
+                },
                 xcrs: r.section("xcrs")?,
                 events: r.section("vcpu_events")?,
                 msrs: Vec::new(),
@@ -362,6 +401,28 @@ pub fn decode(blob: &[u8], vcpus: u32, want_backend: u32) -> Result<Decoded> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fpu_bytes_are_the_kernel_struct_and_round_trip() {
+        let mut f = kvm_fpu::default();
+        for (i, r) in f.fpr.iter_mut().enumerate() {
+            r.fill(i as u8 + 1);
+        }
+        (f.fcw, f.fsw, f.ftwx, f.pad1, f.last_opcode) = (0x37f, 0x1234, 0xaa, 0, 0x5678);
+        (f.last_ip, f.last_dp) = (0x1122_3344_5566_7788, 0x99aa_bbcc_ddee_ff00);
+        for (i, x) in f.xmm.iter_mut().enumerate() {
+            x.fill(0x80 | i as u8);
+        }
+        (f.mxcsr, f.pad2) = (0x1f80, 0);
+        let b = fpu_bytes(&f);
+        // SAFETY: kvm_fpu is a repr(C) struct of integers without padding; reading its
+        // bytes is what the format promises to match.
+        let raw =
+            unsafe { std::slice::from_raw_parts((&f as *const kvm_fpu).cast::<u8>(), FPU_BYTES) };
+        assert_eq!(b, raw);
+        assert_eq!(fpu_from_bytes(&b), Some(f));
+        assert_eq!(fpu_from_bytes(&b[1..]), None);
+    }
 
     #[test]
     fn kvm_blob_round_trips_and_rejects_damage() {
