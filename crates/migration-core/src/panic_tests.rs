@@ -29,7 +29,15 @@ fn mem_uri() -> String {
 /// Migrates `source` into a fresh guest: the final status, the destination guest and
 /// what its receiving side returned.
 fn migrate(source: &MigrationSource) -> (MigrationStatus, Arc<PanickyVm>, Result<IncomingReport>) {
-    let dst = PanickyVm::new(PAGES, 0x80);
+    migrate_to(source, PAGES)
+}
+
+/// [`migrate`] into a guest of `pages` pages.
+fn migrate_to(
+    source: &MigrationSource,
+    pages: u64,
+) -> (MigrationStatus, Arc<PanickyVm>, Result<IncomingReport>) {
+    let dst = PanickyVm::new(pages, 0x80);
     let inc = incoming(dst.clone(), &mem_uri(), false).expect("bind the destination");
     source
         .migrate(&inc.uri().to_string())
@@ -127,6 +135,70 @@ fn a_panic_on_a_final_pass_sender_thread_resumes_the_guest_and_the_next_migratio
 fn a_panic_inside_the_migration_thread_leaves_the_source_running_status_failed_and_a_second_migration_succeeds(
 ) {
     panic_then_migrate_again(PanicAt::SaveDeviceState, 1, true);
+}
+
+/// Asserts the migration failed with a panic at `at` in its error-desc.
+fn assert_failed_with_panic(source: &MigrationSource, status: MigrationStatus, at: PanicAt) {
+    let info = source.query();
+    assert_eq!(status, MigrationStatus::Failed, "{at:?}: {info:?}");
+    let desc = info.error_desc.unwrap_or_default();
+    assert!(
+        desc.contains("the migration thread panicked")
+            && desc.contains(&format!("injected panic in {at:?}")),
+        "{at:?}: error-desc {desc:?}"
+    );
+    assert!(!source.is_active());
+}
+
+/// Completes a migration of `src` through `source`.
+fn assert_next_migration_completes(source: &MigrationSource, src: &PanickyVm) {
+    let (status, dst, received) = migrate(source);
+    assert_eq!(status, MigrationStatus::Completed, "{:?}", source.query());
+    received.expect("the destination completes");
+    assert!(dst.ram() == src.ram(), "the destination has the RAM");
+}
+
+#[test]
+fn a_resume_that_panics_after_a_failed_switchover_leaves_the_guest_paused_for_cont() {
+    let src = PanickyVm::new(PAGES, 1);
+    let source = MigrationSource::new(src.clone());
+    src.trap.arm(PanicAt::SaveDeviceState, 1);
+    src.trap.arm(PanicAt::ResumeVcpus, 1);
+    let (status, _dst, received) = migrate(&source);
+    assert!(!src.trap.armed(), "both injected panics happened");
+    // The resume's panic, during the clean-up, is the one reported.
+    assert_failed_with_panic(&source, status, PanicAt::ResumeVcpus);
+    assert!(received.is_err());
+    // Not stuck in finish-migrate: paused, as the vCPUs may be.
+    assert_eq!(source.run_control().state(), RunState::Paused);
+    assert!(!src.address_space().logging());
+    source.run_control().cont().expect("cont");
+    assert_eq!(src.resumes.load(Ordering::SeqCst), 1);
+    assert_eq!(source.run_control().state(), RunState::Running);
+    assert_next_migration_completes(&source, &src);
+}
+
+#[test]
+fn a_panic_while_ending_a_failed_migration_still_ends_it_failed() {
+    let src = PanickyVm::new(PAGES, 1);
+    let source = MigrationSource::new(src.clone());
+    // A destination of another size refuses the stream; the failure's clean-up
+    // resets the throttle, which panics.
+    src.trap.arm(PanicAt::SetThrottle, 1);
+    let (status, _dst, received) = migrate_to(&source, PAGES / 2);
+    assert!(!src.trap.armed(), "the injected panic happened");
+    assert_failed_with_panic(&source, status, PanicAt::SetThrottle);
+    assert!(received.is_err());
+    assert_eq!(source.run_control().state(), RunState::Running);
+    assert_eq!(
+        src.pauses.load(Ordering::SeqCst),
+        src.resumes.load(Ordering::SeqCst)
+    );
+    assert!(
+        !src.address_space().logging(),
+        "the MIGRATION reason was dropped"
+    );
+    assert_next_migration_completes(&source, &src);
 }
 
 /// Arms `at`'s `nth` call, measures in `mode`: the measurement ends with the panic's

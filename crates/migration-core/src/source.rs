@@ -348,10 +348,14 @@ impl Run {
     /// The thread's body: a panic anywhere in it (the engine's or a VMM callback's)
     /// ends the migration `failed` and never leaves the status active.
     fn run(self, uri: Uri) {
-        let (stats, run) = (self.stats.clone(), self.run.clone());
+        let (stats, run, space) = (self.stats.clone(), self.run.clone(), self.space.clone());
         // `run_to_end` catches what `migrate` panics; this catches its own clean-up
         // (the VMM's resume or throttle callbacks).
         if let Err(p) = catch_unwind(AssertUnwindSafe(move || self.run_to_end(uri))) {
+            if space.reasons().contains(DirtyReason::Migration) {
+                // Left on, it would refuse the next migration.
+                let _ = space.global_dirty_log_stop(DirtyReason::Migration);
+            }
             if !stats.status().is_finished() {
                 stats.set_error(Error::panicked("the migration thread", &*p).to_string());
                 stats.set_status(MigrationStatus::Failed);

@@ -42,6 +42,10 @@ pub(crate) enum PanicAt {
     AddressSpaceWhilePaused,
     /// `pause_vcpus` (after pausing them).
     PauseVcpus,
+    /// `resume_vcpus` (before resuming them).
+    ResumeVcpus,
+    /// `set_throttle_percent`.
+    SetThrottle,
     /// `save_device_state`.
     SaveDeviceState,
     /// `vcpu_dirty_entries`.
@@ -50,41 +54,42 @@ pub(crate) enum PanicAt {
     LogSync,
 }
 
-/// A one-shot panic at a [`PanicAt`] on its `n`th call.
+/// One-shot panics, each at a [`PanicAt`] on its `n`th call.
 #[derive(Default)]
 pub(crate) struct Trap {
-    armed: Mutex<Option<(PanicAt, u64)>>,
+    armed: Mutex<Vec<(PanicAt, u64)>>,
 }
 
 impl Trap {
-    /// Panics at the `nth` (from 1) call of `at` from now; replaces an earlier arming.
+    /// Panics at the `nth` (from 1) call of `at` from now (once).
     pub(crate) fn arm(&self, at: PanicAt, nth: u64) {
-        *self.armed.lock().unwrap_or_else(|p| p.into_inner()) = Some((at, nth));
-    }
-
-    /// True while armed (the panic has not happened yet).
-    pub(crate) fn armed(&self) -> bool {
         self.armed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+            .push((at, nth));
     }
 
-    /// A call of `at`: panics (once) if that is the armed call.
+    /// True while some armed panic has not happened yet.
+    pub(crate) fn armed(&self) -> bool {
+        !self
+            .armed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// A call of `at`: panics if that is an armed call.
     fn hit(&self, at: PanicAt) {
         let fire = {
             let mut armed = self.armed.lock().unwrap_or_else(|p| p.into_inner());
-            match *armed {
-                Some((point, n)) if point == at && n <= 1 => {
-                    *armed = None;
-                    true
+            let due = armed.iter_mut().position(|(point, n)| {
+                if *point != at {
+                    return false;
                 }
-                Some((point, n)) if point == at => {
-                    *armed = Some((point, n - 1));
-                    false
-                }
-                _ => false,
-            }
+                *n -= 1;
+                *n == 0
+            });
+            due.map(|i| armed.remove(i)).is_some()
         };
         if fire {
             panic!("injected panic in {at:?}");
@@ -179,6 +184,7 @@ impl MigratableVm for PanickyVm {
         Ok(())
     }
     fn resume_vcpus(&self) -> Result<(), GuestError> {
+        self.trap.hit(PanicAt::ResumeVcpus);
         self.resumes.fetch_add(1, Ordering::SeqCst);
         self.paused.store(false, Ordering::SeqCst);
         Ok(())
@@ -189,6 +195,9 @@ impl MigratableVm for PanickyVm {
     }
     fn load_device_state(&self, _: &[u8]) -> Result<(), GuestError> {
         Ok(())
+    }
+    fn set_throttle_percent(&self, _percent: u8) {
+        self.trap.hit(PanicAt::SetThrottle);
     }
     fn vcpu_dirty_entries(&self) -> Option<Vec<u64>> {
         self.trap.hit(PanicAt::VcpuDirtyEntries);
