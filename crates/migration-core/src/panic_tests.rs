@@ -14,7 +14,7 @@ use stats::{DirtyRateMode, DirtyRateStatus, MigrationStatus};
 use crate::test_vm::{PanicAt, PanickyVm, DIRTY_PER_SYNC};
 use crate::{
     incoming, DirtyRateArgs, DirtyRateJob, IncomingReport, MigratableVm, MigrationEvent,
-    MigrationSource, Result, RunState,
+    MigrationSource, ParametersUpdate, Result, RunState,
 };
 
 /// Guest size: 1 MiB.
@@ -112,6 +112,39 @@ fn panic_then_migrate_again(at: PanicAt, nth: u64, paused: bool) {
 fn a_panic_in_the_first_dirty_log_sync_fails_the_migration_and_the_next_works() {
     // Sync 1 is the setup's; sync 2 ends the first pass, the guest running.
     panic_then_migrate_again(PanicAt::LogSync, 2, false);
+}
+
+#[test]
+fn a_panic_in_a_sync_during_a_long_pass_stops_the_pass_and_the_next_migration_works() {
+    // 4 MiB at 1 MiB/s: the dirty-rate period (1 s) is due while the first pass
+    // sends, and its sync (the second) panics.
+    let pages = 1024;
+    let src = PanickyVm::new(pages, 1);
+    let source = MigrationSource::new(src.clone());
+    let limit = |bytes_per_sec| ParametersUpdate {
+        max_bandwidth: Some(bytes_per_sec),
+        ..Default::default()
+    };
+    source.set_parameters(&limit(1 << 20)).unwrap();
+    src.trap.arm(PanicAt::LogSync, 2);
+    let (status, _dst, received) = migrate_to(&source, pages);
+    assert!(!src.trap.armed(), "the injected panic happened");
+    assert_failed_with_panic(&source, status, PanicAt::LogSync);
+    assert!(received.is_err());
+    let stats = source.stats();
+    let sent =
+        stats.normal_pages.load(Ordering::Relaxed) + stats.zero_pages.load(Ordering::Relaxed);
+    assert!(
+        sent < pages / 2,
+        "the sender thread stopped when the sync panicked: {sent} of {pages} pages sent"
+    );
+    assert_eq!(src.pauses.load(Ordering::SeqCst), 0);
+    assert_eq!(source.run_control().state(), RunState::Running);
+    source.set_parameters(&limit(0)).unwrap();
+    let (status, dst, received) = migrate_to(&source, pages);
+    assert_eq!(status, MigrationStatus::Completed, "{:?}", source.query());
+    received.expect("the destination completes");
+    assert!(dst.ram() == src.ram());
 }
 
 #[test]

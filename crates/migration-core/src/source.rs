@@ -841,31 +841,26 @@ impl Run {
             }
             drop(done_tx);
             let mut finished = 0;
-            // A panic here (a dirty-log sync's) stops the workers before the scope
-            // joins them, and fails the pass.
-            let watched = catch_unwind(AssertUnwindSafe(|| {
-                while finished < workers {
-                    match done_rx.recv_timeout(Duration::from_millis(POLL_MS)) {
-                        Ok(()) => finished += 1,
-                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
-                    }
-                    self.tick(sender, lp);
-                    let paused = self.paused.load(Ordering::Acquire);
-                    if !paused && lp.period.is_due(self.stats.elapsed_ms()) {
-                        if let Err(e) = self.sync(lp) {
-                            abort.store(true, Ordering::Release);
-                            lock(&first_error).get_or_insert(e);
-                        }
-                    }
-                    if self.cancel.load(Ordering::Acquire) {
+            // A panic here (a dirty-log sync's) unwinds through the scope, which joins
+            // the workers: stop them first.
+            let _stop_workers = AbortOnUnwind(&abort);
+            while finished < workers {
+                match done_rx.recv_timeout(Duration::from_millis(POLL_MS)) {
+                    Ok(()) => finished += 1,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                }
+                self.tick(sender, lp);
+                let paused = self.paused.load(Ordering::Acquire);
+                if !paused && lp.period.is_due(self.stats.elapsed_ms()) {
+                    if let Err(e) = self.sync(lp) {
                         abort.store(true, Ordering::Release);
+                        lock(&first_error).get_or_insert(e);
                     }
                 }
-            }));
-            if let Err(p) = watched {
-                abort.store(true, Ordering::Release);
-                lock(&first_error).get_or_insert(Error::panicked("the migration thread", &*p));
+                if self.cancel.load(Ordering::Acquire) {
+                    abort.store(true, Ordering::Release);
+                }
             }
         });
         self.tick(sender, lp);
@@ -1066,6 +1061,17 @@ impl Run {
         // that cannot stop logging leaves the slots logging, which only costs speed.
         let _ = self.space.global_dirty_log_stop(DirtyReason::Migration);
         Ok(())
+    }
+}
+
+/// Sets its flag when dropped by a panic's unwinding.
+struct AbortOnUnwind<'a>(&'a AtomicBool);
+
+impl Drop for AbortOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Release);
+        }
     }
 }
 
