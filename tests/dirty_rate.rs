@@ -4,7 +4,8 @@
 //! migration leaves the migration alone.
 //!
 //! Runs on KVM wherever /dev/kvm exists (FERRY_REQUIRE_KVM=1 makes that mandatory),
-//! else on the host-thread fallback (no ring there: the ring checks are skipped).
+//! else on the host-thread fallback (no ring there: the ring tests record themselves
+//! skipped).
 //! Windows are wall-clock (that is what is measured); the checks compare the count with
 //! the guest's own truth for the same window, never with a time.
 
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{backend, config, guest_lock, TIMEOUT};
+use common::{config, guest_lock, kvm_or_skip, TIMEOUT};
 use dirty_sync::kvm::KvmRingConfig;
 use dirty_sync::PAGE_SIZE;
 use ferry::GuestVm;
@@ -22,14 +23,10 @@ use migration_core::{
     DirtyRateArgs, DirtyRateInfo, DirtyRateJob, DirtyRateMode, DirtyRateStatus, Error,
     MigratableVm, TimeUnit,
 };
-use minivm::{Backend, DirtyTracking, VmConfig, Workload};
+use minivm::{DirtyTracking, VmConfig, Workload};
 use stats::FerryDirtyRateInfo;
 
 const GIB: u64 = 1 << 30;
-
-fn kvm() -> bool {
-    backend() == Backend::Kvm
-}
 
 /// Boots a guest (with a dirty ring of `ring_entries` if non-zero) and lets every vCPU
 /// do two rounds.
@@ -207,7 +204,7 @@ fn dirty_bitmap_mode_is_exact_on_working_sets() {
 
 #[test]
 fn dirty_ring_mode_unique_pages_are_exact_on_working_sets() {
-    if !kvm() {
+    if !kvm_or_skip() {
         return;
     }
     log_mode_on_working_sets(DirtyRateMode::DirtyRing, 65536);
@@ -282,7 +279,7 @@ fn dirty_bitmap_mode_follows_a_sweep() {
 
 #[test]
 fn dirty_ring_mode_follows_a_sweep() {
-    if !kvm() {
+    if !kvm_or_skip() {
         return;
     }
     log_mode_on_sweep(DirtyRateMode::DirtyRing, 65536);
@@ -501,7 +498,7 @@ fn page_sampling_interval_holds_truth_sweep() {
 
 #[test]
 fn ring_mode_splits_rates_per_vcpu() {
-    if !kvm() {
+    if !kvm_or_skip() {
         return;
     }
     let _g = guest_lock();
@@ -533,7 +530,7 @@ fn ring_mode_splits_rates_per_vcpu() {
 
 #[test]
 fn ring_mode_splits_working_set_per_vcpu() {
-    if !kvm() {
+    if !kvm_or_skip() {
         return;
     }
     let _g = guest_lock();
@@ -711,7 +708,7 @@ fn measuring_beside_a_migration_leaves_it_alone() {
 
 #[test]
 fn repeated_ring_measurements_on_one_guest_stay_exact() {
-    if !kvm() {
+    if !kvm_or_skip() {
         return;
     }
     let _g = guest_lock();

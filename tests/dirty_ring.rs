@@ -2,23 +2,20 @@
 //! pressure, per-vCPU counts.
 //!
 //! Runs on KVM wherever /dev/kvm exists (FERRY_REQUIRE_KVM=1 makes that mandatory); the
-//! ring has no host-thread fallback, so without KVM these tests have nothing to check.
+//! ring has no host-thread fallback, so without KVM these tests have nothing to check
+//! and record themselves skipped.
 
 mod common;
 
 use std::collections::BTreeSet;
 
 use common::{
-    assert_no_lost_write, assert_same_pages, backend, config, expected_working_set, guest_lock,
+    assert_no_lost_write, assert_same_pages, config, expected_working_set, guest_lock, kvm_or_skip,
     start, wait_all,
 };
 use dirty_sync::kvm::KvmRingConfig;
 use dirty_sync::{DirtyReason, PAGE_SIZE};
-use minivm::{Backend, DirtyTracking, MiniVm, VmConfig, Workload};
-
-fn kvm() -> bool {
-    backend() == Backend::Kvm
-}
+use minivm::{DirtyTracking, MiniVm, VmConfig, Workload};
 
 fn ring_config(mem: u64, vcpus: u32, workload: Workload, entries: u32) -> VmConfig {
     VmConfig {
@@ -76,7 +73,7 @@ fn exact_set(w: u64, vcpus: u32, entries: u32) {
 }
 
 fn exact_sets(vcpus: u32) {
-    if !kvm() {
+    if !kvm_or_skip() {
         return;
     }
     for w in [1u64, 4096, 65536] {
@@ -98,7 +95,7 @@ fn ring_exact_dirty_set_2_vcpus() {
 
 #[test]
 fn ring_exact_dirty_set_small_ring_with_ring_full() {
-    if !kvm() {
+    if !kvm_or_skip() {
         return;
     }
     // W = 65536 through 4096-entry rings: ring-full exits and reaper reaps between syncs.
@@ -107,7 +104,7 @@ fn ring_exact_dirty_set_small_ring_with_ring_full() {
 
 #[test]
 fn ring_full_stress_no_lost_write() {
-    if !kvm() {
+    if !kvm_or_skip() {
         return;
     }
     let _g = guest_lock();
@@ -137,7 +134,7 @@ fn ring_full_stress_no_lost_write() {
 
 #[test]
 fn ring_needs_a_ring_vm_of_the_same_size() {
-    if !kvm() {
+    if !kvm_or_skip() {
         return;
     }
     let _g = guest_lock();

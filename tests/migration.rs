@@ -235,7 +235,7 @@ fn unix_one_and_two_channels_every_workload() {
 fn dirty_ring_tracking_migrates() {
     let _g = guest_lock();
     let mut cfg = config(1 << 30, 2, Workload::WorkingSet { pages: 4096 });
-    if cfg.backend != minivm::Backend::Kvm {
+    if !common::kvm_or_skip() {
         return; // the ring is a KVM feature; the bitmap tests cover the fallback
     }
     cfg.dirty_ring_entries = 65536;

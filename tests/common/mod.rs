@@ -32,6 +32,40 @@ pub fn backend() -> Backend {
     }
 }
 
+/// True when this test can run on KVM. Otherwise (unless FERRY_REQUIRE_KVM=1, which
+/// fails the test) it records the test as skipped, for a test with nothing to check
+/// on the host-thread fallback: `SKIPPED (no /dev/kvm): <test>` on stderr, and the
+/// test's name appended to the file `$FERRY_SKIP_LOG` names (scripts/test counts them).
+/// The test then returns at once.
+pub fn kvm_or_skip() -> bool {
+    if backend() == Backend::Kvm {
+        return true;
+    }
+    record_skip();
+    false
+}
+
+/// Records the running test as skipped for lack of /dev/kvm (see [`kvm_or_skip`]).
+pub fn record_skip() {
+    // libtest runs each test on a thread named after it.
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("(unnamed test)");
+    let name = format!("{}::{test}", env!("CARGO_CRATE_NAME"));
+    // Straight to the process's stderr, past libtest's capture of passing tests' output.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED (no /dev/kvm): {name}");
+    if let Some(path) = std::env::var_os("FERRY_SKIP_LOG") {
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{name}"));
+        if let Err(e) = appended {
+            panic!("cannot append to FERRY_SKIP_LOG {path:?}: {e}");
+        }
+    }
+}
+
 /// One guest at a time per test binary, so vCPU threads do not starve each other.
 pub fn guest_lock() -> MutexGuard<'static, ()> {
     GUEST_LOCK.lock().unwrap_or_else(|p| p.into_inner())

@@ -42,6 +42,36 @@ def raw_qmp(path: str):
     return s, f
 
 
+# Tests skipped by `skip_without_kvm`, listed at the end of the run (pytest captures
+# what a test prints, stderr too).
+_skipped_no_kvm = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    for test in _skipped_no_kvm:
+        terminalreporter.write_line(f"SKIPPED (no /dev/kvm): {test}")
+
+
+def skip_without_kvm():
+    """Skips the running test when /dev/kvm cannot be opened (it has nothing to check
+    on the host-thread fallback), appending its name to `$FERRY_SKIP_LOG` for
+    scripts/test's count; with FERRY_REQUIRE_KVM=1 it fails instead."""
+    try:
+        with open("/dev/kvm", "r+b", buffering=0):
+            return
+    except OSError as e:
+        why = f"/dev/kvm cannot be opened: {e}"
+    if os.environ.get("FERRY_REQUIRE_KVM") == "1":
+        pytest.fail(f"FERRY_REQUIRE_KVM=1 but {why}")
+    test = os.environ.get("PYTEST_CURRENT_TEST", "unknown test").split(" ")[0]
+    _skipped_no_kvm.append(test)
+    log = os.environ.get("FERRY_SKIP_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(test + "\n")
+    pytest.skip(f"no /dev/kvm: {why}")
+
+
 class FerryVm:
     """One `ferry vm` process with its QMP socket."""
 

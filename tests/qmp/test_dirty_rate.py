@@ -4,7 +4,7 @@ import asyncio
 
 from qemu.qmp import ExecuteError, QMPClient
 
-from conftest import run
+from conftest import run, skip_without_kvm
 
 
 async def measure(client, **args):
@@ -78,6 +78,7 @@ def test_dirty_rate_bitmap_guest(vms):
 
 
 def test_dirty_rate_ring_guest(vms):
+    skip_without_kvm()
     vm = vms("vm", "--dirty-ring", "4096", workload="working-set=8M", vcpus=2)
 
     async def body():

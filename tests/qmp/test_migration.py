@@ -4,7 +4,7 @@ import asyncio
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
-from conftest import free_port, run
+from conftest import free_port, run, skip_without_kvm
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -241,6 +241,7 @@ def test_stop_on_the_destination_keeps_it_paused(vms):
 
 def test_migration_with_dirty_ring(vms):
     """`--dirty-ring ENTRIES` passes through: both sides track with the KVM dirty ring."""
+    skip_without_kvm()
     src = vms("src", "--dirty-ring", "4096", **GUEST)
     sock = str(vms.dir / "mig.sock")
     dst = vms("dst", "--dirty-ring", "4096", "--incoming", f"unix:{sock}", **GUEST)

@@ -10,6 +10,7 @@
 //! beside the ring-entry rate (ring).
 
 use std::collections::HashSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -350,8 +351,17 @@ struct Worker {
     req: Request,
 }
 
-/// Ends the job `measured` (with an error) if the measurement thread unwinds, so the
-/// state never stays `measuring`.
+/// A panic on the measurement thread (a VMM callback's, a listener's), as the error
+/// `query-dirty-rate` reports.
+fn panicked(payload: &(dyn std::any::Any + Send)) -> Stop {
+    Stop::from(Error::panicked(
+        "the dirty-rate measurement thread",
+        payload,
+    ))
+}
+
+/// Ends the job `measured` (with an error) if the measurement thread unwinds past
+/// `Worker::run`'s own catch, so the state never stays `measuring`.
 struct PanicGuard(Arc<DirtyRateStats>);
 
 impl Drop for PanicGuard {
@@ -377,11 +387,13 @@ impl Worker {
     fn run(self) {
         let _guard = PanicGuard(Arc::clone(&self.stats));
         let cpu0 = thread_cpu_ns();
-        let outcome = match self.req.mode {
+        // A panic ends the measurement with an error, and the next one can start.
+        let outcome = catch_unwind(AssertUnwindSafe(|| match self.req.mode {
             DirtyRateMode::PageSampling => self.sampling(),
             DirtyRateMode::DirtyBitmap => self.log_based(false),
             DirtyRateMode::DirtyRing => self.log_based(true),
-        };
+        }))
+        .unwrap_or_else(|p| Err(panicked(&*p)));
         let cpu_ms = thread_cpu_ns().saturating_sub(cpu0) as f64 / 1e6;
         let mut result = match outcome {
             Ok(m) => result_of(m),
@@ -397,9 +409,11 @@ impl Worker {
     fn log_based(&self, ring: bool) -> std::result::Result<Measured, Stop> {
         let space = self.vm.address_space();
         let bitmap = space.global_dirty_log_start(DirtyReason::DirtyRate)?;
-        let r = self.log_window(space, &bitmap, ring);
+        let r = catch_unwind(AssertUnwindSafe(|| self.log_window(space, &bitmap, ring)))
+            .unwrap_or_else(|p| Err(panicked(&*p)));
         if space.reasons().contains(DirtyReason::DirtyRate) {
-            // Failed or cancelled before the one-shot sync: stop only our reason.
+            // Failed, cancelled or panicked before the one-shot sync: stop only our
+            // reason (a reason left on would refuse the next measurement).
             let _ignored = space.global_dirty_log_stop(DirtyReason::DirtyRate);
         }
         r

@@ -24,6 +24,23 @@ pub enum Error {
     /// `cancel()` was called.
     #[error("migration cancelled")]
     Cancelled,
+    /// Code on an engine thread panicked (a bug, often in a VMM callback): says
+    /// which thread and the panic's message.
+    #[error("{0}")]
+    Panicked(String),
+}
+
+impl Error {
+    /// The error for a panic caught on `thread` (e.g. "the migration thread"), with
+    /// the message `payload` carries (a `&str` or `String`, as `panic!` makes).
+    pub(crate) fn panicked(thread: &str, payload: &(dyn std::any::Any + Send)) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(a panic without a message)");
+        Error::Panicked(format!("{thread} panicked: {message}"))
+    }
 }
 
 /// The migration-core result type.

@@ -12,6 +12,8 @@ mod destination;
 mod dirtyrate;
 mod error;
 mod guest;
+#[cfg(test)]
+mod panic_tests;
 mod params;
 mod rates;
 mod runstate;

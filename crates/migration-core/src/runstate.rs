@@ -268,23 +268,24 @@ impl RunControl {
     pub(crate) fn begin_switchover(&self) -> Result<bool> {
         let mut st = lock(&self.inner);
         let was = st.state;
-        match was {
-            RunState::Running => {
-                self.vm
-                    .pause_vcpus()
-                    .map_err(|e| Error::Guest(format!("pausing vCPUs: {e}")))?;
-                self.emit(MigrationEvent::Stop);
-            }
-            RunState::Paused => {}
-            other => {
-                return Err(Error::Busy(format!(
-                    "cannot switch over from run state {}",
-                    other.name()
-                )))
-            }
+        if !matches!(was, RunState::Running | RunState::Paused) {
+            return Err(Error::Busy(format!(
+                "cannot switch over from run state {}",
+                was.name()
+            )));
         }
+        // In finish-migrate before the pause: a pause that panics leaves the vCPUs in
+        // an unknown state, and the end of the switch-over (`end_switchover`, which
+        // the migration thread calls however it ends) then returns them to `was`.
         st.before_switchover = was;
         st.state = RunState::FinishMigrate;
+        if was == RunState::Running {
+            if let Err(e) = self.vm.pause_vcpus() {
+                st.state = was;
+                return Err(Error::Guest(format!("pausing vCPUs: {e}")));
+            }
+            self.emit(MigrationEvent::Stop);
+        }
         Ok(was == RunState::Running)
     }
 
@@ -303,15 +304,15 @@ impl RunControl {
                 st.in_doubt = true;
             }
             SwitchoverEnd::Failed => {
+                // Paused until the vCPUs really run: a resume that fails or panics
+                // leaves the guest paused, for `cont` to retry.
+                st.state = RunState::Paused;
                 if st.before_switchover == RunState::Running {
-                    if let Err(e) = self.vm.resume_vcpus() {
-                        st.state = RunState::Paused;
-                        return Err(Error::Guest(format!("resuming vCPUs: {e}")));
-                    }
+                    self.vm
+                        .resume_vcpus()
+                        .map_err(|e| Error::Guest(format!("resuming vCPUs: {e}")))?;
                     st.state = RunState::Running;
                     self.emit(MigrationEvent::Resume);
-                } else {
-                    st.state = RunState::Paused;
                 }
             }
         }

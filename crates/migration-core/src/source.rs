@@ -1,5 +1,6 @@
 //! The precopy source: setup, iterate, converge, stop-and-copy, on its own thread.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -218,6 +219,7 @@ impl MigrationSource {
             busy_ns: AtomicU64::new(0),
             paused: AtomicBool::new(false),
             switching: AtomicBool::new(false),
+            committing: AtomicBool::new(false),
         };
         run.emit(MigrationEvent::Status(MigrationStatus::Setup));
         let handle = std::thread::Builder::new()
@@ -295,6 +297,9 @@ struct Run {
     paused: AtomicBool,
     /// The run state went to finish-migrate: the end of the run must leave it.
     switching: AtomicBool,
+    /// The switch-over's commit may have gone out: a panic from here on leaves the
+    /// source paused, as a lost acknowledgement does.
+    committing: AtomicBool,
 }
 
 /// The state the iteration loop keeps between syncs (owned by the migration thread).
@@ -340,14 +345,40 @@ impl Run {
         }
     }
 
+    /// The thread's body: a panic anywhere in it (the engine's or a VMM callback's)
+    /// ends the migration `failed` and never leaves the status active.
     fn run(self, uri: Uri) {
-        let result = self.migrate(&uri);
+        let (stats, run, space) = (self.stats.clone(), self.run.clone(), self.space.clone());
+        // `run_to_end` catches what `migrate` panics; this catches its own clean-up
+        // (the VMM's resume or throttle callbacks).
+        if let Err(p) = catch_unwind(AssertUnwindSafe(move || self.run_to_end(uri))) {
+            if space.reasons().contains(DirtyReason::Migration) {
+                // Left on, it would refuse the next migration.
+                let _ = space.global_dirty_log_stop(DirtyReason::Migration);
+            }
+            if !stats.status().is_finished() {
+                stats.set_error(Error::panicked("the migration thread", &*p).to_string());
+                stats.set_status(MigrationStatus::Failed);
+                run.emit(MigrationEvent::Status(MigrationStatus::Failed));
+            }
+        }
+    }
+
+    fn run_to_end(self, uri: Uri) {
+        // A panic is a failure like any other: the guest resumes before the commit
+        // (through `switching`), and stays paused after it (`committing`).
+        let result = catch_unwind(AssertUnwindSafe(|| self.migrate(&uri)))
+            .unwrap_or_else(|p| Err(Error::panicked("the migration thread", &*p)));
         lock(&self.shared.abort).take();
         let stats = &self.stats;
         stats
             .total_time_ms
             .store(stats.elapsed_ms(), Ordering::Relaxed);
-        let in_doubt = matches!(&result, Err(Error::Transport(transport::Error::InDoubt(_))));
+        let in_doubt = match &result {
+            Err(Error::Transport(transport::Error::InDoubt(_))) => true,
+            Err(Error::Panicked(_)) => self.committing.load(Ordering::Acquire),
+            _ => false,
+        };
         // Leave finish-migrate: postmigrate once the destination has the guest (or may
         // have it), else back to the state before the switch-over. Two running copies
         // would be worse than none, so in doubt the source stays paused.
@@ -378,7 +409,9 @@ impl Run {
                          (cont) only if the destination does not run it"
                     ));
                     self.set_status(MigrationStatus::Failed);
-                } else if matches!(e, Error::Cancelled) || self.cancel.load(Ordering::Acquire) {
+                } else if matches!(e, Error::Cancelled)
+                    || (self.cancel.load(Ordering::Acquire) && !matches!(e, Error::Panicked(_)))
+                {
                     // After a cancel, whatever error the aborted connections produced
                     // is the cancel's doing.
                     if !resume_note.is_empty() {
@@ -794,7 +827,12 @@ impl Run {
                 let done_tx = done_tx.clone();
                 let (bitmap, abort, first_error) = (&bitmap, &abort, &first_error);
                 s.spawn(move || {
-                    if let Err(e) = self.send_share(sender, bitmap, k, workers, abort) {
+                    // A worker that panics stops the others and fails the pass.
+                    let r = catch_unwind(AssertUnwindSafe(|| {
+                        self.send_share(sender, bitmap, k, workers, abort)
+                    }))
+                    .unwrap_or_else(|p| Err(Error::panicked("a migration sender thread", &*p)));
+                    if let Err(e) = r {
                         abort.store(true, Ordering::Release);
                         lock(first_error).get_or_insert(e);
                     }
@@ -803,6 +841,9 @@ impl Run {
             }
             drop(done_tx);
             let mut finished = 0;
+            // A panic here (a dirty-log sync's) unwinds through the scope, which joins
+            // the workers: stop them first.
+            let _stop_workers = AbortOnUnwind(&abort);
             while finished < workers {
                 match done_rx.recv_timeout(Duration::from_millis(POLL_MS)) {
                     Ok(()) => finished += 1,
@@ -948,8 +989,9 @@ impl Run {
         // Through the run state: STOP if the guest ran (before the `device` status, as
         // QEMU orders them), and a failure from here on returns the guest to the state
         // it had, or that a `stop` since asked for.
-        let was_running = self.run.begin_switchover()?;
+        // Set first: a pause that panics has entered finish-migrate already.
         self.switching.store(true, Ordering::Release);
+        let was_running = self.run.begin_switchover()?;
         self.paused.store(true, Ordering::Release);
         if !self
             .stats
@@ -999,6 +1041,7 @@ impl Run {
         // destination that holds the guest paused for its VMM to start (autostart
         // off, QEMU's `-S`), or a `file:` snapshot: the migration succeeded either
         // way. A destination that failed refuses instead, an error.
+        self.committing.store(true, Ordering::Release);
         sender.finish()?;
         phase_done(&phases.ack_us);
         let after = counters.total_bytes();
@@ -1027,6 +1070,17 @@ impl Run {
         // that cannot stop logging leaves the slots logging, which only costs speed.
         let _ = self.space.global_dirty_log_stop(DirtyReason::Migration);
         Ok(())
+    }
+}
+
+/// Sets its flag when dropped by a panic's unwinding.
+struct AbortOnUnwind<'a>(&'a AtomicBool);
+
+impl Drop for AbortOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Release);
+        }
     }
 }
 
