@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use dirty_sync::{AddressSpace, DirtySink, MemoryListener, RamBlock, PAGE_SIZE};
+use dirty_sync::{AddressSpace, DirtySink, HostMemory, MemoryListener, RamBlock, PAGE_SIZE};
 
 use crate::guest::{GuestError, MigratableVm};
 
@@ -122,7 +122,7 @@ impl MemoryListener for TrapListener {
 /// as a buggy VMM's would. It counts pauses and resumes; it has a one-vCPU dirty
 /// ring that never fills.
 pub(crate) struct PanickyVm {
-    inner: TestVm<Vec<u8>>,
+    inner: TestVm<HostMemory>,
     /// Where to panic.
     pub(crate) trap: Arc<Trap>,
     /// `pause_vcpus` calls.
@@ -135,17 +135,12 @@ pub(crate) struct PanickyVm {
 impl PanickyVm {
     /// A guest of `pages` pages, page `p` filled with the byte `p + seed`.
     pub(crate) fn new(pages: u64, seed: u8) -> Arc<Self> {
-        let mut mem: Vec<u8> = (0..pages * PAGE_SIZE)
+        let bytes: Vec<u8> = (0..pages * PAGE_SIZE)
             .map(|i| ((i / PAGE_SIZE) as u8).wrapping_add(seed))
             .collect();
-        let block = RamBlock {
-            id: "ram0".into(),
-            gpa: 0,
-            size_bytes: mem.len() as u64,
-            host_addr: mem.as_mut_ptr() as u64,
-            kvm_slot: 0,
-            first_page: 0,
-        };
+        let mem = HostMemory::anonymous(pages * PAGE_SIZE).expect("test RAM");
+        assert!(mem.write_volatile(0, &bytes));
+        let block = RamBlock::new("ram0", 0, mem.clone(), 0, 0);
         let space = AddressSpace::new(vec![block]).expect("one block");
         let trap = Arc::new(Trap::default());
         space
@@ -163,9 +158,11 @@ impl PanickyVm {
         })
     }
 
-    /// Guest RAM.
-    pub(crate) fn ram(&self) -> &[u8] {
-        &self.inner.mem
+    /// A copy of guest RAM.
+    pub(crate) fn ram(&self) -> Vec<u8> {
+        let mut bytes = vec![0u8; self.inner.mem.size_bytes() as usize];
+        assert!(self.inner.mem.read_volatile(0, &mut bytes));
+        bytes
     }
 }
 
