@@ -2,12 +2,18 @@
 
 mod cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgAction, Parser, Subcommand};
 
 /// Ferry: live migration for KVM guests.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
+    /// Log Ferry's events to stderr: -v info (migration phases, passes, the
+    /// switch-over), -vv debug (syncs, connections), -vvv trace. RUST_LOG, when set,
+    /// takes precedence (e.g. RUST_LOG=migration_core=debug). Default: warnings and
+    /// errors only.
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -28,6 +34,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    cmd::logging::init(cli.verbose);
     let result = match cli.command {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Send(a) => cmd::send::run(a),

@@ -18,6 +18,8 @@ mod runstate;
 mod source;
 #[cfg(test)]
 mod test_vm;
+#[cfg(test)]
+mod tracing_tests;
 
 pub use destination::{
     incoming, incoming_with, ram_digest, Incoming, IncomingOptions, IncomingReport,

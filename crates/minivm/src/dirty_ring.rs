@@ -43,5 +43,10 @@ pub fn enable(vm: &VmFd, entries: u32) -> Result<u32> {
     cap_req.args[0] = bytes;
     vm.enable_cap(&cap_req)
         .map_err(kvm("KVM_ENABLE_CAP(dirty ring)"))?;
+    tracing::debug!(
+        entries,
+        acq_rel = cap == CAP_DIRTY_LOG_RING_ACQ_REL,
+        "KVM dirty ring enabled"
+    );
     Ok(cap)
 }

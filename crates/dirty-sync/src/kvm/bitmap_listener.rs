@@ -97,6 +97,7 @@ impl KvmBitmapListener {
                 mode = ProtectMode::Manual;
             }
         }
+        tracing::debug!(?mode, "KVM dirty bitmap listener ready");
         Ok(KvmBitmapListener {
             vm,
             mode,
@@ -164,6 +165,12 @@ impl MemoryListener for KvmBitmapListener {
         let mut armed = self.armed.lock().unwrap_or_else(|p| p.into_inner());
         if !armed.contains(&block.kvm_slot) {
             ioctls::set_slot_logging(&self.vm, block, true)?;
+            tracing::debug!(
+                slot = block.kvm_slot,
+                block = %block.id,
+                size_bytes = block.size_bytes,
+                "KVM dirty log enabled on the slot"
+            );
             armed.insert(block.kvm_slot);
         }
         Ok(())
