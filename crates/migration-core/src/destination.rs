@@ -198,7 +198,7 @@ pub fn incoming_with(
                     info!(
                         total_ms = report.total_ms,
                         received_bytes = report.received_bytes,
-                        passes = report.iterations,
+                        iterations = report.iterations,
                         resumed = report.resumed,
                         "incoming migration completed"
                     );
@@ -275,7 +275,7 @@ fn receive(
     report.received_bytes = counters.total_bytes();
     info!(
         received_bytes = report.received_bytes,
-        passes = report.iterations,
+        iterations = report.iterations,
         "stream received and ended cleanly"
     );
     stats

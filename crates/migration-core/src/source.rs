@@ -387,7 +387,7 @@ impl Run {
                     total_ms = stats.total_time_ms.load(Ordering::Relaxed),
                     downtime_ms = stats.downtime_ms.load(Ordering::Relaxed),
                     transferred_bytes = stats.transferred_bytes.load(Ordering::Relaxed),
-                    passes = stats.iterations.load(Ordering::Relaxed),
+                    precopy_passes = stats.iterations.load(Ordering::Relaxed),
                     "migration completed"
                 );
                 self.set_status(MigrationStatus::Completed)
