@@ -8,10 +8,8 @@ use clap::{ArgAction, Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
-    /// Log Ferry's events to stderr: -v info (migration phases, passes, the
-    /// switch-over), -vv debug (syncs, connections), -vvv trace. RUST_LOG, when set,
-    /// takes precedence (e.g. RUST_LOG=migration_core=debug). Default: warnings and
-    /// errors only.
+    /// Log to stderr: -v info, -vv debug, -vvv trace (RUST_LOG, when set, wins);
+    /// default: warnings and errors only.
     #[arg(short, long, action = ArgAction::Count, global = true)]
     verbose: u8,
     #[command(subcommand)]
