@@ -2,12 +2,16 @@
 
 mod cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgAction, Parser, Subcommand};
 
 /// Ferry: live migration for KVM guests.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
+    /// Log to stderr: -v info, -vv debug, -vvv trace (RUST_LOG, when set, wins);
+    /// default: warnings and errors only.
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -28,6 +32,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    cmd::logging::init(cli.verbose);
     let result = match cli.command {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Send(a) => cmd::send::run(a),

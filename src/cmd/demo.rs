@@ -54,6 +54,7 @@ impl Destination {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(exe);
         cmd.arg("receive")
+            .args(super::logging::verbose_args())
             .args(["--uri", uri, "--verify"])
             .args(args.vm.to_args())
             .stdout(Stdio::piped())

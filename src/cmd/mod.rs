@@ -2,6 +2,7 @@
 
 pub mod demo;
 pub mod dirty_rate;
+pub mod logging;
 pub mod progress;
 pub mod receive;
 pub mod send;

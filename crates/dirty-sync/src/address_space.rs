@@ -200,10 +200,21 @@ impl AddressSpace {
             });
         }
         if inner.mask.is_empty() {
+            tracing::debug!(
+                ?reason,
+                listeners = inner.listeners.len(),
+                "dirty logging starts"
+            );
             for (i, l) in inner.listeners.iter().enumerate() {
                 if let Err(e) = self.start_listener(l.as_ref()) {
                     for started in &inner.listeners[..=i] {
-                        let _ = self.stop_listener(started.as_ref());
+                        if let Err(se) = self.stop_listener(started.as_ref()) {
+                            tracing::warn!(
+                                listener = started.name(),
+                                error = %se,
+                                "rolling back a failed dirty-log start: stopping failed too"
+                            );
+                        }
                     }
                     return Err(e);
                 }
@@ -234,6 +245,7 @@ impl AddressSpace {
         inner.clients[3 + reason.index()] = None;
         self.mask_bits.store(inner.mask.bits(), Ordering::Release);
         if inner.mask.is_empty() {
+            tracing::debug!(?reason, "dirty logging stops (no reason left)");
             let mut first_err = None;
             for l in &inner.listeners {
                 if let Err(e) = self.stop_listener(l.as_ref()) {
@@ -335,7 +347,9 @@ impl Drop for AddressSpace {
         let mut inner = self.lock();
         for reason in DirtyReason::ALL {
             if inner.mask.contains(reason) {
-                let _ = self.stop_locked(&mut inner, reason);
+                if let Err(e) = self.stop_locked(&mut inner, reason) {
+                    tracing::warn!(?reason, error = %e, "stopping dirty logging on drop failed");
+                }
             }
         }
     }

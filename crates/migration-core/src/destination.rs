@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use dirty_sync::PAGE_SIZE;
 use stats::{MigStats, MigrationStatus};
+use tracing::{debug, error, info, info_span, warn};
 use transport::{Event, Listener, PageSink, Uri};
 
 use crate::guest::{GuestRam, MigratableVm};
@@ -177,18 +178,36 @@ pub fn incoming_with(
     };
     let listener = Listener::bind(&uri)?;
     let local = listener.local_uri()?;
+    // Made here, so it nests under the caller's span; entered on the thread.
+    let span = info_span!(
+        "incoming",
+        uri = %local,
+        channels = tracing::field::Empty
+    );
+    span.in_scope(|| info!("listening for an incoming migration"));
     let stats = Arc::new(MigStats::new());
     stats.set_status(MigrationStatus::Setup);
     let st = stats.clone();
     let thread = std::thread::Builder::new()
         .name("mig/dst".into())
         .spawn(move || {
+            let _entered = span.enter();
             let r = receive(vm, &run, listener, &st, &opts);
             st.total_time_ms
                 .store(st.elapsed_ms(), std::sync::atomic::Ordering::Relaxed);
             match &r {
-                Ok(_) => st.set_status(MigrationStatus::Completed),
+                Ok(report) => {
+                    info!(
+                        total_ms = report.total_ms,
+                        received_bytes = report.received_bytes,
+                        iterations = report.iterations,
+                        resumed = report.resumed,
+                        "incoming migration completed"
+                    );
+                    st.set_status(MigrationStatus::Completed)
+                }
                 Err(e) => {
+                    error!(error = %e, "incoming migration failed");
                     st.set_error(e.to_string());
                     st.set_status(MigrationStatus::Failed);
                 }
@@ -215,8 +234,14 @@ fn receive(
     stats.set_status(MigrationStatus::Active);
     let ram = GuestRam::new(vm.clone());
     let header = rx.header().clone();
+    tracing::Span::current().record("channels", header.features.channels);
+    info!(
+        channels = header.features.channels,
+        ram_bytes = header.blocks.iter().map(|b| b.size_bytes).sum::<u64>(),
+        "incoming stream accepted"
+    );
     if let Err(e) = check_blocks(&ram, &header) {
-        let _ = rx.send_refusal(&e.to_string());
+        refuse(&mut rx, &e);
         return Err(e);
     }
     let mut report = IncomingReport::default();
@@ -250,6 +275,11 @@ fn receive(
     })?;
     let counters = rx.counters();
     report.received_bytes = counters.total_bytes();
+    info!(
+        received_bytes = report.received_bytes,
+        iterations = report.iterations,
+        "stream received and ended cleanly"
+    );
     stats
         .transferred_bytes
         .store(report.received_bytes, std::sync::atomic::Ordering::Relaxed);
@@ -259,6 +289,10 @@ fn receive(
         report.device_state_bytes = state.len() as u64;
         vm.load_device_state(&state)
             .map_err(|e| Error::Guest(format!("loading device state: {e}")))?;
+        info!(
+            device_state_bytes = report.device_state_bytes,
+            source_was_running, "device state loaded"
+        );
         // Loaded: offer the switch-over, and start nothing unless the source commits.
         rx.await_commit()?;
         if !opts.verify {
@@ -267,13 +301,13 @@ fn receive(
         Ok(())
     })();
     if let Err(e) = result {
-        let _ = rx.send_refusal(&e.to_string());
+        refuse(&mut rx, &e);
         return Err(e);
     }
     // The guest is ours from the commit on: a lost acknowledgement leaves the source
     // paused and in doubt, never this side failed.
     if !opts.verify {
-        let _ = rx.send_ack(report.resumed);
+        ack(&mut rx, report.resumed);
         report.total_ms = start.elapsed().as_millis() as u64;
         return Ok(report);
     }
@@ -281,13 +315,32 @@ fn receive(
     // check), then digest RAM while the guest is still paused (nothing has written it
     // since the end of the stream), then start it. A failure to start it now is
     // this side's alone: the source already let go and stays paused.
-    let _ = rx.send_ack(run.autostart() && source_was_running);
+    ack(&mut rx, run.autostart() && source_was_running);
     let digest_start = Instant::now();
     report.ram_digest = Some(ram_digest(&ram));
     report.ram_digest_us = Some(digest_start.elapsed().as_micros() as u64);
     report.resumed = run.finish_incoming(source_was_running)?;
     report.total_ms = start.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// Tells the source why this side refuses the stream. Best effort: the source may
+/// be gone already (then it fails on its own), and this side fails either way.
+fn refuse(rx: &mut transport::Receiver, e: &Error) {
+    if let Err(se) = rx.send_refusal(&e.to_string()) {
+        debug!(error = %se, "the refusal could not be sent to the source");
+    }
+}
+
+/// Acknowledges the switch-over. A lost acknowledgement does not fail this side (the
+/// guest is ours from the commit on); the source then stays paused and in doubt.
+fn ack(rx: &mut transport::Receiver, resumed: bool) {
+    if let Err(e) = rx.send_ack(resumed) {
+        warn!(
+            error = %e,
+            "the switch-over acknowledgement could not be sent: the source stays paused, in doubt"
+        );
+    }
 }
 
 fn check_blocks(ram: &GuestRam, header: &transport::StreamHeader) -> Result<()> {
@@ -332,6 +385,7 @@ pub fn ram_digest(ram: &GuestRam) -> u64 {
     for (bi, b) in ram.blocks().iter().enumerate() {
         let touched = anon.then(|| {
             let bm = dirty_sync::DirtyBitmap::new(b.first_page + b.pages());
+            // Without the page map every page is read: slower, the same digest.
             crate::guest::mark_touched_pages(b, &bm).ok().map(|_| bm)
         });
         for p in 0..b.pages() {

@@ -22,6 +22,7 @@ use stats::{
     ConfidenceInterval, DirtyRateInfo, DirtyRateMode, DirtyRateResult, DirtyRateStats,
     DirtyRateStatus, DirtyRateVcpu, FerryDirtyRateInfo, TimeUnit,
 };
+use tracing::{info, info_span, warn};
 
 use crate::{Error, GuestRam, MigratableVm, Result};
 
@@ -248,6 +249,12 @@ impl DirtyRateJob {
             stats: Arc::clone(&self.stats),
             cancel: Arc::clone(&cancel),
             req,
+            span: info_span!(
+                "dirty_rate",
+                mode = req.mode.as_str(),
+                calc_time_ms = req.calc_time_ms,
+                sample_pages = req.sample_pages
+            ),
         };
         match std::thread::Builder::new()
             .name(THREAD_NAME.into())
@@ -262,6 +269,7 @@ impl DirtyRateJob {
             }
             Err(e) => {
                 let msg = format!("cannot start the dirty-rate thread: {e}");
+                warn!(error = %msg, "calc-dirty-rate failed");
                 self.stats
                     .finish(failed(req.calc_time_ms, msg.clone(), false));
                 Err(Error::Guest(msg))
@@ -349,6 +357,8 @@ struct Worker {
     stats: Arc<DirtyRateStats>,
     cancel: Arc<Cancel>,
     req: Request,
+    /// The measurement's `dirty_rate` span, entered on its thread.
+    span: tracing::Span,
 }
 
 /// A panic on the measurement thread (a VMM callback's, a listener's), as the error
@@ -386,6 +396,9 @@ struct Measured {
 impl Worker {
     fn run(self) {
         let _guard = PanicGuard(Arc::clone(&self.stats));
+        let span = self.span.clone();
+        let _entered = span.enter();
+        info!("dirty-rate measurement started");
         let cpu0 = thread_cpu_ns();
         // A panic ends the measurement with an error, and the next one can start.
         let outcome = catch_unwind(AssertUnwindSafe(|| match self.req.mode {
@@ -401,6 +414,17 @@ impl Worker {
             Err(Stop::Failed(e)) => failed(self.req.calc_time_ms, e, false),
         };
         result.ferry.cpu_ms = cpu_ms;
+        match (&result.ferry.error, result.ferry.cancelled) {
+            (Some(e), _) => warn!(error = %e, cpu_ms, "dirty-rate measurement failed"),
+            (None, true) => info!(cpu_ms, "dirty-rate measurement cancelled"),
+            (None, false) => info!(
+                dirty_rate_mib_per_sec = result.dirty_rate_mib_per_sec,
+                dirty_pages = result.ferry.dirty_pages,
+                window_ms = result.window_ms,
+                cpu_ms,
+                "dirty-rate measured"
+            ),
+        }
         self.stats.finish(result);
     }
 
@@ -414,7 +438,9 @@ impl Worker {
         if space.reasons().contains(DirtyReason::DirtyRate) {
             // Failed, cancelled or panicked before the one-shot sync: stop only our
             // reason (a reason left on would refuse the next measurement).
-            let _ignored = space.global_dirty_log_stop(DirtyReason::DirtyRate);
+            if let Err(e) = space.global_dirty_log_stop(DirtyReason::DirtyRate) {
+                warn!(error = %e, "stopping the dirty-rate dirty log failed");
+            }
         }
         r
     }

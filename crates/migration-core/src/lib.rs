@@ -7,6 +7,27 @@
 //! [`RunControl`] per guest holds its run state (QEMU's RunState): the engine and the
 //! VMM's monitor pause and resume the vCPUs only through it. A
 //! [`DirtyRateJob`] answers `calc-dirty-rate` / `query-dirty-rate` for the same guest.
+//!
+//! # Logging
+//!
+//! The engine logs through [`tracing`] and prints nothing; install a subscriber to see
+//! it. Spans (made on the caller's thread, so they nest under the caller's span, and
+//! entered on the engine's threads):
+//! - `migration` (`uri`, `channels`): one per [`MigrationSource::migrate`];
+//! - `incoming` (`uri`, `channels` once the stream is accepted): one per [`incoming`];
+//! - `dirty_rate` (`mode`, `calc_time_ms`, `sample_pages`): one per
+//!   [`DirtyRateJob::calc`].
+//!
+//! Inside them, info events mark every phase: setup, `pass start` / `pass end`
+//! (`pass`, `sent_pages`, `sent_bytes`, `duration_ms`, `dirty_pages`), the switch-over
+//! decision (`remaining_bytes`, `expected_downtime_ms`, `downtime_limit_ms`,
+//! `bandwidth_bytes_per_sec`), the pause, the final pass, device state saved and
+//! loaded (`device_state_bytes`), Ready/Commit/Ack (from `transport`), throttle
+//! changes, and `migration completed` (`total_ms`, `downtime_ms`,
+//! `transferred_bytes`). Each dirty-log sync is a debug event (`found_pages`,
+//! `new_pages`, `duration_us`). Failures are warn or error events whose `error` field
+//! is the error's text (the same as `query-migrate`'s `error-desc`). Nothing is
+//! logged per page.
 
 mod destination;
 mod dirtyrate;
@@ -20,6 +41,8 @@ mod runstate;
 mod source;
 #[cfg(test)]
 mod test_vm;
+#[cfg(test)]
+mod tracing_tests;
 
 pub use destination::{
     incoming, incoming_with, ram_digest, Incoming, IncomingOptions, IncomingReport,

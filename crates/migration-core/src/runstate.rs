@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crossbeam_channel::Receiver;
 use serde::Serialize;
+use tracing::{debug, info};
 
 use crate::guest::MigratableVm;
 use crate::{Error, Result};
@@ -195,6 +196,7 @@ impl RunControl {
                     .pause_vcpus()
                     .map_err(|e| Error::Guest(format!("pausing vCPUs: {e}")))?;
                 st.state = RunState::Paused;
+                debug!("run state: running -> paused (stop)");
                 self.emit(MigrationEvent::Stop);
             }
             RunState::Inmigrate => st.autostart = false,
@@ -215,6 +217,7 @@ impl RunControl {
                 self.vm
                     .resume_vcpus()
                     .map_err(|e| Error::Guest(format!("resuming vCPUs: {e}")))?;
+                debug!(from = st.state.name(), "run state: -> running (cont)");
                 st.state = RunState::Running;
                 st.in_doubt = false;
                 self.emit(MigrationEvent::Resume);
@@ -277,6 +280,7 @@ impl RunControl {
         // In finish-migrate before the pause: a pause that panics leaves the vCPUs in
         // an unknown state, and the end of the switch-over (`end_switchover`, which
         // the migration thread calls however it ends) then returns them to `was`.
+        debug!(from = was.name(), "run state: -> finish-migrate");
         st.before_switchover = was;
         st.state = RunState::FinishMigrate;
         if was == RunState::Running {
@@ -297,6 +301,7 @@ impl RunControl {
         if st.state != RunState::FinishMigrate {
             return Ok(());
         }
+        debug!(?end, "run state: the switch-over ended");
         match end {
             SwitchoverEnd::Completed => st.state = RunState::Postmigrate,
             SwitchoverEnd::InDoubt => {
@@ -336,10 +341,15 @@ impl RunControl {
                 .resume_vcpus()
                 .map_err(|e| Error::Guest(format!("resuming: {e}")))?;
             st.state = RunState::Running;
+            info!("guest resumed on the destination");
             self.emit(MigrationEvent::Resume);
             Ok(true)
         } else {
             st.state = RunState::Paused;
+            info!(
+                autostart = st.autostart,
+                source_was_running, "guest held paused on the destination (waits for cont)"
+            );
             Ok(false)
         }
     }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver as ChanReceiver;
 use dirty_sync::{AddressSpace, DirtyBitmap, DirtyReason, BITS_PER_WORD, PAGE_SIZE};
 use stats::{MigStats, MigrationInfo, MigrationStatus};
+use tracing::{debug, error, info, info_span, warn};
 use transport::{
     is_zero, BlockInfo, Compression, PageClass, SendOptions, Sender, SparseBatch, Uri,
 };
@@ -220,6 +221,15 @@ impl MigrationSource {
             paused: AtomicBool::new(false),
             switching: AtomicBool::new(false),
             committing: AtomicBool::new(false),
+            span: info_span!(
+                "migration",
+                uri = %uri,
+                channels = if self.capabilities().multifd {
+                    u64::from(self.parameters().multifd_channels)
+                } else {
+                    1
+                }
+            ),
         };
         run.emit(MigrationEvent::Status(MigrationStatus::Setup));
         let handle = std::thread::Builder::new()
@@ -233,6 +243,7 @@ impl MigrationSource {
     /// Asks the running migration to stop; the guest keeps running on the source.
     pub fn cancel(&self) {
         let stats = self.stats();
+        info!(status = ?stats.status(), "migration cancel requested");
         for from in [
             MigrationStatus::Setup,
             MigrationStatus::Active,
@@ -300,6 +311,9 @@ struct Run {
     /// The switch-over's commit may have gone out: a panic from here on leaves the
     /// source paused, as a lost acknowledgement does.
     committing: AtomicBool,
+    /// The `migration` span, made on the caller's thread (so it nests under the
+    /// caller's span) and entered on the migration thread.
+    span: tracing::Span,
 }
 
 /// The state the iteration loop keeps between syncs (owned by the migration thread).
@@ -367,6 +381,9 @@ impl Run {
     fn run_to_end(self, uri: Uri) {
         // A panic is a failure like any other: the guest resumes before the commit
         // (through `switching`), and stays paused after it (`committing`).
+        let span = self.span.clone();
+        let _entered = span.enter();
+        info!("migration started");
         let result = catch_unwind(AssertUnwindSafe(|| self.migrate(&uri)))
             .unwrap_or_else(|p| Err(Error::panicked("the migration thread", &*p)));
         lock(&self.shared.abort).take();
@@ -390,20 +407,39 @@ impl Run {
                 (Err(_), false) => SwitchoverEnd::Failed,
             };
             resume_error = self.run.end_switchover(end).err();
+            if let Some(e) = &resume_error {
+                error!(error = %e, "resuming the source guest after the switch-over failed");
+            }
         }
         self.paused.store(false, Ordering::Release);
         match result {
-            Ok(()) => self.set_status(MigrationStatus::Completed),
+            Ok(()) => {
+                info!(
+                    total_ms = stats.total_time_ms.load(Ordering::Relaxed),
+                    downtime_ms = stats.downtime_ms.load(Ordering::Relaxed),
+                    transferred_bytes = stats.transferred_bytes.load(Ordering::Relaxed),
+                    precopy_passes = stats.iterations.load(Ordering::Relaxed),
+                    "migration completed"
+                );
+                self.set_status(MigrationStatus::Completed)
+            }
             Err(e) => {
                 self.vm.set_throttle_percent(0);
                 stats.cpu_throttle_percentage.store(0, Ordering::Relaxed);
                 if self.space.reasons().contains(DirtyReason::Migration) {
-                    let _ = self.space.global_dirty_log_stop(DirtyReason::Migration);
+                    if let Err(le) = self.space.global_dirty_log_stop(DirtyReason::Migration) {
+                        warn!(error = %le, "stopping the migration's dirty log failed");
+                    }
                 }
                 let resume_note = resume_error
                     .map(|re| format!("; and resuming the source failed: {re}"))
                     .unwrap_or_default();
                 if in_doubt {
+                    error!(
+                        error = %e,
+                        "migration failed after the commit: the destination may run the \
+                         guest; the source guest stays paused (postmigrate)"
+                    );
                     stats.set_error(format!(
                         "{e}; the source guest stays paused (postmigrate): resume it \
                          (cont) only if the destination does not run it"
@@ -417,8 +453,18 @@ impl Run {
                     if !resume_note.is_empty() {
                         stats.set_error(format!("migration cancelled{resume_note}"));
                     }
+                    info!(
+                        total_ms = stats.total_time_ms.load(Ordering::Relaxed),
+                        error = %e,
+                        "migration cancelled"
+                    );
                     self.set_status(MigrationStatus::Cancelled);
                 } else {
+                    error!(
+                        error = %format!("{}{resume_note}", self.explain(&e)),
+                        total_ms = stats.total_time_ms.load(Ordering::Relaxed),
+                        "migration failed"
+                    );
                     stats.set_error(format!("{}{resume_note}", self.explain(&e)));
                     self.set_status(MigrationStatus::Failed);
                 }
@@ -483,6 +529,12 @@ impl Run {
         }
         self.check_cancel()?;
         let sender = Sender::connect_with(uri, PAGE_SIZE as u32, blocks, opts, &token)?;
+        info!(
+            channels,
+            max_bandwidth_bytes_per_sec = opts.max_bandwidth_bytes_per_sec,
+            downtime_limit_ms = self.live.downtime_limit_ms.load(Ordering::Relaxed),
+            "setup: connected to the destination"
+        );
         *lock(&self.shared.abort) = Some(sender.abort_handle());
         self.check_cancel()?;
         let stats = &self.stats;
@@ -509,6 +561,12 @@ impl Run {
         if !stats.transition(MigrationStatus::Setup, MigrationStatus::Active) {
             return Err(Error::Cancelled);
         }
+        info!(
+            setup_ms = stats.setup_time_ms.load(Ordering::Relaxed),
+            ram_bytes = self.space.total_pages() * PAGE_SIZE,
+            dirty_pages = bitmap.count(),
+            "setup done: dirty log on, precopy starts"
+        );
         self.emit(MigrationEvent::Status(MigrationStatus::Active));
 
         let counters = sender.counters();
@@ -549,6 +607,11 @@ impl Run {
                 self.pages_sent(),
                 self.stats.precopy_bytes.load(Ordering::Relaxed),
             );
+            info!(
+                pass = iteration,
+                dirty_pages = lp.bitmap.count(),
+                "pass start"
+            );
             self.send_pass(&sender, &mut lp)?;
             self.measure_link(&sender, &mut lp);
             lp.cost.add_pass(
@@ -559,10 +622,19 @@ impl Run {
             sender.iteration_end(iteration)?;
             stats.iterations.store(iteration, Ordering::Relaxed);
             self.sync(&mut lp)?;
+            info!(
+                pass = iteration,
+                sent_pages = self.pages_sent() - pass_start.1,
+                sent_bytes = self.stats.precopy_bytes.load(Ordering::Relaxed) - pass_start.2,
+                duration_ms = pass_start.0.elapsed().as_millis() as u64,
+                dirty_pages = lp.bitmap.count(),
+                "pass end"
+            );
             // The first decision's prediction is kept to set beside what happens
             // (`first-pass-convergence`): made once the first pass is sent, or, when
             // the engine waited for the destination to apply it, once it has.
             if !self.ready_to_switch(&lp) {
+                self.log_decision(&lp, false);
                 stats.record_first_pass_convergence();
                 continue;
             }
@@ -571,10 +643,12 @@ impl Run {
                 // still fits the downtime.
                 self.sync(&mut lp)?;
                 if !self.ready_to_switch(&lp) {
+                    self.log_decision(&lp, false);
                     stats.record_first_pass_convergence();
                     continue;
                 }
             }
+            self.log_decision(&lp, true);
             stats.record_first_pass_convergence();
             break;
         }
@@ -628,6 +702,32 @@ impl Run {
         lp.cost.expected_ms(lp.bitmap.count(), self.bandwidth(lp))
     }
 
+    /// The convergence decision after a pass: debug while another pass is needed,
+    /// info for the switch-over.
+    fn log_decision(&self, lp: &Loop, switch: bool) {
+        let remaining_bytes = lp.bitmap.count() * PAGE_SIZE;
+        let expected_downtime_ms = self.expected_downtime_ms(lp);
+        let downtime_limit_ms = self.live.downtime_limit_ms.load(Ordering::Relaxed);
+        let bandwidth_bytes_per_sec = self.bandwidth(lp);
+        if switch {
+            info!(
+                remaining_bytes,
+                expected_downtime_ms,
+                downtime_limit_ms,
+                bandwidth_bytes_per_sec,
+                "converged: switching over"
+            );
+        } else {
+            debug!(
+                remaining_bytes,
+                expected_downtime_ms,
+                downtime_limit_ms,
+                bandwidth_bytes_per_sec,
+                "the rest does not fit the downtime limit yet: another pass"
+            );
+        }
+    }
+
     fn ready_to_switch(&self, lp: &Loop) -> bool {
         let limit_ms = self.live.downtime_limit_ms.load(Ordering::Relaxed);
         self.expected_downtime_ms(lp)
@@ -647,6 +747,10 @@ impl Run {
         let io_timeout = Duration::from_millis(self.params.x_ferry_io_timeout_ms);
         let mut queued = sender.queued_bytes();
         let mut progress_at = start;
+        debug!(
+            pass = iteration,
+            "waiting for the destination to apply the pass"
+        );
         while !sender.wait_applied(iteration, Duration::from_millis(POLL_MS))? {
             self.check_cancel()?;
             let now_queued = sender.queued_bytes();
@@ -662,6 +766,11 @@ impl Run {
                 ))));
             }
         }
+        debug!(
+            pass = iteration,
+            waited_ms = start.elapsed().as_millis() as u64,
+            "the destination applied the pass"
+        );
         Ok(start.elapsed() > Duration::from_millis(CATCH_UP_MS))
     }
 
@@ -688,6 +797,10 @@ impl Run {
         if !self.paused.load(Ordering::Acquire) {
             let cap = self.live.max_bandwidth.load(Ordering::Relaxed);
             if cap != lp.applied_max_bandwidth {
+                info!(
+                    max_bandwidth_bytes_per_sec = cap,
+                    "max-bandwidth changed while running"
+                );
                 sender.set_max_bandwidth(cap);
                 lp.applied_max_bandwidth = cap;
             }
@@ -744,6 +857,13 @@ impl Run {
         let stats = &self.stats;
         let syncs = stats.dirty_sync_count.fetch_add(1, Ordering::Relaxed) + 1;
         let new_pages = report.new_pages(DirtyReason::Migration);
+        debug!(
+            sync = syncs,
+            found_pages = report.reported_pages,
+            new_pages,
+            duration_us = report.sync_ns / 1000,
+            "dirty-log sync"
+        );
         lp.last_sync_dirty_pages = report.reported_pages;
         let now_ms = stats.elapsed_ms();
         if let Some(prev) = lp.last_sync_ms.replace(now_ms) {
@@ -779,6 +899,12 @@ impl Run {
                     p.cpu_throttle_increment,
                     p.max_cpu_throttle,
                 ) {
+                    info!(
+                        throttle_percent = pct,
+                        dirtied_bytes = new_rate * period_ms / 1000 * PAGE_SIZE,
+                        sent_bytes = sent,
+                        "auto-converge: vCPU throttle changed"
+                    );
                     self.vm.set_throttle_percent(pct);
                     stats
                         .cpu_throttle_percentage
@@ -836,6 +962,7 @@ impl Run {
                         abort.store(true, Ordering::Release);
                         lock(first_error).get_or_insert(e);
                     }
+                    // The receiver lives until every worker is done (this scope).
                     let _ = done_tx.send(());
                 });
             }
@@ -992,6 +1119,7 @@ impl Run {
         // Set first: a pause that panics has entered finish-migrate already.
         self.switching.store(true, Ordering::Release);
         let was_running = self.run.begin_switchover()?;
+        info!(was_running, "switch-over: guest paused (finish-migrate)");
         self.paused.store(true, Ordering::Release);
         if !self
             .stats
@@ -1015,13 +1143,25 @@ impl Run {
         sender.set_max_bandwidth(0);
         self.sync(lp)?;
         phase_done(&phases.sync_us);
+        let final_start = (Instant::now(), self.pages_sent());
         self.send_pass(&sender, lp)?;
         sender.iteration_end(iteration)?;
         phase_done(&phases.pages_us);
+        info!(
+            pass = iteration,
+            sent_pages = self.pages_sent() - final_start.1,
+            sent_bytes = counters.total_bytes() - at_pause,
+            duration_ms = final_start.0.elapsed().as_millis() as u64,
+            "final pass sent (guest paused)"
+        );
         let state = self
             .vm
             .save_device_state()
             .map_err(|e| Error::Guest(format!("saving device state: {e}")))?;
+        info!(
+            device_state_bytes = state.len() as u64,
+            "device state saved"
+        );
         // QEMU's global state: a guest that was paused stays paused on the destination.
         sender.send_device_state(
             RUN_STATE_DEVICE,
@@ -1068,7 +1208,9 @@ impl Run {
         // The guest runs on the destination now: nothing may fail this migration any
         // more (failing would resume the source, and two copies would run). A listener
         // that cannot stop logging leaves the slots logging, which only costs speed.
-        let _ = self.space.global_dirty_log_stop(DirtyReason::Migration);
+        if let Err(e) = self.space.global_dirty_log_stop(DirtyReason::Migration) {
+            warn!(error = %e, "stopping the migration's dirty log failed (slots keep logging)");
+        }
         Ok(())
     }
 }

@@ -141,7 +141,13 @@ impl MiniVm {
         let kvm_fd = match cfg.backend {
             Backend::Threads => None,
             Backend::Kvm => Some(Kvm::new().map_err(Error::KvmUnavailable)?),
-            Backend::Auto => Kvm::new().ok(),
+            Backend::Auto => match Kvm::new() {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    tracing::info!(error = %e, "no KVM: the guest runs as host threads");
+                    None
+                }
+            },
         };
         let layout = Layout::new(cfg.mem_bytes, cfg.vcpus);
         let (mem, slots) = memory::create(cfg.mem_bytes, cfg.slot_bytes)?;

@@ -12,9 +12,9 @@ pub trait Machine: Send + Sync {
     /// Ends the process (called after the reply to `quit` was written).
     fn quit(&self);
     /// An incoming migration failed and the VMM should exit, as QEMU does; by
-    /// default prints the reason and calls [`Machine::quit`].
+    /// default logs the reason (an `error` event) and calls [`Machine::quit`].
     fn incoming_failed(&self, reason: &str) {
-        eprintln!("incoming migration failed: {reason}");
+        tracing::error!(reason, "incoming migration failed: quitting");
         self.quit();
     }
 }

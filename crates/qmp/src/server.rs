@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Select, TryRecvError};
 use serde_json::{json, Value};
+use tracing::{debug, warn};
 
 use crate::error::{Error, QmpError, Result};
 use crate::framing::{Frame, Framer};
@@ -133,6 +134,7 @@ impl Stream {
     }
 
     fn shutdown(&self) {
+        // A socket that cannot be shut down is closed already.
         let _ = match self {
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
@@ -188,6 +190,7 @@ impl Listener {
         match self {
             Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
             Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                // Best effort: without it replies may wait for Nagle, nothing worse.
                 let _ = s.set_nodelay(true);
                 Stream::Tcp(s)
             }),
@@ -320,15 +323,18 @@ impl Shared {
             }
             clients.push(conn.clone());
         }
-        // Logged outside the lock: stderr may be a slow pipe.
+        // Logged outside the lock: a subscriber may write to a slow pipe.
         for victim in evicted {
             let idle_ms = self
                 .now_ns()
                 .saturating_sub(victim.last_request_ns.load(Ordering::Relaxed))
                 / 1_000_000;
-            eprintln!(
-                "qmp: {} clients: closed client {} (idle {idle_ms} ms) to serve client {}",
-                self.opts.max_clients, victim.id, conn.id
+            warn!(
+                max_clients = self.opts.max_clients,
+                closed_client = victim.id,
+                idle_ms,
+                client = conn.id,
+                "qmp: too many clients: closed the longest idle one"
             );
         }
     }
@@ -362,6 +368,8 @@ impl Server {
         };
         let (listener, local) = match &parsed {
             Address::Unix(p) => {
+                // A stale socket from an earlier run; if there is none, nothing to do,
+                // and anything else makes the bind below fail with its own error.
                 let _ = std::fs::remove_file(p);
                 let l = UnixListener::bind(p).map_err(sock_err)?;
                 (Listener::Unix(l), format!("unix:{}", p.display()))
@@ -403,13 +411,14 @@ fn accept_loop(shared: &Arc<Shared>, listener: &Listener) {
         let stream = match listener.accept() {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("qmp: accept: {e}");
+                warn!(error = %e, "qmp: accept failed");
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         };
         let id = next_id;
         next_id += 1;
+        debug!(client = id, "qmp: client connected");
         let conn = match (stream.try_clone(), stream.try_clone()) {
             (Ok(control), Ok(writer)) => Arc::new(Conn {
                 id,
@@ -515,10 +524,10 @@ fn serve_client(shared: &Shared, conn: &Arc<Conn>, mut reader: Stream) {
             // Until qmp_capabilities, every read waits at most until the deadline.
             let left = handshake_deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                eprintln!(
-                    "qmp: closing client {}: no qmp_capabilities within {} ms",
-                    conn.id,
-                    shared.opts.handshake_timeout.as_millis()
+                warn!(
+                    client = conn.id,
+                    handshake_timeout_ms = shared.opts.handshake_timeout.as_millis() as u64,
+                    "qmp: closing a client that sent no qmp_capabilities in time"
                 );
                 break;
             }
@@ -552,10 +561,10 @@ fn serve_client(shared: &Shared, conn: &Arc<Conn>, mut reader: Stream) {
                 Ok(h) => h,
                 Err(e) => {
                     if e.kind() == ErrorKind::TimedOut {
-                        eprintln!(
-                            "qmp: closing client {}: a reply took over {} ms to write",
-                            conn.id,
-                            conn.write_timeout.as_millis()
+                        warn!(
+                            client = conn.id,
+                            write_timeout_ms = conn.write_timeout.as_millis() as u64,
+                            "qmp: closing a client: a reply took too long to write"
                         );
                     }
                     break 'conn;
@@ -603,10 +612,10 @@ fn subscribe(mon: &Arc<Monitor>, conn: &Arc<Conn>) -> Option<(u64, Receiver<Arc<
                         Ok(ev) => {
                             if let Err(e) = held.write_all(ev.as_bytes()) {
                                 if e.kind() == ErrorKind::TimedOut {
-                                    eprintln!(
-                                        "qmp: closing client {}: events took over {} ms to write",
-                                        c.id,
-                                        c.write_timeout.as_millis()
+                                    warn!(
+                                        client = c.id,
+                                        write_timeout_ms = c.write_timeout.as_millis() as u64,
+                                        "qmp: closing a client: events took too long to write"
                                     );
                                 }
                                 break 'events;
@@ -620,6 +629,7 @@ fn subscribe(mon: &Arc<Monitor>, conn: &Arc<Conn>) -> Option<(u64, Receiver<Arc<
             // Unsubscribed (client gone, or too slow to keep up): close the connection.
             c.close();
         })
+        .map_err(|e| warn!(client = conn.id, error = %e, "qmp: no event thread: the client gets no events"))
         .ok()?;
     Some((mon.subscribe(tx), rx))
 }

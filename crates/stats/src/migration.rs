@@ -256,6 +256,7 @@ impl MigStats {
 
     /// Records the failure reason (the first one wins).
     pub fn set_error(&self, desc: impl Into<String>) {
+        // Already set: the first reason stands, later ones are its consequences.
         let _ = self.error.set(desc.into());
     }
 
@@ -295,6 +296,7 @@ impl MigStats {
     /// only the first call counts, so the engine calls it at the end of every pass it
     /// likes without overwriting it.
     pub fn record_first_pass_convergence(&self) {
+        // Already set: only the first pass's prediction is kept (see above).
         let _ = self.first_pass_convergence.set(Prediction {
             at_ms: self.elapsed_ms(),
             convergence: self.convergence(),

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tracing::{debug, warn};
+
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::mem::{self, MemConn};
@@ -374,17 +376,24 @@ impl Conn {
 
     fn closer_how(&self, how: Shutdown) -> Closer {
         match self {
+            // A shutdown that fails finds the socket closed already: nothing to end.
             Conn::Tcp(s) => match s.try_clone() {
                 Ok(c) => Closer::Socket(Box::new(move || {
                     let _ = c.shutdown(how);
                 })),
-                Err(_) => Closer::None,
+                Err(e) => {
+                    warn!(error = %e, "no handle to abort a migration connection with");
+                    Closer::None
+                }
             },
             Conn::Unix(s) => match s.try_clone() {
                 Ok(c) => Closer::Socket(Box::new(move || {
                     let _ = c.shutdown(how);
                 })),
-                Err(_) => Closer::None,
+                Err(e) => {
+                    warn!(error = %e, "no handle to abort a migration connection with");
+                    Closer::None
+                }
             },
             Conn::File(_) | Conn::Bytes(_) => Closer::None,
             Conn::Mem(m) => Closer::Mem(m.close_flag()),
@@ -591,7 +600,9 @@ impl RawListener {
                     s.set_nonblocking(false)?;
                     s.set_nodelay(true)?;
                     // Best effort: a connection without them is still a connection.
-                    let _ = set_tcp_liveness(&s, io_timeout);
+                    if let Err(e) = set_tcp_liveness(&s, io_timeout) {
+                        debug!(error = %e, "no TCP liveness options on an accepted connection");
+                    }
                     Ok(Conn::Tcp(s))
                 })
             }
@@ -634,6 +645,7 @@ impl Drop for RawListener {
     fn drop(&mut self) {
         match self {
             RawListener::Unix(_, p) => {
+                // Best effort: a socket file left behind is replaced by the next bind.
                 let _ = std::fs::remove_file(p);
             }
             RawListener::Mem(n, _) => mem::unlisten(n),

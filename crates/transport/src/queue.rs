@@ -15,11 +15,18 @@ impl QueueProbe {
     /// A probe of `conn`; one that always reads 0 for files and in-process pipes.
     pub(crate) fn of(conn: &Conn) -> QueueProbe {
         let fd = match conn {
-            Conn::Tcp(s) => s.try_clone().ok().map(OwnedFd::from),
-            Conn::Unix(s) => s.try_clone().ok().map(OwnedFd::from),
-            _ => None,
+            Conn::Tcp(s) => s.try_clone().map(OwnedFd::from),
+            Conn::Unix(s) => s.try_clone().map(OwnedFd::from),
+            _ => return QueueProbe { fd: None },
         };
-        QueueProbe { fd }
+        match fd {
+            Ok(fd) => QueueProbe { fd: Some(fd) },
+            Err(e) => {
+                // The link is then measured by what was written, buffers included.
+                tracing::warn!(error = %e, "no probe of a connection's send queue");
+                QueueProbe { fd: None }
+            }
+        }
     }
 
     /// Bytes written to the socket that the peer has not yet received (TCP: not yet

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tracing::{debug, info, warn};
+
 use crate::barrier::IterationBarrier;
 use crate::checksum;
 use crate::conn::{Closer, Conn, RawListener};
@@ -140,7 +142,7 @@ struct Group {
 }
 
 fn drop_note(peer: &str, why: impl std::fmt::Display) {
-    eprintln!("ferry: incoming migration connection from {peer} dropped: {why}");
+    warn!(peer, reason = %why, "incoming migration connection dropped");
 }
 
 /// Reads a connection's preamble (and for channel 0 the stream header) within
@@ -198,10 +200,13 @@ fn accept_concurrently(raw: &RawListener, opts: &AcceptOptions) -> Result<Receiv
             let spawned = std::thread::Builder::new()
                 .name("mig/accept".into())
                 .spawn(move || {
+                    // The accept loop may have returned already (the stream it was
+                    // waiting for is complete): then this connection just closes.
                     let _ = tx.send((id, read_arrival(conn, timeout)));
                 });
             match spawned {
                 Ok(_) => {
+                    debug!(peer = %peer, "migration connection accepted");
                     reading.insert(
                         id,
                         Reading {
@@ -228,6 +233,13 @@ fn accept_concurrently(raw: &RawListener, opts: &AcceptOptions) -> Result<Receiv
                 }
             };
             let p = a.preamble;
+            debug!(
+                peer = %r.peer,
+                channel = p.channel_index,
+                channels = p.channel_count,
+                session = %format_args!("{:016x}", p.session_id),
+                "migration channel arrived"
+            );
             let g = groups.entry(p.session_id).or_insert_with(|| Group {
                 first: id,
                 slots: (0..p.channel_count).map(|_| None).collect(),
@@ -261,6 +273,11 @@ fn accept_concurrently(raw: &RawListener, opts: &AcceptOptions) -> Result<Receiv
             if g.filled == g.slots.len() {
                 if let Some(g) = groups.remove(&p.session_id) {
                     if let Some((header, bytes)) = g.header {
+                        debug!(
+                            channels = g.slots.len(),
+                            session = %format_args!("{:016x}", p.session_id),
+                            "every channel of the stream connected"
+                        );
                         for r in reading.values() {
                             r.closer.close();
                         }
@@ -306,10 +323,11 @@ fn accept_concurrently(raw: &RawListener, opts: &AcceptOptions) -> Result<Receiv
                 }
                 (_, Some((_, sid))) => {
                     if let Some(g) = groups.remove(&sid) {
-                        eprintln!(
-                            "ferry: incoming migration stream {sid:016x} dropped: {} of its {} channels connected, too many pending connections",
-                            g.filled,
-                            g.slots.len()
+                        warn!(
+                            session = %format_args!("{sid:016x}"),
+                            connected_channels = g.filled,
+                            channels = g.slots.len(),
+                            "incoming migration stream dropped: too many pending connections"
                         );
                     }
                 }
@@ -401,6 +419,11 @@ fn accept_from(mut next: impl FnMut() -> Result<Conn>) -> Result<Receiver> {
         }
         *slot = Some(r);
         filled += 1;
+        debug!(
+            channel = p.channel_index,
+            channels = p.channel_count,
+            "migration channel opened"
+        );
         if filled == slots.len() {
             break;
         }
@@ -599,10 +622,21 @@ impl Receiver {
             .into_inner()
             .unwrap_or_else(|p| p.into_inner())
         {
-            Some(e) => Err(e),
-            None if torn > 0 => Err(Error::Checksum {
-                what: "pages torn in flight and never sent again",
-            }),
+            Some(e) => {
+                if matches!(e, Error::Checksum { .. }) {
+                    warn!(error = %e, "checksum failure: the stream is rejected");
+                }
+                Err(e)
+            }
+            None if torn > 0 => {
+                warn!(
+                    torn_pages = torn,
+                    "checksum failure: pages torn in flight were never sent again"
+                );
+                Err(Error::Checksum {
+                    what: "pages torn in flight and never sent again",
+                })
+            }
             None => {
                 self.ended_cleanly = true;
                 Ok(())
@@ -629,6 +663,7 @@ impl Receiver {
         let control = &mut self.readers[0];
         if !control.conn.is_file() {
             write_back(&mut control.conn, Kind::Ready, &[])?;
+            info!("switch-over: Ready sent, waiting for the source's Commit");
             let mut hb = [0u8; RECORD_HEADER_BYTES];
             control
                 .read_exact(&mut hb, "the switch-over commit")
@@ -648,6 +683,7 @@ impl Receiver {
             if h.body_len != 0 || h.body_crc != checksum::crc32c(&[]) {
                 return Err(Error::Malformed("commit body".into()));
             }
+            info!("switch-over: Commit received");
         }
         self.committed = true;
         Ok(())
@@ -661,11 +697,14 @@ impl Receiver {
                 "an acknowledgement before the sender's commit".into(),
             ));
         }
-        self.answer(Kind::Ack, &[u8::from(resumed)])
+        self.answer(Kind::Ack, &[u8::from(resumed)])?;
+        info!(resumed, "switch-over: Ack sent");
+        Ok(())
     }
 
     /// Tells the sender the stream was refused, with a message (at most 4 KiB).
     pub fn send_refusal(&mut self, message: &str) -> Result<()> {
+        warn!(reason = message, "refusing the stream");
         let mut end = message.len().min(MAX_MESSAGE_BYTES as usize);
         while !message.is_char_boundary(end) {
             end -= 1;

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tracing::{debug, info, warn};
+
 use crate::cancel::Cancel;
 use crate::checksum::{self, PageChecksum};
 use crate::conn::{Conn, ConnTimeouts};
@@ -213,6 +215,12 @@ impl Sender {
             }
             .encode();
             write_all(&mut conn, &[&pre], None).map_err(stalled)?;
+            debug!(
+                channel = channel_index,
+                channels = opts.channels,
+                uri = %uri,
+                "migration channel connected"
+            );
             counters.add(channel_index.into(), PREAMBLE_BYTES as u64, 0);
             let zstd = match opts.compression {
                 Compression::None => None,
@@ -670,6 +678,7 @@ impl Sender {
                     .unwrap_or_else(|| Error::Aborted("no answer".into())));
             }
         }
+        info!("switch-over: the destination is Ready");
         // The point of no return: from here on the receiver may run the guest. A
         // write that fails delivered no whole record, so no commit.
         if self.cancel.is_cancelled() {
@@ -679,6 +688,9 @@ impl Sender {
         write_all(control, &[&encode_record(Kind::Commit, &[])], None)
             .map_err(|e| stalled_write(e, self.io_timeout))?;
         control.flush()?;
+        info!("switch-over: Commit sent");
+        // The commit is written and flushed; closing our half only tells the receiver
+        // nothing follows. Whether it arrived is the acknowledgement's to say.
         let _ = control.shutdown_write();
         let mut st = match self.wait_back(back, |st| st.answer.is_some()) {
             Ok(st) => st,
@@ -695,7 +707,13 @@ impl Sender {
             }
         };
         match st.answer.take() {
-            Some(Ok(ack)) => Ok(ack),
+            Some(Ok(ack)) => {
+                info!(
+                    destination_resumed = ack.resumed,
+                    "switch-over: Ack received"
+                );
+                Ok(ack)
+            }
             Some(Err(Error::Refused(why))) => Err(Error::Refused(why)),
             Some(Err(e)) => Err(Error::InDoubt(e.to_string())),
             None => Err(Error::InDoubt("no answer".into())),
@@ -929,12 +947,24 @@ impl BackChannel {
     fn start(conn: Conn) -> Result<Arc<BackChannel>> {
         let back = Arc::new(BackChannel::default());
         let b = back.clone();
+        // Its events belong to the migration that started it.
+        let span = tracing::Span::current();
         std::thread::Builder::new()
             .name("mig/backchannel".into())
             .spawn(move || {
+                let _entered = span.enter();
                 let mut r = RecordReader::new(conn);
                 loop {
                     let rec = read_back_record(&mut r);
+                    match &rec {
+                        Err(Error::Refused(why)) => {
+                            warn!(reason = %why, "the destination refused the stream");
+                        }
+                        Err(e @ Error::Checksum { .. }) => {
+                            warn!(error = %e, "checksum failure on the back-channel");
+                        }
+                        _ => {}
+                    }
                     let mut st = b.lock();
                     let more = st.apply(rec);
                     b.changed.notify_all();

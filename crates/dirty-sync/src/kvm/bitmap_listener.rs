@@ -99,6 +99,7 @@ impl KvmBitmapListener {
                 mode = ProtectMode::Manual;
             }
         }
+        tracing::debug!(?mode, "KVM dirty bitmap listener ready");
         Ok(KvmBitmapListener {
             vm,
             mode,
@@ -157,6 +158,12 @@ impl MemoryListener for KvmBitmapListener {
             match armed.get(&block.kvm_slot) {
                 None => {
                     ioctls::set_slot_logging(&self.vm, block, true)?;
+                    tracing::debug!(
+                        slot = block.kvm_slot,
+                        block = %block.id,
+                        size_bytes = block.size_bytes,
+                        "KVM dirty log enabled on the slot"
+                    );
                     armed.insert(block.kvm_slot, block.pages());
                 }
                 // KVM would fill a bitmap of the armed size, not this block's.

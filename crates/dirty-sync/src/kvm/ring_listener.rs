@@ -473,6 +473,11 @@ impl KvmRingListener {
             .iter()
             .map(|fd| RingMemory::map(*fd, config.entries))
             .collect::<Result<Vec<_>>>()?;
+        tracing::debug!(
+            vcpus = rings.len(),
+            entries = config.entries,
+            "KVM dirty ring listener ready: rings mapped"
+        );
         Ok(Self::with_rings(rings, config, Resetter::Kvm(vm), kick))
     }
 
@@ -692,7 +697,8 @@ impl KvmRingListener {
     /// The ring-full path (vCPU thread, KVM_EXIT_DIRTY_RING_FULL): reaps this vCPU's
     /// ring and resets; the pages wait for the next sync. Returns entries collected.
     pub fn reap_vcpu(&self, vcpu: u32) -> Result<u64> {
-        self.ring_full_exits.fetch_add(1, Ordering::Relaxed);
+        let exits = self.ring_full_exits.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::debug!(vcpu, ring_full_exits = exits, "dirty ring full exit");
         let mut st = self.lock();
         let n = self.reap_ring_locked(&mut st, vcpu as usize);
         if n > 0 || st.reset_owed {
@@ -704,6 +710,7 @@ impl KvmRingListener {
     /// Handles a ring-full exit and never fails: an error is kept for the next sync.
     pub fn handle_ring_full(&self, vcpu: u32) {
         if let Err(e) = self.reap_vcpu(vcpu) {
+            tracing::warn!(vcpu, error = %e, "reaping a full dirty ring failed (the next sync fails)");
             self.lock().deferred_error.get_or_insert(e);
         }
         self.request_reap();
@@ -770,6 +777,7 @@ impl KvmRingListener {
         self.reaper_reaps.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
         if let Err(e) = self.reap_all_locked(&mut st) {
+            tracing::warn!(error = %e, "the dirty ring reaper failed (the next sync fails)");
             st.deferred_error.get_or_insert(e);
         }
     }
@@ -847,6 +855,11 @@ impl MemoryListener for KvmRingListener {
         st.logging = true;
         self.window_entries.store(0, Ordering::Relaxed);
         self.logging.store(true, Ordering::Release);
+        tracing::debug!(
+            vcpus = self.rings.len(),
+            entries = self.config.entries,
+            "dirty ring logging on"
+        );
         Ok(())
     }
 

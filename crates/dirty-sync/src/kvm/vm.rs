@@ -97,6 +97,7 @@ pub fn enable_dirty_ring(vm: &VmFd, entries: u32) -> Result<u32> {
         op: "KVM_ENABLE_CAP(dirty ring)",
         source: e.into(),
     })?;
+    tracing::debug!(entries, cap, "KVM dirty ring enabled");
     Ok(cap)
 }
 
