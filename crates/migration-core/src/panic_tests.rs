@@ -234,6 +234,42 @@ fn a_panic_while_ending_a_failed_migration_still_ends_it_failed() {
     assert_next_migration_completes(&source, &src);
 }
 
+#[test]
+fn a_panic_after_the_commit_leaves_the_source_paused_in_doubt() {
+    let src = PanickyVm::new(PAGES, 1);
+    let source = MigrationSource::new(src.clone());
+    // Reset once the destination acknowledged: the commit went out.
+    src.trap.arm(PanicAt::SetThrottle, 1);
+    let (status, dst, received) = migrate(&source);
+    assert!(!src.trap.armed(), "the injected panic happened");
+    assert_failed_with_panic(&source, status, PanicAt::SetThrottle);
+    assert!(
+        source
+            .query()
+            .error_desc
+            .is_some_and(|d| d.contains("stays paused")),
+        "{:?}",
+        source.query()
+    );
+    // The destination has the guest; the source must not run a second copy.
+    assert!(received.expect("the destination completes").resumed);
+    assert!(dst.ram() == src.ram());
+    assert_eq!(
+        (
+            src.pauses.load(Ordering::SeqCst),
+            src.resumes.load(Ordering::SeqCst)
+        ),
+        (1, 0)
+    );
+    let rc = source.run_control();
+    assert_eq!(rc.state(), RunState::Postmigrate);
+    assert!(rc.in_doubt());
+    assert!(source.migrate(&mem_uri()).is_err(), "refused until cont");
+    rc.cont()
+        .expect("the operator says the destination does not run it");
+    assert_next_migration_completes(&source, &src);
+}
+
 /// Arms `at`'s `nth` call, measures in `mode`: the measurement ends with the panic's
 /// error; the next measurement runs and measures.
 fn dirty_rate_panic_then_measure_again(mode: DirtyRateMode, at: PanicAt, nth: u64) {
