@@ -254,7 +254,7 @@ fn source(uri: &str) -> Result<(), GuestError> {
     let counter = vm.counter();
     let digest =
         (status == MigrationStatus::Completed).then(|| ram_digest(&GuestRam::new(vm.clone())));
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(200)); // the counter must not move now
     println!(
         "{}",
         json!({
