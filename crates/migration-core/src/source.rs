@@ -551,6 +551,7 @@ impl Run {
         stats.dirty_sync_count.fetch_add(1, Ordering::Relaxed);
         bitmap.clear_all();
         self.bulk_stage(&bitmap)?;
+        self.rearm_unstaged(&bitmap)?;
         window.clear_all();
         stats
             .remaining_bytes
@@ -671,6 +672,34 @@ impl Run {
                 .fetch_add(untouched, Ordering::Relaxed);
         } else {
             bitmap.set_all();
+        }
+        Ok(())
+    }
+
+    /// With a listener that defers re-protecting what it harvested, the first sync
+    /// left every page armed-for-clear; the sender re-arms a chunk as it reads it, so
+    /// the pages the bulk stage skipped (never touched, never read) are re-armed here,
+    /// or KVM would report them again at every sync. In runs of 64-page words that
+    /// are not all staged (a listener clears only what it harvested, so the staged
+    /// pages of such a word are merely re-armed early). Free for other listeners.
+    fn rearm_unstaged(&self, bitmap: &DirtyBitmap) -> Result<()> {
+        let words = bitmap.words();
+        let total = self.space.total_pages();
+        let mut run: Option<usize> = None;
+        for w in 0..=words.len() {
+            let staged = words
+                .get(w)
+                .is_none_or(|x| x.load(Ordering::Relaxed) == u64::MAX);
+            match (run, staged) {
+                (None, false) => run = Some(w),
+                (Some(start), true) => {
+                    let first = start as u64 * BITS_PER_WORD;
+                    let end = (w as u64 * BITS_PER_WORD).min(total);
+                    self.space.clear_dirty_log(first, end - first)?;
+                    run = None;
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -1016,8 +1045,22 @@ impl Run {
             if abort.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            for w in chunk..(chunk + CHUNK_WORDS).min(words) {
-                let mut bits = bitmap.take_word(w);
+            let chunk_end = (chunk + CHUNK_WORDS).min(words);
+            let mut taken = [0u64; CHUNK_WORDS];
+            for (t, w) in taken.iter_mut().zip(chunk..chunk_end) {
+                *t = bitmap.take_word(w);
+            }
+            if taken.iter().any(|&b| b != 0) && !paused() {
+                // QEMU's lazy clear: a listener that deferred re-protecting what it
+                // harvested (KvmBitmapConfig::deferred_clear) re-arms these pages now,
+                // just before they are read, so a write from here on is logged again.
+                // Listeners that cleared during the sync return at once.
+                let first = chunk as u64 * BITS_PER_WORD;
+                let pages = ((chunk_end - chunk) as u64 * BITS_PER_WORD)
+                    .min(self.space.total_pages().saturating_sub(first));
+                self.space.clear_dirty_log(first, pages)?;
+            }
+            for (mut bits, w) in taken.into_iter().zip(chunk..chunk_end) {
                 while bits != 0 {
                     let page = w as u64 * BITS_PER_WORD + u64::from(bits.trailing_zeros());
                     bits &= bits - 1;
