@@ -1,0 +1,640 @@
+//! The precopy loop and stop-and-copy: passes over the dirty bitmap on worker
+//! threads, dirty-log syncs between them, and the switch-over. The policy that
+//! decides when to switch lives in [`super::policy`].
+
+use super::*;
+
+impl Run {
+    pub(super) fn migrate(&self, uri: &Uri) -> Result<()> {
+        let blocks: Vec<BlockInfo> = self
+            .space
+            .blocks()
+            .iter()
+            .map(|b| BlockInfo {
+                id: b.id.clone(),
+                size_bytes: b.size_bytes,
+            })
+            .collect();
+        let channels = if self.caps.multifd {
+            usize::from(self.params.multifd_channels)
+        } else {
+            1
+        };
+        let opts = SendOptions {
+            channels: channels as u16,
+            compression: match self.params.multifd_compression {
+                CompressionParam::None => Compression::None,
+                CompressionParam::Zstd => Compression::Zstd,
+            },
+            max_bandwidth_bytes_per_sec: self.live.max_bandwidth.load(Ordering::Relaxed),
+            sparse_pages: self.params.x_ferry_sparse_pages,
+            page_checksum: transport::PageChecksum::default(),
+            connect_timeout: Duration::from_millis(self.params.x_ferry_connect_timeout_ms),
+            io_timeout: Duration::from_millis(self.params.x_ferry_io_timeout_ms),
+            switchover_timeout: Duration::from_millis(self.params.x_ferry_switchover_timeout_ms),
+        };
+        // A fresh token for this run, published before the flag is looked at: a
+        // cancel either set the flag already or fires this token.
+        let token = transport::Cancel::new();
+        *lock(&self.shared.cancel_token) = token.clone();
+        if self.cancel.load(Ordering::Acquire) {
+            token.cancel();
+        }
+        self.check_cancel()?;
+        let sender = Sender::connect_with(uri, PAGE_SIZE as u32, blocks, opts, &token)?;
+        info!(
+            channels,
+            max_bandwidth_bytes_per_sec = opts.max_bandwidth_bytes_per_sec,
+            downtime_limit_ms = self.live.downtime_limit_ms.load(Ordering::Relaxed),
+            "setup: connected to the destination"
+        );
+        *lock(&self.shared.abort) = Some(sender.abort_handle());
+        self.check_cancel()?;
+        let stats = &self.stats;
+        stats
+            .total_bytes
+            .store(self.space.total_pages() * PAGE_SIZE, Ordering::Relaxed);
+        stats.page_size_bytes.store(PAGE_SIZE, Ordering::Relaxed);
+
+        // Setup: the log on for MIGRATION, then everything the guest ever touched dirty.
+        let bitmap = self.space.global_dirty_log_start(DirtyReason::Migration)?;
+        let window = self.space.observe(DirtyReason::Migration)?;
+        // The first sync absorbs KVM's INITIALLY_SET (all ones) and anything from before.
+        self.space.global_dirty_log_sync(None)?;
+        stats.dirty_sync_count.fetch_add(1, Ordering::Relaxed);
+        bitmap.clear_all();
+        self.bulk_stage(&bitmap)?;
+        self.rearm_unstaged(&bitmap)?;
+        window.clear_all();
+        stats
+            .remaining_bytes
+            .store(bitmap.count() * PAGE_SIZE, Ordering::Relaxed);
+        stats
+            .setup_time_ms
+            .store(stats.elapsed_ms(), Ordering::Relaxed);
+        if !stats.transition(MigrationStatus::Setup, MigrationStatus::Active) {
+            return Err(Error::Cancelled);
+        }
+        info!(
+            setup_ms = stats.setup_time_ms.load(Ordering::Relaxed),
+            ram_bytes = self.space.total_pages() * PAGE_SIZE,
+            dirty_pages = bitmap.count(),
+            "setup done: dirty log on, precopy starts"
+        );
+        self.emit(MigrationEvent::Status(MigrationStatus::Active));
+
+        let counters = sender.counters();
+        let mut lp = Loop {
+            bitmap,
+            window,
+            bw: BandwidthEstimator::default(),
+            cost: PassCost::default(),
+            period: DirtyRatePeriod::default(),
+            growth: DirtyGrowth::new(self.space.total_pages()),
+            // The log started during setup: the first sync's window runs from here.
+            last_sync_ms: Some(stats.elapsed_ms()),
+            auto: AutoConverge::default(),
+            last_sync_dirty_pages: 0,
+            period_start_bytes: 0,
+            tick: Tick {
+                at: Instant::now(),
+                bytes: counters.total_bytes(),
+                delivered: counters.total_bytes().saturating_sub(sender.queued_bytes()),
+                pages: 0,
+                busy_ns: 0,
+            },
+            sending_since: Instant::now(),
+            delivered_since: counters.total_bytes().saturating_sub(sender.queued_bytes()),
+            sender_counters: counters,
+            channels,
+            applied_max_bandwidth: opts.max_bandwidth_bytes_per_sec,
+        };
+        // The first dirty-rate period starts with the setup sync (the window was
+        // cleared then), so a rate is known a second in, even during a long bulk pass.
+        lp.period.add(0, stats.elapsed_ms());
+        let mut iteration = 0u64;
+        loop {
+            self.check_cancel()?;
+            iteration += 1;
+            let pass_start = (
+                Instant::now(),
+                self.pages_sent(),
+                self.stats.precopy_bytes.load(Ordering::Relaxed),
+            );
+            info!(
+                pass = iteration,
+                dirty_pages = lp.bitmap.count(),
+                "pass start"
+            );
+            self.send_pass(&sender, &mut lp)?;
+            self.measure_link(&sender, &mut lp);
+            lp.cost.add_pass(
+                self.pages_sent() - pass_start.1,
+                self.stats.precopy_bytes.load(Ordering::Relaxed) - pass_start.2,
+                pass_start.0.elapsed().as_nanos() as u64,
+            );
+            sender.iteration_end(iteration)?;
+            stats.iterations.store(iteration, Ordering::Relaxed);
+            self.sync(&mut lp)?;
+            info!(
+                pass = iteration,
+                sent_pages = self.pages_sent() - pass_start.1,
+                sent_bytes = self.stats.precopy_bytes.load(Ordering::Relaxed) - pass_start.2,
+                duration_ms = pass_start.0.elapsed().as_millis() as u64,
+                dirty_pages = lp.bitmap.count(),
+                "pass end"
+            );
+            // The first decision's prediction is kept to set beside what happens
+            // (`first-pass-convergence`): made once the first pass is sent, or, when
+            // the engine waited for the destination to apply it, once it has.
+            if !self.ready_to_switch(&lp) {
+                self.log_decision(&lp, false);
+                stats.record_first_pass_convergence();
+                continue;
+            }
+            if self.wait_for_destination(&sender, iteration)? {
+                // That took a while: switch only if what the guest dirtied meanwhile
+                // still fits the downtime.
+                self.sync(&mut lp)?;
+                if !self.ready_to_switch(&lp) {
+                    self.log_decision(&lp, false);
+                    stats.record_first_pass_convergence();
+                    continue;
+                }
+            }
+            self.log_decision(&lp, true);
+            stats.record_first_pass_convergence();
+            break;
+        }
+        self.complete(sender, &mut lp, iteration + 1)
+    }
+
+    /// Marks the pages to send first. With private anonymous guest RAM only pages the
+    /// host ever mapped are sent: never-touched pages read as zero on both sides, and
+    /// reading them here would fault each one in (225 ms per GiB on this machine kind).
+    pub(super) fn bulk_stage(&self, bitmap: &DirtyBitmap) -> Result<()> {
+        if self.vm.untouched_ram_is_zero() {
+            let mut touched = 0;
+            for b in self.space.blocks() {
+                touched += mark_touched_pages(b, bitmap)
+                    .map_err(|e| Error::Guest(format!("reading /proc/self/pagemap: {e}")))?;
+            }
+            let untouched = self.space.total_pages() - touched;
+            self.stats
+                .zero_pages
+                .fetch_add(untouched, Ordering::Relaxed);
+        } else {
+            bitmap.set_all();
+        }
+        Ok(())
+    }
+
+    /// With a listener that defers re-protecting what it harvested, the first sync
+    /// left every page armed-for-clear; the sender re-arms a chunk as it reads it, so
+    /// the pages the bulk stage skipped (never touched, never read) are re-armed here,
+    /// or KVM would report them again at every sync. In runs of 64-page words that
+    /// are not all staged (a listener clears only what it harvested, so the staged
+    /// pages of such a word are merely re-armed early). Free for other listeners.
+    pub(super) fn rearm_unstaged(&self, bitmap: &DirtyBitmap) -> Result<()> {
+        let words = bitmap.words();
+        let total = self.space.total_pages();
+        let mut run: Option<usize> = None;
+        for w in 0..=words.len() {
+            let staged = words
+                .get(w)
+                .is_none_or(|x| x.load(Ordering::Relaxed) == u64::MAX);
+            match (run, staged) {
+                (None, false) => run = Some(w),
+                (Some(start), true) => {
+                    let first = start as u64 * BITS_PER_WORD;
+                    let end = (w as u64 * BITS_PER_WORD).min(total);
+                    self.space.clear_dirty_log(first, end - first)?;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// One global dirty-log sync and the accounting QEMU does around it.
+    pub(super) fn sync(&self, lp: &mut Loop) -> Result<()> {
+        let report = self.space.global_dirty_log_sync(None)?;
+        let stats = &self.stats;
+        let syncs = stats.dirty_sync_count.fetch_add(1, Ordering::Relaxed) + 1;
+        let new_pages = report.new_pages(DirtyReason::Migration);
+        debug!(
+            sync = syncs,
+            found_pages = report.reported_pages,
+            new_pages,
+            duration_us = report.sync_ns / 1000,
+            "dirty-log sync"
+        );
+        lp.last_sync_dirty_pages = report.reported_pages;
+        let now_ms = stats.elapsed_ms();
+        if let Some(prev) = lp.last_sync_ms.replace(now_ms) {
+            lp.growth
+                .observe_sync(now_ms.saturating_sub(prev), report.reported_pages);
+        }
+        let bytes = lp.sender_counters.total_bytes();
+        stats.transferred_bytes.store(bytes, Ordering::Relaxed);
+        if let Some((new_rate, period_ms)) = lp.period.add(new_pages, now_ms) {
+            // QEMU's rule counts a page once per sync; Ferry's dirty-pages-rate counts it
+            // once per period (unique pages), which is the guest's write rate.
+            let unique = lp.window.count();
+            lp.window.clear_all();
+            lp.growth.observe_period(period_ms, unique);
+            stats
+                .dirty_pages_rate
+                .store(unique * 1000 / period_ms.max(1), Ordering::Relaxed);
+            stats
+                .true_dirty_pages_rate
+                .store(unique * 1000 / period_ms.max(1), Ordering::Relaxed);
+            stats
+                .new_dirty_pages_rate
+                .store(new_rate, Ordering::Relaxed);
+            let sent = bytes - lp.period_start_bytes;
+            lp.period_start_bytes = bytes;
+            if self.caps.auto_converge {
+                let p = &self.params;
+                if let Some(pct) = lp.auto.on_period(
+                    new_rate * period_ms / 1000 * PAGE_SIZE,
+                    sent,
+                    p.throttle_trigger_threshold,
+                    p.cpu_throttle_initial,
+                    p.cpu_throttle_increment,
+                    p.max_cpu_throttle,
+                ) {
+                    info!(
+                        throttle_percent = pct,
+                        dirtied_bytes = new_rate * period_ms / 1000 * PAGE_SIZE,
+                        sent_bytes = sent,
+                        "auto-converge: vCPU throttle changed"
+                    );
+                    self.vm.set_throttle_percent(pct);
+                    stats
+                        .cpu_throttle_percentage
+                        .store(u64::from(pct), Ordering::Relaxed);
+                }
+            }
+        }
+        let remaining = lp.bitmap.count() * PAGE_SIZE;
+        stats.remaining_bytes.store(remaining, Ordering::Relaxed);
+        // In bytes on the wire: what the link has to carry.
+        let conv = predict_convergence(
+            lp.cost.wire_bytes(lp.bitmap.count()),
+            &lp.growth,
+            lp.cost.bytes_per_page(),
+            self.bandwidth(lp),
+            self.live.downtime_limit_ms.load(Ordering::Relaxed),
+        );
+        stats.set_convergence(conv);
+        self.emit(MigrationEvent::Pass(syncs));
+        Ok(())
+    }
+
+    /// Sends every page dirty in the bitmap once, on `lp.channels` worker threads; the
+    /// calling thread refreshes the numbers and, while the guest runs, syncs the dirty
+    /// log whenever a dirty-rate period is due (at least once a second), so the rate
+    /// is measured over 1 s windows however long a pass takes.
+    pub(super) fn send_pass(&self, sender: &Sender, lp: &mut Loop) -> Result<()> {
+        // With the guest paused its vCPUs leave the host's cores free: the final pass
+        // reads (and sorts out zero and sparse) pages on all of them, whatever the
+        // number of channels (workers share a channel's connection under its lock).
+        let workers = if self.paused.load(Ordering::Acquire) {
+            lp.channels.max(
+                std::thread::available_parallelism()
+                    .map_or(1, |n| n.get())
+                    .min(MAX_FINAL_PASS_WORKERS),
+            )
+        } else {
+            lp.channels
+        };
+        let bitmap = lp.bitmap.clone();
+        let abort = AtomicBool::new(false);
+        let first_error: Mutex<Option<Error>> = Mutex::new(None);
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(workers);
+        std::thread::scope(|s| {
+            for k in 0..workers {
+                let done_tx = done_tx.clone();
+                let (bitmap, abort, first_error) = (&bitmap, &abort, &first_error);
+                s.spawn(move || {
+                    // A worker that panics stops the others and fails the pass.
+                    let r = catch_unwind(AssertUnwindSafe(|| {
+                        self.send_share(sender, bitmap, k, workers, abort)
+                    }))
+                    .unwrap_or_else(|p| Err(Error::panicked("a migration sender thread", &*p)));
+                    if let Err(e) = r {
+                        abort.store(true, Ordering::Release);
+                        lock(first_error).get_or_insert(e);
+                    }
+                    // The receiver lives until every worker is done (this scope).
+                    let _ = done_tx.send(());
+                });
+            }
+            drop(done_tx);
+            let mut finished = 0;
+            // A panic here (a dirty-log sync's) unwinds through the scope, which joins
+            // the workers: stop them first.
+            let _stop_workers = AbortOnUnwind(&abort);
+            while finished < workers {
+                match done_rx.recv_timeout(Duration::from_millis(POLL_MS)) {
+                    Ok(()) => finished += 1,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                }
+                self.tick(sender, lp);
+                let paused = self.paused.load(Ordering::Acquire);
+                if !paused && lp.period.is_due(self.stats.elapsed_ms()) {
+                    if let Err(e) = self.sync(lp) {
+                        abort.store(true, Ordering::Release);
+                        lock(&first_error).get_or_insert(e);
+                    }
+                }
+                if self.cancel.load(Ordering::Acquire) {
+                    abort.store(true, Ordering::Release);
+                }
+            }
+        });
+        self.tick(sender, lp);
+        match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => self.check_cancel(),
+        }
+    }
+
+    /// Worker `k` of `n`: claims every `n`th chunk of bitmap words and sends its pages.
+    fn send_share(
+        &self,
+        sender: &Sender,
+        bitmap: &DirtyBitmap,
+        k: usize,
+        n: usize,
+        abort: &AtomicBool,
+    ) -> Result<()> {
+        let max_batch = sender.max_batch_pages().max(1);
+        let mut batch = Batch::with_capacity(max_batch);
+        let sparse = sender.header().features.sparse_pages;
+        let words = bitmap.words().len();
+        let paused = || self.paused.load(Ordering::Relaxed);
+        let mut chunk = k * CHUNK_WORDS;
+        while chunk < words {
+            if abort.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let chunk_end = (chunk + CHUNK_WORDS).min(words);
+            let mut taken = [0u64; CHUNK_WORDS];
+            for (t, w) in taken.iter_mut().zip(chunk..chunk_end) {
+                *t = bitmap.take_word(w);
+            }
+            if taken.iter().any(|&b| b != 0) && !paused() {
+                // QEMU's lazy clear: a listener that deferred re-protecting what it
+                // harvested (KvmBitmapConfig::deferred_clear) re-arms these pages now,
+                // just before they are read, so a write from here on is logged again.
+                // Listeners that cleared during the sync return at once.
+                let first = chunk as u64 * BITS_PER_WORD;
+                let pages = ((chunk_end - chunk) as u64 * BITS_PER_WORD)
+                    .min(self.space.total_pages().saturating_sub(first));
+                self.space.clear_dirty_log(first, pages)?;
+            }
+            for (mut bits, w) in taken.into_iter().zip(chunk..chunk_end) {
+                while bits != 0 {
+                    let page = w as u64 * BITS_PER_WORD + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    let Some((block_idx, offset)) = self.space.locate_page(page) else {
+                        continue;
+                    };
+                    if batch.block != Some(block_idx)
+                        || batch.len() >= max_batch
+                        || batch.offsets.len() >= SEND_BATCH_PAGES
+                    {
+                        self.flush(sender, &mut batch, paused())?;
+                        batch.block = Some(block_idx);
+                    }
+                    let Some(page) = self.ram.page(block_idx, offset) else {
+                        continue;
+                    };
+                    // SAFETY: the sender's reads race the guest's writes by design: the
+                    // bytes are classified, hashed and written to the socket as they
+                    // are, never assumed to stay the same, and a page torn by a write is
+                    // resent because that write dirtied it again (FORMAT.md, torn
+                    // pages). While the guest is paused nothing writes it. Nothing in
+                    // this process writes a source guest's RAM through Rust code.
+                    let data = unsafe { page.as_bytes() };
+                    let class = if sparse {
+                        batch.sparse.classify(offset, data)
+                    } else if is_zero(data) {
+                        PageClass::Zero
+                    } else {
+                        PageClass::Dense
+                    };
+                    match class {
+                        PageClass::Zero => batch.zero.push(offset),
+                        // Its words are in the batch already.
+                        PageClass::Sparse => {}
+                        // Sent in place, no copy. While the guest runs the batch goes
+                        // out live: a page torn by a write in flight is resent, because
+                        // that write dirtied it again (transport FORMAT.md, torn pages).
+                        PageClass::Dense => {
+                            batch.offsets.push(offset);
+                            batch.pages.push(data);
+                        }
+                    }
+                }
+            }
+            self.flush(sender, &mut batch, paused())?;
+            chunk += n * CHUNK_WORDS;
+        }
+        Ok(())
+    }
+
+    fn flush<'a>(&self, sender: &Sender, batch: &mut Batch<'a>, paused: bool) -> Result<()> {
+        let Some(block) = batch.block else {
+            return Ok(());
+        };
+        let start = Instant::now();
+        if !batch.offsets.is_empty() {
+            if paused {
+                sender.send_pages(block, &batch.offsets, &batch.pages)?;
+            } else {
+                sender.send_live_pages(block, &batch.offsets, &batch.pages)?;
+            }
+            self.stats
+                .normal_pages
+                .fetch_add(batch.offsets.len() as u64, Ordering::Relaxed);
+        }
+        if !batch.sparse.is_empty() {
+            sender.send_sparse_pages(block, &batch.sparse)?;
+            let n = batch.sparse.len() as u64;
+            self.stats.normal_pages.fetch_add(n, Ordering::Relaxed);
+            self.stats.sparse_pages.fetch_add(n, Ordering::Relaxed);
+        }
+        if !batch.zero.is_empty() {
+            sender.send_zero_pages(block, &batch.zero)?;
+            self.stats
+                .zero_pages
+                .fetch_add(batch.zero.len() as u64, Ordering::Relaxed);
+        }
+        self.busy_ns
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        // Everything on the wire so far was sent in precopy until the switch-over,
+        // which takes its own count (`complete`). Several workers send at once, so a
+        // difference of totals around one batch would count the others' bytes too.
+        if !paused {
+            self.stats
+                .precopy_bytes
+                .fetch_max(sender.counters().total_bytes(), Ordering::Relaxed);
+        }
+        batch.clear();
+        Ok(())
+    }
+
+    /// Stop and copy: pause, final sync, the rest of the pages, device state, end of
+    /// stream, and the destination's word that the guest runs there.
+    pub(super) fn complete(&self, sender: Sender, lp: &mut Loop, iteration: u64) -> Result<()> {
+        let paused_at = Instant::now();
+        // Through the run state: STOP if the guest ran (before the `device` status, as
+        // QEMU orders them), and a failure from here on returns the guest to the state
+        // it had, or that a `stop` since asked for.
+        // Set first: a pause that panics has entered finish-migrate already.
+        self.switching.store(true, Ordering::Release);
+        let was_running = self.run.begin_switchover()?;
+        info!(was_running, "switch-over: guest paused (finish-migrate)");
+        self.paused.store(true, Ordering::Release);
+        if !self
+            .stats
+            .transition(MigrationStatus::Active, MigrationStatus::Device)
+        {
+            return Err(Error::Cancelled);
+        }
+        self.emit(MigrationEvent::Status(MigrationStatus::Device));
+        let phases = &self.stats.downtime_phases;
+        let mut lap = paused_at;
+        let mut phase_done = |phase: &AtomicU64| {
+            let now = Instant::now();
+            phase.store((now - lap).as_micros() as u64, Ordering::Relaxed);
+            lap = now;
+        };
+        phase_done(&phases.pause_us);
+        // The precopy workers are done: every byte from here on is the downtime's.
+        let counters = sender.counters();
+        let at_pause = counters.total_bytes();
+        self.stats.precopy_bytes.store(at_pause, Ordering::Relaxed);
+        sender.set_max_bandwidth(0);
+        self.sync(lp)?;
+        phase_done(&phases.sync_us);
+        let final_start = (Instant::now(), self.pages_sent());
+        self.send_pass(&sender, lp)?;
+        sender.iteration_end(iteration)?;
+        phase_done(&phases.pages_us);
+        info!(
+            pass = iteration,
+            sent_pages = self.pages_sent() - final_start.1,
+            sent_bytes = counters.total_bytes() - at_pause,
+            duration_ms = final_start.0.elapsed().as_millis() as u64,
+            "final pass sent (guest paused)"
+        );
+        let state = self
+            .vm
+            .save_device_state()
+            .map_err(|e| Error::Guest(format!("saving device state: {e}")))?;
+        info!(
+            device_state_bytes = state.len() as u64,
+            "device state saved"
+        );
+        // QEMU's global state: a guest that was paused stays paused on the destination.
+        sender.send_device_state(
+            RUN_STATE_DEVICE,
+            if was_running {
+                RunState::Running.name().as_bytes()
+            } else {
+                RunState::Paused.name().as_bytes()
+            },
+        )?;
+        sender.send_device_state("vcpus", &state)?;
+        phase_done(&phases.device_us);
+        self.check_cancel()?;
+        // The switch-over: the destination says it loaded everything, the source
+        // commits, the destination starts the guest and acknowledges. Until the
+        // commit any failure resumes the source; after it a missing answer is
+        // `InDoubt` and the source stays paused (see `run`). `resumed: false` is a
+        // destination that holds the guest paused for its VMM to start (autostart
+        // off, QEMU's `-S`), or a `file:` snapshot: the migration succeeded either
+        // way. A destination that failed refuses instead, an error.
+        self.committing.store(true, Ordering::Release);
+        sender.finish()?;
+        phase_done(&phases.ack_us);
+        let after = counters.total_bytes();
+        self.stats
+            .downtime_bytes
+            .store(after.saturating_sub(at_pause), Ordering::Relaxed);
+        self.stats.transferred_bytes.store(after, Ordering::Relaxed);
+        let downtime_ms = paused_at.elapsed().as_millis() as u64;
+        self.stats.downtime_ms.store(downtime_ms, Ordering::Relaxed);
+        // QEMU's final mbps: all bytes over the time after setup.
+        let stats = &self.stats;
+        let busy_ms = stats
+            .elapsed_ms()
+            .saturating_sub(stats.setup_time_ms.load(Ordering::Relaxed))
+            .max(1);
+        stats.mbps.store(
+            after as f64 * 8.0 / busy_ms as f64 / 1000.0,
+            Ordering::Relaxed,
+        );
+        self.stats.remaining_bytes.store(0, Ordering::Relaxed);
+        // The guest now runs on the destination; the source stays paused (postmigrate,
+        // set by `run`).
+        self.vm.set_throttle_percent(0);
+        // The guest runs on the destination now: nothing may fail this migration any
+        // more (failing would resume the source, and two copies would run). A listener
+        // that cannot stop logging leaves the slots logging, which only costs speed.
+        if let Err(e) = self.space.global_dirty_log_stop(DirtyReason::Migration) {
+            warn!(error = %e, "stopping the migration's dirty log failed (slots keep logging)");
+        }
+        Ok(())
+    }
+}
+
+/// Sets its flag when dropped by a panic's unwinding.
+struct AbortOnUnwind<'a>(&'a AtomicBool);
+
+impl Drop for AbortOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Pages of one block waiting to go out, borrowed from guest memory.
+struct Batch<'a> {
+    block: Option<usize>,
+    offsets: Vec<u64>,
+    pages: Vec<&'a [u8]>,
+    sparse: SparseBatch,
+    zero: Vec<u64>,
+}
+
+impl<'a> Batch<'a> {
+    pub(super) fn with_capacity(n: usize) -> Self {
+        Batch {
+            block: None,
+            offsets: Vec::with_capacity(n),
+            pages: Vec::with_capacity(n),
+            sparse: SparseBatch::with_capacity(n),
+            zero: Vec::with_capacity(n),
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.offsets.len() + self.sparse.len() + self.zero.len()
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.block = None;
+        self.offsets.clear();
+        self.pages.clear();
+        self.sparse.clear();
+        self.zero.clear();
+    }
+}
