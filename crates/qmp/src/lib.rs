@@ -21,7 +21,7 @@ pub use framing::{Frame, Framer, MAX_MESSAGE_BYTES, MAX_NESTING};
 pub use machine::Machine;
 pub use migration_core::{RunControl, RunState};
 pub use monitor::{
-    error_reply, event_json, After, IncomingStart, Monitor, Session, COMMANDS, EVENT_QUEUE,
+    commands, error_reply, event_json, After, IncomingStart, Monitor, Session, EVENT_QUEUE,
     QEMU_VERSION,
 };
 pub use server::{

@@ -28,27 +28,235 @@ pub const EVENT_QUEUE: usize = 4096;
 /// checks that its monitor still exists.
 const INCOMING_WATCH: Duration = Duration::from_secs(1);
 
-/// The commands Ferry answers (`query-commands`).
-pub const COMMANDS: &[&str] = &[
-    "qmp_capabilities",
-    "query-version",
-    "query-commands",
-    "query-status",
-    "stop",
-    "cont",
-    "quit",
-    "migrate",
-    "migrate-incoming",
-    "migrate_cancel",
-    "migrate-set-parameters",
-    "query-migrate-parameters",
-    "migrate-set-capabilities",
-    "query-migrate-capabilities",
-    "query-migrate",
-    "calc-dirty-rate",
-    "query-dirty-rate",
-    "x-ferry-query-guest-progress",
-    "x-ferry-query-ram-digest",
+/// The commands Ferry answers, in the order `query-commands` lists them: the names
+/// of the dispatcher's own table, so the list cannot drift from what is answered.
+pub fn commands() -> impl Iterator<Item = &'static str> {
+    COMMAND_TABLE.iter().map(|(name, _)| *name)
+}
+
+/// A command's handler: the monitor, the client's session and the arguments (each
+/// handler takes the members it knows and calls `Args::finish`, which refuses the
+/// rest, as QEMU does).
+type Handler = fn(&Arc<Monitor>, &mut Session, Args) -> Result<(Ret, After), QmpError>;
+
+/// An answer with a value, the session going on.
+fn value(v: Value) -> Result<(Ret, After), QmpError> {
+    Ok((Ret::Value(v), After::Continue))
+}
+
+/// `{}`, the answer of a command that returns nothing.
+fn empty() -> Value {
+    json!({})
+}
+
+/// Every command and what it does: the table the dispatcher looks commands up in,
+/// and [`commands`] lists.
+const COMMAND_TABLE: &[(&str, Handler)] = &[
+    ("qmp_capabilities", |_m, session, mut a| {
+        value({
+            if session.negotiated {
+                return Err(QmpError::not_found(
+                    "Capabilities negotiation is already complete, command ignored",
+                ));
+            }
+            // Ferry offers no capability (no out-of-band execution), so any
+            // entry of `enable` is refused.
+            if let Some(c) = a.opt_array("enable")?.and_then(|l| l.into_iter().next()) {
+                return Err(match c {
+                    Value::String(s) if s == "oob" => {
+                        QmpError::generic("Capability 'oob' not available")
+                    }
+                    Value::String(s) => {
+                        QmpError::generic(format!("Parameter 'enable' does not accept value '{s}'"))
+                    }
+                    _ => QmpError::generic("Invalid parameter type for 'enable', expected: string"),
+                });
+            }
+            a.finish()?;
+            session.negotiated = true;
+            empty()
+        })
+    }),
+    ("query-version", |_m, _session, a| {
+        value({
+            a.finish()?;
+            let (major, minor, micro) = QEMU_VERSION;
+            json!({"qemu": {"major": major, "minor": minor, "micro": micro},
+                       "package": concat!("ferry-", env!("CARGO_PKG_VERSION"))})
+        })
+    }),
+    ("query-commands", |_m, _session, a| {
+        value({
+            a.finish()?;
+            Value::Array(commands().map(|c| json!({"name": c})).collect())
+        })
+    }),
+    ("query-status", |m, _session, a| {
+        value({
+            a.finish()?;
+            let s = m.run_state();
+            json!({"running": s.is_running(), "status": s})
+        })
+    }),
+    ("stop", |m, _session, a| {
+        value({
+            a.finish()?;
+            m.run.stop()?;
+            empty()
+        })
+    }),
+    ("cont", |m, _session, a| {
+        value({
+            a.finish()?;
+            m.run.cont()?;
+            empty()
+        })
+    }),
+    ("quit", |m, _session, a| {
+        a.finish()?;
+        m.run.shutdown();
+        Ok((Ret::Value(empty()), After::Quit))
+    }),
+    ("migrate", |m, _session, mut a| {
+        value({
+            let uri = a.str("uri")?;
+            for flag in ["blk", "inc", "resume"] {
+                if a.opt_bool(flag)? == Some(true) {
+                    return Err(QmpError::generic(format!(
+                        "Parameter '{flag}': Ferry has no block migration or postcopy"
+                    )));
+                }
+            }
+            a.opt_bool("detach")?;
+            a.finish()?;
+            // Refused in inmigrate, finish-migrate and postmigrate (the engine
+            // checks the run state, with QEMU's texts).
+            m.source.migrate(&uri)?;
+            empty()
+        })
+    }),
+    ("migrate-incoming", |m, _session, mut a| {
+        value({
+            let uri = a.str("uri")?;
+            let exit_on_error = a.opt_bool("exit-on-error")?.unwrap_or(true);
+            a.finish()?;
+            m.start_incoming(&uri, exit_on_error)?;
+            empty()
+        })
+    }),
+    ("migrate_cancel", |m, _session, a| {
+        value({
+            a.finish()?;
+            m.source.cancel();
+            empty()
+        })
+    }),
+    ("migrate-set-parameters", |m, _session, a| {
+        value({
+            let update = parameters_update(a.into_members())?;
+            m.source.set_parameters(&update)?;
+            empty()
+        })
+    }),
+    ("query-migrate-parameters", |m, _session, a| {
+        value({
+            a.finish()?;
+            serde_json::to_value(m.source.parameters())
+                .map_err(|e| QmpError::generic(e.to_string()))?
+        })
+    }),
+    ("migrate-set-capabilities", |m, _session, mut a| {
+        value({
+            let list = a.array("capabilities")?;
+            a.finish()?;
+            let mut caps = Vec::with_capacity(list.len());
+            for (i, item) in list.into_iter().enumerate() {
+                let mut c = object(&format!("capabilities[{i}]"), item)?;
+                let name = c.str("capability")?;
+                let cap: Capability =
+                    serde_json::from_value(Value::String(name.clone())).map_err(|_| {
+                        QmpError::generic(format!(
+                            "Parameter 'capability' does not accept value '{name}'"
+                        ))
+                    })?;
+                let state = c
+                    .opt_bool("state")?
+                    .ok_or_else(|| QmpError::generic("Parameter 'state' is missing"))?;
+                c.finish()?;
+                caps.push((cap, state));
+            }
+            if m.source.is_active() {
+                return Err(QmpError::generic("There's a migration process in progress"));
+            }
+            for (cap, state) in caps {
+                m.source.set_capability(cap, state)?;
+            }
+            empty()
+        })
+    }),
+    ("query-migrate-capabilities", |m, _session, a| {
+        value({
+            a.finish()?;
+            Value::Array(
+                m.source
+                    .capabilities()
+                    .list()
+                    .iter()
+                    .map(|(c, on)| json!({"capability": c, "state": on}))
+                    .collect(),
+            )
+        })
+    }),
+    ("query-migrate", |m, _session, a| {
+        a.finish()?;
+        let info = m.migration_info();
+        let ret = info.map_or_else(|| Ret::Value(empty()), |i| Ret::Migration(Box::new(i)));
+        Ok((ret, After::Continue))
+    }),
+    ("calc-dirty-rate", |m, _session, mut a| {
+        value({
+            let calc_time = a.i64("calc-time")?;
+            let unit = a.opt_enum("calc-time-unit", &["second", "millisecond"])?;
+            let sample_pages = a.opt_i64("sample-pages")?;
+            let mode = a.opt_enum("mode", &["page-sampling", "dirty-ring", "dirty-bitmap"])?;
+            a.finish()?;
+            let args = DirtyRateArgs {
+                calc_time,
+                calc_time_unit: unit.map(time_unit),
+                sample_pages,
+                mode: match mode {
+                    Some(m) => Some(m.parse::<DirtyRateMode>().map_err(QmpError::generic)?),
+                    None => None,
+                },
+            };
+            m.dirty_rate.calc(&args)?;
+            empty()
+        })
+    }),
+    ("query-dirty-rate", |m, _session, mut a| {
+        value({
+            let unit = a.opt_enum("calc-time-unit", &["second", "millisecond"])?;
+            a.finish()?;
+            serde_json::to_value(m.dirty_rate.query(unit.map(time_unit)))
+                .map_err(|e| QmpError::generic(e.to_string()))?
+        })
+    }),
+    ("x-ferry-query-guest-progress", |m, _session, a| {
+        value({
+            a.finish()?;
+            let rounds = m.machine.guest_progress().ok_or_else(|| {
+                QmpError::generic("this VMM does not report its guest's progress")
+            })?;
+            json!({"vcpu-rounds": rounds})
+        })
+    }),
+    ("x-ferry-query-ram-digest", |m, _session, a| {
+        value({
+            a.finish()?;
+            let (digest, pages) = m.ram_digest()?;
+            json!({"digest": digest, "pages": pages})
+        })
+    }),
 ];
 
 /// How the destination side starts (QEMU's `-incoming`).
@@ -395,196 +603,18 @@ impl Monitor {
             }
         }
         let cmd = execute.ok_or_else(|| QmpError::generic("QMP input lacks member 'execute'"))?;
-        let mut a = Args::new(arguments);
+        let a = Args::new(arguments);
         if !session.negotiated && cmd != "qmp_capabilities" {
             return Err(QmpError::not_found(
                 "Expecting capabilities negotiation with 'qmp_capabilities'",
             ));
         }
-        let empty = || json!({});
-        let ret = match cmd.as_str() {
-            "qmp_capabilities" => {
-                if session.negotiated {
-                    return Err(QmpError::not_found(
-                        "Capabilities negotiation is already complete, command ignored",
-                    ));
-                }
-                // Ferry offers no capability (no out-of-band execution), so any
-                // entry of `enable` is refused.
-                if let Some(c) = a.opt_array("enable")?.and_then(|l| l.into_iter().next()) {
-                    return Err(match c {
-                        Value::String(s) if s == "oob" => {
-                            QmpError::generic("Capability 'oob' not available")
-                        }
-                        Value::String(s) => QmpError::generic(format!(
-                            "Parameter 'enable' does not accept value '{s}'"
-                        )),
-                        _ => QmpError::generic(
-                            "Invalid parameter type for 'enable', expected: string",
-                        ),
-                    });
-                }
-                a.finish()?;
-                session.negotiated = true;
-                empty()
-            }
-            "query-version" => {
-                a.finish()?;
-                let (major, minor, micro) = QEMU_VERSION;
-                json!({"qemu": {"major": major, "minor": minor, "micro": micro},
-                       "package": concat!("ferry-", env!("CARGO_PKG_VERSION"))})
-            }
-            "query-commands" => {
-                a.finish()?;
-                Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())
-            }
-            "query-status" => {
-                a.finish()?;
-                let s = self.run_state();
-                json!({"running": s.is_running(), "status": s})
-            }
-            "stop" => {
-                a.finish()?;
-                self.run.stop()?;
-                empty()
-            }
-            "cont" => {
-                a.finish()?;
-                self.run.cont()?;
-                empty()
-            }
-            "quit" => {
-                a.finish()?;
-                self.run.shutdown();
-                return Ok((Ret::Value(empty()), After::Quit));
-            }
-            "migrate" => {
-                let uri = a.str("uri")?;
-                for flag in ["blk", "inc", "resume"] {
-                    if a.opt_bool(flag)? == Some(true) {
-                        return Err(QmpError::generic(format!(
-                            "Parameter '{flag}': Ferry has no block migration or postcopy"
-                        )));
-                    }
-                }
-                a.opt_bool("detach")?;
-                a.finish()?;
-                // Refused in inmigrate, finish-migrate and postmigrate (the engine
-                // checks the run state, with QEMU's texts).
-                self.source.migrate(&uri)?;
-                empty()
-            }
-            "migrate-incoming" => {
-                let uri = a.str("uri")?;
-                let exit_on_error = a.opt_bool("exit-on-error")?.unwrap_or(true);
-                a.finish()?;
-                self.start_incoming(&uri, exit_on_error)?;
-                empty()
-            }
-            "migrate_cancel" => {
-                a.finish()?;
-                self.source.cancel();
-                empty()
-            }
-            "migrate-set-parameters" => {
-                let update = parameters_update(a.into_members())?;
-                self.source.set_parameters(&update)?;
-                empty()
-            }
-            "query-migrate-parameters" => {
-                a.finish()?;
-                serde_json::to_value(self.source.parameters())
-                    .map_err(|e| QmpError::generic(e.to_string()))?
-            }
-            "migrate-set-capabilities" => {
-                let list = a.array("capabilities")?;
-                a.finish()?;
-                let mut caps = Vec::with_capacity(list.len());
-                for (i, item) in list.into_iter().enumerate() {
-                    let mut c = object(&format!("capabilities[{i}]"), item)?;
-                    let name = c.str("capability")?;
-                    let cap: Capability = serde_json::from_value(Value::String(name.clone()))
-                        .map_err(|_| {
-                            QmpError::generic(format!(
-                                "Parameter 'capability' does not accept value '{name}'"
-                            ))
-                        })?;
-                    let state = c
-                        .opt_bool("state")?
-                        .ok_or_else(|| QmpError::generic("Parameter 'state' is missing"))?;
-                    c.finish()?;
-                    caps.push((cap, state));
-                }
-                if self.source.is_active() {
-                    return Err(QmpError::generic("There's a migration process in progress"));
-                }
-                for (cap, state) in caps {
-                    self.source.set_capability(cap, state)?;
-                }
-                empty()
-            }
-            "query-migrate-capabilities" => {
-                a.finish()?;
-                Value::Array(
-                    self.source
-                        .capabilities()
-                        .list()
-                        .iter()
-                        .map(|(c, on)| json!({"capability": c, "state": on}))
-                        .collect(),
-                )
-            }
-            "query-migrate" => {
-                a.finish()?;
-                return Ok((
-                    self.migration_info()
-                        .map_or_else(|| Ret::Value(empty()), |i| Ret::Migration(Box::new(i))),
-                    After::Continue,
-                ));
-            }
-            "calc-dirty-rate" => {
-                let calc_time = a.i64("calc-time")?;
-                let unit = a.opt_enum("calc-time-unit", &["second", "millisecond"])?;
-                let sample_pages = a.opt_i64("sample-pages")?;
-                let mode = a.opt_enum("mode", &["page-sampling", "dirty-ring", "dirty-bitmap"])?;
-                a.finish()?;
-                let args = DirtyRateArgs {
-                    calc_time,
-                    calc_time_unit: unit.map(time_unit),
-                    sample_pages,
-                    mode: match mode {
-                        Some(m) => Some(m.parse::<DirtyRateMode>().map_err(QmpError::generic)?),
-                        None => None,
-                    },
-                };
-                self.dirty_rate.calc(&args)?;
-                empty()
-            }
-            "query-dirty-rate" => {
-                let unit = a.opt_enum("calc-time-unit", &["second", "millisecond"])?;
-                a.finish()?;
-                serde_json::to_value(self.dirty_rate.query(unit.map(time_unit)))
-                    .map_err(|e| QmpError::generic(e.to_string()))?
-            }
-            "x-ferry-query-guest-progress" => {
-                a.finish()?;
-                let rounds = self.machine.guest_progress().ok_or_else(|| {
-                    QmpError::generic("this VMM does not report its guest's progress")
-                })?;
-                json!({"vcpu-rounds": rounds})
-            }
-            "x-ferry-query-ram-digest" => {
-                a.finish()?;
-                let (digest, pages) = self.ram_digest()?;
-                json!({"digest": digest, "pages": pages})
-            }
-            _ => {
-                return Err(QmpError::not_found(format!(
-                    "The command {cmd} has not been found"
-                )))
-            }
-        };
-        Ok((Ret::Value(ret), After::Continue))
+        let handler = COMMAND_TABLE
+            .iter()
+            .find(|(name, _)| *name == cmd)
+            .map(|(_, h)| *h)
+            .ok_or_else(|| QmpError::not_found(format!("The command {cmd} has not been found")))?;
+        handler(self, session, a)
     }
 
     /// `x-ferry-query-ram-digest`: the digest the demo compares
