@@ -8,6 +8,42 @@
 //! VMM's monitor pause and resume the vCPUs only through it. A
 //! [`DirtyRateJob`] answers `calc-dirty-rate` / `query-dirty-rate` for the same guest.
 //!
+//! # Embedding
+//!
+//! What a VMM writes: an `impl MigratableVm` (its RAM as a
+//! [`dirty_sync::AddressSpace`], pause and resume of its vCPUs, its device state),
+//! then a few calls on each side. `examples/embed.rs` in the repository is a whole
+//! VMM (its own KVM VM, vm-memory RAM, one vCPU) that does exactly this between two
+//! processes; docs/unsafe.md lists the one `unsafe` contract memory comes with.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use migration_core::{incoming, MigratableVm, MigrationSource};
+//! use stats::MigrationStatus;
+//!
+//! fn send(vm: Arc<dyn MigratableVm>) -> migration_core::Result<()> {
+//!     let source = MigrationSource::new(vm);
+//!     source.migrate("tcp:192.0.2.7:4444")?; // returns once the thread started
+//!     while !source.stats().status().is_finished() {
+//!         // A management tool would poll `source.query()` (QMP's query-migrate).
+//!         std::thread::sleep(std::time::Duration::from_millis(100));
+//!     }
+//!     assert_eq!(source.wait(), MigrationStatus::Completed);
+//!     Ok(())
+//! }
+//!
+//! fn receive(vm: Arc<dyn MigratableVm>) -> migration_core::Result<()> {
+//!     // Loads pages and device state into `vm`, starts its vCPUs after the commit.
+//!     let report = incoming(vm, "tcp:0.0.0.0:4444", false)?.wait()?;
+//!     println!("received {} bytes", report.received_bytes);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! On a KVM VM, [`dirty_sync::kvm::KvmDirtyLog`] builds the address space with the
+//! dirty bitmap or the dirty ring, and [`dirty_sync::ram_blocks`] the blocks from a
+//! vm-memory guest memory.
+//!
 //! # Logging
 //!
 //! The engine logs through [`tracing`] and prints nothing; install a subscriber to see
