@@ -3,6 +3,7 @@
 mod bitmap_listener;
 mod ioctls;
 mod ring_listener;
+mod ring_memory;
 mod vm;
 
 pub use bitmap_listener::{KvmBitmapConfig, KvmBitmapListener, ProtectMode};
