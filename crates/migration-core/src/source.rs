@@ -221,6 +221,7 @@ impl MigrationSource {
             cancel,
             shared: self.shared.clone(),
             busy_ns: AtomicU64::new(0),
+            unsent_zero_pages: AtomicU64::new(0),
             paused: AtomicBool::new(false),
             switching: AtomicBool::new(false),
             committing: AtomicBool::new(false),
@@ -307,6 +308,9 @@ struct Run {
     shared: Arc<Shared>,
     /// Nanoseconds the workers spent inside send calls (sum over workers).
     busy_ns: AtomicU64,
+    /// Pages the bulk stage counted as zero without sending them (never touched).
+    /// The pages sent are the transport's count ([`Run::publish_pages`]).
+    unsent_zero_pages: AtomicU64,
     /// The vCPUs are paused for the final pass (pages go out as they are, not live).
     paused: AtomicBool,
     /// The run state went to finish-migrate: the end of the run must leave it.

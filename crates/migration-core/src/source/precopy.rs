@@ -180,9 +180,10 @@ impl Run {
                     .map_err(|e| Error::Guest(format!("reading /proc/self/pagemap: {e}")))?;
             }
             let untouched = self.space.total_pages() - touched;
+            self.unsent_zero_pages.store(untouched, Ordering::Relaxed);
             self.stats
                 .zero_pages
-                .fetch_add(untouched, Ordering::Relaxed);
+                .fetch_max(untouched, Ordering::Relaxed);
         } else {
             bitmap.set_all();
         }
@@ -448,6 +449,20 @@ impl Run {
         Ok(())
     }
 
+    /// `normal` and `duplicate` of query-migrate: the transport's count of pages and
+    /// zero pages put on the wire (one set of counters), plus the zero pages the bulk
+    /// stage never sent. Several workers publish at once, so the maximum wins.
+    pub(super) fn publish_pages(&self, sender: &Sender) {
+        let c = sender.counters();
+        self.stats
+            .normal_pages
+            .fetch_max(c.pages(), Ordering::Relaxed);
+        self.stats.zero_pages.fetch_max(
+            c.zero_pages() + self.unsent_zero_pages.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+    }
+
     fn flush<'a>(&self, sender: &Sender, batch: &mut Batch<'a>, paused: bool) -> Result<()> {
         let Some(block) = batch.block else {
             return Ok(());
@@ -459,22 +474,16 @@ impl Run {
             } else {
                 sender.send_live_pages(block, &batch.offsets, &batch.pages)?;
             }
-            self.stats
-                .normal_pages
-                .fetch_add(batch.offsets.len() as u64, Ordering::Relaxed);
         }
         if !batch.sparse.is_empty() {
             sender.send_sparse_pages(block, &batch.sparse)?;
             let n = batch.sparse.len() as u64;
-            self.stats.normal_pages.fetch_add(n, Ordering::Relaxed);
             self.stats.sparse_pages.fetch_add(n, Ordering::Relaxed);
         }
         if !batch.zero.is_empty() {
             sender.send_zero_pages(block, &batch.zero)?;
-            self.stats
-                .zero_pages
-                .fetch_add(batch.zero.len() as u64, Ordering::Relaxed);
         }
+        self.publish_pages(sender);
         self.busy_ns
             .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
         // Everything on the wire so far was sent in precopy until the switch-over,
