@@ -2,6 +2,8 @@
 //! processes on loopback. Needs /dev/kvm: without it the test is skipped, unless
 //! FERRY_REQUIRE_KVM=1, which makes a missing KVM a failure.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -21,20 +23,6 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn kvm_usable() -> bool {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    let required = std::env::var("FERRY_REQUIRE_KVM").is_ok_and(|v| v == "1");
-    assert!(
-        usable || !required,
-        "FERRY_REQUIRE_KVM=1 but /dev/kvm cannot be opened"
-    );
-    usable
 }
 
 /// The example binary of this test's profile, built (or found up to date) by cargo:
@@ -89,8 +77,7 @@ fn kill_for_stderr(child: &mut Child) -> String {
 
 #[test]
 fn the_embedding_example_migrates_its_guest_between_two_processes() {
-    if !kvm_usable() {
-        eprintln!("SKIPPED (no /dev/kvm)");
+    if !common::kvm_or_skip() {
         return;
     }
     let bin = embed_binary();

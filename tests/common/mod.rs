@@ -7,6 +7,10 @@ use std::time::Duration;
 use minivm::{Backend, MiniVm, VmConfig, Workload};
 
 /// Bounds a hung guest only; tests wait on guest rounds, not on time.
+#[path = "../../crates/minivm/tests/common/skip.rs"]
+mod skip;
+pub use skip::record_skip;
+
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
 static GUEST_LOCK: Mutex<()> = Mutex::new(());
@@ -43,27 +47,6 @@ pub fn kvm_or_skip() -> bool {
     }
     record_skip();
     false
-}
-
-/// Records the running test as skipped for lack of /dev/kvm (see [`kvm_or_skip`]).
-pub fn record_skip() {
-    // libtest runs each test on a thread named after it.
-    let thread = std::thread::current();
-    let test = thread.name().unwrap_or("(unnamed test)");
-    let name = format!("{}::{test}", env!("CARGO_CRATE_NAME"));
-    // Straight to the process's stderr, past libtest's capture of passing tests' output.
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED (no /dev/kvm): {name}");
-    if let Some(path) = std::env::var_os("FERRY_SKIP_LOG") {
-        let appended = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| writeln!(f, "{name}"));
-        if let Err(e) = appended {
-            panic!("cannot append to FERRY_SKIP_LOG {path:?}: {e}");
-        }
-    }
 }
 
 /// One guest at a time per test binary, so vCPU threads do not starve each other.

@@ -4,6 +4,10 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+#[path = "skip.rs"]
+mod skip;
+use skip::record_skip;
+
 use minivm::{Backend, MiniVm, VmConfig, Workload};
 
 /// Generous: tests wait on guest rounds, this only bounds a hung guest.
@@ -33,27 +37,6 @@ pub fn kvm_guard() -> Option<MutexGuard<'static, ()>> {
         return None;
     }
     Some(KVM_LOCK.lock().unwrap_or_else(|p| p.into_inner()))
-}
-
-/// Records the running test as skipped for lack of /dev/kvm (see [`kvm_guard`]).
-fn record_skip() {
-    // libtest runs each test on a thread named after it.
-    let thread = std::thread::current();
-    let test = thread.name().unwrap_or("(unnamed test)");
-    let name = format!("{}::{test}", env!("CARGO_CRATE_NAME"));
-    // Straight to the process's stderr, past libtest's capture of passing tests' output.
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED (no /dev/kvm): {name}");
-    if let Some(path) = std::env::var_os("FERRY_SKIP_LOG") {
-        let appended = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| writeln!(f, "{name}"));
-        if let Err(e) = appended {
-            panic!("cannot append to FERRY_SKIP_LOG {path:?}: {e}");
-        }
-    }
 }
 
 /// A small config (64 MiB) for the given backend, workload and vCPUs.
