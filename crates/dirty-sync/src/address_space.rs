@@ -1,6 +1,6 @@
 //! `AddressSpace`: the RAM blocks, the registered listeners, and the shared dirty-log mask.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -44,6 +44,8 @@ pub struct AddressSpace {
     total_pages: u64,
     inner: Mutex<Inner>,
     mask_bits: AtomicU8,
+    /// Some registered listener defers its clear ([`MemoryListener::defers_clear`]).
+    defers_clear: AtomicBool,
     stats: Arc<DirtyLogStats>,
 }
 
@@ -98,6 +100,7 @@ impl AddressSpace {
                 clients: Default::default(),
             }),
             mask_bits: AtomicU8::new(0),
+            defers_clear: AtomicBool::new(false),
             stats: Arc::new(DirtyLogStats::default()),
         })
     }
@@ -161,8 +164,18 @@ impl AddressSpace {
         if !inner.mask.is_empty() {
             self.start_listener(listener.as_ref())?;
         }
+        if listener.defers_clear() {
+            self.defers_clear.store(true, Ordering::Release);
+        }
         inner.listeners.push(listener);
         Ok(())
+    }
+
+    /// True when a listener leaves harvested pages armed until
+    /// [`AddressSpace::clear_dirty_log`]: a reader of dirty pages must then re-arm each
+    /// range before it reads it. Without one, the clear is a no-op and need not be called.
+    pub fn defers_clear(&self) -> bool {
+        self.defers_clear.load(Ordering::Acquire)
     }
 
     fn start_listener(&self, l: &dyn MemoryListener) -> Result<()> {

@@ -61,6 +61,13 @@ pub trait MemoryListener: Send + Sync {
     fn log_clear(&self, _section: &RamBlock, _first_page: u64, _pages: u64) -> Result<()> {
         Ok(())
     }
+
+    /// True when a sync leaves what it harvested armed until [`Self::log_clear`]; fixed
+    /// for the listener's life. A user that reads pages then re-arms them just before
+    /// (QEMU's lazy clear); with no such listener it need not call the clear at all.
+    fn defers_clear(&self) -> bool {
+        false
+    }
 }
 
 /// Where listeners put what they harvested: every active reason's bitmap at once.

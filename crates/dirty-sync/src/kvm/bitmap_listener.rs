@@ -217,8 +217,12 @@ impl MemoryListener for KvmBitmapListener {
         Ok(())
     }
 
+    fn defers_clear(&self) -> bool {
+        self.mode == ProtectMode::Manual && self.deferred_clear
+    }
+
     fn log_clear(&self, block: &RamBlock, first_page: u64, pages: u64) -> Result<()> {
-        if self.mode != ProtectMode::Manual || !self.deferred_clear {
+        if !self.defers_clear() {
             return Ok(());
         }
         let end = first_page

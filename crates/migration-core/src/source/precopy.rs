@@ -195,8 +195,12 @@ impl Run {
     /// the pages the bulk stage skipped (never touched, never read) are re-armed here,
     /// or KVM would report them again at every sync. In runs of 64-page words that
     /// are not all staged (a listener clears only what it harvested, so the staged
-    /// pages of such a word are merely re-armed early). Free for other listeners.
+    /// pages of such a word are merely re-armed early). Nothing to do without such a
+    /// listener.
     pub(super) fn rearm_unstaged(&self, bitmap: &DirtyBitmap) -> Result<()> {
+        if !self.space.defers_clear() {
+            return Ok(());
+        }
         let words = bitmap.words();
         let total = self.space.total_pages();
         let mut run: Option<usize> = None;
@@ -378,6 +382,7 @@ impl Run {
         let sparse = sender.header().features.sparse_pages;
         let words = bitmap.words().len();
         let paused = || self.paused.load(Ordering::Relaxed);
+        let defers_clear = self.space.defers_clear();
         let mut chunk = k * CHUNK_WORDS;
         while chunk < words {
             if abort.load(Ordering::Relaxed) {
@@ -388,11 +393,10 @@ impl Run {
             for (t, w) in taken.iter_mut().zip(chunk..chunk_end) {
                 *t = bitmap.take_word(w);
             }
-            if taken.iter().any(|&b| b != 0) && !paused() {
+            if defers_clear && !paused() && taken.iter().any(|&b| b != 0) {
                 // QEMU's lazy clear: a listener that deferred re-protecting what it
                 // harvested (KvmBitmapConfig::deferred_clear) re-arms these pages now,
                 // just before they are read, so a write from here on is logged again.
-                // Listeners that cleared during the sync return at once.
                 let first = chunk as u64 * BITS_PER_WORD;
                 let pages = ((chunk_end - chunk) as u64 * BITS_PER_WORD)
                     .min(self.space.total_pages().saturating_sub(first));
