@@ -2,6 +2,7 @@
 //! after a clean end of stream load the device state, offer the switch-over, and once
 //! the source commits, resume and acknowledge.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -192,7 +193,11 @@ pub fn incoming_with(
         .name("mig/dst".into())
         .spawn(move || {
             let _entered = span.enter();
-            let r = receive(vm, &run, listener, &st, &opts);
+            // A panic (the engine's, or the VMM's `load_device_state`) ends this side
+            // `failed` like any error: the connection drops, so a source that had not
+            // committed resumes its guest; this side never started one.
+            let r = catch_unwind(AssertUnwindSafe(|| receive(vm, &run, listener, &st, &opts)))
+                .unwrap_or_else(|p| Err(Error::panicked("the incoming thread", &*p)));
             st.total_time_ms
                 .store(st.elapsed_ms(), std::sync::atomic::Ordering::Relaxed);
             match &r {
@@ -416,17 +421,12 @@ pub fn ram_digest(ram: &GuestRam) -> u64 {
 mod tests {
     use super::*;
     use crate::guest::mark_touched_pages;
-    use crate::test_vm::TestVm;
-    use dirty_sync::{AddressSpace, DirtyBitmap, HostMemory, RamBlock};
+    use crate::testing::TestVm;
+    use dirty_sync::DirtyBitmap;
 
     /// A guest whose one RAM block is 64 pages of fresh (lazily mapped) memory.
-    fn lazy_vm() -> Arc<TestVm<HostMemory>> {
-        let mem = HostMemory::anonymous(64 * PAGE_SIZE).unwrap();
-        let block = RamBlock::new("ram0", 0, mem.clone(), 0, 0);
-        Arc::new(TestVm {
-            space: Arc::new(AddressSpace::new(vec![block]).unwrap()),
-            mem,
-        })
+    fn lazy_vm() -> Arc<TestVm> {
+        TestVm::new(64 * PAGE_SIZE)
     }
 
     #[test]

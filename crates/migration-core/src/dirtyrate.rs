@@ -749,7 +749,7 @@ mod tests {
     }
 
     /// 4 MiB of heap "RAM" in one block.
-    type FakeVm = crate::test_vm::TestVm<()>;
+    type FakeVm = crate::testing::TestVm<()>;
 
     /// A guest whose listener reports pages `0..pages_per_sync` on every sync.
     fn fake_vm(pages_per_sync: u64) -> Arc<FakeVm> {

@@ -77,6 +77,8 @@ mod runstate;
 mod source;
 #[cfg(test)]
 mod test_vm;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 #[cfg(test)]
 mod tracing_tests;
 

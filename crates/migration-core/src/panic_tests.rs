@@ -170,6 +170,41 @@ fn a_panic_inside_the_migration_thread_leaves_the_source_running_status_failed_a
     panic_then_migrate_again(PanicAt::SaveDeviceState, 1, true);
 }
 
+/// The destination's side: a panic while it loads the device state (before the
+/// commit) ends it `failed` saying so, the source resumes its guest, and the next
+/// destination receives it.
+#[test]
+fn a_panic_on_the_incoming_thread_fails_that_side_and_the_source_resumes_its_guest() {
+    let src = PanickyVm::new(PAGES, 1);
+    let source = MigrationSource::new(src.clone());
+    let dst = PanickyVm::new(PAGES, 0x80);
+    dst.trap.arm(PanicAt::LoadDeviceState, 1);
+    let inc = incoming(dst.clone(), &mem_uri(), false).expect("bind the destination");
+    let dst_stats = inc.stats().clone();
+    source
+        .migrate(&inc.uri().to_string())
+        .expect("migrate starts");
+    let status = source.wait();
+    let received = inc.wait();
+    assert!(!dst.trap.armed(), "the injected panic happened");
+    let err = received.expect_err("the destination failed").to_string();
+    assert!(
+        err.contains("the incoming thread panicked") && err.contains("LoadDeviceState"),
+        "{err}"
+    );
+    let dst_info = dst_stats.snapshot();
+    assert_eq!(dst_info.status, MigrationStatus::Failed, "{dst_info:?}");
+    assert!(
+        dst_info.error_desc.unwrap_or_default().contains("panicked"),
+        "the destination's query-migrate says why"
+    );
+    assert_eq!(dst.resumes.load(Ordering::SeqCst), 0, "two copies");
+    assert_eq!(status, MigrationStatus::Failed, "{:?}", source.query());
+    assert_eq!(source.run_control().state(), RunState::Running);
+    assert_eq!(src.resumes.load(Ordering::SeqCst), 1, "resumed once");
+    assert_next_migration_completes(&source, &src);
+}
+
 /// Asserts the migration failed with a panic at `at` in its error-desc.
 fn assert_failed_with_panic(source: &MigrationSource, status: MigrationStatus, at: PanicAt) {
     let info = source.query();

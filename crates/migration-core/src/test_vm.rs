@@ -1,5 +1,4 @@
-//! A guest for unit tests: an address space over memory the test owns, vCPUs and
-//! device state that do nothing; and [`PanickyVm`], one whose callbacks panic where a
+//! [`PanickyVm`]: a guest for the engine's unit tests whose callbacks panic where a
 //! test says.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -8,30 +7,7 @@ use std::sync::{Arc, Mutex};
 use dirty_sync::{AddressSpace, DirtySink, HostMemory, MemoryListener, RamBlock, PAGE_SIZE};
 
 use crate::guest::{GuestError, MigratableVm};
-
-/// An address space and the memory (`M`) its blocks point into, kept alive with it.
-pub(crate) struct TestVm<M> {
-    pub(crate) space: Arc<AddressSpace>,
-    pub(crate) mem: M,
-}
-
-impl<M: Send + Sync> MigratableVm for TestVm<M> {
-    fn address_space(&self) -> &Arc<AddressSpace> {
-        &self.space
-    }
-    fn pause_vcpus(&self) -> Result<(), GuestError> {
-        Ok(())
-    }
-    fn resume_vcpus(&self) -> Result<(), GuestError> {
-        Ok(())
-    }
-    fn save_device_state(&self) -> Result<Vec<u8>, GuestError> {
-        Ok(Vec::new())
-    }
-    fn load_device_state(&self, _: &[u8]) -> Result<(), GuestError> {
-        Ok(())
-    }
-}
+use crate::testing::TestVm;
 
 /// Where a [`PanickyVm`] panics: a VMM callback, or its dirty-log listener's sync.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +24,8 @@ pub(crate) enum PanicAt {
     SetThrottle,
     /// `save_device_state`.
     SaveDeviceState,
+    /// `load_device_state` (on the destination).
+    LoadDeviceState,
     /// `vcpu_dirty_entries`.
     VcpuDirtyEntries,
     /// The dirty-log listener's `log_sync` (during a global sync).
@@ -138,19 +116,16 @@ impl PanickyVm {
         let bytes: Vec<u8> = (0..pages * PAGE_SIZE)
             .map(|i| ((i / PAGE_SIZE) as u8).wrapping_add(seed))
             .collect();
-        let mem = HostMemory::anonymous(pages * PAGE_SIZE).expect("test RAM");
-        assert!(mem.write_volatile(0, &bytes));
-        let block = RamBlock::new("ram0", 0, mem.clone(), 0, 0);
-        let space = AddressSpace::new(vec![block]).expect("one block");
+        let inner = TestVm::new(pages * PAGE_SIZE);
+        assert!(inner.mem.write_volatile(0, &bytes));
         let trap = Arc::new(Trap::default());
-        space
+        inner
+            .space
             .register_listener(Arc::new(TrapListener(trap.clone())))
             .expect("the only listener");
+        let inner = Arc::into_inner(inner).expect("not shared yet");
         Arc::new(PanickyVm {
-            inner: TestVm {
-                space: Arc::new(space),
-                mem,
-            },
+            inner,
             trap,
             pauses: AtomicU64::new(0),
             resumes: AtomicU64::new(0),
@@ -160,9 +135,7 @@ impl PanickyVm {
 
     /// A copy of guest RAM.
     pub(crate) fn ram(&self) -> Vec<u8> {
-        let mut bytes = vec![0u8; self.inner.mem.size_bytes() as usize];
-        assert!(self.inner.mem.read_volatile(0, &mut bytes));
-        bytes
+        self.inner.ram()
     }
 }
 
@@ -191,6 +164,7 @@ impl MigratableVm for PanickyVm {
         Ok(b"registers".to_vec())
     }
     fn load_device_state(&self, _: &[u8]) -> Result<(), GuestError> {
+        self.trap.hit(PanicAt::LoadDeviceState);
         Ok(())
     }
     fn set_throttle_percent(&self, _percent: u8) {

@@ -7,7 +7,6 @@ use std::fmt;
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
-use dirty_sync::{AddressSpace, HostMemory, RamBlock};
 use stats::MigrationStatus;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -16,7 +15,7 @@ use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::test_vm::TestVm;
+use crate::testing::TestVm;
 use crate::{incoming, MigrationSource};
 
 /// A span's or an event's fields, as text (strings without quotes).
@@ -153,15 +152,8 @@ fn num(e: &Captured, name: &str) -> u64 {
 }
 
 /// 1 MiB of RAM, every byte `fill`, in one block "ram0".
-fn guest(fill: u8) -> Arc<TestVm<HostMemory>> {
-    let size_bytes = 1u64 << 20;
-    let mem = HostMemory::anonymous(size_bytes).expect("1 MiB");
-    assert!(mem.write_volatile(0, &vec![fill; size_bytes as usize]));
-    let block = RamBlock::new("ram0", 0, mem.clone(), 0, 0);
-    Arc::new(TestVm {
-        space: Arc::new(AddressSpace::new(vec![block]).expect("block")),
-        mem,
-    })
+fn guest(fill: u8) -> Arc<TestVm> {
+    TestVm::filled(1 << 20, fill)
 }
 
 /// Waits (at most a generous minute) until the source's migration is finished.

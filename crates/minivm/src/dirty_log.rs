@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 pub use dirty_sync::kvm::DirtyTracking;
-use dirty_sync::kvm::{KickFn, KvmDirtyLog, KvmRingListener};
+use dirty_sync::kvm::{KvmDirtyLog, KvmRingListener, VcpuKick};
 use dirty_sync::{AddressSpace, RamBlock, VmmWritesListener};
 
 use crate::{vcpu, Error, ExitHandler, MiniVm, Result};
@@ -27,7 +27,7 @@ impl MiniVm {
 
     /// A flush for the dirty ring: kicks every running vCPU out of KVM_RUN and returns
     /// once each has left it. Must not be called on a vCPU thread.
-    pub fn kick_fn(&self) -> KickFn {
+    pub fn vcpu_kick(&self) -> Arc<dyn VcpuKick> {
         let control = Arc::clone(&self.control);
         let targets = Arc::clone(&self.kick_targets);
         Arc::new(move || {
@@ -90,8 +90,8 @@ impl MiniVm {
             vm,
             self.ram_blocks(),
             tracking,
-            &self.vcpu_raw_fds(),
-            self.kick_fn(),
+            &self.vcpu_fds(),
+            self.vcpu_kick(),
         )
         .map_err(Error::DirtyLog)?;
         if let Some(ring) = &log.ring {

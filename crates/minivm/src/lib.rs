@@ -38,7 +38,7 @@ mod memory;
 mod state;
 mod vcpu;
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -273,10 +273,16 @@ impl MiniVm {
         }
     }
 
-    /// Raw vCPU fds, for mmapping dirty rings; valid while this MiniVm lives.
-    pub fn vcpu_raw_fds(&self) -> Vec<RawFd> {
+    /// The vCPU fds, for mapping their dirty rings (empty on the fallback backend).
+    pub fn vcpu_fds(&self) -> Vec<BorrowedFd<'_>> {
         match &self.engine {
-            Engine::Kvm(k) => k.raw_fds.clone(),
+            Engine::Kvm(k) => k
+                .raw_fds
+                .iter()
+                // SAFETY: each is the fd of a `VcpuFd` in `k.vcpus`, which this MiniVm
+                // owns and closes only when dropped, so it outlives the borrow of self.
+                .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
+                .collect(),
             Engine::Threads(_) => Vec::new(),
         }
     }

@@ -292,7 +292,7 @@ fn kvm_dirty_ring_config() {
         ..cfg(KVM, Workload::Idle, 2)
     };
     let mut vm = MiniVm::new(ok).expect("dirty ring VM");
-    assert_eq!(vm.vcpu_raw_fds().len(), 2);
+    assert_eq!(vm.vcpu_fds().len(), 2);
     assert!(matches!(vm.dirty_ring_cap(), Some(192 | 223)));
     vm.set_exit_handler(Arc::new(CountingHandler(AtomicU64::new(0))));
     vm.start().expect("start");

@@ -735,40 +735,7 @@ mod tests {
     use super::*;
     use crate::framing::Frame;
     use crate::server::answer;
-    use dirty_sync::{AddressSpace, RamBlock};
-    use migration_core::GuestError;
-
-    /// 4 MiB of heap as guest RAM; no vCPUs.
-    struct FakeVm {
-        space: Arc<AddressSpace>,
-    }
-
-    impl FakeVm {
-        fn new() -> Arc<Self> {
-            let ram = dirty_sync::HostMemory::anonymous(4 << 20).expect("4 MiB");
-            let block = RamBlock::new("ram0", 0, ram, 0, 0);
-            let space = Arc::new(AddressSpace::new(vec![block]).expect("valid block"));
-            Arc::new(FakeVm { space })
-        }
-    }
-
-    impl MigratableVm for FakeVm {
-        fn address_space(&self) -> &Arc<AddressSpace> {
-            &self.space
-        }
-        fn pause_vcpus(&self) -> std::result::Result<(), GuestError> {
-            Ok(())
-        }
-        fn resume_vcpus(&self) -> std::result::Result<(), GuestError> {
-            Ok(())
-        }
-        fn save_device_state(&self) -> std::result::Result<Vec<u8>, GuestError> {
-            Ok(Vec::new())
-        }
-        fn load_device_state(&self, _: &[u8]) -> std::result::Result<(), GuestError> {
-            Ok(())
-        }
-    }
+    use migration_core::testing::TestVm;
 
     struct FakeMachine;
 
@@ -777,7 +744,7 @@ mod tests {
     }
 
     fn monitor(start: IncomingStart) -> Arc<Monitor> {
-        Monitor::new(Arc::new(FakeMachine), FakeVm::new(), start, true).expect("monitor")
+        Monitor::new(Arc::new(FakeMachine), TestVm::new(4 << 20), start, true).expect("monitor")
     }
 
     /// Sends `input` (raw bytes) and returns the replies.

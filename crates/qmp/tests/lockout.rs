@@ -9,45 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dirty_sync::{AddressSpace, RamBlock};
-use migration_core::{GuestError, MigratableVm};
+use migration_core::testing::TestVm;
 use qmp::{IncomingStart, Machine, Monitor, Server, ServerOptions, MAX_CLIENTS};
 use serde_json::{json, Value};
 
 /// Slack on top of a timeout before a test calls the decision late.
 const SLACK: Duration = Duration::from_secs(5);
-
-/// 1 MiB of heap as guest RAM; no vCPUs.
-struct FakeVm {
-    space: Arc<AddressSpace>,
-}
-
-impl FakeVm {
-    fn new() -> Arc<Self> {
-        let ram = dirty_sync::HostMemory::anonymous(1 << 20).expect("1 MiB");
-        let block = RamBlock::new("ram0", 0, ram, 0, 0);
-        let space = Arc::new(AddressSpace::new(vec![block]).expect("valid block"));
-        Arc::new(FakeVm { space })
-    }
-}
-
-impl MigratableVm for FakeVm {
-    fn address_space(&self) -> &Arc<AddressSpace> {
-        &self.space
-    }
-    fn pause_vcpus(&self) -> Result<(), GuestError> {
-        Ok(())
-    }
-    fn resume_vcpus(&self) -> Result<(), GuestError> {
-        Ok(())
-    }
-    fn save_device_state(&self) -> Result<Vec<u8>, GuestError> {
-        Ok(Vec::new())
-    }
-    fn load_device_state(&self, _: &[u8]) -> Result<(), GuestError> {
-        Ok(())
-    }
-}
 
 struct FakeMachine;
 
@@ -58,7 +25,7 @@ impl Machine for FakeMachine {
 fn monitor() -> Arc<Monitor> {
     Monitor::new(
         Arc::new(FakeMachine),
-        FakeVm::new(),
+        TestVm::new(1 << 20),
         IncomingStart::None,
         true,
     )

@@ -8,7 +8,7 @@ mod vm;
 
 pub use bitmap_listener::{KvmBitmapConfig, KvmBitmapListener, ProtectMode};
 pub use ring_listener::{
-    KickFn, KvmRingConfig, KvmRingListener, RingStats, DEFAULT_RING_ENTRIES, DIRTY_GFN_BYTES,
+    KvmRingConfig, KvmRingListener, RingStats, VcpuKick, DEFAULT_RING_ENTRIES, DIRTY_GFN_BYTES,
     KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET,
 };
 pub use vm::{

@@ -8,7 +8,7 @@
 //! ([`KvmRingListener::start_reaper`]). Pages reaped between syncs wait in the pending
 //! bitmaps and reach the sink at the next sync, after the reset that re-protected them.
 
-use std::os::fd::RawFd;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -39,9 +39,22 @@ pub const DEFAULT_RING_ENTRIES: u32 = 65536;
 /// Times KVM_RESET_DIRTY_RINGS is retried after EINTR before the error is reported.
 const RESET_RETRIES: u32 = 16;
 
-/// Kicks every vCPU out of KVM_RUN once and returns after each has left it, so what the
-/// hardware buffered (PML) reaches the rings. Must not be called on a vCPU thread.
-pub type KickFn = Arc<dyn Fn() -> Result<()> + Send + Sync>;
+/// The VMM's half of the ring listener's flush: KVM moves what a vCPU's hardware
+/// buffered (PML) into its ring only when the vCPU leaves KVM_RUN, so before a sync
+/// harvests the rings the listener asks the VMM to kick every vCPU out once.
+///
+/// A closure `Fn() -> Result<()>` is a `VcpuKick`.
+pub trait VcpuKick: Send + Sync {
+    /// Makes every vCPU that is in KVM_RUN leave it, and returns once each has (a
+    /// vCPU outside KVM_RUN needs nothing). Never called on a vCPU thread.
+    fn kick_all(&self) -> Result<()>;
+}
+
+impl<F: Fn() -> Result<()> + Send + Sync> VcpuKick for F {
+    fn kick_all(&self) -> Result<()> {
+        self()
+    }
+}
 
 /// Parameters of the [`KvmRingListener`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,7 +211,7 @@ impl ReaperCtl {
 pub struct KvmRingListener {
     config: KvmRingConfig,
     resetter: Resetter,
-    kick: KickFn,
+    kick: Arc<dyn VcpuKick>,
     /// Per vCPU ring; reaped only under `state`.
     rings: Box<[RingMemory]>,
     state: Mutex<State>,
@@ -250,9 +263,9 @@ impl KvmRingListener {
     /// ring enabled at `config.entries` entries, before its vCPUs); `kick` is the flush.
     pub fn new(
         vm: Arc<VmFd>,
-        vcpu_fds: &[RawFd],
+        vcpu_fds: &[BorrowedFd<'_>],
         config: KvmRingConfig,
-        kick: KickFn,
+        kick: Arc<dyn VcpuKick>,
     ) -> Result<Self> {
         check_config(&config)?;
         let max_bytes = [223u32, 192]
@@ -287,7 +300,7 @@ impl KvmRingListener {
         rings: Vec<RingMemory>,
         config: KvmRingConfig,
         resetter: Resetter,
-        kick: KickFn,
+        kick: Arc<dyn VcpuKick>,
     ) -> Self {
         let n = rings.len();
         KvmRingListener {
@@ -710,7 +723,7 @@ impl MemoryListener for KvmRingListener {
     fn log_sync_global(&self, sink: &mut DirtySink<'_>) -> Result<()> {
         // Flush outside the lock: a vCPU in its ring-full handler may be waiting for it.
         let t0 = Instant::now();
-        (self.kick)()?;
+        self.kick.kick_all()?;
         self.flush_ns
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let mut st = self.lock();

@@ -4,7 +4,7 @@
 //! acquire load of the flags (KVM's protocol: the kernel writes slot and offset, then
 //! release-stores DIRTY; userspace reads them, then release-stores RESET).
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -74,7 +74,7 @@ impl RingMemory {
     }
 
     /// Maps the ring of the vCPU behind `fd`.
-    pub(super) fn map(fd: RawFd, entries: u32) -> Result<Self> {
+    pub(super) fn map(fd: BorrowedFd<'_>, entries: u32) -> Result<Self> {
         // SAFETY: sysconf has no memory effects.
         let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         let page_size = u64::try_from(page_size).unwrap_or(4096);
@@ -90,7 +90,7 @@ impl RingMemory {
                 len_bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                fd,
+                fd.as_raw_fd(),
                 offset,
             )
         };

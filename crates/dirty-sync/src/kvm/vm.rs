@@ -18,14 +18,14 @@
 //!   hand `space` to the engine (MigratableVm::address_space)
 //! ```
 
-use std::os::fd::RawFd;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use kvm_bindings::kvm_enable_cap;
 use kvm_ioctls::VmFd;
 
 use super::{
-    KickFn, KvmBitmapConfig, KvmBitmapListener, KvmRingConfig, KvmRingListener, DIRTY_GFN_BYTES,
+    KvmBitmapConfig, KvmBitmapListener, KvmRingConfig, KvmRingListener, VcpuKick, DIRTY_GFN_BYTES,
 };
 use crate::{AddressSpace, Error, RamBlock, Result};
 
@@ -131,9 +131,9 @@ impl KvmDirtyLog {
     pub fn ring(
         vm: Arc<VmFd>,
         blocks: Vec<RamBlock>,
-        vcpu_fds: &[RawFd],
+        vcpu_fds: &[BorrowedFd<'_>],
         cfg: KvmRingConfig,
-        kick: KickFn,
+        kick: Arc<dyn VcpuKick>,
     ) -> Result<Self> {
         let space = AddressSpace::new(blocks)?;
         let ring = Arc::new(KvmRingListener::new(vm, vcpu_fds, cfg, kick)?);
@@ -149,8 +149,8 @@ impl KvmDirtyLog {
         vm: Arc<VmFd>,
         blocks: Vec<RamBlock>,
         tracking: DirtyTracking,
-        vcpu_fds: &[RawFd],
-        kick: KickFn,
+        vcpu_fds: &[BorrowedFd<'_>],
+        kick: Arc<dyn VcpuKick>,
     ) -> Result<Self> {
         match tracking {
             DirtyTracking::Bitmap(cfg) => KvmDirtyLog::bitmap(vm, blocks, cfg),
