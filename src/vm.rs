@@ -44,6 +44,13 @@ impl GuestVm {
         let vm = self.vm();
         (0..vm.vcpus()).map(|v| vm.counter(v)).collect()
     }
+
+    /// Pages written by all vCPUs so far ([`MiniVm::page_writes`] summed): the guest's
+    /// work, whose rate is its speed.
+    pub fn page_writes(&self) -> u64 {
+        let vm = self.vm();
+        (0..vm.vcpus()).map(|v| vm.page_writes(v)).sum()
+    }
 }
 
 impl MigratableVm for GuestVm {

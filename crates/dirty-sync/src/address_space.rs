@@ -7,13 +7,17 @@ use std::time::Instant;
 use stats::DirtyLogStats;
 
 use crate::listener::{DirtySink, MemoryListener, SyncMode, SINK_CLIENTS};
-use crate::{DirtyBitmap, DirtyReason, Error, RamBlock, ReasonMask, Result, PAGE_SIZE};
+use crate::{DirtyBitmap, DirtyReason, Error, RamBlock, RateSample, ReasonMask, Result, PAGE_SIZE};
 
 /// What one `global_dirty_log_sync` found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
     /// Pages the listeners reported (a page reported by two listeners counts twice).
     pub reported_pages: u64,
+    /// Reported pages in `sample` (0 without one).
+    pub sampled_pages: u64,
+    /// The sample a lazy sync counted in ([`AddressSpace::global_dirty_log_sync_lazy`]).
+    pub sample: Option<RateSample>,
     /// Pages newly set in each reason's bitmap, indexed by [`DirtyReason::index`].
     pub new_pages: [u64; 3],
     /// Wall time of the whole sync, in nanoseconds.
@@ -24,6 +28,17 @@ impl SyncReport {
     /// Pages newly set in `reason`'s bitmap by this sync.
     pub fn new_pages(&self, reason: DirtyReason) -> u64 {
         self.new_pages[reason.index()]
+    }
+
+    /// Pages written since the previous sync, as well as this sync can tell: the
+    /// reported pages, or with a count sample (a lazy sync, whose listener may not
+    /// report a page it has not re-armed, written or not) the sample's count scaled
+    /// up, exact when the previous sync re-armed that sample.
+    pub fn estimated_written_pages(&self) -> u64 {
+        match self.sample {
+            Some(s) => s.scale(self.sampled_pages),
+            None => self.reported_pages,
+        }
     }
 }
 
@@ -292,10 +307,34 @@ impl AddressSpace {
     }
 
     /// Harvests every listener and merges what they report into every active reason's
-    /// bitmap; with `one_shot`, then stops that reason (and only it).
+    /// bitmap; with `one_shot`, then stops that reason (and only it). Every listener
+    /// re-arms all it harvested.
     ///
     /// Syncs are serialised: a dirty-rate job and a migration can both call this.
     pub fn global_dirty_log_sync(&self, one_shot: Option<DirtyReason>) -> Result<SyncReport> {
+        self.sync(one_shot, RateSample::ALL, None)
+    }
+
+    /// The migration's sync with QEMU's lazy clear: a listener that defers clears
+    /// ([`Self::defers_clear`]) leaves what it harvested armed for
+    /// [`Self::clear_dirty_log`], except the pages of `rearm` (see [`RateSample`]), and
+    /// does not report again a page still waiting for that clear. The report counts the
+    /// reported pages in `count` ([`SyncReport::estimated_written_pages`]). While a
+    /// dirty-rate measurement is logging too, every listener re-arms all it harvests.
+    pub fn global_dirty_log_sync_lazy(
+        &self,
+        rearm: RateSample,
+        count: RateSample,
+    ) -> Result<SyncReport> {
+        self.sync(None, rearm, Some(count))
+    }
+
+    fn sync(
+        &self,
+        one_shot: Option<DirtyReason>,
+        rearm: RateSample,
+        count: Option<RateSample>,
+    ) -> Result<SyncReport> {
         let mut inner = self.lock();
         if inner.mask.is_empty() {
             return Err(Error::Reason {
@@ -306,7 +345,14 @@ impl AddressSpace {
         let start = Instant::now();
         let clients: [Option<&DirtyBitmap>; SINK_CLIENTS] =
             std::array::from_fn(|i| inner.clients[i].as_deref());
-        let mut sink = DirtySink::new(clients);
+        // Only the migration clears what it reads; a measurement needs every page
+        // re-armed at each of its syncs to count exactly.
+        let defer = inner.mask.contains(DirtyReason::Migration)
+            && !inner.mask.contains(DirtyReason::DirtyRate);
+        let mut sink = DirtySink::new(clients)
+            .with_rate_sample(count)
+            .with_deferred_clear(defer)
+            .with_rearm_sample(rearm);
         let mut result = Ok(());
         for l in &inner.listeners {
             let r = match l.sync_mode() {
@@ -323,6 +369,8 @@ impl AddressSpace {
         }
         let report = SyncReport {
             reported_pages: sink.reported_pages(),
+            sampled_pages: sink.sampled_pages(),
+            sample: count,
             new_pages: DirtyReason::ALL.map(|r| sink.new_pages(r)),
             sync_ns: start.elapsed().as_nanos() as u64,
         };

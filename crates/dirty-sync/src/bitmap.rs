@@ -100,6 +100,17 @@ impl DirtyBitmap {
             .sum()
     }
 
+    /// Set bits that are in `sample` (the pages a deferring listener keeps exact).
+    pub fn count_in(&self, sample: &crate::RateSample) -> u64 {
+        self.words
+            .iter()
+            .enumerate()
+            .map(|(w, x)| {
+                u64::from((x.load(Ordering::Relaxed) & sample.word_mask(w as u64)).count_ones())
+            })
+            .sum()
+    }
+
     /// ORs a little-endian bitmap (bit `i` = page `first_page + i`, `pages` bits long) into
     /// this one and returns how many of its bits were newly set here.
     ///

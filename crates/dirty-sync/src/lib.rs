@@ -40,6 +40,7 @@ pub mod kvm;
 mod listener;
 mod memory;
 mod reason;
+mod sample;
 mod vmm_writes;
 
 pub use address_space::{AddressSpace, SyncReport};
@@ -49,6 +50,7 @@ pub use error::{Error, Result};
 pub use listener::{DirtySink, MemoryListener, SyncMode};
 pub use memory::{ram_blocks, HostMemory, HostPage};
 pub use reason::{DirtyReason, ReasonMask};
+pub use sample::RateSample;
 pub use vmm_writes::VmmWritesListener;
 
 /// Guest page size tracked by every bitmap (x86 target page).

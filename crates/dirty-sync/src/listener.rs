@@ -1,6 +1,6 @@
 //! The `MemoryListener` trait and the sink that listeners report dirty pages into.
 
-use crate::{DirtyBitmap, DirtyReason, RamBlock, Result};
+use crate::{DirtyBitmap, DirtyReason, RamBlock, RateSample, Result};
 
 /// How a listener harvests dirty pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,9 +62,15 @@ pub trait MemoryListener: Send + Sync {
         Ok(())
     }
 
-    /// True when a sync leaves what it harvested armed until [`Self::log_clear`]; fixed
-    /// for the listener's life. A user that reads pages then re-arms them just before
-    /// (QEMU's lazy clear); with no such listener it need not call the clear at all.
+    /// True when a sync may leave what it harvested armed until [`Self::log_clear`]
+    /// (only when [`DirtySink::may_defer_clear`] says so); fixed for the listener's
+    /// life. A user that reads pages re-arms them just before (QEMU's lazy clear); with
+    /// no such listener it need not call the clear at all.
+    ///
+    /// Such a listener does not report again a page it harvested and has not re-armed
+    /// (whether written again is unknown, and its user still holds it dirty), and
+    /// re-arms the pages of [`DirtySink::rearm_sample`] all the same, pending ones
+    /// included, so that counting those gives an exact sample of the pages written.
     fn defers_clear(&self) -> bool {
         false
     }
@@ -78,6 +84,11 @@ pub struct DirtySink<'a> {
     clients: [Option<&'a DirtyBitmap>; SINK_CLIENTS],
     new_pages: [u64; SINK_CLIENTS],
     reported_pages: u64,
+    /// Reported pages that are in `sample`.
+    sampled_pages: u64,
+    sample: Option<RateSample>,
+    may_defer_clear: bool,
+    rearm: RateSample,
 }
 
 /// Bitmaps one sink feeds: each reason's own, then each reason's observer (see
@@ -92,9 +103,45 @@ impl<'a> DirtySink<'a> {
             clients,
             new_pages: [0; SINK_CLIENTS],
             reported_pages: 0,
+            sampled_pages: 0,
+            sample: None,
+            may_defer_clear: false,
+            rearm: RateSample::ALL,
         }
     }
 
+    /// Also counts the reported pages that are in `sample` ([`Self::sampled_pages`]).
+    pub fn with_rate_sample(mut self, sample: Option<RateSample>) -> Self {
+        self.sample = sample;
+        self
+    }
+
+    /// Lets listeners that defer clears do so in this sync (default: no).
+    pub fn with_deferred_clear(mut self, allowed: bool) -> Self {
+        self.may_defer_clear = allowed;
+        self
+    }
+
+    /// The pages a deferring listener re-arms in this sync all the same (default:
+    /// every page, as if it did not defer).
+    pub fn with_rearm_sample(mut self, sample: RateSample) -> Self {
+        self.rearm = sample;
+        self
+    }
+
+    /// The pages a listener that defers clears re-arms in this sync even so, pending
+    /// ones included: from here on their log is exact.
+    pub fn rearm_sample(&self) -> RateSample {
+        self.rearm
+    }
+
+    /// True when a listener may leave what it harvests armed for a later
+    /// [`MemoryListener::log_clear`]: the address space allows it while a migration,
+    /// which clears pages as it sends them, is the only reason logging (a dirty-rate
+    /// measurement needs every page re-armed at every sync).
+    pub fn may_defer_clear(&self) -> bool {
+        self.may_defer_clear
+    }
     /// Merges a little-endian bitmap whose bit `i` is global page `first_page + i`.
     pub fn merge_le(&mut self, first_page: u64, words: &[u64], pages: u64) {
         for (i, client) in self.clients.iter().enumerate() {
@@ -112,6 +159,16 @@ impl<'a> DirtySink<'a> {
             reported += u64::from((words[full] & ((1u64 << (limit % 64)) - 1)).count_ones());
         }
         self.reported_pages += reported;
+        if let Some(sample) = self.sample {
+            let nwords = limit.div_ceil(64) as usize;
+            for (i, w) in words[..nwords].iter().enumerate() {
+                let mut bits = w & sample.mask_at(first_page + i as u64 * 64);
+                if i == full {
+                    bits &= (1u64 << (limit % 64)) - 1;
+                }
+                self.sampled_pages += u64::from(bits.count_ones());
+            }
+        }
     }
 
     /// Marks one global page dirty (the ring path's per-entry report).
@@ -122,11 +179,19 @@ impl<'a> DirtySink<'a> {
             }
         }
         self.reported_pages += 1;
+        if self.sample.is_some_and(|s| s.contains(page)) {
+            self.sampled_pages += 1;
+        }
     }
 
     /// Pages reported so far (with repeats across listeners; QEMU's `total_dirty_pages` step).
     pub fn reported_pages(&self) -> u64 {
         self.reported_pages
+    }
+
+    /// Reported pages in the rate sample so far (0 without one).
+    pub fn sampled_pages(&self) -> u64 {
+        self.sampled_pages
     }
 
     /// Pages newly set in `reason`'s bitmap so far.

@@ -97,8 +97,8 @@ pub use params::{
     MAX_DOWNTIME_LIMIT_MS,
 };
 pub use rates::{
-    predict_convergence, AutoConverge, BandwidthEstimator, DirtyGrowth, DirtyRatePeriod, PassCost,
-    SendWindow,
+    predict_convergence, AutoConverge, BandwidthEstimator, DirtyGrowth, DirtyRatePeriod,
+    LazySamples, PassCost, SendWindow,
 };
 pub use runstate::{MigrationEvent, RunControl, RunState};
 pub use source::MigrationSource;

@@ -1,5 +1,6 @@
 //! The numbers that steer a precopy: bandwidth, dirty rate, convergence, auto-converge.
 
+use dirty_sync::RateSample;
 use stats::Convergence;
 
 /// Link bandwidth, measured at any link speed.
@@ -183,6 +184,66 @@ impl DirtyRatePeriod {
         self.start_ms = Some(now_ms);
         self.pages = 0;
         Some((rate, period_ms))
+    }
+}
+
+/// The pages the dirty rate is counted on when the dirty log is cleared lazily (the
+/// listener re-arms a page only as the sender reaches it): a period sample, re-armed at
+/// the end of each dirty-rate period, for the unique pages per period, and inside it a
+/// sync sample, re-armed at every other sync, for the pages written between two syncs
+/// (see [`RateSample`]). The period sample holds about
+/// [`LazySamples::TARGET_SAMPLED_PAGES`] of the pages the guest dirties per period, so
+/// the guest faults on at most about that many pages a period for the measurement,
+/// whatever its working set, and the rate's standard error stays near 1 %; each
+/// period's size is chosen from the previous period's estimate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LazySamples {
+    period: RateSample,
+    next: RateSample,
+}
+
+impl LazySamples {
+    /// Sampled dirty pages aimed at per period (1.1 % standard error).
+    pub const TARGET_SAMPLED_PAGES: u64 = 8192;
+    /// The sync sample is this many halvings smaller than the period sample.
+    pub const SYNC_EXTRA_SHIFT: u8 = 3;
+
+    /// Samples for a guest of `total_pages` pages, before any rate is known.
+    pub fn new(total_pages: u64) -> Self {
+        let first = RateSample::for_dirty_pages(total_pages, Self::TARGET_SAMPLED_PAGES);
+        LazySamples {
+            period: first,
+            next: first,
+        }
+    }
+
+    /// What the current period counts on.
+    pub fn period(&self) -> RateSample {
+        self.period
+    }
+
+    /// What a sync counts the pages written since the previous sync on.
+    pub fn sync(&self) -> RateSample {
+        RateSample::new(self.period.shift().saturating_add(Self::SYNC_EXTRA_SHIFT))
+    }
+
+    /// What a sync re-arms: the next period's sample when it ends the period (so the
+    /// next period counts from it), else the sync sample.
+    pub fn rearm(&self, period_end: bool) -> RateSample {
+        if period_end {
+            self.next
+        } else {
+            self.sync()
+        }
+    }
+
+    /// The period ended with `sampled_pages` of its sample seen dirty: returns the
+    /// estimate of the unique pages dirtied, and moves on to the next period's sample.
+    pub fn end_period(&mut self, sampled_pages: u64) -> u64 {
+        let unique = self.period.scale(sampled_pages);
+        self.period = self.next;
+        self.next = RateSample::for_dirty_pages(unique, Self::TARGET_SAMPLED_PAGES);
+        unique
     }
 }
 
@@ -422,6 +483,32 @@ mod tests {
         assert_eq!(c.expected_ms(4096, 1 << 40), Some(5));
         c.add_pass(10, 1, 1);
         assert_eq!(c.wire_bytes(4096), 80 << 10, "a tiny pass teaches nothing");
+    }
+
+    #[test]
+    fn lazy_samples_follow_the_dirty_pages() {
+        // 1 GiB: 1/32 of it is 8192 pages.
+        let mut s = LazySamples::new(1 << 18);
+        assert_eq!(s.period().shift(), 5);
+        assert_eq!(s.sync().shift(), 8);
+        assert_eq!(s.rearm(true), s.period());
+        // A period sees 2048 sampled pages: 65536 dirty, so the one after next samples 1/8.
+        assert_eq!(s.end_period(2048), 65536);
+        assert_eq!(
+            s.period().shift(),
+            5,
+            "the next period's sample was re-armed already"
+        );
+        assert_eq!(s.rearm(true).shift(), 3);
+        assert_eq!(s.rearm(false).shift(), 8);
+        assert_eq!(s.end_period(2048), 65536);
+        assert_eq!(s.period().shift(), 3);
+        // A small working set: every page, from the period after next.
+        assert_eq!(s.end_period(100), 800);
+        assert_eq!(s.end_period(100), 800);
+        assert_eq!(s.period(), RateSample::ALL);
+        assert_eq!(s.rearm(true), RateSample::ALL);
+        assert_eq!(s.sync().shift(), LazySamples::SYNC_EXTRA_SHIFT);
     }
 
     #[test]

@@ -19,8 +19,8 @@ use crate::params::{
     Capabilities, Capability, CompressionParam, MigrationParameters, ParametersUpdate,
 };
 use crate::rates::{
-    predict_convergence, AutoConverge, BandwidthEstimator, DirtyGrowth, DirtyRatePeriod, PassCost,
-    SendWindow,
+    predict_convergence, AutoConverge, BandwidthEstimator, DirtyGrowth, DirtyRatePeriod,
+    LazySamples, PassCost, SendWindow,
 };
 use crate::runstate::{MigrationEvent, RunControl, RunState, SwitchoverEnd};
 use crate::{Error, Result};
@@ -331,6 +331,8 @@ struct Loop {
     /// Wire bytes and sending time per page, learnt from the passes.
     cost: PassCost,
     period: DirtyRatePeriod,
+    /// With a lazily clearing dirty log: the samples the rate is counted on.
+    lazy: Option<LazySamples>,
     /// Distinct pages dirtied per window length, for the convergence prediction.
     growth: DirtyGrowth,
     /// When the last sync ran, ms since the migration started.

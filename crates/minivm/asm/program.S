@@ -3,7 +3,8 @@
 # the bytes are embedded in src/guest.rs. Register contract (set by the host):
 #   rdi = base GPA of this vCPU's share of the data region
 #   rsi = pages (working-set: this vCPU's W pages; sweep/random: share pages)
-#   r12 = GPA of this vCPU's counter (u64)
+#   r12 = GPA of this vCPU's counter (u64); [r12+8] counts page writes (every workload
+#         but idle adds 1 per page it writes: the guest's speed, read by the host)
 #   sweep:  r8 = TSC ticks per page, r10 = max lag in ticks
 #   random: r8 = xorshift64 state, r9 = hot pages, r10 = hot threshold (0..=256)
 #   dense:  r8 = words rewritten per page after the first round (BYTES / 8)
@@ -25,6 +26,7 @@ ws_round:
     mov rbx, rdi
 ws_page:
     mov [rbx], rax
+    inc qword ptr [r12+8]
     add rbx, 0x1000
     dec rcx
     jnz ws_page
@@ -58,6 +60,7 @@ sweep_write:
     inc rcx
     mov [rax], rcx
     mov [r12], rcx
+    inc qword ptr [r12+8]
     add r9, r8
     inc rbx
     cmp rbx, rsi
@@ -89,6 +92,7 @@ random_write:
     add rdx, rdi
     inc r13
     mov [rdx], r13
+    inc qword ptr [r12+8]
     test r13d, 0xfff
     jnz random
     inc qword ptr [r12]
@@ -126,6 +130,7 @@ dense_word:
     add r14, 8
     dec r15
     jnz dense_word
+    inc qword ptr [r12+8]
     add rbx, 0x1000
     dec rcx
     jnz dense_page
@@ -198,5 +203,6 @@ zipf_word:
     add rbx, 8
     dec rcx
     jnz zipf_word
+    inc qword ptr [r12+8]
     mov [r12], r14
     jmp zipf_loop

@@ -12,7 +12,8 @@ use crate::config::Workload;
 use crate::control::Control;
 use crate::error::{Error, Result};
 use crate::guest::{
-    page_words, xorshift_next, xorshift_seed, zipf_levels, zipf_page, Layout, ZIPF_SEED,
+    page_words, xorshift_next, xorshift_seed, zipf_levels, zipf_page, Layout, PAGE_WRITES_OFFSET,
+    ZIPF_SEED,
 };
 use crate::memory::GuestMemory;
 use crate::state::ThreadProgress;
@@ -104,6 +105,14 @@ impl Worker {
         Ok(self.memory.load(self.counter_addr(), Ordering::Acquire)?)
     }
 
+    /// Adds `n` to the vCPU's page-write count (the u64 after its counter), as the
+    /// guest program does once per page it writes.
+    fn add_page_writes(&self, n: u64) -> Result<()> {
+        let addr = GuestAddress(self.counter_addr().0 + PAGE_WRITES_OFFSET);
+        let before: u64 = self.memory.load(addr, Ordering::Acquire)?;
+        Ok(self.memory.store(before + n, addr, Ordering::Release)?)
+    }
+
     fn lock_progress(&self) -> std::sync::MutexGuard<'_, ThreadProgress> {
         self.progress.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -126,6 +135,7 @@ impl Worker {
         for page in p.position..end {
             self.memory.write_obj(round, self.page_addr(page))?;
         }
+        self.add_page_writes(end - p.position)?;
         p.position = end;
         if end == pages {
             p.position = 0;
@@ -173,6 +183,7 @@ impl Worker {
             self.memory.write_obj(count, self.page_addr(p.position))?;
             p.position = (p.position + 1) % share;
         }
+        self.add_page_writes(due)?;
         self.bump_counter(count)
     }
 
@@ -204,6 +215,7 @@ impl Worker {
         for page in p.position..end {
             self.write_dense_page(page, round, words)?;
         }
+        self.add_page_writes(end - p.position)?;
         p.position = end;
         if end == pages {
             p.position = 0;
@@ -231,6 +243,7 @@ impl Worker {
             count += 1;
             self.write_dense_page(zipf_page(p.rng, levels, pages), count, PAGE_SIZE / 8)?;
         }
+        self.add_page_writes(due)?;
         self.bump_counter(count)
     }
 
@@ -256,6 +269,7 @@ impl Worker {
             p.seq += 1;
             self.memory.write_obj(p.seq, self.page_addr(page))?;
         }
+        self.add_page_writes(RANDOM_WRITES_PER_ROUND)?;
         let c = self.counter()?;
         self.bump_counter(c + 1)
     }

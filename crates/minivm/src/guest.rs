@@ -21,6 +21,9 @@ pub const CODE_GPA: u64 = 0x4000;
 pub const PD_GPA: u64 = 0x10000;
 /// GPA of vCPU 0's counter page; vCPU n's is `COUNTER_GPA + n * PAGE_SIZE`.
 pub const COUNTER_GPA: u64 = 0x80000;
+/// Offset in a vCPU's counter page of its page-write count (u64): every workload but
+/// idle adds 1 per page it writes.
+pub const PAGE_WRITES_OFFSET: u64 = 8;
 /// GPA where the data region (the workloads' pages) starts: 1 MiB.
 pub const DATA_GPA: u64 = 0x10_0000;
 /// Code segment selector: GDT index 3, RPL 3.
@@ -48,13 +51,13 @@ pub const ENTRY_IDLE: u64 = 0x00;
 /// Working-set entry point.
 pub const ENTRY_WORKING_SET: u64 = 0x08;
 /// Sweep entry point.
-pub const ENTRY_SWEEP: u64 = 0x2a;
+pub const ENTRY_SWEEP: u64 = 0x2f;
 /// Random entry point.
-pub const ENTRY_RANDOM: u64 = 0x7f;
+pub const ENTRY_RANDOM: u64 = 0x89;
 /// Dense entry point.
-pub const ENTRY_DENSE: u64 = 0xd2;
+pub const ENTRY_DENSE: u64 = 0xe1;
 /// Zipf entry point.
-pub const ENTRY_ZIPF: u64 = 0x148;
+pub const ENTRY_ZIPF: u64 = 0x15c;
 
 /// The guest program: x86-64 machine code, CPL 3, no stack, never faults.
 /// Registers in: rdi = share base GPA, rsi = pages, r12 = counter GPA;
@@ -63,7 +66,7 @@ pub const ENTRY_ZIPF: u64 = 0x148;
 /// dense: r8 = words per page after the first round;
 /// zipf: r8 = TSC ticks per write, r9 = xorshift state, r10 = max lag ticks, r11 = levels.
 #[rustfmt::skip]
-pub const PROGRAM: [u8; 0x21b] = [
+pub const PROGRAM: [u8; 0x234] = [
     // idle (0x00):
     0x49, 0xff, 0x04, 0x24,                   // 00: inc qword [r12]        ; counter += 1
     0xe6, 0x80,                               // 04: out 0x80, al           ; exit to host, which naps ~10 ms
@@ -74,176 +77,181 @@ pub const PROGRAM: [u8; 0x21b] = [
     0x48, 0x89, 0xf1,                         // 0f: mov rcx, rsi           ; pages left
     0x48, 0x89, 0xfb,                         // 12: mov rbx, rdi           ; page pointer
     0x48, 0x89, 0x03,                         // 15: mov [rbx], rax         ; ws_page: write round number
-    0x48, 0x81, 0xc3, 0x00, 0x10, 0x00, 0x00, // 18: add rbx, 0x1000        ; next page
-    0x48, 0xff, 0xc9,                         // 1f: dec rcx
-    0x75, 0xf1,                               // 22: jnz ws_page
-    0x49, 0x89, 0x04, 0x24,                   // 24: mov [r12], rax         ; counter = round
-    0xeb, 0xe2,                               // 28: jmp ws_round
-    // sweep (0x2a):
-    0x0f, 0x31,                               // 2a: rdtsc
-    0x48, 0xc1, 0xe2, 0x20,                   // 2c: shl rdx, 32
-    0x48, 0x09, 0xd0,                         // 30: or rax, rdx            ; rax = TSC
-    0x49, 0x89, 0xc1,                         // 33: mov r9, rax            ; next deadline = now
-    0x31, 0xdb,                               // 36: xor ebx, ebx           ; page index = 0
-    0x0f, 0x31,                               // 38: rdtsc                  ; sweep_loop:
-    0x48, 0xc1, 0xe2, 0x20,                   // 3a: shl rdx, 32
-    0x48, 0x09, 0xd0,                         // 3e: or rax, rdx            ; rax = TSC
-    0x4c, 0x39, 0xc8,                         // 41: cmp rax, r9
-    0x73, 0x04,                               // 44: jae sweep_due          ; deadline reached
-    0xe6, 0x81,                               // 46: out 0x81, al           ; ahead: host naps briefly
-    0xeb, 0xee,                               // 48: jmp sweep_loop
-    0x48, 0x89, 0xc1,                         // 4a: mov rcx, rax           ; sweep_due:
-    0x4c, 0x29, 0xc9,                         // 4d: sub rcx, r9            ; lag = now - deadline
-    0x4c, 0x39, 0xd1,                         // 50: cmp rcx, r10
-    0x76, 0x03,                               // 53: jbe sweep_write
-    0x49, 0x89, 0xc1,                         // 55: mov r9, rax            ; too far behind: resync, no burst
-    0x48, 0x89, 0xd8,                         // 58: mov rax, rbx           ; sweep_write:
-    0x48, 0xc1, 0xe0, 0x0c,                   // 5b: shl rax, 12
-    0x48, 0x01, 0xf8,                         // 5f: add rax, rdi           ; rax = page GPA
-    0x49, 0x8b, 0x0c, 0x24,                   // 62: mov rcx, [r12]
-    0x48, 0xff, 0xc1,                         // 66: inc rcx                ; pages written so far
-    0x48, 0x89, 0x08,                         // 69: mov [rax], rcx         ; write the page
-    0x49, 0x89, 0x0c, 0x24,                   // 6c: mov [r12], rcx         ; counter = pages written
-    0x4d, 0x01, 0xc1,                         // 70: add r9, r8             ; next deadline
-    0x48, 0xff, 0xc3,                         // 73: inc rbx
-    0x48, 0x39, 0xf3,                         // 76: cmp rbx, rsi
-    0x72, 0xbd,                               // 79: jb sweep_loop
-    0x31, 0xdb,                               // 7b: xor ebx, ebx           ; wrap to the first page
-    0xeb, 0xb9,                               // 7d: jmp sweep_loop
-    // random (0x7f):
-    0x4c, 0x89, 0xc0,                         // 7f: mov rax, r8            ; xorshift64: x ^= x << 13
-    0x48, 0xc1, 0xe0, 0x0d,                   // 82: shl rax, 13
-    0x49, 0x31, 0xc0,                         // 86: xor r8, rax
-    0x4c, 0x89, 0xc0,                         // 89: mov rax, r8            ; x ^= x >> 7
-    0x48, 0xc1, 0xe8, 0x07,                   // 8c: shr rax, 7
+    0x49, 0xff, 0x44, 0x24, 0x08,             // 18: inc qword [r12+8]      ; page writes += 1
+    0x48, 0x81, 0xc3, 0x00, 0x10, 0x00, 0x00, // 1d: add rbx, 0x1000        ; next page
+    0x48, 0xff, 0xc9,                         // 24: dec rcx
+    0x75, 0xec,                               // 27: jnz ws_page
+    0x49, 0x89, 0x04, 0x24,                   // 29: mov [r12], rax         ; counter = round
+    0xeb, 0xdd,                               // 2d: jmp ws_round
+    // sweep (0x2f):
+    0x0f, 0x31,                               // 2f: rdtsc
+    0x48, 0xc1, 0xe2, 0x20,                   // 31: shl rdx, 32
+    0x48, 0x09, 0xd0,                         // 35: or rax, rdx            ; rax = TSC
+    0x49, 0x89, 0xc1,                         // 38: mov r9, rax            ; next deadline = now
+    0x31, 0xdb,                               // 3b: xor ebx, ebx           ; page index = 0
+    0x0f, 0x31,                               // 3d: rdtsc                  ; sweep_loop:
+    0x48, 0xc1, 0xe2, 0x20,                   // 3f: shl rdx, 32
+    0x48, 0x09, 0xd0,                         // 43: or rax, rdx            ; rax = TSC
+    0x4c, 0x39, 0xc8,                         // 46: cmp rax, r9
+    0x73, 0x04,                               // 49: jae sweep_due          ; deadline reached
+    0xe6, 0x81,                               // 4b: out 0x81, al           ; ahead: host naps briefly
+    0xeb, 0xee,                               // 4d: jmp sweep_loop
+    0x48, 0x89, 0xc1,                         // 4f: mov rcx, rax           ; sweep_due:
+    0x4c, 0x29, 0xc9,                         // 52: sub rcx, r9            ; lag = now - deadline
+    0x4c, 0x39, 0xd1,                         // 55: cmp rcx, r10
+    0x76, 0x03,                               // 58: jbe sweep_write
+    0x49, 0x89, 0xc1,                         // 5a: mov r9, rax            ; too far behind: resync, no burst
+    0x48, 0x89, 0xd8,                         // 5d: mov rax, rbx           ; sweep_write:
+    0x48, 0xc1, 0xe0, 0x0c,                   // 60: shl rax, 12
+    0x48, 0x01, 0xf8,                         // 64: add rax, rdi           ; rax = page GPA
+    0x49, 0x8b, 0x0c, 0x24,                   // 67: mov rcx, [r12]
+    0x48, 0xff, 0xc1,                         // 6b: inc rcx                ; pages written so far
+    0x48, 0x89, 0x08,                         // 6e: mov [rax], rcx         ; write the page
+    0x49, 0x89, 0x0c, 0x24,                   // 71: mov [r12], rcx         ; counter = pages written
+    0x49, 0xff, 0x44, 0x24, 0x08,             // 75: inc qword [r12+8]      ; page writes += 1
+    0x4d, 0x01, 0xc1,                         // 7a: add r9, r8             ; next deadline
+    0x48, 0xff, 0xc3,                         // 7d: inc rbx
+    0x48, 0x39, 0xf3,                         // 80: cmp rbx, rsi
+    0x72, 0xb8,                               // 83: jb sweep_loop
+    0x31, 0xdb,                               // 85: xor ebx, ebx           ; wrap to the first page
+    0xeb, 0xb4,                               // 87: jmp sweep_loop
+    // random (0x89):
+    0x4c, 0x89, 0xc0,                         // 89: mov rax, r8            ; xorshift64: x ^= x << 13
+    0x48, 0xc1, 0xe0, 0x0d,                   // 8c: shl rax, 13
     0x49, 0x31, 0xc0,                         // 90: xor r8, rax
-    0x4c, 0x89, 0xc0,                         // 93: mov rax, r8            ; x ^= x << 17
-    0x48, 0xc1, 0xe0, 0x11,                   // 96: shl rax, 17
+    0x4c, 0x89, 0xc0,                         // 93: mov rax, r8            ; x ^= x >> 7
+    0x48, 0xc1, 0xe8, 0x07,                   // 96: shr rax, 7
     0x49, 0x31, 0xc0,                         // 9a: xor r8, rax
-    0x4c, 0x89, 0xc0,                         // 9d: mov rax, r8
-    0x0f, 0xb6, 0xc8,                         // a0: movzx ecx, al          ; low byte decides hot/cold
-    0x48, 0xc1, 0xe8, 0x08,                   // a3: shr rax, 8             ; rest picks the page
-    0x31, 0xd2,                               // a7: xor edx, edx
-    0x4c, 0x39, 0xd1,                         // a9: cmp rcx, r10
-    0x72, 0x05,                               // ac: jb random_hot
-    0x48, 0xf7, 0xf6,                         // ae: div rsi                ; rdx = page in share
-    0xeb, 0x03,                               // b1: jmp random_write
-    0x49, 0xf7, 0xf1,                         // b3: div r9                 ; random_hot: rdx = page in hot set
-    0x48, 0xc1, 0xe2, 0x0c,                   // b6: shl rdx, 12            ; random_write:
-    0x48, 0x01, 0xfa,                         // ba: add rdx, rdi           ; rdx = page GPA
-    0x49, 0xff, 0xc5,                         // bd: inc r13                ; sequence number
-    0x4c, 0x89, 0x2a,                         // c0: mov [rdx], r13         ; write it
-    0x41, 0xf7, 0xc5, 0xff, 0x0f, 0x00, 0x00, // c3: test r13d, 0xfff
-    0x75, 0xb3,                               // ca: jnz random
-    0x49, 0xff, 0x04, 0x24,                   // cc: inc qword [r12]        ; every 4096 writes: counter += 1
-    0xeb, 0xad,                               // d0: jmp random
-    // dense (0xd2):
-    0x49, 0xbb, 0x15, 0x7c, 0x4a, 0x7f, 0xb9, 0x79, 0x37, 0x9e,// d2: movabs r11,0x9e3779b97f4a7c15
-    0x49, 0x8b, 0x04, 0x24,                   // dc: mov rax,qword [r12]
-    // dense_round (0xe0):
-    0x48, 0xff, 0xc0,                         // e0: inc rax
-    0x49, 0x89, 0xc5,                         // e3: mov r13,rax
-    0x4d, 0x0f, 0xaf, 0xeb,                   // e6: imul r13,r11
-    0x48, 0x89, 0xf1,                         // ea: mov rcx,rsi
-    0x48, 0x89, 0xfb,                         // ed: mov rbx,rdi
-    // dense_page (0xf0):
-    0x4d, 0x89, 0xc7,                         // f0: mov r15,r8
-    0x48, 0x83, 0xf8, 0x01,                   // f3: cmp rax,0x1
-    0x75, 0x06,                               // f7: jne ff <dense_fill>
-    0x41, 0xbf, 0x00, 0x02, 0x00, 0x00,       // f9: mov r15d,0x200
-    // dense_fill (0xff):
-    0x48, 0x89, 0xda,                         // ff: mov rdx,rbx
-    0x4c, 0x31, 0xea,                         // 102: xor rdx,r13
-    0x48, 0x83, 0xca, 0x01,                   // 105: or rdx,0x1
-    0x49, 0x89, 0xde,                         // 109: mov r14,rbx
-    // dense_word (0x10c):
-    0x49, 0x89, 0xd2,                         // 10c: mov r10,rdx
-    0x49, 0xc1, 0xe2, 0x0d,                   // 10f: shl r10,0xd
-    0x4c, 0x31, 0xd2,                         // 113: xor rdx,r10
-    0x49, 0x89, 0xd2,                         // 116: mov r10,rdx
-    0x49, 0xc1, 0xea, 0x07,                   // 119: shr r10,0x7
-    0x4c, 0x31, 0xd2,                         // 11d: xor rdx,r10
-    0x49, 0x89, 0xd2,                         // 120: mov r10,rdx
-    0x49, 0xc1, 0xe2, 0x11,                   // 123: shl r10,0x11
-    0x4c, 0x31, 0xd2,                         // 127: xor rdx,r10
-    0x49, 0x89, 0x16,                         // 12a: mov qword [r14],rdx
-    0x49, 0x83, 0xc6, 0x08,                   // 12d: add r14,0x8
-    0x49, 0xff, 0xcf,                         // 131: dec r15
-    0x75, 0xd6,                               // 134: jne 10c <dense_word>
-    0x48, 0x81, 0xc3, 0x00, 0x10, 0x00, 0x00, // 136: add rbx,0x1000
-    0x48, 0xff, 0xc9,                         // 13d: dec rcx
-    0x75, 0xae,                               // 140: jne f0 <dense_page>
-    0x49, 0x89, 0x04, 0x24,                   // 142: mov qword [r12],rax
-    0xeb, 0x98,                               // 146: jmp e0 <dense_round>
-    // zipf (0x148):
-    0x49, 0xbf, 0x15, 0x7c, 0x4a, 0x7f, 0xb9, 0x79, 0x37, 0x9e,// 148: movabs r15,0x9e3779b97f4a7c15
-    0x0f, 0x31,                               // 152: rdtsc
-    0x48, 0xc1, 0xe2, 0x20,                   // 154: shl rdx,0x20
-    0x48, 0x09, 0xd0,                         // 158: or rax,rdx
-    0x49, 0x89, 0xc5,                         // 15b: mov r13,rax
-    // zipf_loop (0x15e):
-    0x0f, 0x31,                               // 15e: rdtsc
-    0x48, 0xc1, 0xe2, 0x20,                   // 160: shl rdx,0x20
-    0x48, 0x09, 0xd0,                         // 164: or rax,rdx
-    0x4c, 0x39, 0xe8,                         // 167: cmp rax,r13
-    0x73, 0x04,                               // 16a: jae 170 <zipf_due>
-    0xe6, 0x81,                               // 16c: out 0x81,al
-    0xeb, 0xee,                               // 16e: jmp 15e <zipf_loop>
-    // zipf_due (0x170):
-    0x48, 0x89, 0xc1,                         // 170: mov rcx,rax
-    0x4c, 0x29, 0xe9,                         // 173: sub rcx,r13
-    0x4c, 0x39, 0xd1,                         // 176: cmp rcx,r10
-    0x76, 0x03,                               // 179: jbe 17e <zipf_pick>
-    0x49, 0x89, 0xc5,                         // 17b: mov r13,rax
-    // zipf_pick (0x17e):
-    0x4d, 0x01, 0xc5,                         // 17e: add r13,r8
-    0x4c, 0x89, 0xc8,                         // 181: mov rax,r9
-    0x48, 0xc1, 0xe0, 0x0d,                   // 184: shl rax,0xd
-    0x49, 0x31, 0xc1,                         // 188: xor r9,rax
-    0x4c, 0x89, 0xc8,                         // 18b: mov rax,r9
-    0x48, 0xc1, 0xe8, 0x07,                   // 18e: shr rax,0x7
-    0x49, 0x31, 0xc1,                         // 192: xor r9,rax
+    0x4c, 0x89, 0xc0,                         // 9d: mov rax, r8            ; x ^= x << 17
+    0x48, 0xc1, 0xe0, 0x11,                   // a0: shl rax, 17
+    0x49, 0x31, 0xc0,                         // a4: xor r8, rax
+    0x4c, 0x89, 0xc0,                         // a7: mov rax, r8
+    0x0f, 0xb6, 0xc8,                         // aa: movzx ecx, al          ; low byte decides hot/cold
+    0x48, 0xc1, 0xe8, 0x08,                   // ad: shr rax, 8             ; rest picks the page
+    0x31, 0xd2,                               // b1: xor edx, edx
+    0x4c, 0x39, 0xd1,                         // b3: cmp rcx, r10
+    0x72, 0x05,                               // b6: jb random_hot
+    0x48, 0xf7, 0xf6,                         // b8: div rsi                ; rdx = page in share
+    0xeb, 0x03,                               // bb: jmp random_write
+    0x49, 0xf7, 0xf1,                         // bd: div r9                 ; random_hot: rdx = page in hot set
+    0x48, 0xc1, 0xe2, 0x0c,                   // c0: shl rdx, 12            ; random_write:
+    0x48, 0x01, 0xfa,                         // c4: add rdx, rdi           ; rdx = page GPA
+    0x49, 0xff, 0xc5,                         // c7: inc r13                ; sequence number
+    0x4c, 0x89, 0x2a,                         // ca: mov [rdx], r13         ; write it
+    0x49, 0xff, 0x44, 0x24, 0x08,             // cd: inc qword [r12+8]      ; page writes += 1
+    0x41, 0xf7, 0xc5, 0xff, 0x0f, 0x00, 0x00, // d2: test r13d, 0xfff
+    0x75, 0xae,                               // d9: jnz random
+    0x49, 0xff, 0x04, 0x24,                   // db: inc qword [r12]        ; every 4096 writes: counter += 1
+    0xeb, 0xa8,                               // df: jmp random
+    // dense (0xe1):
+    0x49, 0xbb, 0x15, 0x7c, 0x4a, 0x7f, 0xb9, 0x79, 0x37, 0x9e,// e1: movabs r11,0x9e3779b97f4a7c15
+    0x49, 0x8b, 0x04, 0x24,                   // eb: mov rax,qword [r12]
+    // dense_round (0xef):
+    0x48, 0xff, 0xc0,                         // ef: inc rax
+    0x49, 0x89, 0xc5,                         // f2: mov r13,rax
+    0x4d, 0x0f, 0xaf, 0xeb,                   // f5: imul r13,r11
+    0x48, 0x89, 0xf1,                         // f9: mov rcx,rsi
+    0x48, 0x89, 0xfb,                         // fc: mov rbx,rdi
+    // dense_page (0xff):
+    0x4d, 0x89, 0xc7,                         // ff: mov r15,r8
+    0x48, 0x83, 0xf8, 0x01,                   // 102: cmp rax,0x1
+    0x75, 0x06,                               // 106: jne ff <dense_fill>
+    0x41, 0xbf, 0x00, 0x02, 0x00, 0x00,       // 108: mov r15d,0x200
+    // dense_fill (0x10e):
+    0x48, 0x89, 0xda,                         // 10e: mov rdx,rbx
+    0x4c, 0x31, 0xea,                         // 111: xor rdx,r13
+    0x48, 0x83, 0xca, 0x01,                   // 114: or rdx,0x1
+    0x49, 0x89, 0xde,                         // 118: mov r14,rbx
+    // dense_word (0x11b):
+    0x49, 0x89, 0xd2,                         // 11b: mov r10,rdx
+    0x49, 0xc1, 0xe2, 0x0d,                   // 11e: shl r10,0xd
+    0x4c, 0x31, 0xd2,                         // 122: xor rdx,r10
+    0x49, 0x89, 0xd2,                         // 125: mov r10,rdx
+    0x49, 0xc1, 0xea, 0x07,                   // 128: shr r10,0x7
+    0x4c, 0x31, 0xd2,                         // 12c: xor rdx,r10
+    0x49, 0x89, 0xd2,                         // 12f: mov r10,rdx
+    0x49, 0xc1, 0xe2, 0x11,                   // 132: shl r10,0x11
+    0x4c, 0x31, 0xd2,                         // 136: xor rdx,r10
+    0x49, 0x89, 0x16,                         // 139: mov qword [r14],rdx
+    0x49, 0x83, 0xc6, 0x08,                   // 13c: add r14,0x8
+    0x49, 0xff, 0xcf,                         // 140: dec r15
+    0x75, 0xd6,                               // 143: jne 10c <dense_word>
+    0x49, 0xff, 0x44, 0x24, 0x08,             // 145: inc qword [r12+8]      ; page writes += 1
+    0x48, 0x81, 0xc3, 0x00, 0x10, 0x00, 0x00, // 14a: add rbx,0x1000
+    0x48, 0xff, 0xc9,                         // 151: dec rcx
+    0x75, 0xa9,                               // 154: jne f0 <dense_page>
+    0x49, 0x89, 0x04, 0x24,                   // 156: mov qword [r12],rax
+    0xeb, 0x93,                               // 15a: jmp e0 <dense_round>
+    // zipf (0x15c):
+    0x49, 0xbf, 0x15, 0x7c, 0x4a, 0x7f, 0xb9, 0x79, 0x37, 0x9e,// 15c: movabs r15,0x9e3779b97f4a7c15
+    0x0f, 0x31,                               // 166: rdtsc
+    0x48, 0xc1, 0xe2, 0x20,                   // 168: shl rdx,0x20
+    0x48, 0x09, 0xd0,                         // 16c: or rax,rdx
+    0x49, 0x89, 0xc5,                         // 16f: mov r13,rax
+    // zipf_loop (0x172):
+    0x0f, 0x31,                               // 172: rdtsc
+    0x48, 0xc1, 0xe2, 0x20,                   // 174: shl rdx,0x20
+    0x48, 0x09, 0xd0,                         // 178: or rax,rdx
+    0x4c, 0x39, 0xe8,                         // 17b: cmp rax,r13
+    0x73, 0x04,                               // 17e: jae 170 <zipf_due>
+    0xe6, 0x81,                               // 180: out 0x81,al
+    0xeb, 0xee,                               // 182: jmp 15e <zipf_loop>
+    // zipf_due (0x184):
+    0x48, 0x89, 0xc1,                         // 184: mov rcx,rax
+    0x4c, 0x29, 0xe9,                         // 187: sub rcx,r13
+    0x4c, 0x39, 0xd1,                         // 18a: cmp rcx,r10
+    0x76, 0x03,                               // 18d: jbe 17e <zipf_pick>
+    0x49, 0x89, 0xc5,                         // 18f: mov r13,rax
+    // zipf_pick (0x192):
+    0x4d, 0x01, 0xc5,                         // 192: add r13,r8
     0x4c, 0x89, 0xc8,                         // 195: mov rax,r9
-    0x48, 0xc1, 0xe0, 0x11,                   // 198: shl rax,0x11
+    0x48, 0xc1, 0xe0, 0x0d,                   // 198: shl rax,0xd
     0x49, 0x31, 0xc1,                         // 19c: xor r9,rax
-    0x41, 0x0f, 0xb7, 0xc1,                   // 19f: movzx eax,r9w
-    0x31, 0xd2,                               // 1a3: xor edx,edx
-    0x49, 0xf7, 0xf3,                         // 1a5: div r11
-    0x89, 0xd1,                               // 1a8: mov ecx,edx
-    0x4c, 0x89, 0xc8,                         // 1aa: mov rax,r9
-    0x48, 0xc1, 0xe8, 0x10,                   // 1ad: shr rax,0x10
-    0xbb, 0x01, 0x00, 0x00, 0x00,             // 1b1: mov ebx,0x1
-    0x48, 0xd3, 0xe3,                         // 1b6: shl rbx,cl
-    0x48, 0xff, 0xcb,                         // 1b9: dec rbx
-    0x48, 0x21, 0xd8,                         // 1bc: and rax,rbx
-    0x31, 0xd2,                               // 1bf: xor edx,edx
-    0x48, 0xf7, 0xf6,                         // 1c1: div rsi
-    0x48, 0xc1, 0xe2, 0x0c,                   // 1c4: shl rdx,0xc
-    0x48, 0x01, 0xfa,                         // 1c8: add rdx,rdi
-    0x48, 0x89, 0xd3,                         // 1cb: mov rbx,rdx
-    0x4d, 0x8b, 0x34, 0x24,                   // 1ce: mov r14,qword [r12]
-    0x49, 0xff, 0xc6,                         // 1d2: inc r14
-    0x4c, 0x89, 0xf2,                         // 1d5: mov rdx,r14
-    0x49, 0x0f, 0xaf, 0xd7,                   // 1d8: imul rdx,r15
-    0x48, 0x31, 0xda,                         // 1dc: xor rdx,rbx
-    0x48, 0x83, 0xca, 0x01,                   // 1df: or rdx,0x1
-    0xb9, 0x00, 0x02, 0x00, 0x00,             // 1e3: mov ecx,0x200
-    // zipf_word (0x1e8):
-    0x48, 0x89, 0xd0,                         // 1e8: mov rax,rdx
-    0x48, 0xc1, 0xe0, 0x0d,                   // 1eb: shl rax,0xd
-    0x48, 0x31, 0xc2,                         // 1ef: xor rdx,rax
-    0x48, 0x89, 0xd0,                         // 1f2: mov rax,rdx
-    0x48, 0xc1, 0xe8, 0x07,                   // 1f5: shr rax,0x7
-    0x48, 0x31, 0xc2,                         // 1f9: xor rdx,rax
+    0x4c, 0x89, 0xc8,                         // 19f: mov rax,r9
+    0x48, 0xc1, 0xe8, 0x07,                   // 1a2: shr rax,0x7
+    0x49, 0x31, 0xc1,                         // 1a6: xor r9,rax
+    0x4c, 0x89, 0xc8,                         // 1a9: mov rax,r9
+    0x48, 0xc1, 0xe0, 0x11,                   // 1ac: shl rax,0x11
+    0x49, 0x31, 0xc1,                         // 1b0: xor r9,rax
+    0x41, 0x0f, 0xb7, 0xc1,                   // 1b3: movzx eax,r9w
+    0x31, 0xd2,                               // 1b7: xor edx,edx
+    0x49, 0xf7, 0xf3,                         // 1b9: div r11
+    0x89, 0xd1,                               // 1bc: mov ecx,edx
+    0x4c, 0x89, 0xc8,                         // 1be: mov rax,r9
+    0x48, 0xc1, 0xe8, 0x10,                   // 1c1: shr rax,0x10
+    0xbb, 0x01, 0x00, 0x00, 0x00,             // 1c5: mov ebx,0x1
+    0x48, 0xd3, 0xe3,                         // 1ca: shl rbx,cl
+    0x48, 0xff, 0xcb,                         // 1cd: dec rbx
+    0x48, 0x21, 0xd8,                         // 1d0: and rax,rbx
+    0x31, 0xd2,                               // 1d3: xor edx,edx
+    0x48, 0xf7, 0xf6,                         // 1d5: div rsi
+    0x48, 0xc1, 0xe2, 0x0c,                   // 1d8: shl rdx,0xc
+    0x48, 0x01, 0xfa,                         // 1dc: add rdx,rdi
+    0x48, 0x89, 0xd3,                         // 1df: mov rbx,rdx
+    0x4d, 0x8b, 0x34, 0x24,                   // 1e2: mov r14,qword [r12]
+    0x49, 0xff, 0xc6,                         // 1e6: inc r14
+    0x4c, 0x89, 0xf2,                         // 1e9: mov rdx,r14
+    0x49, 0x0f, 0xaf, 0xd7,                   // 1ec: imul rdx,r15
+    0x48, 0x31, 0xda,                         // 1f0: xor rdx,rbx
+    0x48, 0x83, 0xca, 0x01,                   // 1f3: or rdx,0x1
+    0xb9, 0x00, 0x02, 0x00, 0x00,             // 1f7: mov ecx,0x200
+    // zipf_word (0x1fc):
     0x48, 0x89, 0xd0,                         // 1fc: mov rax,rdx
-    0x48, 0xc1, 0xe0, 0x11,                   // 1ff: shl rax,0x11
+    0x48, 0xc1, 0xe0, 0x0d,                   // 1ff: shl rax,0xd
     0x48, 0x31, 0xc2,                         // 203: xor rdx,rax
-    0x48, 0x89, 0x13,                         // 206: mov qword [rbx],rdx
-    0x48, 0x83, 0xc3, 0x08,                   // 209: add rbx,0x8
-    0x48, 0xff, 0xc9,                         // 20d: dec rcx
-    0x75, 0xd6,                               // 210: jne 1e8 <zipf_word>
-    0x4d, 0x89, 0x34, 0x24,                   // 212: mov qword [r12],r14
-    0xe9, 0x43, 0xff, 0xff, 0xff,             // 216: jmp 15e <zipf_loop>
+    0x48, 0x89, 0xd0,                         // 206: mov rax,rdx
+    0x48, 0xc1, 0xe8, 0x07,                   // 209: shr rax,0x7
+    0x48, 0x31, 0xc2,                         // 20d: xor rdx,rax
+    0x48, 0x89, 0xd0,                         // 210: mov rax,rdx
+    0x48, 0xc1, 0xe0, 0x11,                   // 213: shl rax,0x11
+    0x48, 0x31, 0xc2,                         // 217: xor rdx,rax
+    0x48, 0x89, 0x13,                         // 21a: mov qword [rbx],rdx
+    0x48, 0x83, 0xc3, 0x08,                   // 21d: add rbx,0x8
+    0x48, 0xff, 0xc9,                         // 221: dec rcx
+    0x75, 0xd6,                               // 224: jne 1e8 <zipf_word>
+    0x49, 0xff, 0x44, 0x24, 0x08,             // 226: inc qword [r12+8]      ; page writes += 1
+    0x4d, 0x89, 0x34, 0x24,                   // 22b: mov qword [r12],r14
+    0xe9, 0x3e, 0xff, 0xff, 0xff,             // 22f: jmp 15e <zipf_loop>
 ];
 
 /// Where each vCPU's pages are: derived from guest RAM size and vCPU count only,

@@ -14,7 +14,7 @@
 //! | 0x3000 | GDT (3: user code 0x1b, 4: user data 0x23) |
 //! | 0x4000 | program (`asm/program.S`, bytes in `guest.rs`) |
 //! | 0x10000 + n × 4 KiB | page directory for GiB n (2 MiB pages, U/W/P/A/D) |
-//! | 0x80000 + v × 4 KiB | vCPU v's counter page (u64 at offset 0) |
+//! | 0x80000 + v × 4 KiB | vCPU v's counter page (counter u64 at offset 0, page writes u64 at 8) |
 //! | 1 MiB .. mem_bytes | data region, split evenly into one share per vCPU |
 //!
 //! vCPUs run at CPL 3 with RFLAGS.IOPL = 3, so `out` is legal and exits to the host:
@@ -538,6 +538,22 @@ impl MiniVm {
         self.memory
             .load(
                 GuestAddress(self.layout.counter_gpa(vcpu)),
+                Ordering::Acquire,
+            )
+            .unwrap_or(0)
+    }
+
+    /// Pages the vCPU has written since boot (on the destination: since the source
+    /// booted), the u64 after its counter: every workload but idle adds one per page
+    /// write, so its rate is the guest's speed in page writes per second, comparable
+    /// across workloads and intervals. 0 for an unknown vCPU.
+    pub fn page_writes(&self, vcpu: u32) -> u64 {
+        if vcpu >= self.cfg.vcpus {
+            return 0;
+        }
+        self.memory
+            .load(
+                GuestAddress(self.layout.counter_gpa(vcpu) + guest::PAGE_WRITES_OFFSET),
                 Ordering::Acquire,
             )
             .unwrap_or(0)

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_all_advance, cfg, started};
+use common::{assert_all_advance, assert_page_writes_agree, cfg, every_workload, started};
 use minivm::{Backend, Error, MiniVm, VmConfig, Workload, PAGE_SIZE};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -15,6 +15,17 @@ fn read_u64(vm: &MiniVm, gpa: u64) -> u64 {
     vm.memory()
         .read_obj::<u64>(GuestAddress(gpa))
         .expect("read guest memory")
+}
+
+/// Every workload counts its page writes beside its counter (the guest's speed).
+#[test]
+fn threads_every_workload_counts_its_page_writes() {
+    for (w, rounds) in every_workload() {
+        let vm = started(cfg(THREADS, w, 2));
+        assert_all_advance(&vm, rounds);
+        vm.pause().expect("pause");
+        assert_page_writes_agree(&vm, 1 << 12);
+    }
 }
 
 #[test]

@@ -5,7 +5,9 @@ mod common;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::{assert_all_advance, cfg, kvm_guard, started, TIMEOUT};
+use common::{
+    assert_all_advance, assert_page_writes_agree, cfg, every_workload, kvm_guard, started, TIMEOUT,
+};
 use minivm::{Backend, Error, ExitHandler, MiniVm, VmConfig, Workload, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -15,6 +17,18 @@ fn read_u64(vm: &MiniVm, gpa: u64) -> u64 {
     vm.memory()
         .read_obj::<u64>(GuestAddress(gpa))
         .expect("read guest memory")
+}
+
+/// Every workload counts its page writes beside its counter (the guest's speed).
+#[test]
+fn kvm_every_workload_counts_its_page_writes() {
+    let Some(_g) = kvm_guard() else { return };
+    for (w, rounds) in every_workload() {
+        let vm = started(cfg(KVM, w, 2));
+        assert_all_advance(&vm, rounds);
+        vm.pause().expect("pause");
+        assert_page_writes_agree(&vm, 0);
+    }
 }
 
 #[test]

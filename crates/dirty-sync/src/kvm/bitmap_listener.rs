@@ -30,11 +30,15 @@ pub struct KvmBitmapConfig {
     pub manual_protect: bool,
     /// Bytes of guest RAM per KVM_CLEAR_DIRTY_LOG call (a multiple of 256 KiB; default 1 GiB).
     pub clear_chunk_bytes: u64,
-    /// Leave harvested pages armed until [`AddressSpace::clear_dirty_log`] asks, so they
-    /// are re-protected just before they are read (QEMU's clear_bmap). Default: clear
-    /// during the sync.
+    /// In the migration's lazy syncs, leave harvested pages armed until
+    /// [`AddressSpace::clear_dirty_log`] asks, so they are re-protected just before they
+    /// are read (QEMU's clear_bmap) and the guest does not fault on pages the sender
+    /// will not reach for seconds; only the sample the sync names is re-armed at once
+    /// (see [`AddressSpace::global_dirty_log_sync_lazy`]). Default: on (manual protect
+    /// only).
     ///
     /// [`AddressSpace::clear_dirty_log`]: crate::AddressSpace::clear_dirty_log
+    /// [`AddressSpace::global_dirty_log_sync_lazy`]: crate::AddressSpace::global_dirty_log_sync_lazy
     pub deferred_clear: bool,
 }
 
@@ -43,7 +47,7 @@ impl Default for KvmBitmapConfig {
         KvmBitmapConfig {
             manual_protect: true,
             clear_chunk_bytes: 1 << 30,
-            deferred_clear: false,
+            deferred_clear: true,
         }
     }
 }
@@ -54,6 +58,8 @@ struct SlotLog {
     harvested: Vec<u64>,
     /// Deferred mode: harvested bits not yet cleared in KVM.
     pending_clear: Vec<u64>,
+    /// Deferred mode: what this sync clears.
+    to_clear: Vec<u64>,
 }
 
 /// Harvests KVM's per-slot dirty bitmaps (`log_sync`, one call per slot).
@@ -182,7 +188,12 @@ impl MemoryListener for KvmBitmapListener {
             block.kvm_slot,
             SlotLog {
                 harvested: vec![0; words],
-                pending_clear: if self.deferred_clear {
+                pending_clear: if self.defers_clear() {
+                    vec![0; words]
+                } else {
+                    Vec::new()
+                },
+                to_clear: if self.defers_clear() {
                     vec![0; words]
                 } else {
                     Vec::new()
@@ -204,17 +215,44 @@ impl MemoryListener for KvmBitmapListener {
             Error::NoSuchMemory(format!("slot {} is not logging", block.kvm_slot))
         })?;
         ioctls::get_dirty_log(&self.vm, block, &mut log.harvested)?;
-        sink.merge_le(block.first_page, &log.harvested, block.pages());
-        if self.mode == ProtectMode::Manual {
-            if self.deferred_clear {
-                for (p, h) in log.pending_clear.iter_mut().zip(&log.harvested) {
-                    *p |= *h;
-                }
-            } else {
+        if !self.defers_clear() {
+            sink.merge_le(block.first_page, &log.harvested, block.pages());
+            if self.mode == ProtectMode::Manual {
                 self.clear_bits(block, &log.harvested, 0, block.pages())?;
             }
+            return Ok(());
         }
-        Ok(())
+        // A page still pending is reported by KVM whether written again or not: it is
+        // not reported again (its reader holds it dirty until it re-arms it).
+        let defer = sink.may_defer_clear();
+        // Re-armed now even when deferring, pending pages of it included.
+        let sample = sink.rearm_sample();
+        let SlotLog {
+            harvested,
+            pending_clear,
+            to_clear,
+        } = log;
+        for (i, ((h, p), c)) in harvested
+            .iter_mut()
+            .zip(pending_clear.iter_mut())
+            .zip(to_clear.iter_mut())
+            .enumerate()
+        {
+            if defer {
+                let sampled = sample.mask_at(block.first_page + i as u64 * BITS_PER_WORD);
+                *c = (*h | *p) & sampled;
+                let fresh = *h & !*p;
+                *p = (*p | *h) & !sampled;
+                *h = fresh;
+            } else {
+                // A measurement is logging too: re-arm everything, pending included.
+                *c = *h;
+                *h &= !*p;
+                *p = 0;
+            }
+        }
+        sink.merge_le(block.first_page, harvested, block.pages());
+        self.clear_bits(block, to_clear, 0, block.pages())
     }
 
     fn defers_clear(&self) -> bool {

@@ -59,12 +59,30 @@ impl Run {
         // Setup: the log on for MIGRATION, then everything the guest ever touched dirty.
         let bitmap = self.space.global_dirty_log_start(DirtyReason::Migration)?;
         let window = self.space.observe(DirtyReason::Migration)?;
+        // With the lazy clear, the first sync re-arms only the first period's sample;
+        // the sender re-arms the rest as it reads it (and `rearm_unstaged` what the
+        // bulk stage skips).
+        let lazy = self
+            .space
+            .defers_clear()
+            .then(|| LazySamples::new(self.space.total_pages()));
         // The first sync absorbs KVM's INITIALLY_SET (all ones) and anything from before.
-        self.space.global_dirty_log_sync(None)?;
+        match lazy {
+            Some(l) => self
+                .space
+                .global_dirty_log_sync_lazy(l.period(), l.sync())?,
+            None => self.space.global_dirty_log_sync(None)?,
+        };
         stats.dirty_sync_count.fetch_add(1, Ordering::Relaxed);
         bitmap.clear_all();
         self.bulk_stage(&bitmap)?;
-        self.rearm_unstaged(&bitmap)?;
+        if self.rearm_unstaged(&bitmap)? {
+            // A page first touched after the scan and before its re-arm was written
+            // with its dirty bit still set from the start, and the re-arm dropped that
+            // bit: the second scan finds it touched and stages it. Anything touched
+            // after the re-arm is logged as well.
+            self.bulk_stage(&bitmap)?;
+        }
         window.clear_all();
         stats
             .remaining_bytes
@@ -90,6 +108,7 @@ impl Run {
             bw: BandwidthEstimator::default(),
             cost: PassCost::default(),
             period: DirtyRatePeriod::default(),
+            lazy,
             growth: DirtyGrowth::new(self.space.total_pages()),
             // The log started during setup: the first sync's window runs from here.
             last_sync_ms: Some(stats.elapsed_ms()),
@@ -181,9 +200,8 @@ impl Run {
             }
             let untouched = self.space.total_pages() - touched;
             self.unsent_zero_pages.store(untouched, Ordering::Relaxed);
-            self.stats
-                .zero_pages
-                .fetch_max(untouched, Ordering::Relaxed);
+            // Setup: nothing was sent yet, and a second scan finds fewer.
+            self.stats.zero_pages.store(untouched, Ordering::Relaxed);
         } else {
             bitmap.set_all();
         }
@@ -196,10 +214,10 @@ impl Run {
     /// or KVM would report them again at every sync. In runs of 64-page words that
     /// are not all staged (a listener clears only what it harvested, so the staged
     /// pages of such a word are merely re-armed early). Nothing to do without such a
-    /// listener.
-    pub(super) fn rearm_unstaged(&self, bitmap: &DirtyBitmap) -> Result<()> {
+    /// listener (returns false).
+    pub(super) fn rearm_unstaged(&self, bitmap: &DirtyBitmap) -> Result<bool> {
         if !self.space.defers_clear() {
-            return Ok(());
+            return Ok(false);
         }
         let words = bitmap.words();
         let total = self.space.total_pages();
@@ -219,13 +237,23 @@ impl Run {
                 _ => {}
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// One global dirty-log sync and the accounting QEMU does around it.
     pub(super) fn sync(&self, lp: &mut Loop) -> Result<()> {
-        let report = self.space.global_dirty_log_sync(None)?;
         let stats = &self.stats;
+        // A sync that closes the dirty-rate period re-arms the period sample of a lazily
+        // clearing listener; the others only its sync sample. The period closes on the
+        // time read before the sync, so the two always agree.
+        let sync_start_ms = stats.elapsed_ms();
+        let period_end = lp.period.is_due(sync_start_ms);
+        let report = match &lp.lazy {
+            Some(l) => self
+                .space
+                .global_dirty_log_sync_lazy(l.rearm(period_end), l.sync())?,
+            None => self.space.global_dirty_log_sync(None)?,
+        };
         let syncs = stats.dirty_sync_count.fetch_add(1, Ordering::Relaxed) + 1;
         let new_pages = report.new_pages(DirtyReason::Migration);
         debug!(
@@ -235,18 +263,26 @@ impl Run {
             duration_us = report.sync_ns / 1000,
             "dirty-log sync"
         );
-        lp.last_sync_dirty_pages = report.reported_pages;
+        // With the lazy clear, pages waiting to be sent are not reported again: the
+        // pages written are estimated from the listener's exact sample.
+        let written = report.estimated_written_pages();
+        lp.last_sync_dirty_pages = written;
         let now_ms = stats.elapsed_ms();
         if let Some(prev) = lp.last_sync_ms.replace(now_ms) {
-            lp.growth
-                .observe_sync(now_ms.saturating_sub(prev), report.reported_pages);
+            lp.growth.observe_sync(now_ms.saturating_sub(prev), written);
         }
         let bytes = lp.sender_counters.total_bytes();
         stats.transferred_bytes.store(bytes, Ordering::Relaxed);
-        if let Some((new_rate, period_ms)) = lp.period.add(new_pages, now_ms) {
+        if let Some((new_rate, period_ms)) = lp.period.add(new_pages, sync_start_ms) {
             // QEMU's rule counts a page once per sync; Ferry's dirty-pages-rate counts it
             // once per period (unique pages), which is the guest's write rate.
-            let unique = lp.window.count();
+            let unique = match &mut lp.lazy {
+                Some(l) => {
+                    let sampled = lp.window.count_in(&l.period());
+                    l.end_period(sampled)
+                }
+                None => lp.window.count(),
+            };
             lp.window.clear_all();
             lp.growth.observe_period(period_ms, unique);
             stats

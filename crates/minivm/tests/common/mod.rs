@@ -65,3 +65,63 @@ pub fn assert_all_advance(vm: &MiniVm, rounds: u64) {
         }
     }
 }
+
+/// Every workload, as (workload, counter rounds to wait for).
+pub fn every_workload() -> Vec<(Workload, u64)> {
+    vec![
+        (Workload::Idle, 3),
+        (Workload::WorkingSet { pages: 1024 }, 20),
+        (
+            Workload::Sweep {
+                pages_per_sec: 20_000,
+            },
+            200,
+        ),
+        (
+            Workload::Random {
+                seed: 42,
+                hot_percent: 80,
+            },
+            3,
+        ),
+        (
+            Workload::Dense {
+                pages: 512,
+                bytes_per_page: 64,
+            },
+            5,
+        ),
+        (
+            Workload::Zipf {
+                pages: 1024,
+                writes_per_sec: 20_000,
+            },
+            200,
+        ),
+    ]
+}
+
+/// With the vCPUs paused: every vCPU's page-write count agrees with its counter, as
+/// each workload defines the counter (rounds of its pages, pages, or 4096 writes).
+/// `slack` page writes of disagreement are allowed where the two are updated apart
+/// (the host-thread backend writes a chunk of pages before it counts them).
+pub fn assert_page_writes_agree(vm: &MiniVm, slack: u64) {
+    for v in 0..vm.vcpus() {
+        let (c, pw) = (vm.counter(v), vm.page_writes(v));
+        let (_, pages) = vm.workload_region(v);
+        let (lo, hi) = match vm.config().workload {
+            Workload::Idle => (0, 0),
+            Workload::WorkingSet { .. } | Workload::Dense { .. } => (c * pages, (c + 1) * pages),
+            Workload::Sweep { .. } | Workload::Zipf { .. } => (c.saturating_sub(1), c + 1 + slack),
+            Workload::Random { .. } => (c * 4096, (c + 1) * 4096),
+        };
+        assert!(
+            (lo..=hi).contains(&pw),
+            "{:?} vCPU {v}: {pw} page writes, counter {c} (want {lo}..={hi})",
+            vm.config().workload
+        );
+        if vm.config().workload != Workload::Idle {
+            assert!(pw > 0, "vCPU {v} wrote no page");
+        }
+    }
+}
