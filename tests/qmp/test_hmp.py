@@ -11,7 +11,7 @@ import re
 
 from qemu.qmp import ExecuteError, QMPClient
 
-from conftest import run, skip_without_kvm
+from conftest import free_port, run, skip_without_kvm
 
 COUNTER_GPA = 0x80000
 PAGE = 4096
@@ -154,5 +154,59 @@ def test_cancel_dirty_rate(vms):
         assert await c.execute("x-ferry-cancel-dirty-rate") == {}
         assert (await c.execute("query-dirty-rate"))["dirty-rate"] == info["dirty-rate"]
         await c.disconnect()
+
+    run(body())
+
+
+async def wait_status(client, want):
+    while (await client.execute("query-status"))["status"] != want:
+        await asyncio.sleep(0.05)
+
+
+def test_info_migrate_and_status_across_a_migration(vms):
+    skip_without_kvm()
+    src = vms("src", **GUEST)
+    port = free_port()
+    dst = vms("dst", "--incoming", f"tcp:127.0.0.1:{port}", **GUEST)
+
+    async def body():
+        s = QMPClient("src")
+        await s.connect(src.qmp_path)
+        d = QMPClient("dst")
+        await d.connect(dst.qmp_path)
+        assert await hmp(d, "info status") == "VM status: paused (inmigrate)\r\n"
+        assert (await hmp(d, "info migrate")).startswith("Migration status: setup\r\n")
+
+        await s.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        while (await s.execute("query-migrate"))["status"] not in ("completed", "failed"):
+            await asyncio.sleep(0.05)
+        q = await s.execute("query-migrate")
+        assert q["status"] == "completed", q
+        text = await hmp(s, "info migrate")
+        assert text.endswith("\r\n"), repr(text)
+        lines = text.split("\r\n")[:-1]
+        assert lines[0] == "Migration status: completed", lines
+        ram = q["ram"]
+        # The same numbers as query-migrate, in QEMU's labels and units.
+        for want in [f"total time: {q['total-time']} ms",
+                     f"downtime: {q['downtime']} ms",
+                     f"setup: {q['setup-time']} ms",
+                     f"transferred ram: {ram['transferred'] >> 10} kbytes",
+                     "remaining ram: 0 kbytes",
+                     f"total ram: {64 << 10} kbytes",
+                     f"duplicate: {ram['duplicate']} pages",
+                     f"normal: {ram['normal']} pages",
+                     f"dirty sync count: {ram['dirty-sync-count']}",
+                     "page size: 4 kbytes",
+                     f"throughput: {ram['mbps']:.2f} mbps"]:
+            assert want in lines, (want, lines)
+        assert await hmp(s, "info status") == "VM status: paused (postmigrate)\r\n"
+        await wait_status(d, "running")
+        assert await hmp(d, "info status") == "VM status: running\r\n"
+        assert (await hmp(d, "info migrate")).startswith("Migration status: completed\r\n")
+        # The destination's guest runs on: its counter, read by xp, grows there.
+        assert await grows(d, 0)
+        await s.disconnect()
+        await d.disconnect()
 
     run(body())
