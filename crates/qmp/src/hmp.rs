@@ -116,13 +116,14 @@ pub(crate) fn execute(target: &dyn Target, line: &str) -> String {
             Some((sub_start, sub_end)) => {
                 let sub = &line[sub_start..sub_end];
                 let Some(&(sub, _)) = INFO_COMMANDS.iter().find(|(n, _)| *n == sub) else {
-                    out.line(&format!("unknown command: '{}'", &line[start..sub_end]));
+                    // QEMU quotes the line as typed, from its first byte.
+                    out.line(&format!("unknown command: '{}'", &line[..sub_end]));
                     return out.0;
                 };
                 let args = skip_spaces(s, sub_end);
                 if args < s.len() {
                     out.line(&format!("{sub}: extraneous characters at the end of line"));
-                    try_help(&mut out, &line[start..sub_end]);
+                    try_help(&mut out, &line[..sub_end]);
                     return out.0;
                 }
                 match sub {
@@ -134,7 +135,7 @@ pub(crate) fn execute(target: &dyn Target, line: &str) -> String {
     } else if matches(name, XP) {
         if let Err(text) = xp(&mut out, target, s, rest) {
             out.line(&text);
-            try_help(&mut out, name);
+            try_help(&mut out, &line[..end]);
         }
     } else {
         out.line(&format!("unknown command: '{}'", &line[..end]));
@@ -711,6 +712,11 @@ mod tests {
         }
         assert_eq!(execute(&t, "foo bar"), "unknown command: 'foo'\r\n");
         assert_eq!(execute(&t, "info foo"), "unknown command: 'info foo'\r\n");
+        assert_eq!(execute(&t, " i foo"), "unknown command: ' i foo'\r\n");
+        assert_eq!(
+            execute(&t, " xp /q"),
+            "invalid char in format: 'q'\r\nTry \"help  xp\" for more information\r\n"
+        );
         assert_eq!(
             execute(&t, "info status now"),
             "status: extraneous characters at the end of line\r\n\
