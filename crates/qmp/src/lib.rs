@@ -11,6 +11,7 @@
 mod args;
 mod error;
 mod framing;
+mod hmp;
 mod machine;
 mod monitor;
 mod server;
@@ -18,6 +19,7 @@ mod server;
 pub use args::Args;
 pub use error::{Error, ErrorClass, QmpError, Result};
 pub use framing::{Frame, Framer, MAX_MESSAGE_BYTES, MAX_NESTING};
+pub use hmp::MAX_DUMP_OUTPUT_BYTES;
 pub use machine::Machine;
 pub use migration_core::{RunControl, RunState};
 pub use monitor::{

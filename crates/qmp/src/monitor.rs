@@ -15,6 +15,7 @@ use stats::{DirtyRateMode, MigStats, MigrationInfo, MigrationStatus, TimeUnit};
 
 use crate::args::{object, Args};
 use crate::error::QmpError;
+use crate::hmp::{self, DumpDefaults};
 use crate::machine::Machine;
 
 /// The QEMU version the greeting and `query-version` report: the QMP surface Ferry
@@ -241,6 +242,27 @@ const COMMAND_TABLE: &[(&str, Handler)] = &[
                 .map_err(|e| QmpError::generic(e.to_string()))?
         })
     }),
+    ("human-monitor-command", |m, _session, mut a| {
+        value({
+            let line = a.str("command-line")?;
+            let cpu_index = a.opt_i64("cpu-index")?;
+            a.finish()?;
+            if let Some(i) = cpu_index {
+                m.check_cpu_index(i)?;
+            }
+            Value::String(hmp::execute(m.as_ref(), &line))
+        })
+    }),
+    ("x-ferry-cancel-dirty-rate", |m, _session, a| {
+        value({
+            a.finish()?;
+            // Idempotent, as `migrate_cancel`: with nothing measuring (never started,
+            // already measured, or cancelled) it answers `{}` too, so a tool racing
+            // the measurement's end gets no spurious error.
+            m.dirty_rate.cancel();
+            empty()
+        })
+    }),
     ("x-ferry-query-guest-progress", |m, _session, a| {
         value({
             a.finish()?;
@@ -363,6 +385,8 @@ pub struct Monitor {
     /// go through it, and `STOP` / `RESUME` come from it.
     run: Arc<RunControl>,
     events: EventHub,
+    /// `xp`'s format and size when a command gives none (the last ones given).
+    dump_defaults: Mutex<DumpDefaults>,
 }
 
 impl Monitor {
@@ -391,6 +415,7 @@ impl Monitor {
             }),
             run,
             events: EventHub::default(),
+            dump_defaults: Mutex::default(),
         });
         // Events are queued for the clients on the thread that caused them, in order:
         // STOP before the `stop` reply and before MIGRATION `device`, as in QEMU.
@@ -635,9 +660,39 @@ impl Monitor {
         Ok((digest, self.vm.address_space().total_pages()))
     }
 
+    /// `human-monitor-command`'s `cpu-index`: QEMU's error for a CPU that does not
+    /// exist. The vCPU count is known when the machine reports its guest's progress;
+    /// otherwise any index from 0 is accepted (HMP's subset here does not use it).
+    fn check_cpu_index(&self, i: i64) -> Result<(), QmpError> {
+        let vcpus = self.machine.guest_progress().map(|p| p.len());
+        let ok = u64::try_from(i).is_ok_and(|i| vcpus.is_none_or(|n| i < n as u64));
+        if ok {
+            Ok(())
+        } else {
+            Err(QmpError::generic(
+                "Parameter 'cpu-index' expects a CPU number",
+            ))
+        }
+    }
+
     /// Ends the process through the machine (after `quit` was answered).
     pub fn quit(&self) {
         self.machine.quit();
+    }
+}
+
+impl hmp::Target for Monitor {
+    fn run_state(&self) -> RunState {
+        Monitor::run_state(self)
+    }
+    fn guest_ram(&self) -> GuestRam {
+        GuestRam::new(self.vm.clone())
+    }
+    fn migration_info(&self) -> Option<MigrationInfo> {
+        Monitor::migration_info(self)
+    }
+    fn dump_defaults(&self) -> &Mutex<DumpDefaults> {
+        &self.dump_defaults
     }
 }
 
@@ -745,6 +800,23 @@ mod tests {
 
     fn monitor(start: IncomingStart) -> Arc<Monitor> {
         Monitor::new(Arc::new(FakeMachine), TestVm::new(4 << 20), start, true).expect("monitor")
+    }
+
+    /// A machine with `vcpus` vCPUs (its progress vector's length).
+    struct VcpuMachine(usize);
+
+    impl Machine for VcpuMachine {
+        fn guest_progress(&self) -> Option<Vec<u64>> {
+            Some(vec![0; self.0])
+        }
+        fn quit(&self) {}
+    }
+
+    /// `human-monitor-command`'s reply to `line`.
+    fn hmp(mon: &Arc<Monitor>, s: &mut Session, line: &str) -> Value {
+        let req = json!({"execute": "human-monitor-command",
+                         "arguments": {"command-line": line}});
+        one(mon, s, &req.to_string())
     }
 
     /// Sends `input` (raw bytes) and returns the replies.
@@ -1038,5 +1110,148 @@ mod tests {
             err(&r).1,
             "Parameter 'mode' does not accept value 'sideways'"
         );
+    }
+
+    #[test]
+    fn human_monitor_command() {
+        let vm = TestVm::new(4 << 20);
+        assert!(vm.mem.write_volatile(0x1000, &5u64.to_le_bytes()));
+        let mon = Monitor::new(
+            Arc::new(VcpuMachine(2)),
+            vm.clone(),
+            IncomingStart::None,
+            true,
+        )
+        .expect("monitor");
+        let mut s = negotiated(&mon);
+        assert!(commands().any(|c| c == "human-monitor-command"));
+        assert_eq!(
+            hmp(&mon, &mut s, "xp /2gx 0x1000"),
+            json!({"return": "0000000000001000: 0x0000000000000005 0x0000000000000000\r\n"})
+        );
+        // The guest's writes show at once (no copy in between).
+        assert!(vm.mem.write_volatile(0x1008, &(-2i64).to_le_bytes()));
+        assert_eq!(
+            hmp(&mon, &mut s, "xp /2gd 0x1000"),
+            json!({"return": "0000000000001000:                    5                   -2\r\n"})
+        );
+        // The last byte of RAM, then past it.
+        assert_eq!(
+            hmp(&mon, &mut s, "xp /2bx 0x3fffff"),
+            json!({"return": "00000000003fffff: Cannot access memory\r\n"})
+        );
+        assert_eq!(
+            hmp(&mon, &mut s, "xp /1bx 0x3fffff"),
+            json!({"return": "00000000003fffff: 0x00\r\n"})
+        );
+        assert_eq!(
+            hmp(&mon, &mut s, "xp /gx 0x400000"),
+            json!({"return": "0000000000400000: Cannot access memory\r\n"})
+        );
+
+        assert_eq!(
+            hmp(&mon, &mut s, "info status"),
+            json!({"return": "VM status: running\r\n"})
+        );
+        one(&mon, &mut s, r#"{"execute":"stop"}"#);
+        assert_eq!(
+            hmp(&mon, &mut s, "info status"),
+            json!({"return": "VM status: paused\r\n"})
+        );
+        one(&mon, &mut s, r#"{"execute":"cont"}"#);
+        assert_eq!(
+            hmp(&mon, &mut s, "info status"),
+            json!({"return": "VM status: running\r\n"})
+        );
+        assert_eq!(
+            hmp(&mon, &mut s, "frobnicate 1"),
+            json!({"return": "unknown command: 'frobnicate'\r\n"})
+        );
+        assert_eq!(hmp(&mon, &mut s, "info migrate"), json!({"return": ""}));
+
+        // Arguments as QAPI checks them; cpu-index must name a vCPU.
+        for (args, desc) in [
+            (json!({}), "Parameter 'command-line' is missing"),
+            (
+                json!({"command-line": 1}),
+                "Invalid parameter type for 'command-line', expected: string",
+            ),
+            (
+                json!({"command-line": "info status", "cpu-index": 2}),
+                "Parameter 'cpu-index' expects a CPU number",
+            ),
+            (
+                json!({"command-line": "info status", "cpu-index": -1}),
+                "Parameter 'cpu-index' expects a CPU number",
+            ),
+            (
+                json!({"command-line": "info status", "x": 1}),
+                "Parameter 'x' is unexpected",
+            ),
+        ] {
+            let req = json!({"execute": "human-monitor-command", "arguments": args});
+            let r = one(&mon, &mut s, &req.to_string());
+            assert_eq!(err(&r), ("GenericError", desc), "{args}");
+        }
+        let req = json!({"execute": "human-monitor-command",
+                         "arguments": {"command-line": "info status", "cpu-index": 1}});
+        assert_eq!(
+            one(&mon, &mut s, &req.to_string()),
+            json!({"return": "VM status: running\r\n"})
+        );
+    }
+
+    #[test]
+    fn info_status_of_a_destination() {
+        let dst = monitor(IncomingStart::Defer);
+        let mut s = negotiated(&dst);
+        assert_eq!(
+            hmp(&dst, &mut s, "info status"),
+            json!({"return": "VM status: paused (inmigrate)\r\n"})
+        );
+        one(
+            &dst,
+            &mut s,
+            r#"{"execute":"migrate-incoming","arguments":{"uri":"tcp:127.0.0.1:0"}}"#,
+        );
+        let r = hmp(&dst, &mut s, "info migrate");
+        assert!(
+            r["return"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("Migration status: setup\r\ntotal time: ")),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn cancel_dirty_rate() {
+        let mon = monitor(IncomingStart::None);
+        let mut s = negotiated(&mon);
+        let cancel = r#"{"execute":"x-ferry-cancel-dirty-rate"}"#;
+        // Nothing measuring: accepted, nothing changes.
+        assert_eq!(one(&mon, &mut s, cancel), json!({"return": {}}));
+        let r = one(&mon, &mut s, r#"{"execute":"query-dirty-rate"}"#);
+        assert_eq!(r["return"]["status"], "unstarted");
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"calc-dirty-rate","arguments":{"calc-time":60}}"#,
+        );
+        assert_eq!(r, json!({"return": {}}));
+        let t0 = std::time::Instant::now();
+        assert_eq!(one(&mon, &mut s, cancel), json!({"return": {}}));
+        // A 60 s window ends at once (the bound is only slack for a loaded machine).
+        assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+        let r = one(&mon, &mut s, r#"{"execute":"query-dirty-rate"}"#);
+        assert_eq!(r["return"]["status"], "measured", "{r}");
+        assert_eq!(r["return"]["dirty-rate"], -1, "{r}");
+        assert_eq!(r["return"]["x-ferry"]["cancelled"], true, "{r}");
+        assert_eq!(one(&mon, &mut s, cancel), json!({"return": {}}));
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"x-ferry-cancel-dirty-rate","arguments":{"now":true}}"#,
+        );
+        assert_eq!(err(&r), ("GenericError", "Parameter 'now' is unexpected"));
     }
 }
