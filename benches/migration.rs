@@ -334,6 +334,11 @@ struct Row {
     /// migration then measures the link and the engine alone, with the guest's RAM
     /// as the workload left it and no vCPU competing for the cores.
     stopped: bool,
+    /// `x-ferry-lazy-clear` (the default); off (`eager`), every sync re-protects all
+    /// it found, for the guest-speed comparison.
+    lazy_clear: bool,
+    /// `max-bandwidth` in MiB/s (0: unlimited, the default of these rows).
+    max_bandwidth_mib: u64,
 }
 
 impl Row {
@@ -356,6 +361,12 @@ impl Row {
         }
         if self.stopped {
             n.push_str(" stopped");
+        }
+        if self.max_bandwidth_mib > 0 {
+            n.push_str(&format!(" {}MiB/s", self.max_bandwidth_mib));
+        }
+        if !self.lazy_clear {
+            n.push_str(" eager");
         }
         n
     }
@@ -396,8 +407,38 @@ fn rows(link: Link) -> Vec<Row> {
                     sparse_pages,
                     prealloc: false,
                     stopped: false,
+                    lazy_clear: true,
+                    max_bandwidth_mib: 0,
                 });
             }
+        }
+    }
+    // The guest's speed with and without the lazy clear: a working set that does not
+    // converge, and a skewed one; on loopback also the issue's case, capped at 64 MiB/s
+    // (working set 65536, whole pages).
+    let mut speed_rows = vec![
+        ("working-set=65536", false, 0),
+        ("zipf=65536,200000", true, 0),
+    ];
+    if link == Link::Loopback {
+        speed_rows.push(("working-set=65536", false, 64));
+    }
+    for (workload, sparse_pages, max_bandwidth_mib) in speed_rows {
+        for lazy_clear in [true, false] {
+            if lazy_clear && max_bandwidth_mib == 0 {
+                continue; // the lazy row is in the table already
+            }
+            v.push(Row {
+                link,
+                mem_bytes: GIB,
+                workload,
+                channels: 1,
+                sparse_pages,
+                prealloc: false,
+                stopped: false,
+                lazy_clear,
+                max_bandwidth_mib,
+            });
         }
     }
     // Into a preallocated destination; and throughput alone: 256 MiB of incompressible
@@ -411,6 +452,8 @@ fn rows(link: Link) -> Vec<Row> {
             sparse_pages: true,
             prealloc,
             stopped,
+            lazy_clear: true,
+            max_bandwidth_mib: 0,
         });
     }
     v
@@ -499,6 +542,8 @@ struct Run {
     /// How busy this machine's cores were from `migrate` to the end (%): both sides
     /// and the guest share them.
     cpu_busy_percent: Option<f64>,
+    /// The source guest's speed while migrating (see [`GuestSpeed`]).
+    speed: Option<GuestSpeed>,
     /// The replies: timeline, final source and destination `query-migrate`, digests.
     json: Value,
 }
@@ -566,8 +611,10 @@ fn migrate_inner(
         )?;
         vm.qmp.execute(
             "migrate-set-parameters",
-            json!({"multifd-channels": row.channels, "max-bandwidth": 0,
-                   "x-ferry-sparse-pages": row.sparse_pages}),
+            json!({"multifd-channels": row.channels,
+                   "max-bandwidth": row.max_bandwidth_mib * MIB,
+                   "x-ferry-sparse-pages": row.sparse_pages,
+                   "x-ferry-lazy-clear": row.lazy_clear}),
         )?;
     }
     // Steady state first: every vCPU past two rounds of its workload (dense guests
@@ -595,6 +642,19 @@ fn migrate_inner(
     if row.stopped {
         src.qmp.execute("stop", json!({}))?;
     }
+    // The guest's own speed before: page writes per second over 10 polls.
+    let mut baseline = Vec::new();
+    if !row.stopped {
+        let mut last = page_writes(&mut src.qmp)?;
+        for _ in 0..10 {
+            std::thread::sleep(POLL);
+            let now = page_writes(&mut src.qmp)?;
+            baseline.push((now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64());
+            last = now;
+        }
+        baseline.sort_by(f64::total_cmp);
+    }
+    let mut speed_samples = Vec::new();
     let t0 = Instant::now();
     src.qmp
         .execute("migrate", json!({"uri": format!("tcp:{}", place.dst_addr)}))?;
@@ -605,6 +665,9 @@ fn migrate_inner(
         let t_ms = t0.elapsed().as_millis() as u64;
         let info = src.qmp.execute("query-migrate", json!({}))?;
         let status = info["status"].as_str().unwrap_or("").to_owned();
+        if !row.stopped && matches!(status.as_str(), "setup" | "active") {
+            speed_samples.push(page_writes(&mut src.qmp)?);
+        }
         timeline.push(json!({"t_ms": t_ms, "reply": info}));
         if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
             break info;
@@ -644,6 +707,9 @@ fn migrate_inner(
     let p = &x["downtime-phases-us"];
     run.phases_us = ["pause", "sync", "pages", "device", "ack"].map(|k| u(&p[k]));
     run.send_rate = send_rate(&timeline, &fin);
+    run.speed = baseline
+        .get(baseline.len() / 2)
+        .and_then(|&base| GuestSpeed::from_samples(&speed_samples, base));
     run.cpu_busy_percent =
         cpu_at_start
             .zip(machine_cpu_ticks())
@@ -683,6 +749,61 @@ fn migrate_inner(
         "ram-digests": digests,
     });
     Ok(run)
+}
+
+/// GPA of vCPU 0's counter page in a minivm guest; vCPU n's is 4 KiB further. The u64
+/// at offset 8 counts the pages the vCPU has written.
+const COUNTER_GPA: u64 = 0x80000;
+
+/// The guest's page writes so far (both vCPUs), read as a management tool would, with
+/// HMP's `xp` through `human-monitor-command`, and when.
+fn page_writes(qmp: &mut Qmp) -> Result<(Instant, u64), String> {
+    let mut total = 0;
+    for vcpu in 0..2u64 {
+        let line = format!("xp /1gx {:#x}", COUNTER_GPA + vcpu * 4096 + 8);
+        let out = qmp.execute("human-monitor-command", json!({"command-line": line}))?;
+        let text = out.as_str().unwrap_or("");
+        let hex = text
+            .split_once(": 0x")
+            .map(|(_, v)| v.trim())
+            .ok_or_else(|| format!("xp answered {text:?}"))?;
+        total += u64::from_str_radix(hex, 16).map_err(|e| format!("xp {text:?}: {e}"))?;
+    }
+    Ok((Instant::now(), total))
+}
+
+/// The source guest's speed while it migrated: its page writes per second over each
+/// poll interval (about 100 ms) during setup and the active phase, as a share of its
+/// speed before the migration (the median of 10 intervals).
+#[derive(Clone, Copy, Debug, Default)]
+struct GuestSpeed {
+    /// Mean speed over the intervals, % of before.
+    mean_percent: f64,
+    /// Share of the intervals in which the guest ran below 10 % of its speed, %.
+    slow_percent: f64,
+    /// Intervals measured.
+    intervals: usize,
+}
+
+impl GuestSpeed {
+    fn from_samples(samples: &[(Instant, u64)], base_per_sec: f64) -> Option<GuestSpeed> {
+        if base_per_sec <= 0.0 || samples.len() < 2 {
+            return None;
+        }
+        let speeds: Vec<f64> = samples
+            .windows(2)
+            .filter_map(|w| {
+                let dt = w[1].0.duration_since(w[0].0).as_secs_f64();
+                (dt > 0.0).then(|| w[1].1.saturating_sub(w[0].1) as f64 / dt / base_per_sec)
+            })
+            .collect();
+        let n = speeds.len().max(1) as f64;
+        Some(GuestSpeed {
+            mean_percent: speeds.iter().sum::<f64>() / n * 100.0,
+            slow_percent: speeds.iter().filter(|s| **s < 0.1).count() as f64 / n * 100.0,
+            intervals: speeds.len(),
+        })
+    }
 }
 
 /// Bytes/s while the source was sending (see [`Run::send_rate`]).
@@ -758,14 +879,14 @@ fn outcome(r: &Run) -> String {
     )
 }
 
-const HEADER: &str = "| row | status | total ms | downtime ms | pause / sync / pages / device / ack ms | transferred MiB | in downtime MiB | physics ms | passes | send rate MB/s | % of link | cores busy | first-pass prediction | happened | RAM equal |";
-const RULE: &str = "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+const HEADER: &str = "| row | status | total ms | downtime ms | pause / sync / pages / device / ack ms | transferred MiB | in downtime MiB | physics ms | passes | send rate MB/s | % of link | cores busy | guest speed | slow 100 ms | first-pass prediction | happened | RAM equal |";
+const RULE: &str = "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
 
 fn table_line(name: &str, m: &Run, d: &Run, link_rate: Option<f64>) -> String {
     let ms = |us: u64| format!("{:.1}", us as f64 / 1000.0);
     let done = d.status == "completed";
     format!(
-        "| {name} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+        "| {name} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
         m.status,
         m.total_ms,
         if done {
@@ -793,6 +914,12 @@ fn table_line(name: &str, m: &Run, d: &Run, link_rate: Option<f64>) -> String {
         link_rate.map_or("-".into(), |l| format!("{:.0} %", m.send_rate / l * 100.0)),
         m.cpu_busy_percent
             .map_or("-".into(), |p| format!("{p:.0} %")),
+        m.speed
+            .map_or("-".into(), |s| format!("{:.0} %", s.mean_percent)),
+        m.speed.map_or("-".into(), |s| format!(
+            "{:.0} % of {}",
+            s.slow_percent, s.intervals
+        )),
         prediction(&m.first_pass),
         outcome(m),
         m.ram_match.map_or("-", |ok| if ok { "yes" } else { "NO" }),
@@ -868,7 +995,11 @@ fn main() {
          row that did not converge in the limit). cores busy: the share of \
          this machine's CPU time (all cores, /proc/stat) not idle from `migrate` to the end; \
          the guest's 2 vCPUs, the source and the destination (which on two real hosts has \
-         its own) share these cores. First-pass prediction: the engine's \
+         its own) share these cores. guest speed: the source guest's page writes per second \
+         (HMP `xp` of its counter pages, as a tool reads them) over each ~100 ms poll of setup and the \
+         active phase, as a share of its speed over the second before `migrate`: the mean, and \
+         (slow 100 ms) the share of intervals below 10 %. `eager`: `x-ferry-lazy-clear` off (every \
+         sync re-protects all it found); `N MiB/s`: `max-bandwidth`. First-pass prediction: the engine's \
          `x-ferry.first-pass-convergence`. RAM equal: x-ferry-query-ram-digest of source (postmigrate) and \
          destination (paused by -S), taken after the migration."
             .to_string(),
@@ -1018,6 +1149,8 @@ fn main() {
                     "total-ms": r.total_ms,
                     "downtime-ms": r.downtime_ms,
                     "send-rate-bytes-per-sec": r.send_rate,
+                    "guest-speed-mean-percent": r.speed.map(|s| s.mean_percent),
+                    "guest-slow-intervals-percent": r.speed.map(|s| s.slow_percent),
                     "ram-match": r.ram_match,
                     "replies": r.json,
                 })).collect::<Vec<_>>(),

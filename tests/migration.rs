@@ -295,6 +295,43 @@ fn deferred_clear_re_arms_pages_as_they_are_sent() {
     }
 }
 
+/// With `x-ferry-lazy-clear` off the listener still defers nothing: every sync re-arms
+/// what it found, and a guest that writes new pages all along arrives whole.
+#[test]
+fn eager_clear_migrates_a_sweeping_guest() {
+    let _g = guest_lock();
+    if !common::kvm_or_skip() {
+        return; // the deferred clear is the KVM bitmap's
+    }
+    let cfg = config(
+        1 << 30,
+        2,
+        Workload::Sweep {
+            pages_per_sec: 20_000,
+        },
+    );
+    let guest = boot(&cfg);
+    assert!(guest.address_space().defers_clear(), "the default listener");
+    // Some pages written before (sent by the bulk stage), more during the passes.
+    for v in 0..2 {
+        guest.vm().wait_rounds(v, 5_000, TIMEOUT).unwrap();
+    }
+    let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
+    // 256 MiB/s, three times what the sweep dirties: a few passes, each finding the
+    // pages written meanwhile.
+    let source = whole_pages_source(&guest, 256 << 20, 1);
+    source
+        .set_parameters(&ParametersUpdate {
+            x_ferry_lazy_clear: Some(false),
+            ..Default::default()
+        })
+        .unwrap();
+    source.migrate(&dest.uri).unwrap();
+    let status = source.wait();
+    assert_eq!(status, MigrationStatus::Completed, "{:?}", source.query());
+    dest.check_completed(ram_digest(&GuestRam::new(guest.clone())));
+}
+
 /// Polls until `pred` holds on the source's snapshot.
 fn poll_until(
     source: &MigrationSource,

@@ -40,6 +40,13 @@ pub struct MigrationParameters {
     /// Ferry's own: send pages with at most 64 non-zero 8-byte words as those words
     /// (transport FORMAT.md, sparse pages). On by default.
     pub x_ferry_sparse_pages: bool,
+    /// Ferry's own: QEMU's lazy clear, when the dirty log offers it
+    /// ([`dirty_sync::AddressSpace::defers_clear`]): a page is re-protected just
+    /// before the sender reads it, not at the sync that found it, and the dirty rate is
+    /// counted on a sample of pages ([`dirty_sync::RateSample`]). On by default; off,
+    /// every sync re-protects every page it harvested (the guest faults on its whole
+    /// working set after each sync).
+    pub x_ferry_lazy_clear: bool,
     /// Ferry's own: most time one connect to the destination may take, ms (at
     /// least 100).
     pub x_ferry_connect_timeout_ms: u64,
@@ -71,6 +78,7 @@ impl Default for MigrationParameters {
             cpu_throttle_increment: 10,
             max_cpu_throttle: 99,
             x_ferry_sparse_pages: true,
+            x_ferry_lazy_clear: true,
             x_ferry_connect_timeout_ms: DEFAULT_TIMEOUT_MS,
             x_ferry_io_timeout_ms: DEFAULT_TIMEOUT_MS,
             x_ferry_switchover_timeout_ms: DEFAULT_TIMEOUT_MS,
@@ -102,6 +110,8 @@ pub struct ParametersUpdate {
     pub max_cpu_throttle: Option<u8>,
     /// See [`MigrationParameters::x_ferry_sparse_pages`].
     pub x_ferry_sparse_pages: Option<bool>,
+    /// See [`MigrationParameters::x_ferry_lazy_clear`].
+    pub x_ferry_lazy_clear: Option<bool>,
     /// See [`MigrationParameters::x_ferry_connect_timeout_ms`].
     pub x_ferry_connect_timeout_ms: Option<u64>,
     /// See [`MigrationParameters::x_ferry_io_timeout_ms`].
@@ -141,6 +151,7 @@ impl MigrationParameters {
             cpu_throttle_increment,
             max_cpu_throttle,
             x_ferry_sparse_pages,
+            x_ferry_lazy_clear,
             x_ferry_connect_timeout_ms,
             x_ferry_io_timeout_ms,
             x_ferry_switchover_timeout_ms

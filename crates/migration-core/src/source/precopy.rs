@@ -63,8 +63,7 @@ impl Run {
         // the sender re-arms the rest as it reads it (and `rearm_unstaged` what the
         // bulk stage skips).
         let lazy = self
-            .space
-            .defers_clear()
+            .lazy_clear()
             .then(|| LazySamples::new(self.space.total_pages()));
         // The first sync absorbs KVM's INITIALLY_SET (all ones) and anything from before.
         match lazy {
@@ -208,6 +207,12 @@ impl Run {
         Ok(())
     }
 
+    /// True when this migration clears the dirty log lazily: asked for
+    /// (`x-ferry-lazy-clear`, the default) and offered by a listener.
+    pub(super) fn lazy_clear(&self) -> bool {
+        self.params.x_ferry_lazy_clear && self.space.defers_clear()
+    }
+
     /// With a listener that defers re-protecting what it harvested, the first sync
     /// left every page armed-for-clear; the sender re-arms a chunk as it reads it, so
     /// the pages the bulk stage skipped (never touched, never read) are re-armed here,
@@ -216,7 +221,7 @@ impl Run {
     /// pages of such a word are merely re-armed early). Nothing to do without such a
     /// listener (returns false).
     pub(super) fn rearm_unstaged(&self, bitmap: &DirtyBitmap) -> Result<bool> {
-        if !self.space.defers_clear() {
+        if !self.lazy_clear() {
             return Ok(false);
         }
         let words = bitmap.words();
@@ -418,7 +423,7 @@ impl Run {
         let sparse = sender.header().features.sparse_pages;
         let words = bitmap.words().len();
         let paused = || self.paused.load(Ordering::Relaxed);
-        let defers_clear = self.space.defers_clear();
+        let defers_clear = self.lazy_clear();
         let mut chunk = k * CHUNK_WORDS;
         while chunk < words {
             if abort.load(Ordering::Relaxed) {
