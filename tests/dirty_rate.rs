@@ -526,6 +526,8 @@ fn ring_mode_splits_rates_per_vcpu() {
         "the busy vCPU shows more dirtying: {entries:?}"
     );
     assert!(vcpus[0].dirty_rate >= vcpus[1].dirty_rate);
+    // Distinct pages: vCPU 0 its page and its counter, vCPU 1 its counter.
+    assert_eq!(x.vcpu_dirty_pages, Some(vec![2, 1]));
 }
 
 #[test]
@@ -542,6 +544,45 @@ fn ring_mode_splits_working_set_per_vcpu() {
     let x = extras(&info);
     let secs = x.window_us as f64 / 1e6;
     let share_mib = (32768.0 + 1.0) * PAGE_SIZE as f64 / (1 << 20) as f64 / secs;
+    // The vCPUs write disjoint pages: their distinct pages add up to the VM's, and
+    // their rates (the same unit as the VM's) sum to its rate within 1 %.
+    let pages = x.vcpu_dirty_pages.clone().expect("per-vCPU distinct pages");
+    let want: Vec<u64> = {
+        let vm = guest.vm();
+        (0..vm.vcpus())
+            .map(|v| vm.workload_region(v).1 + 1)
+            .collect()
+    };
+    assert_eq!(pages, want, "each vCPU's share and counter: {x:?}");
+    assert_eq!(pages.iter().sum::<u64>() as f64, x.dirty_pages);
+    let rates = x
+        .vcpu_dirty_rate_mib_per_sec
+        .clone()
+        .expect("unrounded rates");
+    assert_within(
+        rates.iter().sum(),
+        x.dirty_rate_mib_per_sec,
+        1.0,
+        "per-vCPU rates summed",
+    );
+    let whole: i64 = info
+        .vcpu_dirty_rate
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|v| v.dirty_rate)
+        .sum();
+    assert_within(
+        whole as f64,
+        x.dirty_rate_mib_per_sec,
+        1.0,
+        "vcpu-dirty-rate summed",
+    );
+    let entries = x.vcpu_ring_entries.clone().expect("QEMU's count stays");
+    assert!(
+        entries.iter().zip(&pages).all(|(e, p)| e >= p),
+        "{entries:?}"
+    );
     for v in info.vcpu_dirty_rate.unwrap() {
         assert!(
             v.dirty_rate as f64 >= share_mib.floor(),

@@ -78,6 +78,7 @@ pub struct DirtySink<'a> {
     clients: [Option<&'a DirtyBitmap>; SINK_CLIENTS],
     new_pages: [u64; SINK_CLIENTS],
     reported_pages: u64,
+    stops_logging: bool,
 }
 
 /// Bitmaps one sink feeds: each reason's own, then each reason's observer (see
@@ -92,7 +93,23 @@ impl<'a> DirtySink<'a> {
             clients,
             new_pages: [0; SINK_CLIENTS],
             reported_pages: 0,
+            stops_logging: false,
         }
+    }
+
+    /// Marks this sync as the last before logging stops (the one-shot sync of the last
+    /// reason): see [`DirtySink::stops_logging`].
+    pub fn stopping_logging(mut self, stops: bool) -> Self {
+        self.stops_logging = stops;
+        self
+    }
+
+    /// True when no reason logs after this sync: a listener need not re-arm (write-protect
+    /// again) what it harvests, since nobody will ask for those pages; the next start's
+    /// baseline sync absorbs whatever it reports then. Re-arming here would make the
+    /// guest fault on its whole working set right after the last reader stopped.
+    pub fn stops_logging(&self) -> bool {
+        self.stops_logging
     }
 
     /// Merges a little-endian bitmap whose bit `i` is global page `first_page + i`.

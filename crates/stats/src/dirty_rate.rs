@@ -105,7 +105,10 @@ impl TimeUnit {
 pub struct DirtyRateVcpu {
     /// vCPU index.
     pub id: u64,
-    /// Ring entries harvested for this vCPU in the window, as MiB/s.
+    /// Distinct pages this vCPU dirtied in the window, as MiB/s (the unit of the VM's
+    /// `dirty-rate`; a page dirtied by two vCPUs counts for each, so with disjoint
+    /// writers the vCPUs' rates sum to the VM's). Ring entries per vCPU, QEMU's count,
+    /// are under `x-ferry.vcpu-ring-entries`.
     pub dirty_rate: i64,
 }
 
@@ -154,6 +157,17 @@ pub struct FerryDirtyRateInfo {
     /// Dirty ring: `ring-entries` as MiB/s (QEMU's `dirty-rate` in this mode).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ring_entries_mib_per_sec: Option<f64>,
+    /// Dirty ring: `vcpu-ring-entries` as MiB/s per vCPU (QEMU's `vcpu-dirty-rate`,
+    /// unrounded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpu_ring_entries_mib_per_sec: Option<Vec<f64>>,
+    /// Dirty ring: distinct pages each vCPU dirtied in the window (the counts behind
+    /// `vcpu-dirty-rate`; a page dirtied by two vCPUs counts for each).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpu_dirty_pages: Option<Vec<u64>>,
+    /// Dirty ring: `vcpu-dirty-pages` as MiB/s, unrounded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpu_dirty_rate_mib_per_sec: Option<Vec<f64>>,
     /// CPU time the measurement thread used, ms.
     pub cpu_ms: f64,
     /// True when the measurement was cancelled before its window ended.

@@ -210,7 +210,10 @@ impl MemoryListener for KvmBitmapListener {
                 for (p, h) in log.pending_clear.iter_mut().zip(&log.harvested) {
                     *p |= *h;
                 }
-            } else {
+            } else if !sink.stops_logging() {
+                // The last sync before logging stops re-protects nothing: the guest
+                // would fault on its whole working set again for nobody (the bits stay
+                // set in KVM; the next start's baseline sync absorbs them).
                 self.clear_bits(block, &log.harvested, 0, block.pages())?;
             }
         }
