@@ -440,6 +440,10 @@ impl Worker {
         let bitmap = space.global_dirty_log_start(DirtyReason::DirtyRate)?;
         let r = catch_unwind(AssertUnwindSafe(|| self.log_window(space, &bitmap, ring)))
             .unwrap_or_else(|p| Err(panicked(&*p)));
+        if ring && r.is_err() {
+            // Stop a per-vCPU page count the window left running.
+            let _ignored = self.vm.vcpu_dirty_pages_take();
+        }
         if space.reasons().contains(DirtyReason::DirtyRate) {
             // Failed, cancelled or panicked before the one-shot sync: stop only our
             // reason (a reason left on would refuse the next measurement).
@@ -461,6 +465,12 @@ impl Worker {
         // Per-vCPU distinct pages, counted from this sync on (ring mode).
         let counting_pages = ring && self.vm.vcpu_dirty_pages_start();
         let report = space.global_dirty_log_sync_for(DirtyReason::DirtyRate, false)?;
+        // A listener that defers its re-protect (lazy clear) left the baseline armed:
+        // re-arm it all now, or the final sync would report it again (QEMU's
+        // dirtyrate_manual_reset_protect).
+        if space.defers_clear() {
+            space.clear_dirty_log(0, space.total_pages())?;
+        }
         let t0 = s0 + Duration::from_nanos(report.sync_ns / 2);
         bitmap.clear_all();
         let e0 = if ring { Some(self.entries()?) } else { None };
@@ -989,6 +999,39 @@ mod tests {
         // Sync 1: the even pages below 200 (the sender took those below 100) and 500..600.
         assert_eq!((without[1].0, without[1].1), (200, 200));
         assert_eq!(migration_figures(true), without);
+    }
+
+    /// Defers its clear; records the pages it was asked to re-arm.
+    #[derive(Default)]
+    struct Lazy(Mutex<Vec<(u64, u64)>>);
+
+    impl MemoryListener for Lazy {
+        fn name(&self) -> &'static str {
+            "lazy"
+        }
+        fn defers_clear(&self) -> bool {
+            true
+        }
+        fn log_clear(&self, _b: &RamBlock, first: u64, pages: u64) -> dirty_sync::Result<()> {
+            self.0.lock().unwrap().push((first, pages));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_deferred_clear_is_re_armed_after_the_baseline() {
+        let lazy = Arc::new(Lazy::default());
+        let ram = dirty_sync::HostMemory::anonymous(4 << 20).unwrap();
+        let space = AddressSpace::new(vec![RamBlock::new("ram0", 0, ram, 0, 0)]).unwrap();
+        space.register_listener(lazy.clone()).unwrap();
+        let job = DirtyRateJob::new(Arc::new(FakeVm {
+            space: Arc::new(space),
+            mem: (),
+        }));
+        job.calc(&DirtyRateArgs::millis(50, DirtyRateMode::DirtyBitmap))
+            .unwrap();
+        assert!(job.wait(None).ferry.unwrap().error.is_none());
+        assert_eq!(*lazy.0.lock().unwrap(), vec![(0, 1024)], "all 4 MiB");
     }
 
     #[test]
