@@ -765,3 +765,56 @@ fn repeated_ring_measurements_on_one_guest_stay_exact() {
         wait_rounds(&guest, 3);
     }
 }
+
+/// A calc-dirty-rate between two of a migration's syncs changes none of that sync's
+/// figures: with the guest paused after the measurement, the migration's sync reports
+/// every page the guest wrote since its previous sync as new (its working set and
+/// counters), as it would have without the measurement, and its bitmap holds them.
+fn measurement_between_migration_syncs(mode: DirtyRateMode, ring_entries: u32) {
+    use dirty_sync::DirtyReason;
+    let _g = guest_lock();
+    let guest = boot(GIB, 2, Workload::WorkingSet { pages: 4096 }, ring_entries);
+    let space = Arc::clone(guest.address_space());
+    let truth = working_set_truth(&guest);
+    let mig = space
+        .global_dirty_log_start(DirtyReason::Migration)
+        .expect("migration log");
+    let period = space.observe(DirtyReason::Migration).expect("observer");
+    space.global_dirty_log_sync(None).expect("baseline");
+    mig.clear_all();
+    period.clear_all();
+    let job = DirtyRateJob::new(guest.clone());
+    let info = measure_steady(&job, &guest, 300, mode, true);
+    assert_eq!(extras(&info).dirty_pages, truth as f64, "{mode:?}: exact");
+    assert_eq!(
+        mig.count(),
+        0,
+        "the measurement's syncs held the migration's pages back"
+    );
+    guest.pause_vcpus().expect("pause");
+    let r = space.global_dirty_log_sync(None).expect("migration sync");
+    guest.resume_vcpus().expect("resume");
+    assert_eq!(
+        (r.new_pages(DirtyReason::Migration), r.reported_pages),
+        (truth, truth),
+        "{mode:?}: the migration's sync counts what the guest wrote since its last one"
+    );
+    assert_eq!(mig.count(), truth);
+    assert_eq!(period.count(), truth, "the period's pages");
+    space
+        .global_dirty_log_stop(DirtyReason::Migration)
+        .expect("stop");
+}
+
+#[test]
+fn bitmap_measurement_between_migration_syncs_changes_none_of_its_figures() {
+    measurement_between_migration_syncs(DirtyRateMode::DirtyBitmap, 0);
+}
+
+#[test]
+fn ring_measurement_between_migration_syncs_changes_none_of_its_figures() {
+    if !kvm_or_skip() {
+        return;
+    }
+    measurement_between_migration_syncs(DirtyRateMode::DirtyRing, 65536);
+}
