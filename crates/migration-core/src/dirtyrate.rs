@@ -6,8 +6,12 @@
 //! job can be cancelled; the log-based modes use their own dirty-log reason
 //! ([`DirtyReason::DirtyRate`]) and own bitmap, so they run beside a migration without
 //! taking its pages; windows go down to 50 ms with the actual window measured; and the
-//! reply carries the exact rate, a 95 % interval (sampling) and the unique-page rate
-//! beside the ring-entry rate (ring).
+//! reply carries the exact rate, a 95 % interval (sampling) and, in ring mode, unique
+//! pages per vCPU as `vcpu-dirty-rate` (the unit of `dirty-rate`) with QEMU's ring-entry
+//! counts under `x-ferry`. The measurement's syncs are its own
+//! ([`AddressSpace::global_dirty_log_sync_for`]): a migration beside it counts exactly
+//! what it would count without it. Its last sync re-protects nothing when no other
+//! reason logs, so the guest does not fault on its working set again after the reply.
 
 use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};

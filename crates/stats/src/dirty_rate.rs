@@ -45,7 +45,8 @@ pub enum DirtyRateMode {
     /// Hash randomly chosen pages before and after the window; no dirty logging.
     #[default]
     PageSampling,
-    /// Count each vCPU's dirty-ring entries (and the unique pages) over the window.
+    /// Count the unique pages the dirty rings report over the window, per vCPU too
+    /// (QEMU counts ring entries; Ferry keeps those under `x-ferry`).
     DirtyRing,
     /// Count the pages the dirty log reports over the window.
     DirtyBitmap,
