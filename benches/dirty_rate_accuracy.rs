@@ -10,6 +10,13 @@
 //! every window of ≥ 1 round, and so does dense; a sweep's truth is its own page
 //! counter over the window; zipf's is the unique pages of the writes in the window,
 //! replayed from the guest's seed between the counters at the window's ends.
+//!
+//! Then (KVM only) the guest's speed right after a dirty-bitmap or dirty-ring
+//! measurement returns, working set 65536: the guest's counters sampled every 5 ms from
+//! 500 ms before the request to 2 s after the reply, its speed per bin
+//! (FERRY_BENCH_STALL_BIN_MS, default 10) relative to the 500 ms before, the time until
+//! it is back at ≥ 80 % and the guest time lost (FERRY_BENCH_STALL_REPEATS runs, default
+//! 3; FERRY_BENCH_STALL_ONLY=1 runs only this section).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -325,6 +332,181 @@ fn run_cell(workload: Workload, m: Method, repeats: u64, window_ms: u64) -> Resu
     })
 }
 
+/// One run of the guest-speed-after-a-measurement section.
+struct StallRun {
+    /// Guest rounds/s over the 500 ms before the request.
+    base_rounds_per_sec: f64,
+    /// Per bin after the reply, from the reply on: the guest's speed over the bin
+    /// relative to `base_rounds_per_sec`.
+    after: Vec<f64>,
+    /// ms from the reply to the start of the first bin at ≥ 80 % speed.
+    first_back_ms: f64,
+    /// ms from the reply to the end of the last bin below 80 % speed (0: none; host
+    /// noise later in the 2 s shows here too).
+    recovery_ms: f64,
+    /// Guest time lost in the 2 s after the reply, ms (sum of (1 - speed) × bin).
+    lost_ms: f64,
+}
+
+/// Guest speed after a measurement returns: samples the guest's counters every
+/// `sample_ms` from 500 ms before the request to 2 s after the reply.
+fn stall_run(
+    guest: &Arc<GuestVm>,
+    job: &DirtyRateJob,
+    m: Method,
+    window_ms: u64,
+    bin_ms: u64,
+) -> Result<StallRun, String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (g, s) = (Arc::clone(guest), Arc::clone(&stop));
+    let epoch = Instant::now();
+    let sampler = std::thread::spawn(move || {
+        let mut v: Vec<(f64, u64)> = Vec::new();
+        while !s.load(Ordering::Relaxed) {
+            v.push((epoch.elapsed().as_secs_f64() * 1e3, total(&g.counters())));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        v
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let t_req = epoch.elapsed().as_secs_f64() * 1e3;
+    job.calc(&DirtyRateArgs {
+        calc_time: window_ms as i64,
+        calc_time_unit: Some(stats::TimeUnit::Millisecond),
+        sample_pages: m.sample_pages,
+        mode: Some(m.mode),
+    })
+    .map_err(|e| e.to_string())?;
+    let info = job.wait(None);
+    let t_ret = epoch.elapsed().as_secs_f64() * 1e3;
+    std::thread::sleep(Duration::from_millis(2000));
+    stop.store(true, Ordering::Relaxed);
+    let log = sampler.join().map_err(|_| "sampler panicked".to_string())?;
+    if let Some(e) = info.ferry.as_ref().and_then(|x| x.error.clone()) {
+        return Err(e);
+    }
+    // The counter at time t (ms since epoch), interpolated between samples.
+    let at = |t: f64| -> f64 {
+        let i = log.partition_point(|(ts, _)| *ts <= t);
+        match (i.checked_sub(1).and_then(|j| log.get(j)), log.get(i)) {
+            (Some(&(ta, a)), Some(&(tb, b))) if tb > ta => {
+                a as f64 + (b as f64 - a as f64) * (t - ta) / (tb - ta)
+            }
+            (Some(&(_, a)), _) => a as f64,
+            (None, Some(&(_, b))) => b as f64,
+            (None, None) => 0.0,
+        }
+    };
+    let base = (at(t_req) - at(t_req - 500.0)) / 0.5;
+    let bins = 2000 / bin_ms;
+    let after: Vec<f64> = (0..bins)
+        .map(|i| {
+            let (a, b) = (
+                t_ret + (i * bin_ms) as f64,
+                t_ret + ((i + 1) * bin_ms) as f64,
+            );
+            (at(b) - at(a)) / (bin_ms as f64 / 1e3) / base.max(1e-9)
+        })
+        .collect();
+    let first_back_ms = after
+        .iter()
+        .position(|r| *r >= 0.8)
+        .map_or(2000.0, |i| (i as u64 * bin_ms) as f64);
+    let recovery_ms = after
+        .iter()
+        .rposition(|r| *r < 0.8)
+        .map_or(0.0, |i| ((i as u64 + 1) * bin_ms) as f64);
+    let lost_ms = after
+        .iter()
+        .map(|r| (1.0 - r).max(0.0) * bin_ms as f64)
+        .sum();
+    Ok(StallRun {
+        base_rounds_per_sec: base,
+        after,
+        first_back_ms,
+        recovery_ms,
+        lost_ms,
+    })
+}
+
+/// The guest's speed right after a bitmap or ring measurement returns (working set
+/// 65536): time back to ≥ 80 % speed and guest time lost, per run, with the speed per
+/// bin for the first 400 ms of the median run.
+fn stall_section(window_ms: u64, md: &mut Vec<String>) {
+    let repeats = env_u64("FERRY_BENCH_STALL_REPEATS", 3).max(1);
+    let bin_ms = env_u64("FERRY_BENCH_STALL_BIN_MS", 10).clamp(2, 500);
+    let workload = Workload::WorkingSet { pages: 65536 };
+    println!(
+        "\nguest speed after the measurement returns: {workload}, {window_ms} ms windows, \
+         {bin_ms} ms bins (counters sampled every 5 ms), {repeats} runs"
+    );
+    md.push(String::new());
+    md.push(format!(
+        "Guest speed after the measurement returns ({workload}, {window_ms} ms windows, \
+         {bin_ms} ms bins): ms until the guest is back at ≥ 80 % of its speed before the \
+         request, and guest time lost in the 2 s after the reply."
+    ));
+    md.push(String::new());
+    md.push("| mode | first bin ≥ 80 % at ms (each run) | no bin < 80 % after ms | lost ms (each run) | speed per bin after the reply, median run (× before) |".into());
+    md.push("|---|---|---|---|---|".into());
+    for m in METHODS.iter().take(2).copied() {
+        let run = || -> Result<Vec<StallRun>, String> {
+            let guest = boot(workload, m.ring_entries)?;
+            let job = DirtyRateJob::new(guest.clone());
+            (0..repeats)
+                .map(|_| stall_run(&guest, &job, m, window_ms, bin_ms))
+                .collect()
+        };
+        match run() {
+            Ok(mut runs) => {
+                runs.sort_by(|a, b| a.lost_ms.total_cmp(&b.lost_ms));
+                let first: Vec<String> = runs
+                    .iter()
+                    .map(|r| format!("{:.0}", r.first_back_ms))
+                    .collect();
+                let rec: Vec<String> = runs
+                    .iter()
+                    .map(|r| format!("{:.0}", r.recovery_ms))
+                    .collect();
+                let lost: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.lost_ms)).collect();
+                let med = &runs[runs.len() / 2];
+                let shown = (400 / bin_ms) as usize;
+                let series: Vec<String> = med
+                    .after
+                    .iter()
+                    .take(shown)
+                    .map(|r| format!("{r:.2}"))
+                    .collect();
+                println!(
+                    "{:<17} first bin >= 80 % at {} ms; none < 80 % after {} ms; lost {} ms; base {:.0} rounds/s",
+                    m.name,
+                    first.join(", "),
+                    rec.join(", "),
+                    lost.join(", "),
+                    med.base_rounds_per_sec
+                );
+                println!(
+                    "{:<17} median run, speed per {bin_ms} ms bin: {}",
+                    "",
+                    series.join(" ")
+                );
+                md.push(format!(
+                    "| {} | {} | {} | {} | {} |",
+                    m.name,
+                    first.join(", "),
+                    rec.join(", "),
+                    lost.join(", "),
+                    series.join(" ")
+                ));
+            }
+            Err(e) => {
+                println!("{:<17} failed: {e}", m.name);
+                md.push(format!("| {} | failed: {e} | | | |", m.name));
+            }
+        }
+    }
+}
+
 fn main() {
     let repeats = env_u64("FERRY_BENCH_REPEATS", 3).max(1);
     let window_ms = env_u64("FERRY_BENCH_WINDOW_MS", 1000).clamp(50, 60_000);
@@ -365,7 +547,9 @@ fn main() {
             writes_per_sec: 200_000,
         },
     ];
-    for w in workloads {
+    // FERRY_BENCH_STALL_ONLY=1: only the guest-speed-after section.
+    let stall_only = env_u64("FERRY_BENCH_STALL_ONLY", 0) == 1;
+    for w in workloads.into_iter().filter(|_| !stall_only) {
         for m in METHODS {
             if m.ring_entries > 0 && !kvm {
                 continue;
@@ -412,6 +596,9 @@ fn main() {
          rounds/s lost while measuring (noisy on a shared host)."
             .to_string(),
     );
+    if kvm {
+        stall_section(window_ms, &mut md);
+    }
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     let written = std::fs::create_dir_all(&out)
         .and_then(|()| std::fs::write(out.join("dirty_rate_accuracy.md"), md.join("\n") + "\n"));

@@ -93,4 +93,16 @@ impl MigratableVm for GuestVm {
         let ring = self.vm().dirty_ring_listener()?;
         Some(ring.vcpu_dirty_entries())
     }
+
+    fn vcpu_dirty_pages_start(&self) -> bool {
+        let Some(ring) = self.vm().dirty_ring_listener() else {
+            return false;
+        };
+        ring.vcpu_pages_start();
+        true
+    }
+
+    fn vcpu_dirty_pages_take(&self) -> Option<Vec<u64>> {
+        self.vm().dirty_ring_listener()?.vcpu_pages_take()
+    }
 }

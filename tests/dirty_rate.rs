@@ -526,6 +526,8 @@ fn ring_mode_splits_rates_per_vcpu() {
         "the busy vCPU shows more dirtying: {entries:?}"
     );
     assert!(vcpus[0].dirty_rate >= vcpus[1].dirty_rate);
+    // Distinct pages: vCPU 0 its page and its counter, vCPU 1 its counter.
+    assert_eq!(x.vcpu_dirty_pages, Some(vec![2, 1]));
 }
 
 #[test]
@@ -542,6 +544,45 @@ fn ring_mode_splits_working_set_per_vcpu() {
     let x = extras(&info);
     let secs = x.window_us as f64 / 1e6;
     let share_mib = (32768.0 + 1.0) * PAGE_SIZE as f64 / (1 << 20) as f64 / secs;
+    // The vCPUs write disjoint pages: their distinct pages add up to the VM's, and
+    // their rates (the same unit as the VM's) sum to its rate within 1 %.
+    let pages = x.vcpu_dirty_pages.clone().expect("per-vCPU distinct pages");
+    let want: Vec<u64> = {
+        let vm = guest.vm();
+        (0..vm.vcpus())
+            .map(|v| vm.workload_region(v).1 + 1)
+            .collect()
+    };
+    assert_eq!(pages, want, "each vCPU's share and counter: {x:?}");
+    assert_eq!(pages.iter().sum::<u64>() as f64, x.dirty_pages);
+    let rates = x
+        .vcpu_dirty_rate_mib_per_sec
+        .clone()
+        .expect("unrounded rates");
+    assert_within(
+        rates.iter().sum(),
+        x.dirty_rate_mib_per_sec,
+        1.0,
+        "per-vCPU rates summed",
+    );
+    let whole: i64 = info
+        .vcpu_dirty_rate
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|v| v.dirty_rate)
+        .sum();
+    assert_within(
+        whole as f64,
+        x.dirty_rate_mib_per_sec,
+        1.0,
+        "vcpu-dirty-rate summed",
+    );
+    let entries = x.vcpu_ring_entries.clone().expect("QEMU's count stays");
+    assert!(
+        entries.iter().zip(&pages).all(|(e, p)| e >= p),
+        "{entries:?}"
+    );
     for v in info.vcpu_dirty_rate.unwrap() {
         assert!(
             v.dirty_rate as f64 >= share_mib.floor(),
@@ -723,4 +764,57 @@ fn repeated_ring_measurements_on_one_guest_stay_exact() {
         assert_eq!(x.dirty_pages, truth, "window {i}: {x:?}");
         wait_rounds(&guest, 3);
     }
+}
+
+/// A calc-dirty-rate between two of a migration's syncs changes none of that sync's
+/// figures: with the guest paused after the measurement, the migration's sync reports
+/// every page the guest wrote since its previous sync as new (its working set and
+/// counters), as it would have without the measurement, and its bitmap holds them.
+fn measurement_between_migration_syncs(mode: DirtyRateMode, ring_entries: u32) {
+    use dirty_sync::DirtyReason;
+    let _g = guest_lock();
+    let guest = boot(GIB, 2, Workload::WorkingSet { pages: 4096 }, ring_entries);
+    let space = Arc::clone(guest.address_space());
+    let truth = working_set_truth(&guest);
+    let mig = space
+        .global_dirty_log_start(DirtyReason::Migration)
+        .expect("migration log");
+    let period = space.observe(DirtyReason::Migration).expect("observer");
+    space.global_dirty_log_sync(None).expect("baseline");
+    mig.clear_all();
+    period.clear_all();
+    let job = DirtyRateJob::new(guest.clone());
+    let info = measure_steady(&job, &guest, 300, mode, true);
+    assert_eq!(extras(&info).dirty_pages, truth as f64, "{mode:?}: exact");
+    assert_eq!(
+        mig.count(),
+        0,
+        "the measurement's syncs held the migration's pages back"
+    );
+    guest.pause_vcpus().expect("pause");
+    let r = space.global_dirty_log_sync(None).expect("migration sync");
+    guest.resume_vcpus().expect("resume");
+    assert_eq!(
+        (r.new_pages(DirtyReason::Migration), r.reported_pages),
+        (truth, truth),
+        "{mode:?}: the migration's sync counts what the guest wrote since its last one"
+    );
+    assert_eq!(mig.count(), truth);
+    assert_eq!(period.count(), truth, "the period's pages");
+    space
+        .global_dirty_log_stop(DirtyReason::Migration)
+        .expect("stop");
+}
+
+#[test]
+fn bitmap_measurement_between_migration_syncs_changes_none_of_its_figures() {
+    measurement_between_migration_syncs(DirtyRateMode::DirtyBitmap, 0);
+}
+
+#[test]
+fn ring_measurement_between_migration_syncs_changes_none_of_its_figures() {
+    if !kvm_or_skip() {
+        return;
+    }
+    measurement_between_migration_syncs(DirtyRateMode::DirtyRing, 65536);
 }

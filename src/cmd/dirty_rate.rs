@@ -1,7 +1,7 @@
 //! `ferry dirty-rate`: boot a guest, run calc-dirty-rate on it, print query-dirty-rate.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use dirty_sync::kvm::{KvmRingConfig, DEFAULT_RING_ENTRIES};
@@ -29,7 +29,9 @@ pub struct DirtyRateCmdArgs {
     /// 65536 when 0).
     #[arg(long, default_value_t = 0)]
     pub dirty_ring: u32,
-    /// Print only the query-dirty-rate JSON (one line), no summary.
+    /// Print only the query-dirty-rate JSON (one line), no summary, with the guest's
+    /// own work around the window under `x-ferry-guest`: each vCPU's counter
+    /// before the request and after the reply, and the page writes in between.
     #[arg(long)]
     pub json: bool,
 }
@@ -57,6 +59,54 @@ fn working_set_truth_pages(cfg: &VmConfig) -> Option<u64> {
         Workload::Idle => Some(counters),
         Workload::WorkingSet { pages } => Some(pages + counters),
         _ => None,
+    }
+}
+
+/// The guest's own account of its work around the measurement, read from each vCPU's
+/// counter page (a u64 in guest memory) just before the request and just after the
+/// reply, so the span holds the window.
+#[derive(Debug)]
+pub struct GuestWork {
+    /// What one counter step is for this workload (`round`, `page`, `write`, `yield`).
+    pub counter_unit: &'static str,
+    /// Per vCPU: the counter before the request.
+    pub counters_before: Vec<u64>,
+    /// Per vCPU: the counter after the reply.
+    pub counters_after: Vec<u64>,
+    /// Per vCPU: page writes in between (counter steps × page writes per step), not
+    /// distinct pages; None for idle, which writes only its counter.
+    pub page_writes: Option<Vec<u64>>,
+    /// Host time from the first read to the last, µs.
+    pub span_us: u64,
+}
+
+impl GuestWork {
+    /// As JSON: `counter-unit`, `counters-before`, `counters-after`, `page-writes` (when
+    /// known), `span-us`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "counter-unit": self.counter_unit,
+            "counters-before": self.counters_before,
+            "counters-after": self.counters_after,
+            "span-us": self.span_us,
+        });
+        if let (Some(w), Some(obj)) = (&self.page_writes, v.as_object_mut()) {
+            obj.insert("page-writes".into(), serde_json::json!(w));
+        }
+        v
+    }
+}
+
+/// The counter's unit and page writes per counter step of vCPU `v`'s workload.
+fn counter_step(vm: &minivm::MiniVm, v: u32) -> (&'static str, Option<u64>) {
+    match vm.config().workload {
+        Workload::Idle => ("yield", None),
+        Workload::WorkingSet { .. } | Workload::Dense { .. } => {
+            ("round", Some(vm.workload_region(v).1))
+        }
+        Workload::Sweep { .. } => ("page", Some(1)),
+        Workload::Zipf { .. } => ("write", Some(1)),
+        Workload::Random { .. } => ("round", Some(4096)),
     }
 }
 
@@ -95,6 +145,8 @@ pub fn run(a: DirtyRateCmdArgs) -> Result<(), String> {
         }
     }
     let job = DirtyRateJob::new(guest.clone());
+    let t0 = Instant::now();
+    let counters_before = guest.counters();
     job.calc(&DirtyRateArgs {
         calc_time: a.calc_time.0,
         calc_time_unit: Some(a.calc_time.1),
@@ -103,13 +155,45 @@ pub fn run(a: DirtyRateCmdArgs) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     let info = job.wait(Some(a.calc_time.1));
+    let counters_after = guest.counters();
+    let span_us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let work = {
+        let vm = guest.vm();
+        let steps: Vec<_> = (0..vm.vcpus()).map(|v| counter_step(&vm, v)).collect();
+        let page_writes = steps
+            .iter()
+            .zip(counters_before.iter().zip(&counters_after))
+            .map(|((_, per), (b, a))| per.map(|p| a.saturating_sub(*b) * p))
+            .collect::<Option<Vec<u64>>>();
+        GuestWork {
+            counter_unit: steps.first().map_or("round", |s| s.0),
+            counters_before,
+            counters_after,
+            page_writes,
+            span_us,
+        }
+    };
     let json = if a.json {
-        serde_json::to_string(&info)
+        let mut v = serde_json::to_value(&info).map_err(|e| e.to_string())?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("x-ferry-guest".into(), work.to_json());
+        }
+        serde_json::to_string(&v)
     } else {
         serde_json::to_string_pretty(&info)
     }
     .map_err(|e| e.to_string())?;
     println!("{json}");
+    if !a.json {
+        eprintln!(
+            "guest work around the window ({} µs): counters {:?} -> {:?} ({}s), page writes {:?}",
+            work.span_us,
+            work.counters_before,
+            work.counters_after,
+            work.counter_unit,
+            work.page_writes
+        );
+    }
     if !a.json {
         if let (Some(x), Some(truth)) = (&info.ferry, working_set_truth_pages(&cfg)) {
             let secs = x.window_us as f64 / 1e6;

@@ -47,6 +47,9 @@ struct Inner {
     mask: ReasonMask,
     /// Each reason's bitmap at `reason.index()`, its observer at `3 + reason.index()`.
     clients: [Option<Arc<DirtyBitmap>>; SINK_CLIENTS],
+    /// Per reason: pages another reason's own sync ([`AddressSpace::global_dirty_log_sync_for`])
+    /// harvested for it, held back until the next shared sync hands them over.
+    held: [Option<DirtyBitmap>; 3],
 }
 
 /// Guest RAM as a list of [`RamBlock`]s plus the listeners that log writes to it.
@@ -113,6 +116,7 @@ impl AddressSpace {
                 listeners: Vec::new(),
                 mask: ReasonMask::default(),
                 clients: Default::default(),
+                held: Default::default(),
             }),
             mask_bits: AtomicU8::new(0),
             defers_clear: AtomicBool::new(false),
@@ -271,6 +275,7 @@ impl AddressSpace {
         inner.mask = inner.mask.without(reason);
         inner.clients[reason.index()] = None;
         inner.clients[3 + reason.index()] = None;
+        inner.held[reason.index()] = None;
         self.mask_bits.store(inner.mask.bits(), Ordering::Release);
         if inner.mask.is_empty() {
             tracing::debug!(?reason, "dirty logging stops (no reason left)");
@@ -307,8 +312,9 @@ impl AddressSpace {
     }
 
     /// Harvests every listener and merges what they report into every active reason's
-    /// bitmap; with `one_shot`, then stops that reason (and only it). Every listener
-    /// re-arms all it harvested.
+    /// bitmap (with the pages held back for it by syncs of another reason's own, see
+    /// [`AddressSpace::global_dirty_log_sync_for`]); with `one_shot`, then stops that
+    /// reason (and only it). Every listener re-arms all it harvested.
     ///
     /// Syncs are serialised: a dirty-rate job and a migration can both call this.
     pub fn global_dirty_log_sync(&self, one_shot: Option<DirtyReason>) -> Result<SyncReport> {
@@ -336,6 +342,48 @@ impl AddressSpace {
         count: Option<RateSample>,
     ) -> Result<SyncReport> {
         let mut inner = self.lock();
+        self.sync_locked(&mut inner, None, one_shot, rearm, count)
+    }
+
+    /// A sync of `reason`'s own: what the listeners harvest reaches `reason`'s bitmap
+    /// (and observer) at once, while every other active reason's share is held back and
+    /// handed to it by the next [`AddressSpace::global_dirty_log_sync`], which then
+    /// reports the same new pages as if this sync had not happened. So a dirty-rate
+    /// measurement changes none of a migration's per-sync figures. With `one_shot`,
+    /// `reason` stops after the sync.
+    ///
+    /// The held pages' `reported_pages` are folded into the next shared sync's as a
+    /// union (exact with one listener per page; a page reported by two listeners in
+    /// the same sync still counts twice).
+    pub fn global_dirty_log_sync_for(
+        &self,
+        reason: DirtyReason,
+        one_shot: bool,
+    ) -> Result<SyncReport> {
+        let mut inner = self.lock();
+        if !inner.mask.contains(reason) {
+            return Err(Error::Reason {
+                reason,
+                what: "sync of a reason that is not started",
+            });
+        }
+        self.sync_locked(
+            &mut inner,
+            Some(reason),
+            one_shot.then_some(reason),
+            RateSample::ALL,
+            None,
+        )
+    }
+
+    fn sync_locked(
+        &self,
+        inner: &mut Inner,
+        own: Option<DirtyReason>,
+        one_shot: Option<DirtyReason>,
+        rearm: RateSample,
+        count: Option<RateSample>,
+    ) -> Result<SyncReport> {
         if inner.mask.is_empty() {
             return Err(Error::Reason {
                 reason: one_shot.unwrap_or(DirtyReason::Migration),
@@ -343,13 +391,36 @@ impl AddressSpace {
             });
         }
         let start = Instant::now();
-        let clients: [Option<&DirtyBitmap>; SINK_CLIENTS] =
+        // A sync of one reason's own holds back every other active reason's share.
+        if let Some(own) = own {
+            for r in DirtyReason::ALL {
+                if r != own && inner.mask.contains(r) && inner.held[r.index()].is_none() {
+                    inner.held[r.index()] = Some(DirtyBitmap::new(self.total_pages));
+                }
+            }
+        }
+        let held_before: [u64; 3] =
+            std::array::from_fn(|i| inner.held[i].as_ref().map_or(0, DirtyBitmap::count));
+        let mut clients: [Option<&DirtyBitmap>; SINK_CLIENTS] =
             std::array::from_fn(|i| inner.clients[i].as_deref());
         // Only the migration clears what it reads; a measurement needs every page
         // re-armed at each of its syncs to count exactly.
         let defer = inner.mask.contains(DirtyReason::Migration)
             && !inner.mask.contains(DirtyReason::DirtyRate);
+        for r in DirtyReason::ALL {
+            if own == Some(r) {
+                continue;
+            }
+            if let Some(held) = &inner.held[r.index()] {
+                // Harvest into the held pages first; they reach the reason below (a
+                // shared sync) or at the next shared sync.
+                clients[r.index()] = Some(held);
+                clients[3 + r.index()] = None;
+            }
+        }
+        let stops_logging = one_shot.is_some_and(|r| inner.mask.without(r).is_empty());
         let mut sink = DirtySink::new(clients)
+            .stopping_logging(stops_logging)
             .with_rate_sample(count)
             .with_deferred_clear(defer)
             .with_rearm_sample(rearm);
@@ -367,17 +438,51 @@ impl AddressSpace {
                 break;
             }
         }
-        let report = SyncReport {
+        let mut report = SyncReport {
             reported_pages: sink.reported_pages(),
             sampled_pages: sink.sampled_pages(),
             sample: count,
             new_pages: DirtyReason::ALL.map(|r| sink.new_pages(r)),
-            sync_ns: start.elapsed().as_nanos() as u64,
+            sync_ns: 0,
         };
+        // What this sync's harvest newly set, per reason (in the held pages, if held).
+        let harvested_new = report.new_pages;
+        if let Some(own) = own {
+            // Nothing reached another reason's bitmap.
+            for r in DirtyReason::ALL.into_iter().filter(|r| *r != own) {
+                report.new_pages[r.index()] = 0;
+            }
+        } else {
+            // Hand the held pages over: the union of what earlier own-syncs held and
+            // what this one harvested, counted as one sync would have counted it.
+            let mut extra_reported = 0;
+            for r in DirtyReason::ALL {
+                let i = r.index();
+                let Some(held) = inner.held[i].take() else {
+                    continue;
+                };
+                let words = held.to_vec();
+                let total = self.total_pages;
+                report.new_pages[i] = inner.clients[i]
+                    .as_ref()
+                    .map_or(0, |b| b.merge_le(0, &words, total));
+                if let Some(obs) = &inner.clients[3 + i] {
+                    obs.merge_le(0, &words, total);
+                }
+                // Harvested pages that were already held were reported once before.
+                let repeats = report.reported_pages.saturating_sub(harvested_new[i]);
+                extra_reported = u64::max(
+                    extra_reported,
+                    held_before[i].saturating_sub(repeats.min(held_before[i])),
+                );
+            }
+            report.reported_pages += extra_reported;
+        }
+        report.sync_ns = start.elapsed().as_nanos() as u64;
         self.stats
             .record_sync(report.reported_pages, report.sync_ns);
         if let Some(reason) = one_shot {
-            self.stop_locked(&mut inner, reason)?;
+            self.stop_locked(inner, reason)?;
         }
         result.map(|()| report)
     }
@@ -562,6 +667,113 @@ mod tests {
         assert!(!space.reasons().contains(DirtyReason::DirtyRate));
         assert!(space.reasons().contains(DirtyReason::Migration));
         assert_eq!(space.stats().snapshot().syncs, 2);
+    }
+
+    /// Runs a migration's syncs over a scripted guest, with or without another reason's
+    /// own syncs in between, and returns every migration sync's report (less the time),
+    /// the migration bitmap and its observer after each.
+    fn migration_run(with_measurement: bool) -> Vec<(u64, u64, Vec<u64>, Vec<u64>)> {
+        let space = AddressSpace::new(two_blocks()).unwrap();
+        let fake = Arc::new(Fake::default());
+        space.register_listener(fake.clone()).unwrap();
+        let mig = space
+            .global_dirty_log_start(DirtyReason::Migration)
+            .unwrap();
+        let window = space.observe(DirtyReason::Migration).unwrap();
+        // The guest writes `pages`: a listener reports a page once per sync.
+        let write = |pages: &[u64]| {
+            let mut q = fake.next.lock().unwrap();
+            for p in pages {
+                if !q.contains(p) {
+                    q.push(*p);
+                }
+            }
+        };
+        let mut out = Vec::new();
+        let writes: [&[u64]; 4] = [&[1, 2, 300], &[2, 3, 301, 400], &[5], &[1, 2, 3, 4]];
+        for (i, w) in writes.iter().enumerate() {
+            write(w);
+            if with_measurement && i % 2 == 0 {
+                // A measurement: its baseline harvests what the guest wrote so far,
+                // the guest writes more (page 2 again), its final sync stops it.
+                let rate = space
+                    .global_dirty_log_start(DirtyReason::DirtyRate)
+                    .unwrap();
+                space
+                    .global_dirty_log_sync_for(DirtyReason::DirtyRate, false)
+                    .unwrap();
+                rate.clear_all();
+                write(&[2, 7]);
+                let r = space
+                    .global_dirty_log_sync_for(DirtyReason::DirtyRate, true)
+                    .unwrap();
+                assert_eq!(r.new_pages(DirtyReason::Migration), 0, "held back");
+                assert_eq!(rate.iter_set().collect::<Vec<_>>(), vec![2, 7]);
+                assert!(!space.reasons().contains(DirtyReason::DirtyRate));
+            } else {
+                write(&[2, 7]);
+            }
+            let r = space.global_dirty_log_sync(None).unwrap();
+            out.push((
+                r.reported_pages,
+                r.new_pages(DirtyReason::Migration),
+                mig.to_vec(),
+                window.to_vec(),
+            ));
+            // The sender takes what it sends; the period's observer is cleared.
+            if i == 1 {
+                mig.clear_all();
+                window.clear_all();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn another_reasons_own_syncs_change_none_of_the_migrations_figures() {
+        let without = migration_run(false);
+        let with = migration_run(true);
+        assert_eq!(with, without);
+        // And the figures are the guest's: pages 1, 2, 7, 300 in the first sync.
+        assert_eq!((without[0].0, without[0].1), (4, 4));
+    }
+
+    #[test]
+    fn only_the_last_reasons_one_shot_sync_stops_logging() {
+        struct Final(Mutex<Vec<bool>>);
+        impl MemoryListener for Final {
+            fn name(&self) -> &'static str {
+                "final"
+            }
+            fn log_sync(&self, _b: &RamBlock, sink: &mut DirtySink<'_>) -> Result<()> {
+                self.0.lock().unwrap().push(sink.stops_logging());
+                Ok(())
+            }
+        }
+        let space = AddressSpace::new(two_blocks()).unwrap();
+        let l = Arc::new(Final(Mutex::new(Vec::new())));
+        space.register_listener(l.clone()).unwrap();
+        space
+            .global_dirty_log_start(DirtyReason::Migration)
+            .unwrap();
+        space
+            .global_dirty_log_start(DirtyReason::DirtyRate)
+            .unwrap();
+        space
+            .global_dirty_log_sync_for(DirtyReason::DirtyRate, true)
+            .unwrap();
+        space.global_dirty_log_sync(None).unwrap();
+        space
+            .global_dirty_log_sync(Some(DirtyReason::Migration))
+            .unwrap();
+        // Two blocks per sync.
+        assert_eq!(
+            *l.0.lock().unwrap(),
+            vec![false, false, false, false, true, true]
+        );
+        assert!(space
+            .global_dirty_log_sync_for(DirtyReason::DirtyRate, false)
+            .is_err());
     }
 
     #[test]

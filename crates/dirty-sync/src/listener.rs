@@ -89,6 +89,7 @@ pub struct DirtySink<'a> {
     sample: Option<RateSample>,
     may_defer_clear: bool,
     rearm: RateSample,
+    stops_logging: bool,
 }
 
 /// Bitmaps one sink feeds: each reason's own, then each reason's observer (see
@@ -107,6 +108,7 @@ impl<'a> DirtySink<'a> {
             sample: None,
             may_defer_clear: false,
             rearm: RateSample::ALL,
+            stops_logging: false,
         }
     }
 
@@ -142,6 +144,22 @@ impl<'a> DirtySink<'a> {
     pub fn may_defer_clear(&self) -> bool {
         self.may_defer_clear
     }
+
+    /// Marks this sync as the last before logging stops (the one-shot sync of the last
+    /// reason): see [`DirtySink::stops_logging`].
+    pub fn stopping_logging(mut self, stops: bool) -> Self {
+        self.stops_logging = stops;
+        self
+    }
+
+    /// True when no reason logs after this sync: a listener need not re-arm (write-protect
+    /// again) what it harvests, since nobody will ask for those pages; the next start's
+    /// baseline sync absorbs whatever it reports then. Re-arming here would make the
+    /// guest fault on its whole working set right after the last reader stopped.
+    pub fn stops_logging(&self) -> bool {
+        self.stops_logging
+    }
+
     /// Merges a little-endian bitmap whose bit `i` is global page `first_page + i`.
     pub fn merge_le(&mut self, first_page: u64, words: &[u64], pages: u64) {
         for (i, client) in self.clients.iter().enumerate() {

@@ -6,8 +6,12 @@
 //! job can be cancelled; the log-based modes use their own dirty-log reason
 //! ([`DirtyReason::DirtyRate`]) and own bitmap, so they run beside a migration without
 //! taking its pages; windows go down to 50 ms with the actual window measured; and the
-//! reply carries the exact rate, a 95 % interval (sampling) and the unique-page rate
-//! beside the ring-entry rate (ring).
+//! reply carries the exact rate, a 95 % interval (sampling) and, in ring mode, unique
+//! pages per vCPU as `vcpu-dirty-rate` (the unit of `dirty-rate`) with QEMU's ring-entry
+//! counts under `x-ferry`. The measurement's syncs are its own
+//! ([`AddressSpace::global_dirty_log_sync_for`]): a migration beside it counts exactly
+//! what it would count without it. Its last sync re-protects nothing when no other
+//! reason logs, so the guest does not fault on its working set again after the reply.
 
 use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -390,6 +394,8 @@ struct Measured {
     start: Instant,
     window: Duration,
     vcpu_entries: Option<Vec<u64>>,
+    /// Distinct pages per vCPU (ring mode, when the VMM counts them).
+    vcpu_pages: Option<Vec<u64>>,
     sampling: Option<SamplingResult>,
 }
 
@@ -430,11 +436,18 @@ impl Worker {
 
     /// Bitmap and ring modes: start the log for DirtyRate, sync to a baseline, wait the
     /// window, sync once more (one-shot: stops only DirtyRate) and count our own bitmap.
+    /// Both syncs are DirtyRate's own (`global_dirty_log_sync_for`): what they harvest
+    /// for a migration beside is held back for its next sync, so the migration counts
+    /// exactly what it would have counted without the measurement.
     fn log_based(&self, ring: bool) -> std::result::Result<Measured, Stop> {
         let space = self.vm.address_space();
         let bitmap = space.global_dirty_log_start(DirtyReason::DirtyRate)?;
         let r = catch_unwind(AssertUnwindSafe(|| self.log_window(space, &bitmap, ring)))
             .unwrap_or_else(|p| Err(panicked(&*p)));
+        if ring && r.is_err() {
+            // Stop a per-vCPU page count the window left running.
+            let _ignored = self.vm.vcpu_dirty_pages_take();
+        }
         if space.reasons().contains(DirtyReason::DirtyRate) {
             // Failed, cancelled or panicked before the one-shot sync: stop only our
             // reason (a reason left on would refuse the next measurement).
@@ -453,7 +466,13 @@ impl Worker {
     ) -> std::result::Result<Measured, Stop> {
         // Baseline: absorbs what was dirty before (and KVM's INITIALLY_SET all-ones).
         let s0 = Instant::now();
-        let report = space.global_dirty_log_sync(None)?;
+        // Per-vCPU distinct pages, counted from this sync on (ring mode).
+        let counting_pages = ring && self.vm.vcpu_dirty_pages_start();
+        // While a measurement logs, no listener defers its re-protect (the address space
+        // says so in the sink): the baseline re-arms everything it found, pages the
+        // migration's lazy clear left pending included (QEMU's
+        // dirtyrate_manual_reset_protect), so the window counts every write.
+        let report = space.global_dirty_log_sync_for(DirtyReason::DirtyRate, false)?;
         let t0 = s0 + Duration::from_nanos(report.sync_ns / 2);
         bitmap.clear_all();
         let e0 = if ring { Some(self.entries()?) } else { None };
@@ -462,8 +481,13 @@ impl Worker {
             .wait_window(t0, remaining_ms)
             .ok_or(Stop::Cancelled)?;
         let s1 = Instant::now();
-        let report = space.global_dirty_log_sync(Some(DirtyReason::DirtyRate))?;
+        let report = space.global_dirty_log_sync_for(DirtyReason::DirtyRate, true)?;
         let t1 = s1 + Duration::from_nanos(report.sync_ns / 2);
+        let vcpu_pages = if counting_pages {
+            self.vm.vcpu_dirty_pages_take()
+        } else {
+            None
+        };
         let vcpu_entries = match e0 {
             Some(e0) => {
                 let e1 = self.entries()?;
@@ -481,6 +505,7 @@ impl Worker {
             start: t0,
             window: t1.saturating_duration_since(t0),
             vcpu_entries,
+            vcpu_pages,
             sampling: None,
         })
     }
@@ -511,6 +536,7 @@ impl Worker {
             start: t0,
             window,
             vcpu_entries: None,
+            vcpu_pages: None,
             sampling: Some(s),
         })
     }
@@ -544,14 +570,27 @@ fn result_of(m: Measured) -> DirtyRateResult {
     let vcpu_dirty_rate = m.vcpu_entries.map(|entries| {
         let total: u64 = entries.iter().sum();
         ferry.ring_entries = Some(total);
-        ferry.vcpu_ring_entries = Some(entries.clone());
         ferry.ring_entries_mib_per_sec = Some(mib(total as f64));
-        entries
+        ferry.vcpu_ring_entries_mib_per_sec =
+            Some(entries.iter().map(|e| mib(*e as f64)).collect());
+        ferry.vcpu_ring_entries = Some(entries.clone());
+        // Distinct pages per vCPU, the unit of `dirty-rate`; ring entries only when the
+        // VMM does not count pages.
+        let per_vcpu = match m.vcpu_pages {
+            Some(pages) => {
+                let rates: Vec<f64> = pages.iter().map(|p| mib(*p as f64)).collect();
+                ferry.vcpu_dirty_pages = Some(pages);
+                ferry.vcpu_dirty_rate_mib_per_sec = Some(rates.clone());
+                rates
+            }
+            None => entries.iter().map(|e| mib(*e as f64)).collect(),
+        };
+        per_vcpu
             .iter()
             .enumerate()
-            .map(|(id, e)| DirtyRateVcpu {
+            .map(|(id, r)| DirtyRateVcpu {
                 id: id as u64,
-                dirty_rate: mib(*e as f64).floor() as i64,
+                dirty_rate: r.floor() as i64,
             })
             .collect()
     });
@@ -732,6 +771,7 @@ fn thread_cpu_ns() -> u64 {
 mod tests {
     use super::*;
     use dirty_sync::{DirtySink, MemoryListener, RamBlock};
+    use std::sync::Mutex;
 
     /// Reports pages `0..pages` on every sync, like a working-set guest.
     struct EverySync(u64);
@@ -876,11 +916,134 @@ mod tests {
         assert_eq!(q.sample_pages, 0);
         assert!(space.reasons().contains(DirtyReason::Migration));
         assert!(!space.reasons().contains(DirtyReason::DirtyRate));
+        assert_eq!(mig.count(), 0, "held back for the migration's own sync");
+        let r = space.global_dirty_log_sync(None).unwrap();
+        assert_eq!(r.new_pages(DirtyReason::Migration), 256);
         assert_eq!(mig.count(), 256, "the migration's bitmap keeps every page");
         // Again: a second request after the first one finished.
         job.calc(&DirtyRateArgs::millis(50, DirtyRateMode::DirtyBitmap))
             .unwrap();
         assert_eq!(job.wait(None).ferry.unwrap().dirty_pages, 256.0);
+    }
+
+    /// Reports the pages the test queued, once, at the next sync.
+    #[derive(Default)]
+    struct Script(Mutex<Vec<u64>>);
+
+    impl MemoryListener for Script {
+        fn name(&self) -> &'static str {
+            "script"
+        }
+        fn log_sync(&self, b: &RamBlock, sink: &mut DirtySink<'_>) -> dirty_sync::Result<()> {
+            let mut q = self.0.lock().unwrap();
+            for p in q.drain(..).filter(|p| *p < b.pages()) {
+                sink.set_page(b.first_page + p);
+            }
+            Ok(())
+        }
+    }
+
+    /// A migration's per-sync figures (reported, new pages, its bitmap, its period's
+    /// unique pages) over a scripted guest, with a bitmap-mode measurement between
+    /// syncs 1 and 2 or not.
+    fn migration_figures(measure: bool) -> Vec<(u64, u64, u64, u64)> {
+        let script = Arc::new(Script::default());
+        let ram = dirty_sync::HostMemory::anonymous(4 << 20).unwrap();
+        let space = AddressSpace::new(vec![RamBlock::new("ram0", 0, ram, 0, 0)]).unwrap();
+        space.register_listener(script.clone()).unwrap();
+        let vm = Arc::new(FakeVm {
+            space: Arc::new(space),
+            mem: (),
+        });
+        let space = Arc::clone(vm.address_space());
+        let job = DirtyRateJob::new(vm);
+        let mig = space
+            .global_dirty_log_start(DirtyReason::Migration)
+            .unwrap();
+        let period = space.observe(DirtyReason::Migration).unwrap();
+        let mut out = Vec::new();
+        for sync in 0..4u64 {
+            script
+                .0
+                .lock()
+                .unwrap()
+                .extend((0..100).map(|p| p * (sync + 1)));
+            if measure && sync == 1 {
+                job.calc(&DirtyRateArgs::millis(50, DirtyRateMode::DirtyBitmap))
+                    .unwrap();
+                let q = job.wait(None);
+                assert!(q.ferry.unwrap().error.is_none());
+                script.0.lock().unwrap().extend(500..600);
+            } else if sync == 1 {
+                script.0.lock().unwrap().extend(500..600);
+            }
+            let r = space.global_dirty_log_sync(None).unwrap();
+            out.push((
+                r.reported_pages,
+                r.new_pages(DirtyReason::Migration),
+                mig.count(),
+                period.count(),
+            ));
+            // The sender takes half of what it has; a period closes at sync 2.
+            for p in mig.iter_set().step_by(2).collect::<Vec<_>>() {
+                mig.test_and_clear(p);
+            }
+            if sync == 2 {
+                period.clear_all();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_measurement_beside_a_migration_changes_none_of_its_figures() {
+        let without = migration_figures(false);
+        // Sync 1: the even pages below 200 (the sender took those below 100) and 500..600.
+        assert_eq!((without[1].0, without[1].1), (200, 200));
+        assert_eq!(migration_figures(true), without);
+    }
+
+    /// Defers its clear when a sync lets it; records, per sync, whether it could.
+    #[derive(Default)]
+    struct Lazy(Mutex<Vec<bool>>);
+
+    impl MemoryListener for Lazy {
+        fn name(&self) -> &'static str {
+            "lazy"
+        }
+        fn defers_clear(&self) -> bool {
+            true
+        }
+        fn log_sync(&self, _b: &RamBlock, sink: &mut DirtySink<'_>) -> dirty_sync::Result<()> {
+            self.0.lock().unwrap().push(sink.may_defer_clear());
+            Ok(())
+        }
+    }
+
+    /// A measurement's syncs never let a listener leave pages armed for a lazy clear
+    /// (nobody would clear them, and its window would miss their writes), not even
+    /// beside a migration, whose own lazy syncs may defer again once it is done.
+    #[test]
+    fn no_sync_defers_clears_while_a_measurement_logs() {
+        let lazy = Arc::new(Lazy::default());
+        let ram = dirty_sync::HostMemory::anonymous(4 << 20).unwrap();
+        let space = Arc::new(AddressSpace::new(vec![RamBlock::new("ram0", 0, ram, 0, 0)]).unwrap());
+        space.register_listener(lazy.clone()).unwrap();
+        let job = DirtyRateJob::new(Arc::new(FakeVm {
+            space: space.clone(),
+            mem: (),
+        }));
+        let all = dirty_sync::RateSample::ALL;
+        space
+            .global_dirty_log_start(DirtyReason::Migration)
+            .unwrap();
+        space.global_dirty_log_sync_lazy(all, all).unwrap();
+        job.calc(&DirtyRateArgs::millis(50, DirtyRateMode::DirtyBitmap))
+            .unwrap();
+        assert!(job.wait(None).ferry.unwrap().error.is_none());
+        space.global_dirty_log_sync_lazy(all, all).unwrap();
+        // The migration's, the measurement's two, the migration's again.
+        assert_eq!(*lazy.0.lock().unwrap(), vec![true, false, false, true]);
     }
 
     #[test]

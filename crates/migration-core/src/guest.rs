@@ -34,6 +34,17 @@ pub trait MigratableVm: Send + Sync {
     fn vcpu_dirty_entries(&self) -> Option<Vec<u64>> {
         None
     }
+    /// Starts counting the distinct pages each vCPU dirties (dirty ring), in a window
+    /// that opens at the next dirty-log sync; false when the guest cannot (no ring).
+    fn vcpu_dirty_pages_start(&self) -> bool {
+        false
+    }
+    /// Per vCPU: distinct pages dirtied from the sync after
+    /// [`MigratableVm::vcpu_dirty_pages_start`] to the latest sync, and stops counting;
+    /// None when nothing was counting.
+    fn vcpu_dirty_pages_take(&self) -> Option<Vec<u64>> {
+        None
+    }
 }
 
 /// Access to guest RAM, page by page, through the blocks' [`HostMemory`](dirty_sync::HostMemory).

@@ -45,7 +45,8 @@ pub enum DirtyRateMode {
     /// Hash randomly chosen pages before and after the window; no dirty logging.
     #[default]
     PageSampling,
-    /// Count each vCPU's dirty-ring entries (and the unique pages) over the window.
+    /// Count the unique pages the dirty rings report over the window, per vCPU too
+    /// (QEMU counts ring entries; Ferry keeps those under `x-ferry`).
     DirtyRing,
     /// Count the pages the dirty log reports over the window.
     DirtyBitmap,
@@ -105,7 +106,10 @@ impl TimeUnit {
 pub struct DirtyRateVcpu {
     /// vCPU index.
     pub id: u64,
-    /// Ring entries harvested for this vCPU in the window, as MiB/s.
+    /// Distinct pages this vCPU dirtied in the window, as MiB/s (the unit of the VM's
+    /// `dirty-rate`; a page dirtied by two vCPUs counts for each, so with disjoint
+    /// writers the vCPUs' rates sum to the VM's). Ring entries per vCPU, QEMU's count,
+    /// are under `x-ferry.vcpu-ring-entries`.
     pub dirty_rate: i64,
 }
 
@@ -154,6 +158,17 @@ pub struct FerryDirtyRateInfo {
     /// Dirty ring: `ring-entries` as MiB/s (QEMU's `dirty-rate` in this mode).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ring_entries_mib_per_sec: Option<f64>,
+    /// Dirty ring: `vcpu-ring-entries` as MiB/s per vCPU (QEMU's `vcpu-dirty-rate`,
+    /// unrounded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpu_ring_entries_mib_per_sec: Option<Vec<f64>>,
+    /// Dirty ring: distinct pages each vCPU dirtied in the window (the counts behind
+    /// `vcpu-dirty-rate`; a page dirtied by two vCPUs counts for each).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpu_dirty_pages: Option<Vec<u64>>,
+    /// Dirty ring: `vcpu-dirty-pages` as MiB/s, unrounded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpu_dirty_rate_mib_per_sec: Option<Vec<f64>>,
     /// CPU time the measurement thread used, ms.
     pub cpu_ms: f64,
     /// True when the measurement was cancelled before its window ended.

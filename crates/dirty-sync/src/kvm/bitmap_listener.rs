@@ -217,7 +217,10 @@ impl MemoryListener for KvmBitmapListener {
         ioctls::get_dirty_log(&self.vm, block, &mut log.harvested)?;
         if !self.defers_clear() {
             sink.merge_le(block.first_page, &log.harvested, block.pages());
-            if self.mode == ProtectMode::Manual {
+            // The last sync before logging stops re-protects nothing: the guest would
+            // fault on its whole working set again for nobody (the bits stay set in
+            // KVM; the next start's baseline sync absorbs them).
+            if self.mode == ProtectMode::Manual && !sink.stops_logging() {
                 self.clear_bits(block, &log.harvested, 0, block.pages())?;
             }
             return Ok(());
@@ -252,6 +255,9 @@ impl MemoryListener for KvmBitmapListener {
             }
         }
         sink.merge_le(block.first_page, harvested, block.pages());
+        if sink.stops_logging() {
+            return Ok(()); // as above: nobody reads what a re-arm would log
+        }
         self.clear_bits(block, to_clear, 0, block.pages())
     }
 

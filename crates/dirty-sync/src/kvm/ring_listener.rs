@@ -61,7 +61,13 @@ impl<F: Fn() -> Result<()> + Send + Sync> VcpuKick for F {
 pub struct KvmRingConfig {
     /// Ring size in entries per vCPU: a power of two, the size the VM was created with.
     pub entries: u32,
-    /// The reaper thread reaps every ring this often (0: only on demand and fill level).
+    /// The reaper thread reaps every ring this often (0, the default: only on demand,
+    /// on a ring-full exit and at the fill level). Every reap ends in a reset that
+    /// re-protects what it collected, so the guest faults on its working set again:
+    /// a period of 1000 ms (counted from the last reap, a sync's too) reset the rings
+    /// just before the final sync of a 1 s calc-dirty-rate window, and the guest
+    /// (working set 65536) then stalled 0.4-1 s after the measurement returned. Without
+    /// a period, rings are reset at syncs and when one fills (the vCPU's exit).
     pub reap_period_ms: u64,
     /// The reaper reaps once some ring is this many percent full (0: off, the default).
     /// Every early reap ends in a reset that re-protects what it collected, so a fill
@@ -77,7 +83,7 @@ impl Default for KvmRingConfig {
     fn default() -> Self {
         KvmRingConfig {
             entries: DEFAULT_RING_ENTRIES,
-            reap_period_ms: 1000,
+            reap_period_ms: 0,
             fill_wake_percent: 0,
             fill_poll_ms: 10,
         }
@@ -185,6 +191,50 @@ struct State {
     reset_owed: bool,
     /// Per vCPU: the fetch index the last completed reset covered.
     reset_done: Vec<u32>,
+    /// Distinct pages per vCPU over a window, while someone counts them.
+    vcpu_pages: Option<VcpuPages>,
+}
+
+/// Distinct pages each vCPU dirtied since a sync ([`KvmRingListener::vcpu_pages_start`]).
+struct VcpuPages {
+    /// The window opens at the next sync, after its reap.
+    armed: bool,
+    /// Per vCPU: one bit per global page, grown on demand.
+    bits: Vec<Vec<u64>>,
+    /// Per vCPU: bits set in `bits`.
+    counts: Vec<u64>,
+    /// `counts` as of the last sync inside the window.
+    at_sync: Vec<u64>,
+}
+
+impl VcpuPages {
+    /// Notes that `vcpu` dirtied global page `page`.
+    fn set(&mut self, vcpu: usize, page: u64) {
+        if self.armed {
+            return;
+        }
+        let (Some(bits), Some(count)) = (self.bits.get_mut(vcpu), self.counts.get_mut(vcpu)) else {
+            return;
+        };
+        let w = (page / BITS_PER_WORD) as usize;
+        if w >= bits.len() {
+            bits.resize(w + 1, 0);
+        }
+        let bit = 1u64 << (page % BITS_PER_WORD);
+        if bits[w] & bit == 0 {
+            bits[w] |= bit;
+            *count += 1;
+        }
+    }
+
+    /// A sync reaped: open the window (armed) or record where it stands.
+    fn at_sync(&mut self) {
+        if std::mem::take(&mut self.armed) {
+            self.bits.iter_mut().for_each(Vec::clear);
+            self.counts.iter_mut().for_each(|c| *c = 0);
+        }
+        self.at_sync.clone_from(&self.counts);
+    }
 }
 
 /// How the listener re-protects collected entries.
@@ -316,6 +366,7 @@ impl KvmRingListener {
                 deferred_error: None,
                 reset_owed: false,
                 reset_done: vec![0; n],
+                vcpu_pages: None,
             }),
             fetch_mirror: (0..n).map(|_| AtomicU32::new(0)).collect(),
             vcpu_entries: (0..n).map(|_| AtomicU64::new(0)).collect(),
@@ -358,6 +409,28 @@ impl KvmRingListener {
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .collect()
+    }
+
+    /// Starts counting the distinct pages each vCPU dirties, in a window that opens at
+    /// the next sync (after that sync's reap) and runs to the latest sync; replaces a
+    /// count under way. A page dirtied by two vCPUs counts for each; a page re-dirtied
+    /// after a reset counts once (ring entries count it again: [`Self::vcpu_dirty_entries`]).
+    pub fn vcpu_pages_start(&self) {
+        let n = self.rings.len();
+        self.lock().vcpu_pages = Some(VcpuPages {
+            armed: true,
+            bits: vec![Vec::new(); n],
+            counts: vec![0; n],
+            at_sync: vec![0; n],
+        });
+    }
+
+    /// Per vCPU: the distinct pages counted from the sync after [`Self::vcpu_pages_start`]
+    /// to the latest sync, and stops counting; None when nothing was counting or no
+    /// sync opened the window.
+    pub fn vcpu_pages_take(&self) -> Option<Vec<u64>> {
+        let vp = self.lock().vcpu_pages.take()?;
+        (!vp.armed).then_some(vp.at_sync)
     }
 
     /// Cumulative counters (lock-free).
@@ -448,6 +521,7 @@ impl KvmRingListener {
             slots,
             logging,
             corrupt,
+            vcpu_pages,
             ..
         } = st;
         let (Some(ring), Some(fetch_index)) = (self.rings.get(vcpu), fetch.get_mut(vcpu)) else {
@@ -472,6 +546,9 @@ impl KvmRingListener {
                 Some(i) if offset < slots[i].pages => {
                     hint = i;
                     slots[i].set(offset);
+                    if let Some(vp) = vcpu_pages.as_mut() {
+                        vp.set(vcpu, slots[i].first_page + offset);
+                    }
                 }
                 _ if !*logging => {}
                 _ => {
@@ -497,13 +574,24 @@ impl KvmRingListener {
 
     /// Reaps every ring, then resets if anything was collected.
     fn reap_all_locked(&self, st: &mut State) -> Result<u64> {
+        self.collect_all_locked(st, true)
+    }
+
+    /// Reaps every ring; with `reset`, then resets if anything was collected (now or by
+    /// an earlier reap that did not reset). Without, the reset is owed to the next reap
+    /// that resets: the pages stay writable (when logging stops, nobody needs them
+    /// protected, and re-protecting would make the guest fault on all of them again).
+    fn collect_all_locked(&self, st: &mut State, reset: bool) -> Result<u64> {
         let mut total = 0;
         for v in 0..self.rings.len() {
             total += self.reap_ring_locked(st, v);
         }
         self.last_reap_ns
             .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        if total > 0 || st.reset_owed {
+        if total > 0 {
+            st.reset_owed = true;
+        }
+        if reset && st.reset_owed {
             self.reset_rings(st)?;
         }
         Ok(total)
@@ -682,7 +770,8 @@ impl MemoryListener for KvmRingListener {
         self.logging.store(false, Ordering::Release);
         let mut st = self.lock();
         st.logging = false;
-        self.reap_all_locked(&mut st)?;
+        // No reset: nobody logs now, and the next start resets what is owed.
+        self.collect_all_locked(&mut st, false)?;
         st.slots.clear();
         Ok(())
     }
@@ -715,7 +804,9 @@ impl MemoryListener for KvmRingListener {
             Resetter::Fake => {}
         }
         let mut st = self.lock();
-        self.reap_all_locked(&mut st)?;
+        // Collect what the slot logged before it stopped; the reset waits for the next
+        // start (see `collect_all_locked`).
+        self.collect_all_locked(&mut st, false)?;
         st.slots.retain(|s| s.kvm_slot != block.kvm_slot);
         Ok(())
     }
@@ -728,9 +819,16 @@ impl MemoryListener for KvmRingListener {
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let mut st = self.lock();
         self.syncs.fetch_add(1, Ordering::Relaxed);
-        let reaped = self.reap_all_locked(&mut st);
+        // The last sync before logging stops leaves what it collects writable.
+        let reaped = self.collect_all_locked(&mut st, !sink.stops_logging());
+        if reaped.is_ok() {
+            if let Some(vp) = st.vcpu_pages.as_mut() {
+                vp.at_sync();
+            }
+        }
         // Publish only after the reset above re-protected every reaped page (QEMU's
         // rule); pages reaped earlier by the reaper or ring-full path were reset then.
+        // (The last sync before logging stops resets nothing: nobody reads on.)
         if reaped.is_ok() {
             let mut unique = 0;
             for s in &mut st.slots {
@@ -905,6 +1003,81 @@ mod tests {
         assert_eq!(r.new_pages(DirtyReason::Migration), 12);
         assert_eq!(l.stats().ring_full_exits, 1);
         assert_eq!(l.vcpu_dirty_entries(), vec![12]);
+    }
+
+    #[test]
+    fn per_vcpu_pages_count_distinct_pages_from_the_next_sync() {
+        let l = fake(2, 16);
+        let space = AddressSpace::new(blocks()).unwrap();
+        space.register_listener(l.clone()).unwrap();
+        space
+            .global_dirty_log_start(DirtyReason::Migration)
+            .unwrap();
+        assert_eq!(l.vcpu_pages_take(), None, "nothing counting");
+        l.vcpu_pages_start();
+        // Before the window: reaped by the sync that opens it.
+        push(&l, 0, 0, 0, 1);
+        space.global_dirty_log_sync(None).unwrap();
+        kernel_reset(&l);
+        // In the window: vCPU 0 writes page 5 twice (two entries, one page) and page 6;
+        // vCPU 1 writes page 5 too and a page of slot 1.
+        push(&l, 0, 1, 0, 5);
+        push(&l, 0, 2, 0, 6);
+        l.reap_all().unwrap();
+        kernel_reset(&l);
+        push(&l, 0, 3, 0, 5);
+        push(&l, 1, 0, 0, 5);
+        push(&l, 1, 1, (1 << 16) | 3, 0);
+        space.global_dirty_log_sync(None).unwrap();
+        // After the last sync: not in the window.
+        push(&l, 1, 2, 0, 9);
+        l.reap_all().unwrap();
+        assert_eq!(l.vcpu_pages_take(), Some(vec![2, 2]));
+        assert_eq!(
+            l.vcpu_dirty_entries(),
+            vec![4, 3],
+            "entries count every push"
+        );
+        assert_eq!(l.vcpu_pages_take(), None, "taken");
+    }
+
+    #[test]
+    fn the_last_sync_before_logging_stops_resets_nothing() {
+        let l = fake(1, 16);
+        let space = AddressSpace::new(blocks()).unwrap();
+        space.register_listener(l.clone()).unwrap();
+        let rate = space
+            .global_dirty_log_start(DirtyReason::DirtyRate)
+            .unwrap();
+        push(&l, 0, 0, 0, 3);
+        space.global_dirty_log_sync(None).unwrap();
+        let resets = l.stats().resets;
+        assert_eq!(resets, 1);
+        kernel_reset(&l);
+        push(&l, 0, 1, 0, 4);
+        space
+            .global_dirty_log_sync(Some(DirtyReason::DirtyRate))
+            .unwrap();
+        assert!(rate.is_set(4), "still counted");
+        assert_eq!(
+            l.stats().resets,
+            resets,
+            "the guest keeps its pages writable"
+        );
+        // The next start resets what is owed before logging again.
+        space
+            .global_dirty_log_start(DirtyReason::DirtyRate)
+            .unwrap();
+        assert_eq!(l.stats().resets, resets + 1);
+        // With another reason left, a one-shot sync re-protects as usual.
+        space
+            .global_dirty_log_start(DirtyReason::Migration)
+            .unwrap();
+        push(&l, 0, 2, 0, 5);
+        space
+            .global_dirty_log_sync(Some(DirtyReason::DirtyRate))
+            .unwrap();
+        assert_eq!(l.stats().resets, resets + 2);
     }
 
     #[test]
