@@ -31,23 +31,7 @@ fn threads_every_workload_counts_its_page_writes() {
 #[test]
 fn threads_every_workload_advances() {
     for vcpus in [1, 2] {
-        for (w, rounds) in [
-            (Workload::Idle, 3),
-            (Workload::WorkingSet { pages: 1024 }, 20),
-            (
-                Workload::Sweep {
-                    pages_per_sec: 20_000,
-                },
-                200,
-            ),
-            (
-                Workload::Random {
-                    seed: 42,
-                    hot_percent: 80,
-                },
-                3,
-            ),
-        ] {
+        for (w, rounds) in every_workload() {
             let vm = started(cfg(THREADS, w, vcpus));
             assert!(!vm.is_kvm());
             assert_eq!(vm.backend_name(), "host-threads (no /dev/kvm)");

@@ -241,6 +241,10 @@ impl MemoryListener for KvmBitmapListener {
             .zip(to_clear.iter_mut())
             .enumerate()
         {
+            if *h | *p == 0 {
+                *c = 0; // nothing harvested, nothing pending: most words, most syncs
+                continue;
+            }
             if defer {
                 let sampled = sample.mask_at(block.first_page + i as u64 * BITS_PER_WORD);
                 *c = (*h | *p) & sampled;
