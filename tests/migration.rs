@@ -332,6 +332,81 @@ fn eager_clear_migrates_a_sweeping_guest() {
     dest.check_completed(ram_digest(&GuestRam::new(guest.clone())));
 }
 
+/// A calc-dirty-rate in the middle of a migration changes none of the migration's
+/// figures: its `dirty-sync-count` counts the migration's own syncs only (the address
+/// space also counts the measurement's two), and the period that spans the measurement
+/// still reads the working set, by Ferry's rule and by QEMU's.
+#[test]
+fn a_measurement_beside_a_migration_leaves_its_figures_alone() {
+    use ferry::migration_core::{DirtyRateArgs, DirtyRateJob, DirtyRateMode};
+    let _g = guest_lock();
+    let w = 65536u64;
+    let cfg = config(1 << 30, 2, Workload::WorkingSet { pages: w });
+    let guest = boot(&cfg);
+    let dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
+    // 256 MiB rewritten all the time at 128 MiB/s: it iterates until cancelled.
+    let source = whole_pages_source(&guest, 128 << 20, 1);
+    source.migrate(&dest.uri).unwrap();
+    let syncs = |i: &ferry::stats::MigrationInfo| i.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
+    let before = poll_until(&source, "a few periods", |i| {
+        i.ram.as_ref().is_some_and(|r| r.dirty_pages_rate > 0) && syncs(i) >= 5
+    });
+    let job = DirtyRateJob::new(guest.clone());
+    let space_syncs = || guest.address_space().stats().snapshot().syncs;
+    let start_syncs = syncs(&before);
+    job.calc(&DirtyRateArgs::millis(500, DirtyRateMode::DirtyBitmap))
+        .unwrap();
+    // Every period the migration closes from here until three syncs after the
+    // measurement ended: (syncs, Ferry's rate, QEMU's rate). Before the measurement
+    // had its own syncs, QEMU's rule read 0 for the period that spanned it; the bounds
+    // here leave room for a loaded host slowing the guest.
+    let mut seen = Vec::new();
+    let mut measured_at = None;
+    let t0 = Instant::now();
+    loop {
+        let i = source.query();
+        assert!(!i.status.is_finished(), "{i:?}");
+        assert!(t0.elapsed() < TIMEOUT, "timed out: {i:?}");
+        let point = (
+            syncs(&i),
+            i.ram.as_ref().map_or(0, |r| r.dirty_pages_rate),
+            i.ferry.as_ref().map_or(0, |f| f.new_dirty_pages_rate),
+        );
+        if seen.last() != Some(&point) {
+            seen.push(point);
+        }
+        if measured_at.is_none() && job.status() == ferry::stats::DirtyRateStatus::Measured {
+            measured_at = Some(point.0);
+        }
+        if measured_at.is_some_and(|m| point.0 >= m + 3) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let measured = job.wait(None);
+    assert!(measured.dirty_rate.unwrap_or(0) > 0, "{measured:?}");
+    source.cancel();
+    assert_eq!(source.wait(), MigrationStatus::Cancelled);
+    let fin = source.query();
+    assert_eq!(
+        fin.ram.as_ref().unwrap().dirty_sync_count + 2,
+        space_syncs(),
+        "the migration counts its own syncs, not the measurement's"
+    );
+    let r0 = before.ram.as_ref().unwrap().dirty_pages_rate as f64;
+    let n0 = before.ferry.as_ref().unwrap().new_dirty_pages_rate as f64;
+    for &(sync, rate, new_rate) in seen.iter().filter(|p| p.0 > start_syncs) {
+        assert!(
+            rate as f64 >= 0.5 * r0,
+            "sync {sync}: dirty-pages-rate {rate}, {r0} before the measurement: {seen:?}"
+        );
+        assert!(
+            new_rate as f64 >= 0.25 * n0,
+            "sync {sync}: QEMU's rule read {new_rate}, {n0} before: {seen:?}"
+        );
+    }
+}
+
 /// Polls until `pred` holds on the source's snapshot.
 fn poll_until(
     source: &MigrationSource,
