@@ -21,6 +21,9 @@ pub enum Error {
     /// The two sides disagree on the guest (RAM blocks, page size).
     #[error("incompatible stream: {0}")]
     Incompatible(String),
+    /// Postcopy's missing-page plane (userfaultfd) failed.
+    #[error("postcopy: {0}")]
+    Postcopy(#[from] uffd::Error),
     /// `cancel()` was called.
     #[error("migration cancelled")]
     Cancelled,

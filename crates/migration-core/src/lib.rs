@@ -72,6 +72,7 @@ mod guest;
 #[cfg(test)]
 mod panic_tests;
 mod params;
+pub mod postcopy;
 mod rates;
 mod runstate;
 mod source;
