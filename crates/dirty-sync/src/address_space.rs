@@ -420,7 +420,7 @@ impl AddressSpace {
         }
         let stops_logging = one_shot.is_some_and(|r| inner.mask.without(r).is_empty());
         let mut sink = DirtySink::new(clients)
-            .stopping_logging(stops_logging)
+            .with_stops_logging(stops_logging)
             .with_rate_sample(count)
             .with_deferred_clear(defer)
             .with_rearm_sample(rearm);

@@ -138,16 +138,16 @@ impl<'a> DirtySink<'a> {
     }
 
     /// True when a listener may leave what it harvests armed for a later
-    /// [`MemoryListener::log_clear`]: the address space allows it while a migration,
-    /// which clears pages as it sends them, is the only reason logging (a dirty-rate
-    /// measurement needs every page re-armed at every sync).
+    /// [`MemoryListener::log_clear`]: the address space allows it while a migration
+    /// (which clears pages as it sends them) logs and no dirty-rate measurement does
+    /// (a measurement needs every page re-armed at every sync).
     pub fn may_defer_clear(&self) -> bool {
         self.may_defer_clear
     }
 
     /// Marks this sync as the last before logging stops (the one-shot sync of the last
     /// reason): see [`DirtySink::stops_logging`].
-    pub fn stopping_logging(mut self, stops: bool) -> Self {
+    pub fn with_stops_logging(mut self, stops: bool) -> Self {
         self.stops_logging = stops;
         self
     }
