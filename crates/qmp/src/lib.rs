@@ -14,6 +14,7 @@ mod framing;
 mod hmp;
 mod machine;
 mod monitor;
+pub mod schema;
 mod server;
 
 pub use args::Args;
