@@ -399,11 +399,19 @@ pub struct Capabilities {
     pub multifd: bool,
     /// Emit MIGRATION / MIGRATION_PASS events (QMP).
     pub events: bool,
+    /// QEMU's `return-path`: Ferry's destination always answers on the migration
+    /// connection (its `Ready` and commit acknowledgements), so the state is only
+    /// recorded.
+    pub return_path: bool,
+    /// QEMU's `late-block-activate`: a Ferry guest has no block devices to activate,
+    /// so the state is only recorded.
+    pub late_block_activate: bool,
 }
 
 /// One capability by QMP name: every member of QEMU 8.2's `MigrationCapability`, in
-/// its order. Ferry implements `auto-converge`, `multifd` and `events`; the others
-/// are known so that a list setting them to `false` is accepted.
+/// its order. Ferry implements `auto-converge`, `multifd` and `events`, and accepts
+/// `return-path` and `late-block-activate` (true of it already); the others are known
+/// so that a list setting them to `false` is accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Capability {
@@ -427,7 +435,7 @@ pub enum Capability {
     ReleaseRam,
     /// `block`.
     Block,
-    /// `return-path`.
+    /// `return-path` (accepted: Ferry always has one).
     ReturnPath,
     /// `pause-before-switchover`.
     PauseBeforeSwitchover,
@@ -437,7 +445,7 @@ pub enum Capability {
     DirtyBitmaps,
     /// `postcopy-blocktime`.
     PostcopyBlocktime,
-    /// `late-block-activate`.
+    /// `late-block-activate` (accepted: no block devices).
     LateBlockActivate,
     /// `x-ignore-shared`.
     XIgnoreShared,
@@ -487,7 +495,11 @@ impl Capability {
     pub fn implemented(self) -> bool {
         matches!(
             self,
-            Capability::AutoConverge | Capability::Multifd | Capability::Events
+            Capability::AutoConverge
+                | Capability::Multifd
+                | Capability::Events
+                | Capability::ReturnPath
+                | Capability::LateBlockActivate
         )
     }
 
@@ -508,6 +520,8 @@ impl Capabilities {
             Capability::AutoConverge => self.auto_converge = on,
             Capability::Multifd => self.multifd = on,
             Capability::Events => self.events = on,
+            Capability::ReturnPath => self.return_path = on,
+            Capability::LateBlockActivate => self.late_block_activate = on,
             _ => {}
         }
     }
@@ -518,6 +532,8 @@ impl Capabilities {
             Capability::AutoConverge => self.auto_converge,
             Capability::Multifd => self.multifd,
             Capability::Events => self.events,
+            Capability::ReturnPath => self.return_path,
+            Capability::LateBlockActivate => self.late_block_activate,
             _ => false,
         }
     }
@@ -535,7 +551,9 @@ impl Capabilities {
             Capability::XColo => {
                 "QEMU compiled without replication module can't enable COLO".to_owned()
             }
-            Capability::PostcopyRam => "Postcopy is not supported".to_owned(),
+            Capability::PostcopyRam => {
+                "Postcopy is not supported: Ferry has no postcopy".to_owned()
+            }
             Capability::BackgroundSnapshot => {
                 "Background-snapshot is not supported by host kernel".to_owned()
             }

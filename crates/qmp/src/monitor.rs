@@ -27,6 +27,17 @@ use crate::schema::{
 /// follows (calc-dirty-rate's `calc-time-unit` is 8.2's).
 pub const QEMU_VERSION: (u32, u32, u32) = (8, 2, 0);
 
+/// `package` of the greeting and `query-version`: Ferry's own version (the
+/// workspace's).
+pub const PACKAGE: &str = concat!("ferry-", env!("CARGO_PKG_VERSION"));
+
+/// `VersionInfo`: the QEMU version whose migration interface Ferry implements
+/// ([`QEMU_VERSION`]) and Ferry's own ([`PACKAGE`]).
+pub fn version_info() -> Value {
+    let (major, minor, micro) = QEMU_VERSION;
+    json!({"qemu": {"major": major, "minor": minor, "micro": micro}, "package": PACKAGE})
+}
+
 /// Events queued for one client before it counts as stuck and is disconnected.
 pub const EVENT_QUEUE: usize = 4096;
 
@@ -148,9 +159,7 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
         |_m, _session, a| {
             value({
                 a.finish()?;
-                let (major, minor, micro) = QEMU_VERSION;
-                json!({"qemu": {"major": major, "minor": minor, "micro": micro},
-                       "package": concat!("ferry-", env!("CARGO_PKG_VERSION"))})
+                version_info()
             })
         },
     ),
