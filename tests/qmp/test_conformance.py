@@ -252,6 +252,13 @@ def test_capability_and_parameter_edge_cases(vms):
         await s.execute("migrate_cancel")
         while (await s.execute("query-migrate"))["status"] not in TERMINAL:
             await asyncio.sleep(0.05)
+        # The other replies a monitoring tool reads have the published shapes too.
+        assert (await s.execute("query-dirty-rate"))["status"] == "unstarted"
+        await s.execute("calc-dirty-rate", {"calc-time": 200, "calc-time-unit": "millisecond"})
+        while (await s.execute("query-dirty-rate"))["status"] != "measured":
+            await asyncio.sleep(0.05)
+        await s.execute("query-status")
+        await s.execute("human-monitor-command", {"command-line": "info status"})
         # Once it ended, the same change is accepted.
         await s.execute("migrate-set-capabilities",
                         {"capabilities": [{"capability": "auto-converge", "state": True}]})

@@ -20,6 +20,8 @@ pub enum Ty {
     Object(&'static str, Members),
     /// An array of the element type.
     Array(&'static Ty),
+    /// `MigrationCapability`: an enum of every [`Capability`] ([`Capability::ALL`]).
+    Capabilities,
 }
 
 /// A struct's members.
@@ -30,8 +32,6 @@ pub enum Members {
     /// The migration parameters (every member optional), from
     /// [`MigrationParameters`]' own serialization, so a new parameter shows at once.
     Parameters,
-    /// Every capability ([`Capability::ALL`]): `MigrationCapability`'s values.
-    Capabilities,
 }
 
 /// One member of a struct.
@@ -131,7 +131,7 @@ pub const RUN_STATE: Ty = Ty::Enum(
 );
 
 /// `MigrationCapability`.
-pub const MIGRATION_CAPABILITY: Ty = Ty::Object("MigrationCapability", Members::Capabilities);
+pub const MIGRATION_CAPABILITY: Ty = Ty::Capabilities;
 
 /// `MigrationCapabilityStatus`.
 pub const CAPABILITY_STATUS: Ty = Ty::Object(
@@ -204,7 +204,6 @@ pub fn members(m: Members) -> Vec<(String, Ty, bool)> {
             .iter()
             .map(|m| (m.name.to_owned(), m.ty, m.optional))
             .collect(),
-        Members::Capabilities => Vec::new(),
         Members::Parameters => {
             let v = serde_json::to_value(MigrationParameters::default()).unwrap_or_default();
             v.as_object()
@@ -233,6 +232,7 @@ pub fn members(m: Members) -> Vec<(String, Ty, bool)> {
 pub fn type_name(ty: &Ty) -> String {
     match ty {
         Ty::Builtin(n) | Ty::Enum(n, _) | Ty::Object(n, _) => (*n).to_owned(),
+        Ty::Capabilities => "MigrationCapability".to_owned(),
         Ty::Array(e) => format!("[{}]", type_name(e)),
     }
 }
@@ -253,8 +253,9 @@ fn collect(ty: &Ty, out: &mut BTreeMap<String, Value>) {
         Ty::Enum(n, values) => {
             out.insert(name, enum_info(n, values.iter().map(|v| (*v).to_owned())));
         }
-        Ty::Object(n, Members::Capabilities) => {
-            out.insert(name, enum_info(n, Capability::ALL.iter().map(|c| c.name())));
+        Ty::Capabilities => {
+            let values = Capability::ALL.iter().map(|c| c.name());
+            out.insert(name.clone(), enum_info(&name, values));
         }
         Ty::Object(n, m) => {
             let ms = members(*m);
