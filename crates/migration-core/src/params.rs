@@ -15,10 +15,35 @@ pub enum CompressionParam {
     Zstd,
 }
 
+/// QEMU's migration mode (`mode`, 8.2); Ferry has only the normal one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigMode {
+    /// The ordinary migration.
+    #[default]
+    Normal,
+}
+
 /// The tunables of a migration (`query-migrate-parameters`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct MigrationParameters {
+    /// Initial delay before the first self-announce, ms (QEMU only: accepted at 50).
+    pub announce_initial: u64,
+    /// Longest delay between announce packets, ms (QEMU only: accepted at 550).
+    pub announce_max: u64,
+    /// Self-announce packets after migration (QEMU only: accepted at 5).
+    pub announce_rounds: u64,
+    /// Delay increase between announce packets, ms (QEMU only: accepted at 100).
+    pub announce_step: u64,
+    /// Legacy compression level (QEMU only, deprecated: accepted at 1).
+    pub compress_level: u8,
+    /// Legacy compression threads (QEMU only, deprecated: accepted at 8).
+    pub compress_threads: u8,
+    /// Legacy compression waits for a free thread (QEMU only, deprecated: accepted at true).
+    pub compress_wait_thread: bool,
+    /// Legacy decompression threads (QEMU only, deprecated: accepted at 2).
+    pub decompress_threads: u8,
     /// Send-rate cap, bytes/s; 0 = unlimited. QEMU's default is 128 MiB/s.
     pub max_bandwidth: u64,
     /// Bandwidth to assume at switch-over, bytes/s; 0 = use the measured one.
@@ -37,6 +62,32 @@ pub struct MigrationParameters {
     pub cpu_throttle_increment: u8,
     /// Throttle ceiling, percent.
     pub max_cpu_throttle: u8,
+    /// Smaller throttle steps at the tail (QEMU only: accepted at false).
+    pub cpu_throttle_tailslow: bool,
+    /// TLS credentials object (QEMU only: accepted empty, Ferry has no TLS).
+    pub tls_creds: String,
+    /// TLS host name to check (QEMU only: accepted empty).
+    pub tls_hostname: String,
+    /// TLS authorization object (QEMU only: accepted empty).
+    pub tls_authz: String,
+    /// COLO checkpoint period, ms (QEMU only: accepted at 20000).
+    pub x_checkpoint_delay: u32,
+    /// Old-style incremental block migration (QEMU only, deprecated: accepted at false).
+    pub block_incremental: bool,
+    /// XBZRLE cache, bytes (QEMU only: accepted at 64 MiB).
+    pub xbzrle_cache_size: u64,
+    /// Post-copy background bandwidth, bytes/s (QEMU only: accepted at 0).
+    pub max_postcopy_bandwidth: u64,
+    /// zlib level for multifd (QEMU only: accepted at 1).
+    pub multifd_zlib_level: u8,
+    /// zstd level for multifd (QEMU's; Ferry's zstd uses its own level, so accepted at 1).
+    pub multifd_zstd_level: u8,
+    /// Dirty-limit period, ms (QEMU only: accepted at 1000).
+    pub x_vcpu_dirty_limit_period: u64,
+    /// Dirty-limit, MB/s (QEMU only: accepted at 1).
+    pub vcpu_dirty_limit: u64,
+    /// Migration mode (QEMU's `mode`: only `normal`).
+    pub mode: MigMode,
     /// Ferry's own: send pages with at most 64 non-zero 8-byte words as those words
     /// (transport FORMAT.md, sparse pages). On by default.
     pub x_ferry_sparse_pages: bool,
@@ -68,6 +119,14 @@ pub const MIN_TIMEOUT_MS: u64 = 100;
 impl Default for MigrationParameters {
     fn default() -> Self {
         MigrationParameters {
+            announce_initial: 50,
+            announce_max: 550,
+            announce_rounds: 5,
+            announce_step: 100,
+            compress_level: 1,
+            compress_threads: 8,
+            compress_wait_thread: true,
+            decompress_threads: 2,
             max_bandwidth: 128 << 20,
             avail_switchover_bandwidth: 0,
             downtime_limit: 300,
@@ -77,6 +136,19 @@ impl Default for MigrationParameters {
             cpu_throttle_initial: 20,
             cpu_throttle_increment: 10,
             max_cpu_throttle: 99,
+            cpu_throttle_tailslow: false,
+            tls_creds: String::new(),
+            tls_hostname: String::new(),
+            tls_authz: String::new(),
+            x_checkpoint_delay: 20_000,
+            block_incremental: false,
+            xbzrle_cache_size: 64 << 20,
+            max_postcopy_bandwidth: 0,
+            multifd_zlib_level: 1,
+            multifd_zstd_level: 1,
+            x_vcpu_dirty_limit_period: 1000,
+            vcpu_dirty_limit: 1,
+            mode: MigMode::Normal,
             x_ferry_sparse_pages: true,
             x_ferry_lazy_clear: true,
             x_ferry_connect_timeout_ms: DEFAULT_TIMEOUT_MS,
@@ -90,6 +162,22 @@ impl Default for MigrationParameters {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ParametersUpdate {
+    /// See [`MigrationParameters::announce_initial`].
+    pub announce_initial: Option<u64>,
+    /// See [`MigrationParameters::announce_max`].
+    pub announce_max: Option<u64>,
+    /// See [`MigrationParameters::announce_rounds`].
+    pub announce_rounds: Option<u64>,
+    /// See [`MigrationParameters::announce_step`].
+    pub announce_step: Option<u64>,
+    /// See [`MigrationParameters::compress_level`].
+    pub compress_level: Option<u8>,
+    /// See [`MigrationParameters::compress_threads`].
+    pub compress_threads: Option<u8>,
+    /// See [`MigrationParameters::compress_wait_thread`].
+    pub compress_wait_thread: Option<bool>,
+    /// See [`MigrationParameters::decompress_threads`].
+    pub decompress_threads: Option<u8>,
     /// See [`MigrationParameters::max_bandwidth`].
     pub max_bandwidth: Option<u64>,
     /// See [`MigrationParameters::avail_switchover_bandwidth`].
@@ -108,6 +196,32 @@ pub struct ParametersUpdate {
     pub cpu_throttle_increment: Option<u8>,
     /// See [`MigrationParameters::max_cpu_throttle`].
     pub max_cpu_throttle: Option<u8>,
+    /// See [`MigrationParameters::cpu_throttle_tailslow`].
+    pub cpu_throttle_tailslow: Option<bool>,
+    /// See [`MigrationParameters::tls_creds`].
+    pub tls_creds: Option<String>,
+    /// See [`MigrationParameters::tls_hostname`].
+    pub tls_hostname: Option<String>,
+    /// See [`MigrationParameters::tls_authz`].
+    pub tls_authz: Option<String>,
+    /// See [`MigrationParameters::x_checkpoint_delay`].
+    pub x_checkpoint_delay: Option<u32>,
+    /// See [`MigrationParameters::block_incremental`].
+    pub block_incremental: Option<bool>,
+    /// See [`MigrationParameters::xbzrle_cache_size`].
+    pub xbzrle_cache_size: Option<u64>,
+    /// See [`MigrationParameters::max_postcopy_bandwidth`].
+    pub max_postcopy_bandwidth: Option<u64>,
+    /// See [`MigrationParameters::multifd_zlib_level`].
+    pub multifd_zlib_level: Option<u8>,
+    /// See [`MigrationParameters::multifd_zstd_level`].
+    pub multifd_zstd_level: Option<u8>,
+    /// See [`MigrationParameters::x_vcpu_dirty_limit_period`].
+    pub x_vcpu_dirty_limit_period: Option<u64>,
+    /// See [`MigrationParameters::vcpu_dirty_limit`].
+    pub vcpu_dirty_limit: Option<u64>,
+    /// See [`MigrationParameters::mode`].
+    pub mode: Option<MigMode>,
     /// See [`MigrationParameters::x_ferry_sparse_pages`].
     pub x_ferry_sparse_pages: Option<bool>,
     /// See [`MigrationParameters::x_ferry_lazy_clear`].
@@ -122,6 +236,14 @@ pub struct ParametersUpdate {
 
 /// Longest downtime limit QEMU accepts, ms (2000 s).
 pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
+
+/// The refusal of a value other than QEMU's default for a parameter Ferry does not
+/// implement: QEMU's "Parameter '%s' expects %s" (QERR_INVALID_PARAMETER_VALUE).
+fn unimplemented_parameter(name: &str, default: &str) -> Error {
+    Error::InvalidParameter(format!(
+        "Parameter '{name}' expects {default} (QEMU's default; Ferry does not implement it)"
+    ))
+}
 
 fn check(ok: bool, name: &str, range: &str) -> Result<()> {
     if ok {
@@ -140,7 +262,29 @@ impl MigrationParameters {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = update.$f { next.$f = v; } )* };
         }
+        macro_rules! set_cloned {
+            ($($f:ident),*) => { $( if let Some(v) = &update.$f { next.$f.clone_from(v); } )* };
+        }
+        set_cloned!(tls_creds, tls_hostname, tls_authz);
         set!(
+            announce_initial,
+            announce_max,
+            announce_rounds,
+            announce_step,
+            compress_level,
+            compress_threads,
+            compress_wait_thread,
+            decompress_threads,
+            cpu_throttle_tailslow,
+            x_checkpoint_delay,
+            block_incremental,
+            xbzrle_cache_size,
+            max_postcopy_bandwidth,
+            multifd_zlib_level,
+            multifd_zstd_level,
+            x_vcpu_dirty_limit_period,
+            vcpu_dirty_limit,
+            mode,
             max_bandwidth,
             avail_switchover_bandwidth,
             downtime_limit,
@@ -161,8 +305,40 @@ impl MigrationParameters {
         Ok(())
     }
 
-    /// Checks every value against QEMU's ranges.
+    /// Checks every value against QEMU's ranges; the parameters Ferry does not
+    /// implement must keep QEMU's default.
     pub fn validate(&self) -> Result<()> {
+        let d = MigrationParameters::default();
+        macro_rules! at_default {
+            ($($f:ident),*) => { $(
+                if self.$f != d.$f {
+                    let name = stringify!($f).replace('_', "-");
+                    return Err(unimplemented_parameter(&name, &format!("{:?}", d.$f)));
+                }
+            )* };
+        }
+        at_default!(
+            announce_initial,
+            announce_max,
+            announce_rounds,
+            announce_step,
+            compress_level,
+            compress_threads,
+            compress_wait_thread,
+            decompress_threads,
+            cpu_throttle_tailslow,
+            tls_creds,
+            tls_hostname,
+            tls_authz,
+            x_checkpoint_delay,
+            block_incremental,
+            xbzrle_cache_size,
+            max_postcopy_bandwidth,
+            multifd_zlib_level,
+            multifd_zstd_level,
+            x_vcpu_dirty_limit_period,
+            vcpu_dirty_limit
+        );
         for (v, name) in [
             (
                 self.x_ferry_connect_timeout_ms,
@@ -223,37 +399,172 @@ pub struct Capabilities {
     pub multifd: bool,
     /// Emit MIGRATION / MIGRATION_PASS events (QMP).
     pub events: bool,
+    /// QEMU's `return-path`: Ferry's destination always answers on the migration
+    /// connection (its `Ready` and commit acknowledgements), so the state is only
+    /// recorded.
+    pub return_path: bool,
+    /// QEMU's `late-block-activate`: a Ferry guest has no block devices to activate,
+    /// so the state is only recorded.
+    pub late_block_activate: bool,
 }
 
-/// One capability by QMP name.
+/// One capability by QMP name: every member of QEMU 8.2's `MigrationCapability`, in
+/// its order. Ferry implements `auto-converge`, `multifd` and `events`, and accepts
+/// `return-path` and `late-block-activate` (true of it already); the others are known
+/// so that a list setting them to `false` is accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Capability {
-    /// `auto-converge`.
+    /// `xbzrle`.
+    Xbzrle,
+    /// `rdma-pin-all`.
+    RdmaPinAll,
+    /// `auto-converge` (Ferry implements it).
     AutoConverge,
-    /// `multifd`.
-    Multifd,
-    /// `events`.
+    /// `zero-blocks`.
+    ZeroBlocks,
+    /// `compress`.
+    Compress,
+    /// `events` (Ferry implements it).
     Events,
+    /// `postcopy-ram`.
+    PostcopyRam,
+    /// `x-colo`.
+    XColo,
+    /// `release-ram`.
+    ReleaseRam,
+    /// `block`.
+    Block,
+    /// `return-path` (accepted: Ferry always has one).
+    ReturnPath,
+    /// `pause-before-switchover`.
+    PauseBeforeSwitchover,
+    /// `multifd` (Ferry implements it).
+    Multifd,
+    /// `dirty-bitmaps`.
+    DirtyBitmaps,
+    /// `postcopy-blocktime`.
+    PostcopyBlocktime,
+    /// `late-block-activate` (accepted: no block devices).
+    LateBlockActivate,
+    /// `x-ignore-shared`.
+    XIgnoreShared,
+    /// `validate-uuid`.
+    ValidateUuid,
+    /// `background-snapshot`.
+    BackgroundSnapshot,
+    /// `zero-copy-send`.
+    ZeroCopySend,
+    /// `postcopy-preempt`.
+    PostcopyPreempt,
+    /// `switchover-ack`.
+    SwitchoverAck,
+    /// `dirty-limit`.
+    DirtyLimit,
+}
+
+impl Capability {
+    /// Every capability, in QEMU's order (`query-migrate-capabilities`).
+    pub const ALL: [Capability; 23] = [
+        Capability::Xbzrle,
+        Capability::RdmaPinAll,
+        Capability::AutoConverge,
+        Capability::ZeroBlocks,
+        Capability::Compress,
+        Capability::Events,
+        Capability::PostcopyRam,
+        Capability::XColo,
+        Capability::ReleaseRam,
+        Capability::Block,
+        Capability::ReturnPath,
+        Capability::PauseBeforeSwitchover,
+        Capability::Multifd,
+        Capability::DirtyBitmaps,
+        Capability::PostcopyBlocktime,
+        Capability::LateBlockActivate,
+        Capability::XIgnoreShared,
+        Capability::ValidateUuid,
+        Capability::BackgroundSnapshot,
+        Capability::ZeroCopySend,
+        Capability::PostcopyPreempt,
+        Capability::SwitchoverAck,
+        Capability::DirtyLimit,
+    ];
+
+    /// True for the capabilities Ferry implements.
+    pub fn implemented(self) -> bool {
+        matches!(
+            self,
+            Capability::AutoConverge
+                | Capability::Multifd
+                | Capability::Events
+                | Capability::ReturnPath
+                | Capability::LateBlockActivate
+        )
+    }
+
+    /// The QMP name.
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
 }
 
 impl Capabilities {
-    /// Sets one capability.
+    /// Sets one capability; an unimplemented one can only be `false` (see
+    /// [`Capabilities::check`]), so setting it changes nothing.
     pub fn set(&mut self, cap: Capability, on: bool) {
         match cap {
             Capability::AutoConverge => self.auto_converge = on,
             Capability::Multifd => self.multifd = on,
             Capability::Events => self.events = on,
+            Capability::ReturnPath => self.return_path = on,
+            Capability::LateBlockActivate => self.late_block_activate = on,
+            _ => {}
         }
     }
 
-    /// Every capability with its state (`query-migrate-capabilities`).
-    pub fn list(&self) -> [(Capability, bool); 3] {
-        [
-            (Capability::AutoConverge, self.auto_converge),
-            (Capability::Multifd, self.multifd),
-            (Capability::Events, self.events),
-        ]
+    /// One capability's state (`false` for the unimplemented ones).
+    pub fn get(&self, cap: Capability) -> bool {
+        match cap {
+            Capability::AutoConverge => self.auto_converge,
+            Capability::Multifd => self.multifd,
+            Capability::Events => self.events,
+            Capability::ReturnPath => self.return_path,
+            Capability::LateBlockActivate => self.late_block_activate,
+            _ => false,
+        }
+    }
+
+    /// Refuses turning on a capability Ferry does not implement, with QEMU's text
+    /// where QEMU has one for a capability its build or host lacks.
+    pub fn check(cap: Capability, on: bool) -> Result<()> {
+        if !on || cap.implemented() {
+            return Ok(());
+        }
+        let desc = match cap {
+            Capability::Block => {
+                "QEMU compiled without old-style (blk/-b, inc/-i) block migration".to_owned()
+            }
+            Capability::XColo => {
+                "QEMU compiled without replication module can't enable COLO".to_owned()
+            }
+            Capability::PostcopyRam => {
+                "Postcopy is not supported: Ferry has no postcopy".to_owned()
+            }
+            Capability::BackgroundSnapshot => {
+                "Background-snapshot is not supported by host kernel".to_owned()
+            }
+            other => format!("Migration capability '{}' is not supported", other.name()),
+        };
+        Err(Error::InvalidParameter(desc))
+    }
+
+    /// Every capability with its state, in QEMU's order (`query-migrate-capabilities`).
+    pub fn list(&self) -> Vec<(Capability, bool)> {
+        Capability::ALL.iter().map(|&c| (c, self.get(c))).collect()
     }
 }
 
@@ -319,6 +630,27 @@ mod tests {
     }
 
     #[test]
+    fn qemu_only_parameters_stay_at_their_default() {
+        let mut p = MigrationParameters::default();
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["xbzrle-cache-size"], 64 << 20);
+        assert_eq!(v["tls-creds"], "");
+        assert_eq!(v["mode"], "normal");
+        let same: ParametersUpdate =
+            serde_json::from_str(r#"{"xbzrle-cache-size": 67108864, "tls-creds": ""}"#).unwrap();
+        p.apply(&same).unwrap();
+        let other: ParametersUpdate =
+            serde_json::from_str(r#"{"xbzrle-cache-size": 1048576}"#).unwrap();
+        let e = p.apply(&other).unwrap_err().to_string();
+        assert!(
+            e.starts_with("Parameter 'xbzrle-cache-size' expects 67108864"),
+            "{e}"
+        );
+        let tls: ParametersUpdate = serde_json::from_str(r#"{"tls-creds": "tls0"}"#).unwrap();
+        assert!(p.apply(&tls).is_err());
+    }
+
+    #[test]
     fn unknown_parameter_is_rejected() {
         assert!(serde_json::from_str::<ParametersUpdate>(r#"{"no-such": 1}"#).is_err());
         assert!(serde_json::from_str::<ParametersUpdate>(r#"{"downtime-limit": "x"}"#).is_err());
@@ -329,7 +661,13 @@ mod tests {
         let mut c = Capabilities::default();
         c.set(Capability::AutoConverge, true);
         assert!(c.auto_converge);
-        assert_eq!(c.list()[0], (Capability::AutoConverge, true));
+        assert_eq!(c.list()[2], (Capability::AutoConverge, true));
+        assert_eq!(c.list().len(), 23);
+        assert!(Capabilities::check(Capability::Xbzrle, false).is_ok());
+        assert!(Capabilities::check(Capability::Xbzrle, true).is_err());
+        assert!(Capabilities::check(Capability::Multifd, true).is_ok());
+        c.set(Capability::Xbzrle, true);
+        assert!(!c.get(Capability::Xbzrle));
         let cap: Capability = serde_json::from_str(r#""auto-converge""#).unwrap();
         assert_eq!(cap, Capability::AutoConverge);
     }

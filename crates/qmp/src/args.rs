@@ -120,6 +120,11 @@ impl Args {
         }
     }
 
+    /// The names of the members not taken yet.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.members.keys().map(String::as_str)
+    }
+
     /// Takes what is left (for commands whose arguments are a flat struct).
     pub fn into_members(self) -> Map<String, Value> {
         self.members

@@ -14,6 +14,7 @@ mod framing;
 mod hmp;
 mod machine;
 mod monitor;
+pub mod schema;
 mod server;
 
 pub use args::Args;
@@ -23,8 +24,8 @@ pub use hmp::MAX_DUMP_OUTPUT_BYTES;
 pub use machine::Machine;
 pub use migration_core::{RunControl, RunState};
 pub use monitor::{
-    commands, error_reply, event_json, After, IncomingStart, Monitor, Session, EVENT_QUEUE,
-    QEMU_VERSION,
+    commands, error_reply, event_json, qmp_schema, version_info, After, IncomingStart, Monitor,
+    Session, EVENT_QUEUE, PACKAGE, QEMU_VERSION,
 };
 pub use server::{
     answer, greeting, Address, Server, ServerOptions, DEFAULT_HANDSHAKE_TIMEOUT,

@@ -7,8 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Sender, TrySendError};
 use migration_core::{
-    incoming_with, ram_digest, Capability, DirtyRateArgs, DirtyRateJob, GuestRam, IncomingOptions,
-    MigratableVm, MigrationEvent, MigrationSource, ParametersUpdate, RunControl, RunState,
+    incoming_with, ram_digest, Capabilities, Capability, DirtyRateArgs, DirtyRateJob, GuestRam,
+    IncomingOptions, MigratableVm, MigrationEvent, MigrationSource, ParametersUpdate, RunControl,
+    RunState,
 };
 use serde_json::{json, Map, Value};
 use stats::{DirtyRateMode, MigStats, MigrationInfo, MigrationStatus, TimeUnit};
@@ -17,10 +18,25 @@ use crate::args::{object, Args};
 use crate::error::QmpError;
 use crate::hmp::{self, DumpDefaults};
 use crate::machine::Machine;
+use crate::schema::{
+    self, opt, req, Members, Signature, Ty, ANY, BOOL, CAPABILITY_STATUS, EMPTY, INT,
+    MIGRATION_INFO, PARAMETERS, RUN_STATE, SET_PARAMETERS, STR,
+};
 
 /// The QEMU version the greeting and `query-version` report: the QMP surface Ferry
 /// follows (calc-dirty-rate's `calc-time-unit` is 8.2's).
 pub const QEMU_VERSION: (u32, u32, u32) = (8, 2, 0);
+
+/// `package` of the greeting and `query-version`: Ferry's own version (the
+/// workspace's).
+pub const PACKAGE: &str = concat!("ferry-", env!("CARGO_PKG_VERSION"));
+
+/// `VersionInfo`: the QEMU version whose migration interface Ferry implements
+/// ([`QEMU_VERSION`]) and Ferry's own ([`PACKAGE`]).
+pub fn version_info() -> Value {
+    let (major, minor, micro) = QEMU_VERSION;
+    json!({"qemu": {"major": major, "minor": minor, "micro": micro}, "package": PACKAGE})
+}
 
 /// Events queued for one client before it counts as stuck and is disconnected.
 pub const EVENT_QUEUE: usize = 4096;
@@ -32,7 +48,7 @@ const INCOMING_WATCH: Duration = Duration::from_secs(1);
 /// The commands Ferry answers, in the order `query-commands` lists them: the names
 /// of the dispatcher's own table, so the list cannot drift from what is answered.
 pub fn commands() -> impl Iterator<Item = &'static str> {
-    COMMAND_TABLE.iter().map(|(name, _)| *name)
+    COMMAND_TABLE.iter().map(|(name, _, _)| *name)
 }
 
 /// A command's handler: the monitor, the client's session and the arguments (each
@@ -52,233 +68,461 @@ fn empty() -> Value {
 
 /// Every command and what it does: the table the dispatcher looks commands up in,
 /// and [`commands`] lists.
-const COMMAND_TABLE: &[(&str, Handler)] = &[
-    ("qmp_capabilities", |_m, session, mut a| {
-        value({
-            if session.negotiated {
-                return Err(QmpError::not_found(
-                    "Capabilities negotiation is already complete, command ignored",
-                ));
-            }
-            // Ferry offers no capability (no out-of-band execution), so any
-            // entry of `enable` is refused.
-            if let Some(c) = a.opt_array("enable")?.and_then(|l| l.into_iter().next()) {
-                return Err(match c {
-                    Value::String(s) if s == "oob" => {
-                        QmpError::generic("Capability 'oob' not available")
-                    }
-                    Value::String(s) => {
-                        QmpError::generic(format!("Parameter 'enable' does not accept value '{s}'"))
-                    }
-                    _ => QmpError::generic("Invalid parameter type for 'enable', expected: string"),
-                });
-            }
-            a.finish()?;
-            session.negotiated = true;
-            empty()
-        })
-    }),
-    ("query-version", |_m, _session, a| {
-        value({
-            a.finish()?;
-            let (major, minor, micro) = QEMU_VERSION;
-            json!({"qemu": {"major": major, "minor": minor, "micro": micro},
-                       "package": concat!("ferry-", env!("CARGO_PKG_VERSION"))})
-        })
-    }),
-    ("query-commands", |_m, _session, a| {
-        value({
-            a.finish()?;
-            Value::Array(commands().map(|c| json!({"name": c})).collect())
-        })
-    }),
-    ("query-status", |m, _session, a| {
-        value({
-            a.finish()?;
-            let s = m.run_state();
-            json!({"running": s.is_running(), "status": s})
-        })
-    }),
-    ("stop", |m, _session, a| {
+/// Build a struct type from its members (in the table's signatures).
+macro_rules! obj {
+    ($name:expr, [$($m:expr),* $(,)?]) => {
+        Ty::Object($name, Members::Fixed(&[$($m),*]))
+    };
+}
+
+/// A command's signature.
+const fn sig(args: Ty, ret: Ty) -> Signature {
+    Signature { args, ret }
+}
+
+/// `VersionInfo`.
+const VERSION_INFO: Ty = obj!(
+    "VersionInfo",
+    [
+        req(
+            "qemu",
+            obj!(
+                "VersionTriple",
+                [req("major", INT), req("minor", INT), req("micro", INT)]
+            )
+        ),
+        req("package", STR),
+    ]
+);
+
+/// `TimeUnit`.
+const TIME_UNIT: Ty = Ty::Enum("TimeUnit", &["second", "millisecond"]);
+
+/// `DirtyRateMeasureMode`.
+const DIRTY_RATE_MODE: Ty = Ty::Enum(
+    "DirtyRateMeasureMode",
+    &["page-sampling", "dirty-ring", "dirty-bitmap"],
+);
+
+/// The QMP introspection document of this table ([`schema::document`]).
+pub fn qmp_schema() -> Value {
+    schema::document(COMMAND_TABLE.iter().map(|(n, s, _)| (*n, *s)))
+}
+
+/// Every command, its signature (arguments and return type, which `query-qmp-schema`
+/// publishes and the dispatcher checks argument names against) and what it does:
+/// the table the dispatcher looks commands up in, and [`commands`] lists.
+const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
+    (
+        "qmp_capabilities",
+        sig(
+            obj!(
+                "qmp_capabilities_arg",
+                [opt(
+                    "enable",
+                    Ty::Array(&Ty::Enum("QMPCapability", &["oob"]))
+                )]
+            ),
+            EMPTY,
+        ),
+        |_m, session, mut a| {
+            value({
+                if session.negotiated {
+                    return Err(QmpError::not_found(
+                        "Capabilities negotiation is already complete, command ignored",
+                    ));
+                }
+                // Ferry offers no capability (no out-of-band execution), so any
+                // entry of `enable` is refused.
+                if let Some(c) = a.opt_array("enable")?.and_then(|l| l.into_iter().next()) {
+                    return Err(match c {
+                        Value::String(s) if s == "oob" => {
+                            QmpError::generic("Capability 'oob' not available")
+                        }
+                        Value::String(s) => QmpError::generic(format!(
+                            "Parameter 'enable' does not accept value '{s}'"
+                        )),
+                        _ => QmpError::generic(
+                            "Invalid parameter type for 'enable', expected: string",
+                        ),
+                    });
+                }
+                a.finish()?;
+                session.negotiated = true;
+                empty()
+            })
+        },
+    ),
+    (
+        "query-version",
+        sig(EMPTY, VERSION_INFO),
+        |_m, _session, a| {
+            value({
+                a.finish()?;
+                version_info()
+            })
+        },
+    ),
+    (
+        "query-commands",
+        sig(EMPTY, Ty::Array(&obj!("CommandInfo", [req("name", STR)]))),
+        |_m, _session, a| {
+            value({
+                a.finish()?;
+                Value::Array(commands().map(|c| json!({"name": c})).collect())
+            })
+        },
+    ),
+    (
+        "query-events",
+        sig(EMPTY, Ty::Array(&obj!("EventInfo", [req("name", STR)]))),
+        |_m, _session, a| {
+            value({
+                a.finish()?;
+                Value::Array(
+                    schema::EVENTS
+                        .iter()
+                        .map(|(e, _)| json!({"name": e}))
+                        .collect(),
+                )
+            })
+        },
+    ),
+    (
+        "query-qmp-schema",
+        sig(EMPTY, Ty::Array(&ANY)),
+        |_m, _session, a| {
+            value({
+                a.finish()?;
+                qmp_schema()
+            })
+        },
+    ),
+    (
+        "query-status",
+        sig(
+            EMPTY,
+            obj!(
+                "StatusInfo",
+                [req("running", BOOL), req("status", RUN_STATE)]
+            ),
+        ),
+        |m, _session, a| {
+            value({
+                a.finish()?;
+                let s = m.run_state();
+                json!({"running": s.is_running(), "status": s})
+            })
+        },
+    ),
+    ("stop", sig(EMPTY, EMPTY), |m, _session, a| {
         value({
             a.finish()?;
             m.run.stop()?;
             empty()
         })
     }),
-    ("cont", |m, _session, a| {
+    ("cont", sig(EMPTY, EMPTY), |m, _session, a| {
         value({
             a.finish()?;
             m.run.cont()?;
             empty()
         })
     }),
-    ("quit", |m, _session, a| {
+    ("quit", sig(EMPTY, EMPTY), |m, _session, a| {
         a.finish()?;
         m.run.shutdown();
         Ok((Ret::Value(empty()), After::Quit))
     }),
-    ("migrate", |m, _session, mut a| {
-        value({
-            let uri = a.str("uri")?;
-            for flag in ["blk", "inc", "resume"] {
-                if a.opt_bool(flag)? == Some(true) {
-                    return Err(QmpError::generic(format!(
-                        "Parameter '{flag}': Ferry has no block migration or postcopy"
-                    )));
+    (
+        "migrate",
+        sig(
+            obj!(
+                "migrate_arg",
+                [
+                    req("uri", STR),
+                    opt("blk", BOOL),
+                    opt("inc", BOOL),
+                    opt("detach", BOOL),
+                    opt("resume", BOOL)
+                ]
+            ),
+            EMPTY,
+        ),
+        |m, _session, mut a| {
+            value({
+                let uri = a.str("uri")?;
+                for flag in ["blk", "inc", "resume"] {
+                    if a.opt_bool(flag)? == Some(true) {
+                        return Err(QmpError::generic(format!(
+                            "Parameter '{flag}': Ferry has no block migration or postcopy"
+                        )));
+                    }
                 }
-            }
-            a.opt_bool("detach")?;
-            a.finish()?;
-            // Refused in inmigrate, finish-migrate and postmigrate (the engine
-            // checks the run state, with QEMU's texts).
-            m.source.migrate(&uri)?;
-            empty()
-        })
-    }),
-    ("migrate-incoming", |m, _session, mut a| {
-        value({
-            let uri = a.str("uri")?;
-            let exit_on_error = a.opt_bool("exit-on-error")?.unwrap_or(true);
-            a.finish()?;
-            m.start_incoming(&uri, exit_on_error)?;
-            empty()
-        })
-    }),
-    ("migrate_cancel", |m, _session, a| {
+                a.opt_bool("detach")?;
+                a.finish()?;
+                // Refused in inmigrate, finish-migrate and postmigrate (the engine
+                // checks the run state, with QEMU's texts).
+                m.source.migrate(&uri)?;
+                empty()
+            })
+        },
+    ),
+    (
+        "migrate-incoming",
+        sig(
+            obj!(
+                "migrate-incoming_arg",
+                [req("uri", STR), opt("exit-on-error", BOOL)]
+            ),
+            EMPTY,
+        ),
+        |m, _session, mut a| {
+            value({
+                let uri = a.str("uri")?;
+                let exit_on_error = a.opt_bool("exit-on-error")?.unwrap_or(true);
+                a.finish()?;
+                m.start_incoming(&uri, exit_on_error)?;
+                empty()
+            })
+        },
+    ),
+    ("migrate_cancel", sig(EMPTY, EMPTY), |m, _session, a| {
         value({
             a.finish()?;
             m.source.cancel();
             empty()
         })
     }),
-    ("migrate-set-parameters", |m, _session, a| {
-        value({
-            let update = parameters_update(a.into_members())?;
-            m.source.set_parameters(&update)?;
-            empty()
-        })
-    }),
-    ("query-migrate-parameters", |m, _session, a| {
-        value({
+    (
+        "migrate-set-parameters",
+        sig(SET_PARAMETERS, EMPTY),
+        |m, _session, a| {
+            value({
+                let update = parameters_update(a.into_members())?;
+                m.source.set_parameters(&update)?;
+                empty()
+            })
+        },
+    ),
+    (
+        "query-migrate-parameters",
+        sig(EMPTY, PARAMETERS),
+        |m, _session, a| {
+            value({
+                a.finish()?;
+                serde_json::to_value(m.source.parameters())
+                    .map_err(|e| QmpError::generic(e.to_string()))?
+            })
+        },
+    ),
+    (
+        "migrate-set-capabilities",
+        sig(
+            obj!(
+                "migrate-set-capabilities_arg",
+                [req("capabilities", Ty::Array(&CAPABILITY_STATUS))]
+            ),
+            EMPTY,
+        ),
+        |m, _session, mut a| {
+            value({
+                let list = a.array("capabilities")?;
+                a.finish()?;
+                let mut caps = Vec::with_capacity(list.len());
+                for (i, item) in list.into_iter().enumerate() {
+                    let mut c = object(&format!("capabilities[{i}]"), item)?;
+                    let name = c.str("capability")?;
+                    let cap: Capability = serde_json::from_value(Value::String(name.clone()))
+                        .map_err(|_| {
+                            QmpError::generic(format!(
+                                "Parameter 'capability' does not accept value '{name}'"
+                            ))
+                        })?;
+                    let state = c
+                        .opt_bool("state")?
+                        .ok_or_else(|| QmpError::generic("Parameter 'state' is missing"))?;
+                    c.finish()?;
+                    caps.push((cap, state));
+                }
+                if m.source.is_active() {
+                    return Err(QmpError::generic("There's a migration process in progress"));
+                }
+                // QEMU checks the whole list before it changes anything.
+                for (cap, state) in &caps {
+                    Capabilities::check(*cap, *state)?;
+                }
+                for (cap, state) in caps {
+                    m.source.set_capability(cap, state)?;
+                }
+                empty()
+            })
+        },
+    ),
+    (
+        "query-migrate-capabilities",
+        sig(EMPTY, Ty::Array(&CAPABILITY_STATUS)),
+        |m, _session, a| {
+            value({
+                a.finish()?;
+                Value::Array(
+                    m.source
+                        .capabilities()
+                        .list()
+                        .iter()
+                        .map(|(c, on)| json!({"capability": c, "state": on}))
+                        .collect(),
+                )
+            })
+        },
+    ),
+    (
+        "query-migrate",
+        sig(EMPTY, MIGRATION_INFO),
+        |m, _session, a| {
             a.finish()?;
-            serde_json::to_value(m.source.parameters())
-                .map_err(|e| QmpError::generic(e.to_string()))?
-        })
-    }),
-    ("migrate-set-capabilities", |m, _session, mut a| {
-        value({
-            let list = a.array("capabilities")?;
-            a.finish()?;
-            let mut caps = Vec::with_capacity(list.len());
-            for (i, item) in list.into_iter().enumerate() {
-                let mut c = object(&format!("capabilities[{i}]"), item)?;
-                let name = c.str("capability")?;
-                let cap: Capability =
-                    serde_json::from_value(Value::String(name.clone())).map_err(|_| {
-                        QmpError::generic(format!(
-                            "Parameter 'capability' does not accept value '{name}'"
-                        ))
-                    })?;
-                let state = c
-                    .opt_bool("state")?
-                    .ok_or_else(|| QmpError::generic("Parameter 'state' is missing"))?;
-                c.finish()?;
-                caps.push((cap, state));
-            }
-            if m.source.is_active() {
-                return Err(QmpError::generic("There's a migration process in progress"));
-            }
-            for (cap, state) in caps {
-                m.source.set_capability(cap, state)?;
-            }
-            empty()
-        })
-    }),
-    ("query-migrate-capabilities", |m, _session, a| {
-        value({
-            a.finish()?;
-            Value::Array(
-                m.source
-                    .capabilities()
-                    .list()
-                    .iter()
-                    .map(|(c, on)| json!({"capability": c, "state": on}))
-                    .collect(),
-            )
-        })
-    }),
-    ("query-migrate", |m, _session, a| {
-        a.finish()?;
-        let info = m.migration_info();
-        let ret = info.map_or_else(|| Ret::Value(empty()), |i| Ret::Migration(Box::new(i)));
-        Ok((ret, After::Continue))
-    }),
-    ("calc-dirty-rate", |m, _session, mut a| {
-        value({
-            let calc_time = a.i64("calc-time")?;
-            let unit = a.opt_enum("calc-time-unit", &["second", "millisecond"])?;
-            let sample_pages = a.opt_i64("sample-pages")?;
-            let mode = a.opt_enum("mode", &["page-sampling", "dirty-ring", "dirty-bitmap"])?;
-            a.finish()?;
-            let args = DirtyRateArgs {
-                calc_time,
-                calc_time_unit: unit.map(time_unit),
-                sample_pages,
-                mode: match mode {
-                    Some(m) => Some(m.parse::<DirtyRateMode>().map_err(QmpError::generic)?),
-                    None => None,
-                },
-            };
-            m.dirty_rate.calc(&args)?;
-            empty()
-        })
-    }),
-    ("query-dirty-rate", |m, _session, mut a| {
-        value({
-            let unit = a.opt_enum("calc-time-unit", &["second", "millisecond"])?;
-            a.finish()?;
-            serde_json::to_value(m.dirty_rate.query(unit.map(time_unit)))
-                .map_err(|e| QmpError::generic(e.to_string()))?
-        })
-    }),
-    ("human-monitor-command", |m, _session, mut a| {
-        value({
-            let line = a.str("command-line")?;
-            let cpu_index = a.opt_i64("cpu-index")?;
-            a.finish()?;
-            if let Some(i) = cpu_index {
-                m.check_cpu_index(i)?;
-            }
-            Value::String(hmp::execute(m.as_ref(), &line))
-        })
-    }),
-    ("x-ferry-cancel-dirty-rate", |m, _session, a| {
-        value({
-            a.finish()?;
-            // Idempotent, as `migrate_cancel`: with nothing measuring (never started,
-            // already measured, or cancelled) it answers `{}` too, so a tool racing
-            // the measurement's end gets no spurious error.
-            m.dirty_rate.cancel();
-            empty()
-        })
-    }),
-    ("x-ferry-query-guest-progress", |m, _session, a| {
-        value({
-            a.finish()?;
-            let rounds = m.machine.guest_progress().ok_or_else(|| {
-                QmpError::generic("this VMM does not report its guest's progress")
-            })?;
-            json!({"vcpu-rounds": rounds})
-        })
-    }),
-    ("x-ferry-query-ram-digest", |m, _session, a| {
-        value({
-            a.finish()?;
-            let (digest, pages) = m.ram_digest()?;
-            json!({"digest": digest, "pages": pages})
-        })
-    }),
+            let info = m.migration_info();
+            let ret = info.map_or_else(|| Ret::Value(empty()), |i| Ret::Migration(Box::new(i)));
+            Ok((ret, After::Continue))
+        },
+    ),
+    (
+        "calc-dirty-rate",
+        sig(
+            obj!(
+                "calc-dirty-rate_arg",
+                [
+                    req("calc-time", INT),
+                    opt("calc-time-unit", TIME_UNIT),
+                    opt("sample-pages", INT),
+                    opt("mode", DIRTY_RATE_MODE)
+                ]
+            ),
+            EMPTY,
+        ),
+        |m, _session, mut a| {
+            value({
+                let calc_time = a.i64("calc-time")?;
+                let unit = a.opt_enum("calc-time-unit", &["second", "millisecond"])?;
+                let sample_pages = a.opt_i64("sample-pages")?;
+                let mode = a.opt_enum("mode", &["page-sampling", "dirty-ring", "dirty-bitmap"])?;
+                a.finish()?;
+                let args = DirtyRateArgs {
+                    calc_time,
+                    calc_time_unit: unit.map(time_unit),
+                    sample_pages,
+                    mode: match mode {
+                        Some(m) => Some(m.parse::<DirtyRateMode>().map_err(QmpError::generic)?),
+                        None => None,
+                    },
+                };
+                m.dirty_rate.calc(&args)?;
+                empty()
+            })
+        },
+    ),
+    (
+        "query-dirty-rate",
+        sig(
+            obj!("query-dirty-rate_arg", [opt("calc-time-unit", TIME_UNIT)]),
+            obj!(
+                "DirtyRateInfo",
+                [
+                    opt("dirty-rate", INT),
+                    req(
+                        "status",
+                        Ty::Enum("DirtyRateStatus", &["unstarted", "measuring", "measured"])
+                    ),
+                    req("start-time", INT),
+                    req("calc-time", INT),
+                    req("calc-time-unit", TIME_UNIT),
+                    req("sample-pages", INT),
+                    req("mode", DIRTY_RATE_MODE),
+                    opt("vcpu-dirty-rate", Ty::Array(&ANY)),
+                    opt("x-ferry", ANY)
+                ]
+            ),
+        ),
+        |m, _session, mut a| {
+            value({
+                let unit = a.opt_enum("calc-time-unit", &["second", "millisecond"])?;
+                a.finish()?;
+                serde_json::to_value(m.dirty_rate.query(unit.map(time_unit)))
+                    .map_err(|e| QmpError::generic(e.to_string()))?
+            })
+        },
+    ),
+    (
+        "human-monitor-command",
+        sig(
+            obj!(
+                "human-monitor-command_arg",
+                [req("command-line", STR), opt("cpu-index", INT)]
+            ),
+            STR,
+        ),
+        |m, _session, mut a| {
+            value({
+                let line = a.str("command-line")?;
+                let cpu_index = a.opt_i64("cpu-index")?;
+                a.finish()?;
+                if let Some(i) = cpu_index {
+                    m.check_cpu_index(i)?;
+                }
+                Value::String(hmp::execute(m.as_ref(), &line))
+            })
+        },
+    ),
+    (
+        "x-ferry-cancel-dirty-rate",
+        sig(EMPTY, EMPTY),
+        |m, _session, a| {
+            value({
+                a.finish()?;
+                // Idempotent, as `migrate_cancel`: with nothing measuring (never started,
+                // already measured, or cancelled) it answers `{}` too, so a tool racing
+                // the measurement's end gets no spurious error.
+                m.dirty_rate.cancel();
+                empty()
+            })
+        },
+    ),
+    (
+        "x-ferry-query-guest-progress",
+        sig(
+            EMPTY,
+            obj!(
+                "x-ferry-guest-progress",
+                [req("vcpu-rounds", Ty::Array(&INT))]
+            ),
+        ),
+        |m, _session, a| {
+            value({
+                a.finish()?;
+                let rounds = m.machine.guest_progress().ok_or_else(|| {
+                    QmpError::generic("this VMM does not report its guest's progress")
+                })?;
+                json!({"vcpu-rounds": rounds})
+            })
+        },
+    ),
+    (
+        "x-ferry-query-ram-digest",
+        sig(
+            EMPTY,
+            obj!(
+                "x-ferry-ram-digest",
+                [req("digest", INT), req("pages", INT)]
+            ),
+        ),
+        |m, _session, a| {
+            value({
+                a.finish()?;
+                let (digest, pages) = m.ram_digest()?;
+                json!({"digest": digest, "pages": pages})
+            })
+        },
+    ),
 ];
 
 /// How the destination side starts (QEMU's `-incoming`).
@@ -634,11 +878,18 @@ impl Monitor {
                 "Expecting capabilities negotiation with 'qmp_capabilities'",
             ));
         }
-        let handler = COMMAND_TABLE
+        let (signature, handler) = COMMAND_TABLE
             .iter()
-            .find(|(name, _)| *name == cmd)
-            .map(|(_, h)| *h)
+            .find(|(name, _, _)| *name == cmd)
+            .map(|(_, s, h)| (*s, *h))
             .ok_or_else(|| QmpError::not_found(format!("The command {cmd} has not been found")))?;
+        // A member the signature lacks is refused here, so a command cannot take an
+        // argument `query-qmp-schema` does not show.
+        if let Some(names) = schema::member_names(&signature.args) {
+            if let Some(k) = a.names().find(|k| !names.iter().any(|n| n == k)) {
+                return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
+            }
+        }
         handler(self, session, a)
     }
 
@@ -716,7 +967,8 @@ fn parameters_update(members: Map<String, Value>) -> Result<ParametersUpdate, Qm
         };
         let ok = match default {
             Value::Number(_) => v.is_u64(),
-            Value::String(_) => v.is_string(),
+            // QEMU's StrOrNull: null leaves the (empty) value as it is.
+            Value::String(_) => v.is_string() || v.is_null(),
             Value::Bool(_) => v.is_boolean(),
             _ => true,
         };
@@ -1004,6 +1256,120 @@ mod tests {
         assert!(r["return"]
             .as_array()
             .is_some_and(|l| l.contains(&json!({"capability": "events", "state": true}))));
+    }
+
+    #[test]
+    fn qemu_capabilities_and_parameters_at_their_default() {
+        let mon = monitor(IncomingStart::None);
+        let mut s = negotiated(&mon);
+        // libvirt's style: every capability it knows, most of them false.
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[
+                {"capability":"xbzrle","state":false},{"capability":"postcopy-ram","state":false},
+                {"capability":"compress","state":false},{"capability":"auto-converge","state":true}]}}"#,
+        );
+        assert_eq!(r, json!({"return": {}}));
+        let r = one(&mon, &mut s, r#"{"execute":"query-migrate-capabilities"}"#);
+        let list = r["return"].as_array().cloned().unwrap_or_default();
+        assert_eq!(list.len(), 23, "{r}");
+        assert_eq!(list[0], json!({"capability": "xbzrle", "state": false}));
+        assert!(list.contains(&json!({"capability": "auto-converge", "state": true})));
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[
+                {"capability":"xbzrle","state":true}]}}"#,
+        );
+        assert_eq!(
+            err(&r),
+            (
+                "GenericError",
+                "Migration capability 'xbzrle' is not supported"
+            )
+        );
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[
+                {"capability":"warp-drive","state":false}]}}"#,
+        );
+        assert_eq!(
+            err(&r).1,
+            "Parameter 'capability' does not accept value 'warp-drive'"
+        );
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-set-parameters","arguments":{"xbzrle-cache-size":67108864,
+                "tls-creds":"","tls-hostname":null,"max-postcopy-bandwidth":0,"mode":"normal"}}"#,
+        );
+        assert_eq!(r, json!({"return": {}}));
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-set-parameters","arguments":{"xbzrle-cache-size":1048576}}"#,
+        );
+        assert!(
+            err(&r)
+                .1
+                .starts_with("Parameter 'xbzrle-cache-size' expects 67108864"),
+            "{r}"
+        );
+        let r = one(&mon, &mut s, r#"{"execute":"query-migrate-parameters"}"#);
+        for (k, v) in [
+            ("xbzrle-cache-size", json!(67108864)),
+            ("announce-initial", json!(50)),
+            ("compress-threads", json!(8)),
+            ("tls-authz", json!("")),
+            ("vcpu-dirty-limit", json!(1)),
+            ("mode", json!("normal")),
+        ] {
+            assert_eq!(r["return"][k], v, "{k}");
+        }
+    }
+
+    #[test]
+    fn schema_describes_the_table() {
+        let mon = monitor(IncomingStart::None);
+        let mut s = negotiated(&mon);
+        let schema = one(&mon, &mut s, r#"{"execute":"query-qmp-schema"}"#)["return"].clone();
+        let list = schema.as_array().cloned().unwrap_or_default();
+        let of = |meta: &str| -> Vec<String> {
+            list.iter()
+                .filter(|e| e["meta-type"] == meta)
+                .filter_map(|e| e["name"].as_str().map(str::to_owned))
+                .collect()
+        };
+        let cmds = one(&mon, &mut s, r#"{"execute":"query-commands"}"#)["return"].clone();
+        let cmds: Vec<String> = cmds
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(of("command"), cmds);
+        assert!(cmds.iter().any(|c| c == "query-qmp-schema"));
+        let events = one(&mon, &mut s, r#"{"execute":"query-events"}"#)["return"].clone();
+        assert_eq!(events.as_array().map(Vec::len), Some(of("event").len()));
+        // Every migrate-set-parameters member is accepted by name (the dispatcher
+        // checks names against the same signature).
+        let args = list
+            .iter()
+            .find(|e| e["name"] == "MigrateSetParameters")
+            .cloned()
+            .unwrap_or_default();
+        let params =
+            one(&mon, &mut s, r#"{"execute":"query-migrate-parameters"}"#)["return"].clone();
+        let n = args["members"].as_array().map(Vec::len);
+        assert_eq!(n, params.as_object().map(|o| o.len()));
+        let r = one(
+            &mon,
+            &mut s,
+            &json!({"execute": "migrate-set-parameters", "arguments": params}).to_string(),
+        );
+        assert_eq!(r, json!({"return": {}}));
     }
 
     #[test]

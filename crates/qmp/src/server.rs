@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 
 use crate::error::{Error, QmpError, Result};
 use crate::framing::{Frame, Framer};
-use crate::monitor::{error_reply, After, Monitor, Session, EVENT_QUEUE, QEMU_VERSION};
+use crate::monitor::{error_reply, version_info, After, Monitor, Session, EVENT_QUEUE};
 
 /// Clients served at once by default; a newcomer beyond it replaces the client idle
 /// longest.
@@ -461,14 +461,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &Listener) {
 
 /// The greeting: version and (no) capabilities.
 pub fn greeting() -> Value {
-    let (major, minor, micro) = QEMU_VERSION;
-    json!({"QMP": {
-        "version": {
-            "qemu": {"major": major, "minor": minor, "micro": micro},
-            "package": concat!("ferry-", env!("CARGO_PKG_VERSION")),
-        },
-        "capabilities": [],
-    }})
+    json!({"QMP": {"version": version_info(), "capabilities": []}})
 }
 
 /// Writes `line` (without CRLF) in one hold of the writer lock, after any event
