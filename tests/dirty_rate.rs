@@ -572,11 +572,13 @@ fn ring_mode_splits_working_set_per_vcpu() {
         .iter()
         .map(|v| v.dirty_rate)
         .sum();
-    assert_within(
-        whole as f64,
-        x.dirty_rate_mib_per_sec,
-        1.0,
-        "vcpu-dirty-rate summed",
+    // QMP's `vcpu-dirty-rate` is whole MiB/s: each vCPU's may lose up to one to the
+    // rounding down, which on a loaded host's long window (a low rate) is more than 1 %.
+    let vcpus = pages.len() as f64;
+    let total = x.dirty_rate_mib_per_sec;
+    assert!(
+        whole as f64 <= total + 0.01 * total && whole as f64 >= total - 0.01 * total - vcpus,
+        "vcpu-dirty-rate summed: {whole} vs {total:.1} (1 % and {vcpus} MiB/s of rounding)"
     );
     let entries = x.vcpu_ring_entries.clone().expect("QEMU's count stays");
     assert!(
