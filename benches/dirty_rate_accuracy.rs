@@ -39,6 +39,16 @@ struct Method {
     sample_pages: Option<i64>,
 }
 
+impl Method {
+    /// calc-dirty-rate's arguments for a window of `window_ms`.
+    fn args(&self, window_ms: u64) -> DirtyRateArgs {
+        DirtyRateArgs {
+            sample_pages: self.sample_pages,
+            ..DirtyRateArgs::millis(window_ms as i64, self.mode)
+        }
+    }
+}
+
 const METHODS: [Method; 5] = [
     Method {
         name: "dirty-bitmap",
@@ -238,13 +248,7 @@ fn run_cell(workload: Workload, m: Method, repeats: u64, window_ms: u64) -> Resu
         let log = paced.then(|| CounterLog::start(&guest));
         let c1 = guest.counters();
         let t1 = Instant::now();
-        job.calc(&DirtyRateArgs {
-            calc_time: window_ms as i64,
-            calc_time_unit: Some(stats::TimeUnit::Millisecond),
-            sample_pages: m.sample_pages,
-            mode: Some(m.mode),
-        })
-        .map_err(|e| e.to_string())?;
+        job.calc(&m.args(window_ms)).map_err(|e| e.to_string())?;
         let info = job.wait(None);
         let span_secs = t1.elapsed().as_secs_f64();
         let c2 = guest.counters();
@@ -370,13 +374,7 @@ fn stall_run(
     });
     std::thread::sleep(Duration::from_millis(500));
     let t_req = epoch.elapsed().as_secs_f64() * 1e3;
-    job.calc(&DirtyRateArgs {
-        calc_time: window_ms as i64,
-        calc_time_unit: Some(stats::TimeUnit::Millisecond),
-        sample_pages: m.sample_pages,
-        mode: Some(m.mode),
-    })
-    .map_err(|e| e.to_string())?;
+    job.calc(&m.args(window_ms)).map_err(|e| e.to_string())?;
     let info = job.wait(None);
     let t_ret = epoch.elapsed().as_secs_f64() * 1e3;
     std::thread::sleep(Duration::from_millis(2000));
