@@ -161,7 +161,7 @@ impl PostcopyRam {
 
     /// Starts one fault thread per block: each fault on a page that is neither present
     /// nor requested becomes one `source.request`. The threads end when `stop` is set
-    /// (within [`FAULT_POLL`]) or on an error, which they return.
+    /// (within 50 ms) or on an error, which they return.
     pub fn serve_faults(
         self: &Arc<Self>,
         source: Arc<dyn PageSource>,
