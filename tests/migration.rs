@@ -340,13 +340,7 @@ fn eager_clear_migrates_a_sweeping_guest() {
 fn a_measurement_beside_a_migration_leaves_its_figures_alone() {
     use ferry::migration_core::{DirtyRateArgs, DirtyRateJob, DirtyRateMode};
     let _g = guest_lock();
-    let w = 65536u64;
-    let cfg = config(1 << 30, 2, Workload::WorkingSet { pages: w });
-    let guest = boot(&cfg);
-    let dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
-    // 256 MiB rewritten all the time at 128 MiB/s: it iterates until cancelled.
-    let source = whole_pages_source(&guest, 128 << 20, 1);
-    source.migrate(&dest.uri).unwrap();
+    let (guest, _dest, source) = non_converging_migration();
     let syncs = |i: &ferry::stats::MigrationInfo| i.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
     let before = poll_until(&source, "a few periods", |i| {
         i.ram.as_ref().is_some_and(|r| r.dirty_pages_rate > 0) && syncs(i) >= 5
@@ -405,6 +399,27 @@ fn a_measurement_beside_a_migration_leaves_its_figures_alone() {
             "sync {sync}: QEMU's rule read {new_rate}, {n0} before: {seen:?}"
         );
     }
+}
+
+/// The working set of [`non_converging_migration`]'s guest, in pages.
+const NON_CONVERGING_PAGES: u64 = 65536;
+
+/// A migration that cannot converge: 256 MiB of working set rewritten all the time,
+/// sent whole at 128 MiB/s within 300 ms of downtime, so it iterates until cancelled,
+/// one dirty-rate period after another. Started; the destination is a child process.
+fn non_converging_migration() -> (Arc<GuestVm>, Dest, MigrationSource) {
+    let cfg = config(
+        1 << 30,
+        2,
+        Workload::WorkingSet {
+            pages: NON_CONVERGING_PAGES,
+        },
+    );
+    let guest = boot(&cfg);
+    let dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
+    let source = whole_pages_source(&guest, 128 << 20, 1);
+    source.migrate(&dest.uri).unwrap();
+    (guest, dest, source)
 }
 
 /// Polls until `pred` holds on the source's snapshot.
@@ -548,15 +563,9 @@ fn rate_and_truth(polls: &[Poll], w: u64, max_sync_ns: u64) -> Result<(f64, f64)
 #[test]
 fn dirty_pages_rate_matches_the_working_set_and_non_convergence_is_reported() {
     let _g = guest_lock();
-    let w = 65536u64;
-    let cfg = config(1 << 30, 2, Workload::WorkingSet { pages: w });
-    let guest = boot(&cfg);
-    let dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
-    // 256 MiB of working set sent whole at 128 MiB/s cannot converge within 300 ms of
-    // downtime: the migration iterates until cancelled, one period after another.
-    let source = whole_pages_source(&guest, 128 << 20, 1);
+    let w = NON_CONVERGING_PAGES;
     let t0 = Instant::now();
-    source.migrate(&dest.uri).unwrap();
+    let (guest, _dest, source) = non_converging_migration();
     // The truth is read from the guest's counters over the very period the rate was
     // taken on (observed by polling). On a loaded host a vCPU can do no whole round in
     // a period, whose truth is then another: such periods are skipped, up to TIMEOUT.
