@@ -48,8 +48,13 @@ impl GuestVm {
     /// Pages written by all vCPUs so far ([`MiniVm::page_writes`] summed): the guest's
     /// work, whose rate is its speed.
     pub fn page_writes(&self) -> u64 {
+        self.vcpu_page_writes().iter().sum()
+    }
+
+    /// Pages written by each vCPU so far ([`MiniVm::page_writes`]).
+    pub fn vcpu_page_writes(&self) -> Vec<u64> {
         let vm = self.vm();
-        (0..vm.vcpus()).map(|v| vm.page_writes(v)).sum()
+        (0..vm.vcpus()).map(|v| vm.page_writes(v)).collect()
     }
 }
 

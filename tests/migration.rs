@@ -454,14 +454,15 @@ struct Poll {
     syncs: u64,
     rate: u64,
     iterations: u64,
-    counters: Vec<u64>,
+    /// Pages each vCPU has written so far.
+    page_writes: Vec<u64>,
     after_us: u64,
 }
 
 fn poll(source: &MigrationSource, guest: &GuestVm, t0: Instant) -> Poll {
     let before_us = t0.elapsed().as_micros() as u64;
     let info = source.query();
-    let counters = guest.counters();
+    let page_writes = guest.vcpu_page_writes();
     let after_us = t0.elapsed().as_micros() as u64;
     let ram = info.ram.as_ref();
     Poll {
@@ -470,7 +471,7 @@ fn poll(source: &MigrationSource, guest: &GuestVm, t0: Instant) -> Poll {
         syncs: ram.map_or(0, |r| r.dirty_sync_count),
         rate: ram.map_or(0, |r| r.dirty_pages_rate),
         iterations: info.ferry.as_ref().map_or(0, |f| f.iterations),
-        counters,
+        page_writes,
         after_us,
     }
 }
@@ -480,7 +481,7 @@ const TOO_RECENT: &str = "the last sync is too recent";
 
 /// What one migration's polls say about its last closed dirty-rate period: `Ok((rate,
 /// truth))`, or `Err(why)` when the truth cannot be known from this run (a period
-/// boundary too close to call, or a vCPU that did no whole round inside the period).
+/// boundary too close to call, or page writes too sparsely observed around it).
 fn rate_and_truth(polls: &[Poll], w: u64, max_sync_ns: u64) -> Result<(f64, f64), String> {
     // When each state change happened: between the last poll before and the first after.
     let between = |i: usize| (polls[i - 1].after_us, polls[i].before_us);
@@ -537,26 +538,48 @@ fn rate_and_truth(polls: &[Poll], w: u64, max_sync_ns: u64) -> Result<(f64, f64)
     }
     let periods: Vec<(Span, Span)> = lasts.into_iter().flatten().take(1).collect();
     let ((a_lo, a_hi), (b_lo, b_hi)) = *periods.last().ok_or("no closed period")?;
-    // Every unique page the guest wrote in the period counts: each vCPU's working set
-    // and counter page, once every vCPU did a whole round inside it (a page counts when
-    // a sync harvests it, within the sync, hence the margins).
+    // Every unique page the guest wrote in the period counts. Each vCPU writes its share
+    // of the working set in order, round after round, so n consecutive page writes touch
+    // min(n, share) distinct pages, plus its counter page. A page counts when a sync
+    // harvests it (within the sync, hence the margins), so the page writes surely
+    // inside the period and those between the polls surely around it bracket the truth.
     let half_sync_us = max_sync_ns.div_ceil(2000);
-    let (inner_start, inner_end) = (a_hi + half_sync_us, b_lo.saturating_sub(half_sync_us));
-    let first = polls.iter().find(|p| p.before_us >= inner_start);
-    let last = polls.iter().rev().find(|p| p.after_us <= inner_end);
-    let (Some(first), Some(last)) = (first, last) else {
-        return Err("no polls inside the period".into());
+    let inner = (a_hi + half_sync_us, b_lo.saturating_sub(half_sync_us));
+    let outer = (a_lo.saturating_sub(half_sync_us), b_hi + half_sync_us);
+    let first_inside = polls.iter().find(|p| p.before_us >= inner.0);
+    let last_inside = polls.iter().rev().find(|p| p.after_us <= inner.1);
+    let last_before = polls.iter().rev().find(|p| p.after_us <= outer.0);
+    let Some(first_after) = polls.iter().find(|p| p.before_us >= outer.1) else {
+        return Err(TOO_RECENT.into());
     };
-    let increments: Vec<u64> = (0..first.counters.len())
-        .map(|v| last.counters[v].saturating_sub(first.counters[v]))
-        .collect();
-    if increments.iter().any(|k| *k < 2) {
+    let (Some(first_inside), Some(last_inside), Some(last_before)) =
+        (first_inside, last_inside, last_before)
+    else {
+        return Err("no polls inside or before the period".into());
+    };
+    let vcpus = first_inside.page_writes.len() as u64;
+    let unique = |from: &Poll, to: &Poll| -> u64 {
+        (0..vcpus as usize)
+            .map(|v| {
+                let share = w / vcpus + u64::from((v as u64) < w % vcpus);
+                let writes = to.page_writes[v].saturating_sub(from.page_writes[v]);
+                writes.min(share) + u64::from(writes > 0)
+            })
+            .sum()
+    };
+    let (fewest, most) = (
+        unique(first_inside, last_inside),
+        unique(last_before, first_after),
+    );
+    // A bracket wider than the tolerance cannot judge the rate: a vCPU the host starved
+    // into partial rounds, with polls too sparse around the period's ends.
+    if (most - fewest) as f64 > 0.02 * most as f64 {
         return Err(format!(
-            "a vCPU did no whole round in the period: {increments:?}"
+            "the truth is known only within [{fewest}, {most}] pages"
         ));
     }
     let period_us = ((b_lo + b_hi) / 2 - (a_lo + a_hi) / 2) as f64;
-    let truth = (w + 2) as f64 * 1e6 / period_us;
+    let truth = (fewest + most) as f64 / 2.0 * 1e6 / period_us;
     Ok((polls.last().unwrap().rate as f64, truth))
 }
 
@@ -566,9 +589,10 @@ fn dirty_pages_rate_matches_the_working_set_and_non_convergence_is_reported() {
     let w = NON_CONVERGING_PAGES;
     let t0 = Instant::now();
     let (guest, _dest, source) = non_converging_migration();
-    // The truth is read from the guest's counters over the very period the rate was
-    // taken on (observed by polling). On a loaded host a vCPU can do no whole round in
-    // a period, whose truth is then another: such periods are skipped, up to TIMEOUT.
+    // The truth is read from the guest's page-write counters over the very period the
+    // rate was taken on (observed by polling). On a loaded host the polls around a
+    // period's ends can be too sparse to tell its truth: such periods are skipped, up
+    // to TIMEOUT.
     let mut polls = vec![poll(&source, &guest, t0)];
     let mut evaluated_syncs = 0;
     let mut why = Vec::new();
@@ -602,23 +626,35 @@ fn dirty_pages_rate_matches_the_working_set_and_non_convergence_is_reported() {
             }
         }
     };
+    eprintln!("dirty-pages-rate {rate} vs truth {truth:.1}; periods skipped: {why:?}");
     assert!(
         (rate - truth).abs() / truth <= 0.05,
         "dirty-pages-rate {rate} vs truth {truth:.1} over its own period"
     );
-    match source.query().ferry.unwrap().convergence {
-        Convergence::NotConverging {
-            needed_bandwidth_bytes_per_sec,
-        } => {
-            assert!(needed_bandwidth_bytes_per_sec > 128 << 20)
+    // The guest dirties faster than the link carries, so the prediction must say so and
+    // the migration keeps iterating. A host loaded enough to slow the guest below the
+    // link (three suites at once on two cores) takes that premise away; the rate was
+    // still checked.
+    let link_bytes_per_sec = 128u64 << 20;
+    let dirtied_bytes_per_sec = truth * ferry::dirty_sync::PAGE_SIZE as f64;
+    if dirtied_bytes_per_sec > 1.1 * link_bytes_per_sec as f64 {
+        match source.query().ferry.unwrap().convergence {
+            Convergence::NotConverging {
+                needed_bandwidth_bytes_per_sec,
+            } => assert!(needed_bandwidth_bytes_per_sec > link_bytes_per_sec),
+            other => panic!("expected not-converging, got {other:?}"),
         }
-        other => panic!("expected not-converging, got {other:?}"),
+        assert_eq!(
+            source.query().status,
+            MigrationStatus::Active,
+            "keeps iterating"
+        );
+    } else {
+        eprintln!(
+            "the host slowed the guest to {:.0} MiB/s, below the link: non-convergence not checked",
+            dirtied_bytes_per_sec / f64::from(1 << 20)
+        );
     }
-    assert_eq!(
-        source.query().status,
-        MigrationStatus::Active,
-        "keeps iterating"
-    );
     source.cancel();
     assert_eq!(source.wait(), MigrationStatus::Cancelled);
     assert_source_runs(&guest);

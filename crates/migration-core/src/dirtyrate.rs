@@ -397,6 +397,8 @@ struct Measured {
     /// Distinct pages per vCPU (ring mode, when the VMM counts them).
     vcpu_pages: Option<Vec<u64>>,
     sampling: Option<SamplingResult>,
+    /// Page sampling: how long the first and the second hash pass took.
+    hash_passes: Option<[Duration; 2]>,
 }
 
 impl Worker {
@@ -507,6 +509,7 @@ impl Worker {
             vcpu_entries,
             vcpu_pages,
             sampling: None,
+            hash_passes: None,
         })
     }
 
@@ -522,22 +525,30 @@ impl Worker {
         let plan = SamplePlan::new(ram.blocks(), self.req.sample_pages, self.req.seed);
         let t0 = Instant::now();
         let before = plan.hash_all(&ram);
+        let pass0 = t0.elapsed();
         self.cancel
             .wait_window(t0, self.req.calc_time_ms)
             .ok_or(Stop::Cancelled)?;
-        // Each page's own window runs from its first hash to its second: start to start.
         let t1 = Instant::now();
         let after = plan.hash_all(&ram);
-        let window = t1 - t0;
+        let pass1 = t1.elapsed();
+        // Each page's own window runs from its first hash to its second. The passes
+        // hash in the same order, so at a steady hashing speed the mean of those
+        // windows runs from the first pass's midpoint to the second's; a pass the host
+        // preempted is longer, and start-to-start would misstate the window by up to
+        // the difference.
+        let start = t0 + pass0 / 2;
+        let window = (t1 + pass1 / 2) - start;
         let dirty = before.iter().zip(&after).filter(|(a, b)| a != b).count() as u64;
         let s = SamplingResult::new(dirty, plan.samples.len() as u64, plan.sampled_block_pages);
         Ok(Measured {
             dirty_pages: s.estimate_pages,
-            start: t0,
+            start,
             window,
             vcpu_entries: None,
             vcpu_pages: None,
             sampling: Some(s),
+            hash_passes: Some([pass0, pass1]),
         })
     }
 }
@@ -553,6 +564,9 @@ fn result_of(m: Measured) -> DirtyRateResult {
         dirty_pages: m.dirty_pages,
         window_us: u64::try_from(m.window.as_micros()).unwrap_or(u64::MAX),
         window_start_unix_us: unix_us(m.start),
+        hash_pass_us: m
+            .hash_passes
+            .map(|p| p.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))),
         ..Default::default()
     };
     let mut rate = ferry.dirty_rate_mib_per_sec.floor() as i64;

@@ -137,6 +137,12 @@ pub struct FerryDirtyRateInfo {
     pub window_us: u64,
     /// When the window began, host wall clock, microseconds since the Unix epoch.
     pub window_start_unix_us: u64,
+    /// Page sampling: how long the first and the second hash pass took, µs. Each
+    /// sampled page's own window starts during the first pass and ends during the
+    /// second; the reported window runs from the first pass's midpoint to the
+    /// second's (the mean of the pages' windows when both passes hash steadily).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash_pass_us: Option<[u64; 2]>,
     /// Page sampling: the binomial 95 % interval of the rate (Wilson score, with
     /// continuity correction).
     #[serde(skip_serializing_if = "Option::is_none")]
