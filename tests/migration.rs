@@ -660,6 +660,88 @@ fn dirty_pages_rate_matches_the_working_set_and_non_convergence_is_reported() {
     assert_source_runs(&guest);
 }
 
+/// Postcopy with the non-converging guest: precopy runs until a pass is over, the
+/// operator switches, the destination runs the guest while its missing pages arrive
+/// (on request and in the background), and the migration completes.
+fn postcopy_migration(channels: u8) {
+    let _g = guest_lock();
+    let cfg = config(
+        1 << 30,
+        2,
+        Workload::WorkingSet {
+            pages: NON_CONVERGING_PAGES,
+        },
+    );
+    let guest = boot(&cfg);
+    let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
+    let source = whole_pages_source(&guest, 128 << 20, channels);
+    assert!(
+        source.start_postcopy().is_err(),
+        "the capability must be set first"
+    );
+    source
+        .set_capability(Capability::PostcopyRam, true)
+        .unwrap();
+    source.migrate(&dest.uri).unwrap();
+    // Past the bulk pass: the working set keeps the bitmap busy, precopy alone would
+    // not end.
+    poll_until(&source, "the second pass", |i| {
+        i.ferry.as_ref().is_some_and(|f| f.iterations >= 1)
+    });
+    source.start_postcopy().unwrap();
+    assert_eq!(
+        source.wait(),
+        MigrationStatus::Completed,
+        "{:?}",
+        source.query()
+    );
+    let info = source.query();
+    let ram = info.ram.as_ref().unwrap();
+    assert!(
+        ram.postcopy_bytes > 0,
+        "pages went after the switch: {ram:?}"
+    );
+    // The source stays paused for good: its RAM is the switch-over copy.
+    assert_eq!(source.run_control().state().name(), "postmigrate");
+    let frozen = guest.vcpu_page_writes();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        guest.vcpu_page_writes(),
+        frozen,
+        "the source guest never runs again"
+    );
+    let done = dest.next_event();
+    assert_eq!(done["event"], "completed", "{done}");
+    assert_eq!(
+        done["ram-digest"].as_u64(),
+        Some(ram_digest(&GuestRam::new(guest.clone()))),
+        "every page the destination holds is the source's at the switch"
+    );
+    // The guest ran on the destination while pages arrived: every vCPU's page writes
+    // at the end of postcopy are past those the source froze at the switch.
+    let at_end: Vec<u64> = serde_json::from_value(done["page-writes"].clone()).unwrap();
+    assert!(
+        at_end.iter().zip(&frozen).all(|(d, s)| d > s),
+        "the guest ran during postcopy: {at_end:?} after {frozen:?}"
+    );
+    let running = dest.next_event();
+    assert_eq!(running["event"], "running", "{running}");
+    eprintln!(
+        "postcopy: downtime {:?} ms, total {:?} ms, requests {}, postcopy bytes {}",
+        info.downtime, info.total_time, ram.postcopy_requests, ram.postcopy_bytes
+    );
+}
+
+#[test]
+fn postcopy_completes_the_working_set_precopy_cannot() {
+    postcopy_migration(1);
+}
+
+#[test]
+fn postcopy_completes_over_two_channels() {
+    postcopy_migration(2);
+}
+
 #[test]
 fn auto_converge_completes_a_migration_that_would_not() {
     let _g = guest_lock();

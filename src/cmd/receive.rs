@@ -67,6 +67,7 @@ fn serve(args: &ReceiveArgs) -> Result<(), String> {
         "ram-digest": report.ram_digest,
         "ram-digest-ms": report.ram_digest_us.map(|us| us as f64 / 1000.0),
         "counters": at_resume,
+        "page-writes": guest.vcpu_page_writes(),
     }));
     {
         let vm = guest.vm();

@@ -116,6 +116,27 @@ impl HostMemory {
         self.pages(page, 1)
     }
 
+    /// Drops the contents of the whole pages `[offset_bytes, offset_bytes + len_bytes)`
+    /// (`madvise(MADV_DONTNEED)`): private anonymous memory reads zero afterwards and
+    /// maps a fresh page on the next touch, or, registered with userfaultfd in missing
+    /// mode, faults. (Shared memory keeps its contents: postcopy needs private RAM.)
+    /// False when the range is not whole pages inside, or the kernel refused.
+    pub fn discard(&self, offset_bytes: u64, len_bytes: u64) -> bool {
+        if !offset_bytes.is_multiple_of(PAGE_SIZE) || !len_bytes.is_multiple_of(PAGE_SIZE) {
+            return false;
+        }
+        let Some(p) = self.range_ptr(offset_bytes, len_bytes) else {
+            return false;
+        };
+        if len_bytes == 0 {
+            return true;
+        }
+        // SAFETY: [p, p + len_bytes) is whole pages inside the live mapping (checked
+        // above); dropping them changes what the guest's memory reads, which no Rust
+        // reference covers (the constructor's contract), and nothing else.
+        unsafe { libc::madvise(p.cast(), len_bytes as usize, libc::MADV_DONTNEED) == 0 }
+    }
+
     /// Copies `buf.len()` bytes at `offset_bytes` into `buf` with volatile reads; false
     /// (and nothing copied) when the range is not inside.
     pub fn read_volatile(&self, offset_bytes: u64, buf: &mut [u8]) -> bool {

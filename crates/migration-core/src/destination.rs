@@ -13,6 +13,8 @@ use tracing::{debug, error, info, info_span, warn};
 use transport::{Event, Listener, PageSink, Uri};
 
 use crate::guest::{GuestRam, MigratableVm};
+
+mod postcopy;
 use crate::runstate::{RunControl, RunState};
 use crate::source::RUN_STATE_DEVICE;
 use crate::{Error, Result};
@@ -251,6 +253,7 @@ fn receive(
     }
     let mut report = IncomingReport::default();
     let mut device_state: Option<Vec<u8>> = None;
+    let mut discards: Vec<(usize, Vec<(u64, u64)>)> = Vec::new();
     // A stream without the record comes from a source whose guest ran.
     let mut source_was_running = true;
     let sink = RamSink { ram: &ram };
@@ -275,6 +278,7 @@ fn receive(
                 )))
             }
             Event::IterationEnd { iteration } => report.iterations = iteration,
+            Event::Discard { block_idx, runs } => discards.push((block_idx, runs)),
         }
         Ok(())
     })?;
@@ -288,18 +292,17 @@ fn receive(
     stats
         .transferred_bytes
         .store(report.received_bytes, std::sync::atomic::Ordering::Relaxed);
+    if rx.switched_to_postcopy() {
+        let switch = Switch {
+            device_state,
+            source_was_running,
+            discards,
+            start,
+        };
+        return postcopy::receive(&vm, run, rx, stats, opts, switch, report);
+    }
     let result = (|| -> Result<()> {
-        let state = device_state
-            .ok_or_else(|| Error::Incompatible("the stream carried no device state".into()))?;
-        report.device_state_bytes = state.len() as u64;
-        vm.load_device_state(&state)
-            .map_err(|e| Error::Guest(format!("loading device state: {e}")))?;
-        info!(
-            device_state_bytes = report.device_state_bytes,
-            source_was_running, "device state loaded"
-        );
-        // Loaded: offer the switch-over, and start nothing unless the source commits.
-        rx.await_commit()?;
+        load_and_offer(&vm, &mut rx, device_state, source_was_running, &mut report)?;
         if !opts.verify {
             report.resumed = run.finish_incoming(source_was_running)?;
         }
@@ -327,6 +330,36 @@ fn receive(
     report.resumed = run.finish_incoming(source_was_running)?;
     report.total_ms = start.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// What the precopy part of a stream that switched to postcopy left for the switch.
+struct Switch {
+    device_state: Option<Vec<u8>>,
+    source_was_running: bool,
+    discards: Vec<(usize, Vec<(u64, u64)>)>,
+    start: Instant,
+}
+
+/// Loads the device state and offers the switch-over; the guest starts nothing
+/// unless the source commits.
+fn load_and_offer(
+    vm: &Arc<dyn MigratableVm>,
+    rx: &mut transport::Receiver,
+    device_state: Option<Vec<u8>>,
+    source_was_running: bool,
+    report: &mut IncomingReport,
+) -> Result<()> {
+    let state = device_state
+        .ok_or_else(|| Error::Incompatible("the stream carried no device state".into()))?;
+    report.device_state_bytes = state.len() as u64;
+    vm.load_device_state(&state)
+        .map_err(|e| Error::Guest(format!("loading device state: {e}")))?;
+    info!(
+        device_state_bytes = report.device_state_bytes,
+        source_was_running, "device state loaded"
+    );
+    rx.await_commit()?;
+    Ok(())
 }
 
 /// Tells the source why this side refuses the stream. Best effort: the source may
@@ -381,6 +414,13 @@ fn check_blocks(ram: &GuestRam, header: &transport::StreamHeader) -> Result<()> 
     Ok(())
 }
 
+/// One non-zero page's share of [`ram_digest`]: its content hash seeded by its global
+/// page number, so the digest is a sum that can be taken a page at a time.
+pub(crate) fn page_digest(page: &[u8], global_page: u64) -> u64 {
+    let h = xxhash_rust::xxh3::xxh3_64_with_seed(page, global_page);
+    h.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+}
+
 /// A 64-bit digest of every non-zero page of guest RAM and its index, so two guests
 /// with equal memory have equal digests. Pages the host never mapped are skipped
 /// without being read when RAM is private anonymous memory.
@@ -410,8 +450,7 @@ pub fn ram_digest(ram: &GuestRam) -> u64 {
                 continue;
             }
             // Order-independent combination of (global page, content hash).
-            let h = xxhash_rust::xxh3::xxh3_64_with_seed(page, b.first_page + p);
-            digest = digest.wrapping_add(h.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            digest = digest.wrapping_add(page_digest(page, b.first_page + p));
         }
     }
     digest

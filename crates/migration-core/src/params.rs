@@ -76,7 +76,8 @@ pub struct MigrationParameters {
     pub block_incremental: bool,
     /// XBZRLE cache, bytes (QEMU only: accepted at 64 MiB).
     pub xbzrle_cache_size: u64,
-    /// Post-copy background bandwidth, bytes/s (QEMU only: accepted at 0).
+    /// Postcopy: the background stream's bandwidth cap after the switch, bytes/s
+    /// (0: unlimited, QEMU's default). Requested pages are never limited.
     pub max_postcopy_bandwidth: u64,
     /// zlib level for multifd (QEMU only: accepted at 1).
     pub multifd_zlib_level: u8,
@@ -333,7 +334,6 @@ impl MigrationParameters {
             x_checkpoint_delay,
             block_incremental,
             xbzrle_cache_size,
-            max_postcopy_bandwidth,
             multifd_zlib_level,
             multifd_zstd_level,
             x_vcpu_dirty_limit_period,
@@ -406,12 +406,18 @@ pub struct Capabilities {
     /// QEMU's `late-block-activate`: a Ferry guest has no block devices to activate,
     /// so the state is only recorded.
     pub late_block_activate: bool,
+    /// Allow the switch to postcopy (`migrate-start-postcopy`): the guest moves first,
+    /// the destination fetches the pages it lacks.
+    pub postcopy_ram: bool,
+    /// QEMU's `postcopy-preempt`: Ferry's postcopy streams always carry requested
+    /// pages on a connection of their own, so the state is only recorded.
+    pub postcopy_preempt: bool,
 }
 
 /// One capability by QMP name: every member of QEMU 8.2's `MigrationCapability`, in
-/// its order. Ferry implements `auto-converge`, `multifd` and `events`, and accepts
-/// `return-path` and `late-block-activate` (true of it already); the others are known
-/// so that a list setting them to `false` is accepted.
+/// its order. Ferry implements `auto-converge`, `multifd`, `events` and `postcopy-ram`,
+/// and accepts `return-path`, `late-block-activate` and `postcopy-preempt` (true of it
+/// already); the others are known so that a list setting them to `false` is accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Capability {
@@ -427,7 +433,7 @@ pub enum Capability {
     Compress,
     /// `events` (Ferry implements it).
     Events,
-    /// `postcopy-ram`.
+    /// `postcopy-ram` (Ferry implements it).
     PostcopyRam,
     /// `x-colo`.
     XColo,
@@ -455,7 +461,8 @@ pub enum Capability {
     BackgroundSnapshot,
     /// `zero-copy-send`.
     ZeroCopySend,
-    /// `postcopy-preempt`.
+    /// `postcopy-preempt` (accepted: Ferry's postcopy always has a priority
+    /// connection).
     PostcopyPreempt,
     /// `switchover-ack`.
     SwitchoverAck,
@@ -500,6 +507,8 @@ impl Capability {
                 | Capability::Events
                 | Capability::ReturnPath
                 | Capability::LateBlockActivate
+                | Capability::PostcopyRam
+                | Capability::PostcopyPreempt
         )
     }
 
@@ -522,6 +531,8 @@ impl Capabilities {
             Capability::Events => self.events = on,
             Capability::ReturnPath => self.return_path = on,
             Capability::LateBlockActivate => self.late_block_activate = on,
+            Capability::PostcopyRam => self.postcopy_ram = on,
+            Capability::PostcopyPreempt => self.postcopy_preempt = on,
             _ => {}
         }
     }
@@ -534,6 +545,8 @@ impl Capabilities {
             Capability::Events => self.events,
             Capability::ReturnPath => self.return_path,
             Capability::LateBlockActivate => self.late_block_activate,
+            Capability::PostcopyRam => self.postcopy_ram,
+            Capability::PostcopyPreempt => self.postcopy_preempt,
             _ => false,
         }
     }
@@ -550,9 +563,6 @@ impl Capabilities {
             }
             Capability::XColo => {
                 "QEMU compiled without replication module can't enable COLO".to_owned()
-            }
-            Capability::PostcopyRam => {
-                "Postcopy is not supported: Ferry has no postcopy".to_owned()
             }
             Capability::BackgroundSnapshot => {
                 "Background-snapshot is not supported by host kernel".to_owned()

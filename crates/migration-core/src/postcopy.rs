@@ -2,18 +2,17 @@
 //! turned into one request to the source, and every page (requested or pushed in the
 //! background) landing once, atomically (see `docs/postcopy.md`).
 //!
-//! This is the building block the postcopy protocol will drive; the protocol itself
-//! (records, the switch, recovery) is not built yet. [`PostcopyRam`] holds a
-//! [`UffdRegion`] per RAM block and the **received map**; [`PostcopyRam::serve_faults`]
-//! runs the fault threads, which ask a [`PageSource`] for each missing page once,
-//! however many vCPUs touch it; the receive path hands every page it gets to
-//! [`PostcopyRam::land`].
+//! [`PostcopyRam`] holds a [`UffdRegion`] per RAM block and the **received map**;
+//! [`PostcopyRam::serve_faults`] runs the fault threads, which ask a [`PageSource`]
+//! for each missing page once, however many vCPUs touch it; the receive path hands
+//! every page it gets to [`PostcopyRam::land`]. The destination
+//! (`crate::destination`) drives it with the source's requests over the back-channel.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dirty_sync::{DirtyBitmap, RamBlock, PAGE_SIZE};
 use uffd::{Filled, UffdRegion};
@@ -42,6 +41,68 @@ pub struct PostcopyCounters {
     pub landed_pages: AtomicU64,
     /// Installs of a page that was already there (a pushed page racing its request).
     pub already_present: AtomicU64,
+    /// Fault latency: from the request sent to the page installed (the vCPU resumed).
+    pub fault_latency: LatencyHistogram,
+}
+
+/// Bucket count of [`LatencyHistogram`]: `2^i` µs up to about 67 s.
+pub const LATENCY_BUCKETS: usize = 27;
+
+/// A histogram of latencies in power-of-two buckets of microseconds: bucket `i` counts
+/// latencies in `[2^(i-1), 2^i)` µs (bucket 0: under 1 µs).
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS],
+}
+
+impl LatencyHistogram {
+    /// Counts one latency.
+    pub fn record(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = (u64::BITS - us.leading_zeros()) as usize;
+        self.buckets[i.min(LATENCY_BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts per bucket.
+    pub fn counts(&self) -> [u64; LATENCY_BUCKETS] {
+        std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed))
+    }
+
+    /// The upper bound (µs) of the bucket that holds quantile `q` (0..=1), or `None`
+    /// when nothing was recorded.
+    pub fn quantile_us(&self, q: f64) -> Option<u64> {
+        let counts = self.counts();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64 * q).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(1u64 << i);
+            }
+        }
+        None
+    }
+}
+
+/// Inserts `key` with `at` unless it is there; true when it was not.
+trait TryInsertAt<K> {
+    fn try_insert_at(&mut self, key: K, at: Instant) -> bool;
+}
+
+impl<K: std::hash::Hash + Eq> TryInsertAt<K> for HashMap<K, Instant> {
+    fn try_insert_at(&mut self, key: K, at: Instant) -> bool {
+        match self.entry(key) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(at);
+                true
+            }
+        }
+    }
 }
 
 /// The destination's RAM while postcopy fills it.
@@ -49,8 +110,11 @@ pub struct PostcopyRam {
     regions: Vec<UffdRegion>,
     /// Per block: the pages present (sent during precopy, or landed since).
     received: Vec<DirtyBitmap>,
-    /// (block, page) asked of the source and not landed yet.
-    requested: Mutex<HashSet<(usize, u64)>>,
+    /// Per block: the pages missing at the switch and not landed yet (each is counted
+    /// off once, whichever of two racing installs clears it).
+    missing: Vec<DirtyBitmap>,
+    /// (block, page) asked of the source and not landed yet, with when it was asked.
+    requested: Mutex<HashMap<(usize, u64), Instant>>,
     /// Pages still missing, all blocks.
     missing_pages: AtomicU64,
     counters: PostcopyCounters,
@@ -58,8 +122,10 @@ pub struct PostcopyRam {
 
 impl PostcopyRam {
     /// Registers every block's memory for missing-page faults. `missing[i]` holds the
-    /// pages of block `i` that are not there yet (the rest arrived during precopy and
-    /// never fault). Call before the vCPUs run.
+    /// pages of block `i` that are not there yet: each is dropped (it may hold what
+    /// precopy sent before the guest wrote it again), so its first touch faults. The
+    /// other pages stay as they are; those never written (not mapped) read as zero.
+    /// Needs private anonymous guest RAM. Call before the vCPUs run.
     pub fn register(blocks: &[RamBlock], missing: &[DirtyBitmap]) -> Result<Arc<Self>> {
         if blocks.len() != missing.len()
             || blocks
@@ -73,21 +139,46 @@ impl PostcopyRam {
         }
         let mut regions = Vec::with_capacity(blocks.len());
         let mut received = Vec::with_capacity(blocks.len());
+        let mut still_missing = Vec::with_capacity(blocks.len());
         let mut missing_pages = 0;
         for (b, m) in blocks.iter().zip(missing) {
-            regions.push(UffdRegion::register(b.memory.clone())?);
+            let region = UffdRegion::register(b.memory.clone())?;
             let r = DirtyBitmap::new(b.pages());
             r.set_all();
-            for p in m.iter_set() {
-                r.test_and_clear(p);
-                missing_pages += 1;
+            let mut run: Option<(u64, u64)> = None;
+            for p in m.iter_set().chain([u64::MAX]) {
+                if p != u64::MAX {
+                    r.test_and_clear(p);
+                    missing_pages += 1;
+                }
+                run = match run {
+                    Some((first, n)) if first + n == p => Some((first, n + 1)),
+                    Some((first, n)) => {
+                        if !b.memory.discard(first * PAGE_SIZE, n * PAGE_SIZE) {
+                            return Err(Error::Guest(format!(
+                                "postcopy: cannot drop pages {first}..{} of {}",
+                                first + n,
+                                b.id
+                            )));
+                        }
+                        Some((p, 1))
+                    }
+                    None => Some((p, 1)),
+                };
             }
+            regions.push(region);
             received.push(r);
+            let left = DirtyBitmap::new(b.pages());
+            for p in m.iter_set() {
+                left.set(p);
+            }
+            still_missing.push(left);
         }
         Ok(Arc::new(PostcopyRam {
             regions,
             received,
-            requested: Mutex::new(HashSet::new()),
+            missing: still_missing,
+            requested: Mutex::new(HashMap::new()),
             missing_pages: AtomicU64::new(missing_pages),
             counters: PostcopyCounters::default(),
         }))
@@ -111,27 +202,27 @@ impl PostcopyRam {
             region.copy(offset, data)?
         };
         match filled {
-            Filled::Done => {
-                self.counters.landed_pages.fetch_add(1, Ordering::Relaxed);
-                if !self.received[block].set(page) {
-                    // Present already by our map but the kernel took it: impossible
-                    // unless pages were installed behind our back.
-                    tracing::warn!(block, page, "a page landed that the received map had");
-                } else {
-                    self.missing_pages.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-            Filled::AlreadyPresent => {
-                self.counters
-                    .already_present
-                    .fetch_add(1, Ordering::Relaxed);
-                self.received[block].set(page);
-            }
+            Filled::Done => self.counters.landed_pages.fetch_add(1, Ordering::Relaxed),
+            Filled::AlreadyPresent => self
+                .counters
+                .already_present
+                .fetch_add(1, Ordering::Relaxed),
+        };
+        // Present either way. Two copies of one page may race (a request answered while
+        // the background had the page on its way): the kernel installs one, and the
+        // page is counted off once.
+        self.received[block].set(page);
+        if self.missing[block].test_and_clear(page) {
+            self.missing_pages.fetch_sub(1, Ordering::Relaxed);
         }
-        self.requested
+        let asked = self
+            .requested
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&(block, page));
+        if let (Some(at), Filled::Done) = (asked, filled) {
+            self.counters.fault_latency.record(at.elapsed());
+        }
         Ok(filled)
     }
 
@@ -187,15 +278,20 @@ impl PostcopyRam {
             };
             self.counters.faults.fetch_add(1, Ordering::Relaxed);
             let page = fault.page_offset_bytes() / PAGE_SIZE;
-            // Landed meanwhile: the install woke the vCPU already.
             if self.received[block].is_set(page) {
+                // Not missing: a page the guest never wrote (not mapped: zero), or one
+                // that landed meanwhile. The zero page is installed only where nothing
+                // is (a landed page is left as it is) and wakes the vCPU either way.
+                if region.zero(page * PAGE_SIZE, PAGE_SIZE)? == Filled::AlreadyPresent {
+                    region.wake(page * PAGE_SIZE, PAGE_SIZE)?;
+                }
                 continue;
             }
             let first = self
                 .requested
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert((block, page));
+                .try_insert_at((block, page), Instant::now());
             if first {
                 self.counters.requests.fetch_add(1, Ordering::Relaxed);
                 source.request(block, page).map_err(|e| {

@@ -26,6 +26,7 @@ use crate::runstate::{MigrationEvent, RunControl, RunState, SwitchoverEnd};
 use crate::{Error, Result};
 
 mod policy;
+mod postcopy;
 mod precopy;
 
 /// How often the progress numbers (mbps, pages-per-second, bandwidth) are refreshed.
@@ -67,6 +68,8 @@ struct Shared {
     cancel_token: Mutex<transport::Cancel>,
     /// Aborts the running migration's connections (set once connected).
     abort: Mutex<Option<transport::AbortHandle>>,
+    /// `migrate-start-postcopy` asked the running migration to switch to postcopy.
+    start_postcopy: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -109,6 +112,7 @@ impl MigrationSource {
                 cancel: Mutex::new(Arc::new(AtomicBool::new(false))),
                 cancel_token: Mutex::new(transport::Cancel::new()),
                 abort: Mutex::new(None),
+                start_postcopy: AtomicBool::new(false),
                 thread: Mutex::new(None),
             }),
         }
@@ -209,6 +213,7 @@ impl MigrationSource {
         *self.shared.stats.write().unwrap_or_else(|p| p.into_inner()) = stats.clone();
         let cancel = Arc::new(AtomicBool::new(false));
         *lock(&self.shared.cancel) = cancel.clone();
+        self.shared.start_postcopy.store(false, Ordering::Release);
         let run = Run {
             ram: GuestRam::new(self.vm.clone()),
             space: self.vm.address_space().clone(),
@@ -225,6 +230,7 @@ impl MigrationSource {
             paused: AtomicBool::new(false),
             switching: AtomicBool::new(false),
             committing: AtomicBool::new(false),
+            in_postcopy: AtomicBool::new(false),
             span: info_span!(
                 "migration",
                 uri = %uri,
@@ -244,18 +250,41 @@ impl MigrationSource {
         Ok(())
     }
 
+    /// QEMU's `migrate-start-postcopy`: the running migration switches to postcopy at
+    /// its next chance (within a chunk of pages). Needs the `postcopy-ram` capability;
+    /// QEMU's errors otherwise.
+    pub fn start_postcopy(&self) -> Result<()> {
+        if !self.capabilities().postcopy_ram {
+            return Err(Error::InvalidParameter(
+                "Enable postcopy with migrate_set_capability before the start of migration".into(),
+            ));
+        }
+        if self.stats().status() == MigrationStatus::None {
+            return Err(Error::InvalidParameter(
+                "Postcopy must be started after migration has been started".into(),
+            ));
+        }
+        info!("switch to postcopy requested");
+        self.shared.start_postcopy.store(true, Ordering::Release);
+        Ok(())
+    }
+
     /// Asks the running migration to stop; the guest keeps running on the source.
+    /// Ignored in postcopy: the guest runs on the destination then, and needs the
+    /// pages only this source holds (QEMU's `migrate_cancel` refuses it too).
     pub fn cancel(&self) {
         let stats = self.stats();
         info!(status = ?stats.status(), "migration cancel requested");
-        for from in [
+        let cancelling = [
             MigrationStatus::Setup,
             MigrationStatus::Active,
             MigrationStatus::Device,
-        ] {
-            if stats.transition(from, MigrationStatus::Cancelling) {
-                break;
-            }
+        ]
+        .into_iter()
+        .any(|from| stats.transition(from, MigrationStatus::Cancelling));
+        if !cancelling && stats.status() == MigrationStatus::PostcopyActive {
+            warn!("a postcopy migration cannot be cancelled: the guest runs on the destination");
+            return;
         }
         lock(&self.shared.cancel).store(true, Ordering::Release);
         lock(&self.shared.cancel_token).cancel();
@@ -318,6 +347,9 @@ struct Run {
     /// The switch-over's commit may have gone out: a panic from here on leaves the
     /// source paused, as a lost acknowledgement does.
     committing: AtomicBool,
+    /// The destination acknowledged the switch to postcopy: it runs the guest, and
+    /// this source holds the only copy of the pages it still lacks.
+    in_postcopy: AtomicBool,
     /// The `migration` span, made on the caller's thread (so it nests under the
     /// caller's span) and entered on the migration thread.
     span: tracing::Span,
@@ -400,10 +432,12 @@ impl Run {
         stats
             .total_time_ms
             .store(stats.elapsed_ms(), Ordering::Relaxed);
+        let in_postcopy = self.in_postcopy.load(Ordering::Acquire);
         let in_doubt = match &result {
             Err(Error::Transport(transport::Error::InDoubt(_))) => true,
             Err(Error::Panicked(_)) => self.committing.load(Ordering::Acquire),
-            _ => false,
+            Err(_) => in_postcopy,
+            Ok(()) => false,
         };
         // Leave finish-migrate: postmigrate once the destination has the guest (or may
         // have it), else back to the state before the switch-over. Two running copies
@@ -443,7 +477,19 @@ impl Run {
                 let resume_note = resume_error
                     .map(|re| format!("; and resuming the source failed: {re}"))
                     .unwrap_or_default();
-                if in_doubt {
+                if in_postcopy {
+                    error!(
+                        error = %e,
+                        "postcopy failed: the guest runs on the destination, which lacks \
+                         pages only this source holds; the source stays paused and keeps them"
+                    );
+                    stats.set_error(format!(
+                        "postcopy failed after the switch: {e}; the guest runs on the \
+                         destination, which lacks pages only this source holds; the source \
+                         guest stays paused (postmigrate) and keeps its copy"
+                    ));
+                    self.set_status(MigrationStatus::Failed);
+                } else if in_doubt {
                     error!(
                         error = %e,
                         "migration failed after the commit: the destination may run the \

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use atomic::Atomic;
 use serde::{Deserialize, Serialize};
 
-/// Where a migration is (QEMU's MigrationStatus, the subset precopy uses).
+/// Where a migration is (QEMU's MigrationStatus, the subset Ferry uses).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 #[repr(u8)]
@@ -28,6 +28,9 @@ pub enum MigrationStatus {
     Cancelling = 6,
     /// Cancelled; the source guest runs.
     Cancelled = 7,
+    /// Postcopy: the guest runs on the destination, which fetches the pages it still
+    /// lacks from the source.
+    PostcopyActive = 8,
 }
 
 impl MigrationStatus {
@@ -40,6 +43,7 @@ impl MigrationStatus {
             5 => Self::Failed,
             6 => Self::Cancelling,
             7 => Self::Cancelled,
+            8 => Self::PostcopyActive,
             _ => Self::None,
         }
     }
@@ -60,6 +64,7 @@ impl MigrationStatus {
             Self::Failed => "failed",
             Self::Cancelling => "cancelling",
             Self::Cancelled => "cancelled",
+            Self::PostcopyActive => "postcopy-active",
         }
     }
 }
@@ -111,6 +116,10 @@ pub struct MigStats {
     pub dirty_pages_rate: AtomicU64,
     /// Global dirty-log syncs done.
     pub dirty_sync_count: AtomicU64,
+    /// Postcopy: pages the destination requested (faults that reached the source).
+    pub postcopy_requests: AtomicU64,
+    /// Postcopy: bytes sent after the switch to postcopy.
+    pub postcopy_bytes: AtomicU64,
     /// Page size, bytes.
     pub page_size_bytes: AtomicU64,
     /// Bytes sent on the parallel (multifd) channels.
@@ -178,6 +187,8 @@ impl MigStats {
             normal_pages: AtomicU64::new(0),
             dirty_pages_rate: AtomicU64::new(0),
             dirty_sync_count: AtomicU64::new(0),
+            postcopy_requests: AtomicU64::new(0),
+            postcopy_bytes: AtomicU64::new(0),
             page_size_bytes: AtomicU64::new(4096),
             multifd_bytes: AtomicU64::new(0),
             pages_per_second: AtomicU64::new(0),
@@ -356,13 +367,13 @@ impl MigStats {
             },
             mbps: self.mbps.load(Ordering::Relaxed),
             dirty_sync_count: ld(&self.dirty_sync_count),
-            postcopy_requests: 0,
+            postcopy_requests: ld(&self.postcopy_requests),
             page_size: page,
             multifd_bytes: ld(&self.multifd_bytes),
             pages_per_second: ld(&self.pages_per_second),
             precopy_bytes: ld(&self.precopy_bytes),
             downtime_bytes: ld(&self.downtime_bytes),
-            postcopy_bytes: 0,
+            postcopy_bytes: ld(&self.postcopy_bytes),
             dirty_sync_missed_zero_copy: 0,
         });
         let finished = status.is_finished();
@@ -418,7 +429,7 @@ pub struct MigrationStats {
     pub mbps: f64,
     /// Dirty-log syncs.
     pub dirty_sync_count: u64,
-    /// Always 0 (no postcopy).
+    /// Postcopy: pages the destination requested.
     pub postcopy_requests: u64,
     /// Page size, bytes.
     pub page_size: u64,
@@ -430,7 +441,7 @@ pub struct MigrationStats {
     pub precopy_bytes: u64,
     /// Bytes sent while the guest was paused.
     pub downtime_bytes: u64,
-    /// Always 0 (no postcopy).
+    /// Postcopy: bytes sent after the switch to postcopy.
     pub postcopy_bytes: u64,
     /// Always 0 (no zero-copy send).
     pub dirty_sync_missed_zero_copy: u64,

@@ -364,6 +364,17 @@ impl Conn {
         })
     }
 
+    /// A second handle that writes to this connection's peer (sockets and `mem:`);
+    /// `None` for files and buffers.
+    pub(crate) fn try_clone_writer(&self) -> io::Result<Option<Conn>> {
+        Ok(match self {
+            Conn::Tcp(s) => Some(Conn::Tcp(s.try_clone()?)),
+            Conn::Unix(s) => Some(Conn::Unix(s.try_clone()?)),
+            Conn::Mem(m) => Some(Conn::Mem(m.writer())),
+            Conn::File(_) | Conn::Bytes(_) => None,
+        })
+    }
+
     /// A closer for this connection: ends reading on it.
     pub(crate) fn closer(&self) -> Closer {
         self.closer_how(Shutdown::Read)

@@ -94,6 +94,9 @@ pub enum Error {
     /// A wait ran out of time; the message says which one and how long it was.
     #[error("timed out: {0}")]
     TimedOut(String),
+    /// The destination's memory could not take pages (a postcopy install failed).
+    #[error("storing pages: {0}")]
+    Sink(String),
     /// A caller-side argument that cannot be honoured (not peer input).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

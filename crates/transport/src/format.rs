@@ -69,6 +69,18 @@ pub enum Kind {
     /// Control, after `End`: the sender hands the guest over. Only after this may
     /// the receiver start it; from here on the sender never resumes its copy.
     Commit = 12,
+    /// Control, before `Switch` (postcopy streams only): pages of one block that the
+    /// receiver must drop, as runs; they come again after the switch.
+    Discard = 13,
+    /// Every connection (postcopy streams only): the precopy part of the stream ends
+    /// here, with its record count; the switch-over follows, then the postcopy part
+    /// on the same connections, which ends with `End`.
+    Switch = 14,
+    /// Back-channel, postcopy: the receiver needs this page now (a vCPU waits on it).
+    PageRequest = 15,
+    /// Back-channel, postcopy: every page is in the receiver's memory; the sender may
+    /// let its copy go.
+    Done = 16,
 }
 
 impl Kind {
@@ -86,6 +98,10 @@ impl Kind {
             10 => Kind::Applied,
             11 => Kind::Ready,
             12 => Kind::Commit,
+            13 => Kind::Discard,
+            14 => Kind::Switch,
+            15 => Kind::PageRequest,
+            16 => Kind::Done,
             other => return Err(Error::UnknownRecord(other)),
         })
     }
@@ -278,6 +294,10 @@ pub struct Features {
     pub sparse_pages: bool,
     /// The checksum of page batches ([`FEATURE_XXH3_PAGES`] when XXH3).
     pub page_checksum: PageChecksum,
+    /// Whether the stream may switch to postcopy ([`FEATURE_POSTCOPY`]): its last
+    /// connection is then the priority connection, which carries only the pages the
+    /// receiver requested.
+    pub postcopy: bool,
 }
 
 /// Header feature bit: sparse-page records may follow.
@@ -286,8 +306,13 @@ pub const FEATURE_SPARSE_PAGES: u8 = 1;
 /// record header and, in live batches, the per-page checksums) is the low 32 bits of
 /// XXH3-64 (seed 0) instead of CRC32C.
 pub const FEATURE_XXH3_PAGES: u8 = 2;
+/// Header feature bit: the stream may switch to postcopy (records `Discard`, `Switch`,
+/// `PageRequest` and `Done`), and its last connection is the priority connection.
+pub const FEATURE_POSTCOPY: u8 = 4;
 /// Every feature bit this build knows.
-const KNOWN_FEATURES: u8 = FEATURE_SPARSE_PAGES | FEATURE_XXH3_PAGES;
+const KNOWN_FEATURES: u8 = FEATURE_SPARSE_PAGES | FEATURE_XXH3_PAGES | FEATURE_POSTCOPY;
+/// Cap on runs in one `Discard` record.
+pub const MAX_DISCARD_RUNS: u32 = 65536;
 
 /// The stream header: page size, RAM block table and features.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -329,8 +354,15 @@ impl StreamHeader {
             }
         }
         let c = self.features.channels;
-        if c == 0 || c > MAX_CHANNELS {
-            return Err(Error::Malformed(format!("{c} channels")));
+        if c == 0 || c > MAX_CHANNELS || (self.features.postcopy && c < 2) {
+            return Err(Error::Malformed(format!(
+                "{c} channels{}",
+                if self.features.postcopy {
+                    " (postcopy needs a priority connection besides the control one)"
+                } else {
+                    ""
+                }
+            )));
         }
         Ok(())
     }
@@ -356,6 +388,9 @@ impl StreamHeader {
         }
         if self.features.page_checksum == PageChecksum::Xxh3 {
             bits |= FEATURE_XXH3_PAGES;
+        }
+        if self.features.postcopy {
+            bits |= FEATURE_POSTCOPY;
         }
         v.push(bits);
         v.extend_from_slice(&self.features.channels.to_le_bytes());
@@ -414,6 +449,7 @@ impl StreamHeader {
                 } else {
                     PageChecksum::Crc32c
                 },
+                postcopy: feature_bits & FEATURE_POSTCOPY != 0,
             },
         };
         h.validate()?;
@@ -517,6 +553,7 @@ mod tests {
                 channels: 4,
                 sparse_pages: true,
                 page_checksum: PageChecksum::Xxh3,
+                postcopy: false,
             },
         };
         for (sparse_pages, page_checksum, bits) in [
@@ -535,9 +572,14 @@ mod tests {
             assert_eq!(body[5], bits, "feature byte");
             assert_eq!(StreamHeader::decode_body(&body).unwrap(), h);
         }
+        h.features.postcopy = true;
+        let body = h.encode_body();
+        assert_eq!(body[5] & FEATURE_POSTCOPY, FEATURE_POSTCOPY);
+        assert_eq!(StreamHeader::decode_body(&body).unwrap(), h);
+        h.features.postcopy = false;
         // Bits this build does not know are refused.
         let mut body = h.encode_body();
-        for bit in 2..8 {
+        for bit in 3..8 {
             body[5] = 1 << bit;
             assert!(StreamHeader::decode_body(&body).is_err(), "bit {bit}");
         }

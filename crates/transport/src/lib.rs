@@ -45,8 +45,10 @@ pub use format::{
     BlockInfo, Compression, Features, StreamHeader, FEATURE_SPARSE_PAGES, FEATURE_XXH3_PAGES,
 };
 pub use limiter::RateLimiter;
-pub use recv::{decode_bytes, AcceptOptions, Decoded, Event, Listener, Receiver};
-pub use send::{decode_answers, AbortHandle, Ack, Answers, SendOptions, Sender, DEFAULT_TIMEOUT};
+pub use recv::{decode_bytes, AcceptOptions, Decoded, Event, Listener, PageRequester, Receiver};
+pub use send::{
+    decode_answers, AbortHandle, Ack, Answers, PageRequest, SendOptions, Sender, DEFAULT_TIMEOUT,
+};
 pub use sink::{is_zero, PageSink, VecSink};
 pub use sparse::{PageClass, SparseBatch, MAX_SPARSE_WORDS};
 pub use uri::Uri;

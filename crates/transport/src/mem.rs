@@ -56,6 +56,18 @@ impl MemConn {
         }
     }
 
+    /// A second end that writes where this end writes (and reads nothing), sharing
+    /// its close flag.
+    pub(crate) fn writer(&self) -> MemConn {
+        let (_, dead_rx) = bounded(0);
+        MemConn {
+            tx: self.tx.clone(),
+            rx: dead_rx,
+            pending: Bytes::new(),
+            closed: self.closed.clone(),
+        }
+    }
+
     /// Makes sure `pending` holds bytes; false at end of file.
     fn fill(&mut self) -> bool {
         while self.pending.is_empty() {

@@ -15,8 +15,8 @@ use crate::counters::ByteCounters;
 use crate::error::{Error, Result};
 use crate::format::{
     encode_record, max_batch_pages, u32_at, u64_at, Compression, Kind, Preamble, RecordHeader,
-    StreamHeader, FLAG_LIVE, FLAG_ZSTD, MAX_BATCH_PAGES, MAX_MESSAGE_BYTES, MAX_ZERO_BATCH_PAGES,
-    PREAMBLE_BYTES, RECORD_HEADER_BYTES,
+    StreamHeader, FLAG_LIVE, FLAG_ZSTD, MAX_BATCH_PAGES, MAX_DISCARD_RUNS, MAX_MESSAGE_BYTES,
+    MAX_ZERO_BATCH_PAGES, PREAMBLE_BYTES, RECORD_HEADER_BYTES,
 };
 use crate::io::{write_all, RecordReader};
 use crate::sink::{PageSink, VecSink};
@@ -38,6 +38,50 @@ pub enum Event {
         /// The iteration number the sender gave.
         iteration: u64,
     },
+    /// Postcopy streams, before the switch: pages of a block the receiver must drop
+    /// (the guest wrote them after they were sent); they come again after the switch.
+    Discard {
+        /// Block index in the header.
+        block_idx: usize,
+        /// `(first page, pages)` runs, in bounds, none empty.
+        runs: Vec<(u64, u64)>,
+    },
+}
+
+/// How a connection's part of the stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// `End`: the stream is over on this connection.
+    End,
+    /// `Switch`: the precopy part is over; the postcopy part follows.
+    Switch,
+}
+
+/// Which part of the stream a connection is reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// Until `End` or `Switch`.
+    Precopy,
+    /// After the switch: pages only, until `End`.
+    Postcopy,
+}
+
+/// Writes postcopy page requests to the sender on the control connection; cheap to
+/// clone, usable from any thread (one record at a time).
+#[derive(Clone)]
+pub struct PageRequester {
+    conn: Arc<Mutex<Conn>>,
+}
+
+impl PageRequester {
+    /// Asks the sender for page `page_index` of block `block_idx`.
+    pub fn request(&self, block_idx: usize, page_index: u64) -> Result<()> {
+        let mut body = [0u8; 12];
+        body[..4].copy_from_slice(&(block_idx as u32).to_le_bytes());
+        body[4..].copy_from_slice(&page_index.to_le_bytes());
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        write_back(&mut conn, Kind::PageRequest, &body)
+    }
 }
 
 /// A bound endpoint waiting for a migration stream.
@@ -480,6 +524,8 @@ fn make_receiver(
         received: false,
         ended_cleanly: false,
         committed: false,
+        switched: false,
+        back_writer: None,
     })
 }
 
@@ -493,6 +539,11 @@ pub struct Receiver {
     ended_cleanly: bool,
     /// Whether the sender's `Commit` arrived (always true for `file:`, once asked).
     committed: bool,
+    /// Whether the precopy part ended with `Switch` on every connection.
+    switched: bool,
+    /// The control connection's writing half, shared with page requesters once the
+    /// postcopy part began (every answer then goes through it).
+    back_writer: Option<Arc<Mutex<Conn>>>,
 }
 
 struct Shared<'a> {
@@ -502,6 +553,9 @@ struct Shared<'a> {
     closers: Vec<Closer>,
     first_error: Mutex<Option<Error>>,
     torn: Torn,
+    /// The `Discard` runs of a postcopy stream's precopy part, `(block, first, pages)`:
+    /// a page torn in flight and then discarded comes again after the switch.
+    discarded: Mutex<Vec<(usize, u64, u64)>>,
 }
 
 /// Pages that arrived torn (a live page's data checksum did not match) and have not
@@ -585,6 +639,84 @@ impl Receiver {
         if std::mem::replace(&mut self.received, true) {
             return Err(Error::Protocol("the stream was already received".into()));
         }
+        let endings = self.run_channels(sink, Some(&mut on_event), Part::Precopy)?;
+        if endings.contains(&Ending::Switch) {
+            if endings.contains(&Ending::End) {
+                return Err(Error::Protocol(
+                    "some connections switched to postcopy and others ended".into(),
+                ));
+            }
+            self.switched = true;
+            info!("the precopy part ended: the sender switches to postcopy");
+        }
+        self.ended_cleanly = true;
+        Ok(())
+    }
+
+    /// Whether the stream's precopy part ended with a switch to postcopy: then the
+    /// switch-over ([`Receiver::await_commit`], [`Receiver::send_ack`]) is followed by
+    /// [`Receiver::receive_postcopy`].
+    pub fn switched_to_postcopy(&self) -> bool {
+        self.switched
+    }
+
+    /// Receives the postcopy part of a stream, after the switch-over was acknowledged:
+    /// pages only, on every connection, until each ends with `End`. Each record's pages
+    /// are written to `sink` and then handed to [`PageSink::pages_done`], where a
+    /// postcopy sink installs them.
+    pub fn receive_postcopy<S: PageSink + ?Sized>(&mut self, sink: &S) -> Result<()> {
+        if !self.switched || !self.committed {
+            return Err(Error::Protocol(
+                "the postcopy part comes after a committed switch to postcopy".into(),
+            ));
+        }
+        self.run_channels(sink, None, Part::Postcopy)?;
+        info!("the postcopy part ended on every connection");
+        Ok(())
+    }
+
+    /// A handle that writes page requests to the sender from any thread (postcopy).
+    pub fn page_requester(&mut self) -> Result<PageRequester> {
+        Ok(PageRequester {
+            conn: self.back_writer()?,
+        })
+    }
+
+    /// Tells the sender that every page is in memory (postcopy): it may let its copy
+    /// of the guest go.
+    pub fn send_done(&mut self) -> Result<()> {
+        if !self.switched || !self.committed {
+            return Err(Error::Protocol(
+                "Done belongs to a committed postcopy stream".into(),
+            ));
+        }
+        self.answer(Kind::Done, &[])?;
+        info!("postcopy: Done sent");
+        Ok(())
+    }
+
+    /// The shared writing half of the control connection, made on first use.
+    fn back_writer(&mut self) -> Result<Arc<Mutex<Conn>>> {
+        if let Some(w) = &self.back_writer {
+            return Ok(w.clone());
+        }
+        let conn = self.readers[0]
+            .conn
+            .try_clone_writer()?
+            .ok_or_else(|| Error::Protocol("this connection has no sender to answer".into()))?;
+        let w = Arc::new(Mutex::new(conn));
+        self.back_writer = Some(w.clone());
+        Ok(w)
+    }
+
+    /// Runs every connection's reader (data connections on scoped threads, control
+    /// here) until each ends its `part`; the first error stops them all.
+    fn run_channels<S: PageSink + ?Sized>(
+        &mut self,
+        sink: &S,
+        events: EventFn<'_>,
+        part: Part,
+    ) -> Result<Vec<Ending>> {
         let shared = Shared {
             header: &self.header,
             counters: &self.counters,
@@ -592,7 +724,9 @@ impl Receiver {
             closers: self.readers.iter().map(|r| r.conn.closer()).collect(),
             first_error: Mutex::new(None),
             torn: Torn::default(),
+            discarded: Mutex::new(Vec::new()),
         };
+        let mut endings = vec![Ending::End; self.readers.len()];
         let (control, data) = self.readers.split_at_mut(1);
         std::thread::scope(|s| {
             let shared = &shared;
@@ -600,23 +734,47 @@ impl Receiver {
                 .iter_mut()
                 .enumerate()
                 .map(|(i, r)| {
-                    s.spawn(move || {
-                        if let Err(e) = run_channel(i + 1, r, sink, shared, None) {
-                            shared.fail(e);
-                        }
-                    })
+                    s.spawn(
+                        move || match run_channel(i + 1, r, sink, shared, None, part) {
+                            Ok(e) => Some(e),
+                            Err(e) => {
+                                shared.fail(e);
+                                None
+                            }
+                        },
+                    )
                 })
                 .collect();
-            if let Err(e) = run_channel(0, &mut control[0], sink, shared, Some(&mut on_event)) {
-                shared.fail(e);
+            match run_channel(0, &mut control[0], sink, shared, events, part) {
+                Ok(e) => endings[0] = e,
+                Err(e) => shared.fail(e),
             }
-            for h in handles {
-                if h.join().is_err() {
-                    shared.fail(Error::Aborted("a channel thread panicked".into()));
+            for (i, h) in handles.into_iter().enumerate() {
+                match h.join() {
+                    Ok(Some(e)) => endings[i + 1] = e,
+                    Ok(None) => {}
+                    Err(_) => shared.fail(Error::Aborted("a channel thread panicked".into())),
                 }
             }
         });
-        let torn = shared.torn.count();
+        // Pages torn in flight are sent again: in precopy, before the end; in a stream
+        // that switches to postcopy, the source discards them (they are dirty) and
+        // sends them after the switch.
+        let torn = if endings.iter().all(|e| *e == Ending::Switch) {
+            let discarded = shared.discarded.lock().unwrap_or_else(|p| p.into_inner());
+            shared
+                .torn
+                .lock()
+                .iter()
+                .filter(|(b, p)| {
+                    !discarded
+                        .iter()
+                        .any(|&(db, first, n)| db == *b && (first..first + n).contains(p))
+                })
+                .count()
+        } else {
+            shared.torn.count()
+        };
         match shared
             .first_error
             .into_inner()
@@ -637,15 +795,15 @@ impl Receiver {
                     what: "pages torn in flight and never sent again",
                 })
             }
-            None => {
-                self.ended_cleanly = true;
-                Ok(())
-            }
+            None => Ok(endings),
         }
     }
 
     fn answer(&mut self, kind: Kind, body: &[u8]) -> Result<()> {
-        write_back(&mut self.readers[0].conn, kind, body)
+        match &self.back_writer {
+            Some(w) => write_back(&mut w.lock().unwrap_or_else(|p| p.into_inner()), kind, body),
+            None => write_back(&mut self.readers[0].conn, kind, body),
+        }
     }
 
     /// The switch-over handshake: tells the sender that the stream ended cleanly
@@ -723,15 +881,20 @@ fn write_back(control: &mut Conn, kind: Kind, body: &[u8]) -> Result<()> {
 
 type EventFn<'a> = Option<&'a mut dyn FnMut(Event) -> Result<()>>;
 
-/// Reads one connection's records until its `End`.
+/// Reads one connection's records until the end of its `part`: `End`, or in a
+/// postcopy stream's precopy part `Switch`.
 fn run_channel<S: PageSink + ?Sized>(
     idx: usize,
     r: &mut RecordReader,
     sink: &S,
     sh: &Shared<'_>,
     mut events: EventFn<'_>,
-) -> Result<()> {
-    let mut records: u64 = if idx == 0 { 1 } else { 0 };
+    part: Part,
+) -> Result<Ending> {
+    let postcopy_stream = sh.header.features.postcopy;
+    let precopy = part == Part::Precopy;
+    // The control connection's precopy part counts its Header.
+    let mut records: u64 = if idx == 0 && precopy { 1 } else { 0 };
     let mut last_iteration: Option<u64> = None;
     let mut scratch = PageScratch::default();
     loop {
@@ -742,7 +905,7 @@ fn run_channel<S: PageSink + ?Sized>(
             Kind::Pages => read_pages(idx, r, &h, sink, sh, &mut scratch)?,
             Kind::ZeroPages => read_zero_pages(idx, r, &h, sink, sh, &mut scratch)?,
             Kind::SparsePages => read_sparse_pages(idx, r, &h, sink, sh, &mut scratch)?,
-            Kind::DeviceState if idx == 0 => {
+            Kind::DeviceState if idx == 0 && precopy => {
                 let body = read_checked(r, &h, "device state")?;
                 let len = *body
                     .first()
@@ -764,7 +927,7 @@ fn run_channel<S: PageSink + ?Sized>(
                     f(Event::DeviceState { name, data })?;
                 }
             }
-            Kind::Sync => {
+            Kind::Sync if precopy => {
                 let iteration = read_u64_body(r, &h, "iteration marker")?;
                 if last_iteration.is_some_and(|l| iteration <= l) {
                     return Err(Error::Protocol(format!(
@@ -784,7 +947,20 @@ fn run_channel<S: PageSink + ?Sized>(
                     f(Event::IterationEnd { iteration })?;
                 }
             }
-            Kind::End => {
+            Kind::Discard if idx == 0 && precopy && postcopy_stream => {
+                let body = read_checked(r, &h, "discard")?;
+                let (block_idx, runs) = parse_discard(sh, &body)?;
+                sh.counters
+                    .add(idx, (RECORD_HEADER_BYTES + body.len()) as u64, 0);
+                sh.discarded
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(runs.iter().map(|&(first, n)| (block_idx, first, n)));
+                if let Some(f) = events.as_mut() {
+                    f(Event::Discard { block_idx, runs })?;
+                }
+            }
+            Kind::End | Kind::Switch if h.kind == Kind::End || (precopy && postcopy_stream) => {
                 let sent = read_u64_body(r, &h, "end of stream")?;
                 if sent != records {
                     return Err(Error::Protocol(format!(
@@ -794,7 +970,11 @@ fn run_channel<S: PageSink + ?Sized>(
                 sh.counters.add(idx, (RECORD_HEADER_BYTES + 8) as u64, 0);
                 sh.barrier
                     .close("a channel ended while another waits at an iteration barrier");
-                return Ok(());
+                return Ok(if h.kind == Kind::End {
+                    Ending::End
+                } else {
+                    Ending::Switch
+                });
             }
             other => {
                 return Err(Error::Protocol(format!(
@@ -804,6 +984,36 @@ fn run_channel<S: PageSink + ?Sized>(
         }
         records += 1;
     }
+}
+
+/// A `Discard` body: `u32 block, u32 count, (u64 first, u64 pages)[count]`, every run
+/// non-empty and inside the block.
+fn parse_discard(sh: &Shared<'_>, body: &[u8]) -> Result<(usize, Vec<(u64, u64)>)> {
+    if body.len() < 8 || !(body.len() - 8).is_multiple_of(16) {
+        return Err(Error::Malformed(format!(
+            "discard record of {} bytes",
+            body.len()
+        )));
+    }
+    let (block_idx, block_pages) = block_of(sh, u32_at(body, 0))?;
+    let count = u32_at(body, 4) as usize;
+    if count == 0 || count > MAX_DISCARD_RUNS as usize || count * 16 != body.len() - 8 {
+        return Err(Error::Malformed(format!("discard of {count} runs")));
+    }
+    let runs = body[8..]
+        .chunks_exact(16)
+        .map(|c| {
+            let (first, n) = (u64_at(c, 0), u64_at(c, 8));
+            match first.checked_add(n) {
+                Some(end) if n > 0 && end <= block_pages => Ok((first, n)),
+                _ => Err(Error::OutOfBounds {
+                    block_idx: block_idx as u64,
+                    page_index: first,
+                }),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((block_idx, runs))
 }
 
 /// Reads a whole (small, capped) body and checks its CRC before anyone uses it.
@@ -896,8 +1106,13 @@ fn block_of(sh: &Shared<'_>, block_idx: u32) -> Result<(usize, u64)> {
     Ok((idx, pages))
 }
 
-fn page_ptr<S: PageSink + ?Sized>(sink: &S, block_idx: usize, page_index: u64) -> Result<*mut u8> {
-    let p = sink.page_ptr(block_idx, page_index);
+fn page_ptr<S: PageSink + ?Sized>(
+    sink: &S,
+    channel: usize,
+    block_idx: usize,
+    page_index: u64,
+) -> Result<*mut u8> {
+    let p = sink.channel_page_ptr(channel, block_idx, page_index);
     if p.is_null() {
         return Err(Error::OutOfBounds {
             block_idx: block_idx as u64,
@@ -969,7 +1184,7 @@ fn read_pages<S: PageSink + ?Sized>(
     parse_offsets(&sc.bytes, block_idx, block_pages, true, &mut sc.offsets)?;
     let mut iov: Vec<(*mut u8, usize)> = Vec::with_capacity(count);
     for &o in &sc.offsets {
-        iov.push((page_ptr(sink, block_idx, o)?, page_size));
+        iov.push((page_ptr(sink, idx, block_idx, o)?, page_size));
     }
     sink.prepare_pages(block_idx, &sc.offsets, page_size);
     if compressed {
@@ -1064,6 +1279,8 @@ fn read_pages<S: PageSink + ?Sized>(
     if !live {
         sh.torn.clear(block_idx, &sc.offsets);
     }
+    sink.pages_done(idx, block_idx, &sc.offsets, page_size)
+        .map_err(Error::Sink)?;
     sh.counters.add(
         idx,
         (RECORD_HEADER_BYTES + 8 + offsets_bytes + crc_bytes) as u64,
@@ -1104,9 +1321,11 @@ fn read_zero_pages<S: PageSink + ?Sized>(
     )?;
     let page_size = sh.header.page_size as usize;
     for &o in &sc.offsets {
-        page_ptr(sink, block_idx, o)?;
+        page_ptr(sink, idx, block_idx, o)?;
         sink.zero_page(block_idx, o, page_size);
     }
+    sink.pages_done(idx, block_idx, &sc.offsets, page_size)
+        .map_err(Error::Sink)?;
     sh.torn.clear(block_idx, &sc.offsets);
     sh.counters
         .add(idx, (RECORD_HEADER_BYTES + body_len) as u64, 0);
@@ -1156,7 +1375,7 @@ fn read_sparse_pages<S: PageSink + ?Sized>(
     let ptrs = sc
         .offsets
         .iter()
-        .map(|&o| page_ptr(sink, block_idx, o))
+        .map(|&o| page_ptr(sink, idx, block_idx, o))
         .collect::<Result<Vec<_>>>()?;
     for (p, page) in ptrs.into_iter().zip(&pages) {
         // SAFETY: per the PageSink contract `p` is valid for `page_size` bytes of
@@ -1165,6 +1384,8 @@ fn read_sparse_pages<S: PageSink + ?Sized>(
         let dst = unsafe { std::slice::from_raw_parts_mut(p, page_size) };
         sparse::apply(dst, page);
     }
+    sink.pages_done(idx, block_idx, &sc.offsets, page_size)
+        .map_err(Error::Sink)?;
     sh.torn.clear(block_idx, &sc.offsets);
     let entry_bytes = (body_len - 8 - count * 10) as u64;
     sh.counters.add(

@@ -21,9 +21,10 @@ use crate::conn::{Conn, ConnTimeouts};
 use crate::counters::ByteCounters;
 use crate::error::{Error, Result};
 use crate::format::{
-    encode_record, max_batch_pages, u64_at, BlockInfo, Compression, Features, Kind, Preamble,
-    RecordHeader, StreamHeader, FLAG_LIVE, FLAG_ZSTD, MAX_BATCH_PAGES, MAX_BODY_BYTES,
-    MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_ZERO_BATCH_PAGES, PREAMBLE_BYTES, RECORD_HEADER_BYTES,
+    encode_record, max_batch_pages, u32_at, u64_at, BlockInfo, Compression, Features, Kind,
+    Preamble, RecordHeader, StreamHeader, FLAG_LIVE, FLAG_ZSTD, MAX_BATCH_PAGES, MAX_BODY_BYTES,
+    MAX_DISCARD_RUNS, MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_ZERO_BATCH_PAGES, PREAMBLE_BYTES,
+    RECORD_HEADER_BYTES,
 };
 use crate::io::{write_all, RecordReader};
 use crate::limiter::RateLimiter;
@@ -61,6 +62,11 @@ pub struct SendOptions {
     /// Most time [`Sender::finish`] waits for the receiver's `Ready`, and then again
     /// for its acknowledgement after the commit (zero: no limit). Default 10 s.
     pub switchover_timeout: Duration,
+    /// Make the stream able to switch to postcopy ([`Sender::switch_to_postcopy`]):
+    /// one more connection, the priority connection, is opened after `channels`; it
+    /// carries only the pages the receiver requests after the switch, so they never
+    /// queue behind the background stream (QEMU's postcopy-preempt). Default false.
+    pub postcopy: bool,
 }
 
 /// Default of [`SendOptions::connect_timeout`], [`SendOptions::io_timeout`] and
@@ -81,6 +87,7 @@ impl Default for SendOptions {
             connect_timeout: DEFAULT_TIMEOUT,
             io_timeout: DEFAULT_TIMEOUT,
             switchover_timeout: DEFAULT_TIMEOUT,
+            postcopy: false,
         }
     }
 }
@@ -96,6 +103,9 @@ pub struct Ack {
 struct Channel {
     conn: Conn,
     records: u64,
+    /// The priority connection of a postcopy stream: its writes skip the rate limit
+    /// (a vCPU waits on every page it carries).
+    unlimited: bool,
     prefix: Vec<u8>,
     zstd: Option<zstd::bulk::Compressor<'static>>,
     zin: Vec<u8>,
@@ -136,6 +146,10 @@ pub struct Sender {
     queues: Vec<crate::queue::QueueProbe>,
     /// Ends the waits of this stream (the limiter's sleeps, `finish`).
     cancel: Cancel,
+    /// The connections `pick` chooses from: all but the priority connection.
+    data_channels: usize,
+    /// What the receiver asked for after a switch to postcopy.
+    requests: Option<crossbeam_channel::Receiver<PageRequest>>,
     io_timeout: Duration,
     switchover_timeout: Duration,
 }
@@ -179,45 +193,48 @@ impl Sender {
         opts: SendOptions,
         cancel: &Cancel,
     ) -> Result<Sender> {
+        // The priority connection of a postcopy stream comes last.
+        let total = opts.channels.saturating_add(u16::from(opts.postcopy));
         let header = StreamHeader {
             page_size,
             blocks,
             features: Features {
                 compression: opts.compression,
-                channels: opts.channels,
+                channels: total,
                 sparse_pages: opts.sparse_pages,
                 page_checksum: opts.page_checksum,
+                postcopy: opts.postcopy,
             },
         };
         header
             .validate()
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let is_file = matches!(uri, Uri::File(_));
-        if is_file && opts.channels != 1 {
+        if is_file && total != 1 {
             return Err(Error::InvalidArgument(
-                "file: carries exactly one channel".into(),
+                "file: carries exactly one channel, and no postcopy".into(),
             ));
         }
-        let counters = Arc::new(ByteCounters::new(opts.channels.into()));
+        let counters = Arc::new(ByteCounters::new(total.into()));
         let session_id = session_id();
-        let mut channels = Vec::with_capacity(opts.channels.into());
+        let mut channels = Vec::with_capacity(total.into());
         let timeouts = ConnTimeouts {
             connect: opts.connect_timeout,
             io: opts.io_timeout,
         };
         let stalled = |e| stalled_write(e, opts.io_timeout);
-        for channel_index in 0..opts.channels {
+        for channel_index in 0..total {
             let mut conn = Conn::connect(uri, timeouts, cancel)?;
             let pre = Preamble {
                 channel_index,
-                channel_count: opts.channels,
+                channel_count: total,
                 session_id,
             }
             .encode();
             write_all(&mut conn, &[&pre], None).map_err(stalled)?;
             debug!(
                 channel = channel_index,
-                channels = opts.channels,
+                channels = total,
                 uri = %uri,
                 "migration channel connected"
             );
@@ -232,6 +249,7 @@ impl Sender {
             channels.push(Mutex::new(Channel {
                 conn,
                 records: 0,
+                unlimited: opts.postcopy && channel_index + 1 == total,
                 prefix: Vec::new(),
                 zstd,
                 zin: Vec::new(),
@@ -243,8 +261,14 @@ impl Sender {
             .iter()
             .map(|c| crate::queue::QueueProbe::of(&lock(c).conn))
             .collect();
+        let (request_tx, requests) = if opts.postcopy {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let back = match lock(&channels[0]).conn.try_clone_reader()? {
-            Some(reader) => Some(BackChannel::start(reader)?),
+            Some(reader) => Some(BackChannel::start(reader, request_tx)?),
             None => None,
         };
         let s = Sender {
@@ -258,6 +282,8 @@ impl Sender {
             back,
             queues,
             cancel: cancel.clone(),
+            data_channels: usize::from(opts.channels),
+            requests,
             io_timeout: opts.io_timeout,
             switchover_timeout: opts.switchover_timeout,
         };
@@ -302,7 +328,7 @@ impl Sender {
     }
 
     fn pick(&self) -> (usize, MutexGuard<'_, Channel>) {
-        let n = self.channels.len();
+        let n = self.data_channels;
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         for k in 0..n {
             let i = (start + k) % n;
@@ -354,7 +380,8 @@ impl Sender {
         let mut parts: Vec<&[u8]> = Vec::with_capacity(body.len() + 1);
         parts.push(&hdr);
         parts.extend_from_slice(body);
-        if let Err(e) = write_all(&mut ch.conn, &parts, self.limiter()) {
+        let limiter = if ch.unlimited { None } else { self.limiter() };
+        if let Err(e) = write_all(&mut ch.conn, &parts, limiter) {
             if matches!(e, Error::Cancelled) || self.cancel.is_cancelled() {
                 return Err(Error::Cancelled);
             }
@@ -402,7 +429,24 @@ impl Sender {
         offsets_pages: &[u64],
         pages: &[&[u8]],
     ) -> Result<()> {
-        self.send_pages_flagged(block_idx, offsets_pages, pages, false)
+        self.send_pages_flagged(block_idx, offsets_pages, pages, false, false)
+    }
+
+    /// Like [`Sender::send_pages`], on the priority connection of a postcopy stream
+    /// and outside the rate limit: pages the receiver requested
+    /// ([`Sender::page_requests`]), which a vCPU waits on.
+    pub fn send_requested_pages(
+        &self,
+        block_idx: usize,
+        offsets_pages: &[u64],
+        pages: &[&[u8]],
+    ) -> Result<()> {
+        if !self.header.features.postcopy {
+            return Err(Error::InvalidArgument(
+                "requested pages go on the priority connection of a postcopy stream".into(),
+            ));
+        }
+        self.send_pages_flagged(block_idx, offsets_pages, pages, false, true)
     }
 
     /// Like [`Sender::send_pages`], for pages of a guest that is still running: the
@@ -417,7 +461,7 @@ impl Sender {
         offsets_pages: &[u64],
         pages: &[&[u8]],
     ) -> Result<()> {
-        self.send_pages_flagged(block_idx, offsets_pages, pages, true)
+        self.send_pages_flagged(block_idx, offsets_pages, pages, true, false)
     }
 
     fn send_pages_flagged(
@@ -426,6 +470,7 @@ impl Sender {
         offsets_pages: &[u64],
         pages: &[&[u8]],
         live: bool,
+        priority: bool,
     ) -> Result<()> {
         let n = offsets_pages.len();
         if n == 0 {
@@ -446,7 +491,12 @@ impl Sender {
         }
         self.check_page_offsets(block_idx, offsets_pages)?;
 
-        let (ch_idx, mut guard) = self.pick();
+        let (ch_idx, mut guard) = if priority {
+            let last = self.channels.len() - 1;
+            (last, lock(&self.channels[last]))
+        } else {
+            self.pick()
+        };
         let ch = &mut *guard;
         ch.prefix.clear();
         ch.prefix
@@ -658,41 +708,57 @@ impl Sender {
         let Some(back) = &self.back else {
             return Ok(Ack { resumed: false });
         };
-        {
-            let mut st = match self.wait_back(back, |st| st.ready || st.done) {
-                Ok(st) => st,
-                Err(WaitEnd::Cancelled) => return Err(Error::Cancelled),
-                Err(WaitEnd::TimedOut) => {
-                    return Err(Error::TimedOut(format!(
-                        "the destination did not offer the switch-over within {}",
-                        crate::fmt_duration(self.switchover_timeout)
-                    )))
-                }
-            };
-            if !st.ready {
-                // `apply` turns an Ack before Ready into an error.
-                return Err(st
-                    .answer
-                    .take()
-                    .and_then(|a| a.err())
-                    .unwrap_or_else(|| Error::Aborted("no answer".into())));
+        self.await_ready(back)?;
+        let control = &mut chans[0].conn;
+        self.commit(control)?;
+        // The commit is written and flushed; closing our half only tells the receiver
+        // nothing follows. Whether it arrived is the acknowledgement's to say.
+        let _ = control.shutdown_write();
+        self.await_ack(back)
+    }
+
+    /// Waits for the receiver's `Ready` (it loaded the stream and holds the guest).
+    fn await_ready(&self, back: &BackChannel) -> Result<()> {
+        let mut st = match self.wait_back(back, |st| st.ready || st.done) {
+            Ok(st) => st,
+            Err(WaitEnd::Cancelled) => return Err(Error::Cancelled),
+            Err(WaitEnd::TimedOut) => {
+                return Err(Error::TimedOut(format!(
+                    "the destination did not offer the switch-over within {}",
+                    crate::fmt_duration(self.switchover_timeout)
+                )))
             }
+        };
+        if !st.ready {
+            // `apply` turns an Ack before Ready into an error.
+            return Err(st
+                .answer
+                .take()
+                .and_then(|a| a.err())
+                .unwrap_or_else(|| Error::Aborted("no answer".into())));
         }
         info!("switch-over: the destination is Ready");
-        // The point of no return: from here on the receiver may run the guest. A
-        // write that fails delivered no whole record, so no commit.
+        Ok(())
+    }
+
+    /// Writes `Commit` on the control connection: the point of no return, from here on
+    /// the receiver may run the guest. A write that fails delivered no whole record,
+    /// so no commit.
+    fn commit(&self, control: &mut Conn) -> Result<()> {
         if self.cancel.is_cancelled() {
             return Err(Error::Cancelled);
         }
-        let control = &mut chans[0].conn;
         write_all(control, &[&encode_record(Kind::Commit, &[])], None)
             .map_err(|e| stalled_write(e, self.io_timeout))?;
         control.flush()?;
         info!("switch-over: Commit sent");
-        // The commit is written and flushed; closing our half only tells the receiver
-        // nothing follows. Whether it arrived is the acknowledgement's to say.
-        let _ = control.shutdown_write();
-        let mut st = match self.wait_back(back, |st| st.answer.is_some()) {
+        Ok(())
+    }
+
+    /// Waits for the acknowledgement of the commit; anything but an `Ack` or a
+    /// `Refuse` leaves the sender in doubt.
+    fn await_ack(&self, back: &BackChannel) -> Result<Ack> {
+        let mut st = match self.wait_back(back, |st| st.acked.is_some() || st.answer.is_some()) {
             Ok(st) => st,
             Err(WaitEnd::Cancelled) => {
                 return Err(Error::InDoubt(
@@ -706,6 +772,13 @@ impl Sender {
                 )))
             }
         };
+        if let Some(ack) = st.acked {
+            info!(
+                destination_resumed = ack.resumed,
+                "switch-over: Ack received"
+            );
+            return Ok(ack);
+        }
         match st.answer.take() {
             Some(Ok(ack)) => {
                 info!(
@@ -717,6 +790,122 @@ impl Sender {
             Some(Err(Error::Refused(why))) => Err(Error::Refused(why)),
             Some(Err(e)) => Err(Error::InDoubt(e.to_string())),
             None => Err(Error::InDoubt("no answer".into())),
+        }
+    }
+
+    /// Sends the pages the receiver must drop before the switch to postcopy (pages
+    /// it received during precopy that the guest wrote since): runs of `(first page,
+    /// pages)` of one block, on the control connection. Only in a postcopy stream,
+    /// after the last iteration's pages and before [`Sender::switch_to_postcopy`].
+    pub fn send_discard(&self, block_idx: usize, runs: &[(u64, u64)]) -> Result<()> {
+        if !self.header.features.postcopy {
+            return Err(Error::InvalidArgument(
+                "discards belong to a postcopy stream".into(),
+            ));
+        }
+        let pages = self.header.block_pages(block_idx).ok_or_else(|| {
+            Error::InvalidArgument(format!("block index {block_idx} not in the header"))
+        })?;
+        if runs
+            .iter()
+            .any(|&(first, n)| n == 0 || first.checked_add(n).is_none_or(|end| end > pages))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "a discard run outside block {block_idx} ({pages} pages), or empty"
+            )));
+        }
+        let mut ch = lock(&self.channels[0]);
+        for chunk in runs.chunks(MAX_DISCARD_RUNS as usize) {
+            let mut body = Vec::with_capacity(8 + 16 * chunk.len());
+            body.extend_from_slice(&(block_idx as u32).to_le_bytes());
+            body.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
+            for &(first, n) in chunk {
+                body.extend_from_slice(&first.to_le_bytes());
+                body.extend_from_slice(&n.to_le_bytes());
+            }
+            self.write_record(0, &mut ch, Kind::Discard, 0, &[&body], 0)?;
+        }
+        Ok(())
+    }
+
+    /// Switches a postcopy stream over: `Switch` on every connection (after the last
+    /// iteration's pages, the discards and the device state), then the handshake of
+    /// [`Sender::finish`]: the receiver's `Ready`, our `Commit`, its `Ack`. The
+    /// connections stay open: from here on the receiver runs the guest, asks for the
+    /// pages it lacks ([`Sender::page_requests`]), and the sender sends them
+    /// ([`Sender::send_requested_pages`]) and every other page it still holds
+    /// ([`Sender::send_pages`]), then ends with [`Sender::finish_postcopy`].
+    ///
+    /// Errors as [`Sender::finish`]: before the commit the sender keeps the guest;
+    /// after it, [`Error::InDoubt`].
+    pub fn switch_to_postcopy(&self) -> Result<Ack> {
+        let back = match (&self.back, self.header.features.postcopy) {
+            (Some(back), true) => back,
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "the stream was not opened for postcopy".into(),
+                ))
+            }
+        };
+        {
+            let mut guards: Vec<_> = self.channels.iter().map(lock).collect();
+            for (i, g) in guards.iter_mut().enumerate().rev() {
+                let body = g.records.to_le_bytes();
+                self.write_record(i, g, Kind::Switch, 0, &[&body], 0)?;
+                // The postcopy part counts its records afresh.
+                g.records = 0;
+            }
+        }
+        back.lock().postcopy = true;
+        self.await_ready(back)?;
+        self.commit(&mut lock(&self.channels[0]).conn)?;
+        self.await_ack(back)
+    }
+
+    /// The pages the receiver asked for after the switch to postcopy, in the order it
+    /// asked; the channel disconnects when the back-channel ends. `None` for a stream
+    /// not opened for postcopy.
+    pub fn page_requests(&self) -> Option<&crossbeam_channel::Receiver<PageRequest>> {
+        self.requests.as_ref()
+    }
+
+    /// Ends a postcopy stream once every page the receiver lacked was sent: `End` on
+    /// every connection, then waits for the receiver's `Done` (every page is in its
+    /// memory). Only then may the sender let its copy of the guest go.
+    pub fn finish_postcopy(self) -> Result<()> {
+        let Some(back) = self.back.clone() else {
+            return Err(Error::InvalidArgument(
+                "the stream was not opened for postcopy".into(),
+            ));
+        };
+        let mut chans: Vec<Channel> = self
+            .channels
+            .iter()
+            .map(|m| std::mem::replace(&mut *lock(m), dummy_channel()))
+            .collect();
+        for (i, ch) in chans.iter_mut().enumerate().rev() {
+            let body = ch.records.to_le_bytes();
+            self.write_record(i, ch, Kind::End, 0, &[&body], 0)?;
+            ch.conn.flush()?;
+            ch.conn.shutdown_write()?;
+        }
+        let mut st = match self.wait_back(&back, |st| st.done) {
+            Ok(st) => st,
+            Err(WaitEnd::Cancelled) => return Err(Error::Cancelled),
+            Err(WaitEnd::TimedOut) => {
+                return Err(Error::TimedOut(format!(
+                    "the destination did not report every page within {}",
+                    crate::fmt_duration(self.switchover_timeout)
+                )))
+            }
+        };
+        match st.answer.take() {
+            Some(Ok(_)) => {
+                info!("postcopy: the destination has every page");
+                Ok(())
+            }
+            Some(Err(e)) => Err(e),
+            None => Err(Error::Aborted("no answer".into())),
         }
     }
 
@@ -851,6 +1040,7 @@ fn dummy_channel() -> Channel {
     Channel {
         conn: dummy_conn(),
         records: 0,
+        unlimited: false,
         prefix: Vec::new(),
         zstd: None,
         zin: Vec::new(),
@@ -864,6 +1054,15 @@ enum WaitEnd {
     TimedOut,
 }
 
+/// A page the receiver asked for after the switch to postcopy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PageRequest {
+    /// Block index in the stream header.
+    pub block_idx: usize,
+    /// Page index within the block.
+    pub page_index: u64,
+}
+
 /// What the receiver says on the control connection while the sender writes.
 #[derive(Default)]
 struct BackState {
@@ -871,6 +1070,13 @@ struct BackState {
     applied: Option<u64>,
     /// Whether the receiver reported the stream loaded and waits for the commit.
     ready: bool,
+    /// Set before a postcopy commit: the `Ack` then opens the postcopy part instead
+    /// of ending the back-channel.
+    postcopy: bool,
+    /// The postcopy `Ack`.
+    acked: Option<Ack>,
+    /// Where postcopy page requests go (none when the stream cannot switch).
+    requests: Option<crossbeam_channel::Sender<PageRequest>>,
     /// Its final answer (or why none can come); taken by `finish`.
     answer: Option<Result<Ack>>,
     /// Whether the reader stopped (an answer came, or the connection failed).
@@ -879,7 +1085,8 @@ struct BackState {
 
 impl BackState {
     /// Takes one record (or the error reading it); returns whether more may follow.
-    /// Order: `Applied`*, `Ready`, then `Ack` or `Refuse` (a refusal at any time).
+    /// Order: `Applied`*, `Ready`, then `Ack` or `Refuse` (a refusal at any time);
+    /// after a postcopy `Ack`, `PageRequest`* then `Done`.
     fn apply(&mut self, rec: Result<Back>) -> bool {
         let answer = match rec {
             Ok(Back::Applied(n)) if !self.ready => {
@@ -892,14 +1099,32 @@ impl BackState {
             }
             Ok(Back::Applied(_)) => Err(Error::Protocol("Applied after Ready".into())),
             Ok(Back::Ready) => Err(Error::Protocol("a second switch-over offer".into())),
-            Ok(Back::Answer(_)) if !self.ready => Err(Error::Protocol(
+            Ok(Back::Answer(_)) if !self.ready || self.acked.is_some() => Err(Error::Protocol(
                 "an acknowledgement of a switch-over never offered".into(),
             )),
+            Ok(Back::Answer(ack)) if self.postcopy => {
+                self.acked = Some(ack);
+                return true;
+            }
             Ok(Back::Answer(ack)) => Ok(ack),
+            Ok(Back::Request(r)) if self.acked.is_some() => {
+                // The engine may have stopped listening (it sent every page): a
+                // request for a page on its way is answered by that page.
+                if let Some(tx) = &self.requests {
+                    let _ = tx.send(r);
+                }
+                return true;
+            }
+            Ok(Back::Done) if self.acked.is_some() => self.acked.ok_or(Error::Cancelled),
+            Ok(Back::Request(_) | Back::Done) => Err(Error::Protocol(
+                "a postcopy record before the switch to postcopy".into(),
+            )),
             Err(e) => Err(e),
         };
         self.answer = Some(answer);
         self.done = true;
+        // The engine's request loop sees the channel disconnect.
+        self.requests = None;
         false
     }
 }
@@ -943,9 +1168,14 @@ impl BackChannel {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts the reader thread on a read-only handle of the control connection.
-    fn start(conn: Conn) -> Result<Arc<BackChannel>> {
+    /// Starts the reader thread on a read-only handle of the control connection;
+    /// postcopy page requests go to `requests`.
+    fn start(
+        conn: Conn,
+        requests: Option<crossbeam_channel::Sender<PageRequest>>,
+    ) -> Result<Arc<BackChannel>> {
         let back = Arc::new(BackChannel::default());
+        back.lock().requests = requests;
         let b = back.clone();
         // Its events belong to the migration that started it.
         let span = tracing::Span::current();
@@ -983,10 +1213,12 @@ enum Back {
     Applied(u64),
     Ready,
     Answer(Ack),
+    Request(PageRequest),
+    Done,
 }
 
-/// Reads one record of the back-channel: `Applied`, `Ready`, `Ack`, or `Refuse` (an
-/// error).
+/// Reads one record of the back-channel: `Applied`, `Ready`, `Ack`, `PageRequest`,
+/// `Done`, or `Refuse` (an error).
 fn read_back_record(r: &mut RecordReader) -> Result<Back> {
     let mut hb = [0u8; RECORD_HEADER_BYTES];
     r.read_exact(&mut hb, "acknowledgement")?;
@@ -994,7 +1226,8 @@ fn read_back_record(r: &mut RecordReader) -> Result<Back> {
     let cap = match h.kind {
         Kind::Ack => 1,
         Kind::Applied => 8,
-        Kind::Ready => 0,
+        Kind::Ready | Kind::Done => 0,
+        Kind::PageRequest => 12,
         Kind::Refuse => MAX_MESSAGE_BYTES,
         other => {
             return Err(Error::Protocol(format!(
@@ -1021,7 +1254,14 @@ fn read_back_record(r: &mut RecordReader) -> Result<Back> {
         })),
         Kind::Applied if body.len() == 8 => Ok(Back::Applied(u64_at(&body, 0))),
         Kind::Ready => Ok(Back::Ready),
-        Kind::Ack | Kind::Applied => Err(Error::Malformed(format!("{:?} body", h.kind))),
+        Kind::Done => Ok(Back::Done),
+        Kind::PageRequest if body.len() == 12 => Ok(Back::Request(PageRequest {
+            block_idx: u32_at(&body, 0) as usize,
+            page_index: u64_at(&body, 4),
+        })),
+        Kind::Ack | Kind::Applied | Kind::PageRequest => {
+            Err(Error::Malformed(format!("{:?} body", h.kind)))
+        }
         _ => Err(Error::Refused(String::from_utf8_lossy(&body).into_owned())),
     }
 }

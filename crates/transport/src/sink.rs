@@ -32,6 +32,32 @@ pub unsafe trait PageSink: Sync {
         let _ = (block_idx, offsets, page_size);
     }
 
+    /// Like [`PageSink::page_ptr`], for a page that arrived on connection `channel`
+    /// (0 is the control connection). A sink that stages pages may keep one staging
+    /// area per connection: after a switch to postcopy the priority connection may
+    /// carry a page that a data connection carries at the same time. The default is
+    /// `page_ptr`.
+    fn channel_page_ptr(&self, channel: usize, block_idx: usize, page_index: u64) -> *mut u8 {
+        let _ = channel;
+        self.page_ptr(block_idx, page_index)
+    }
+
+    /// The receiver wrote the pages `offsets` of block `block_idx`, from one record on
+    /// connection `channel` (through [`PageSink::channel_page_ptr`] or
+    /// [`PageSink::zero_page`]), and checked them: a sink that stages pages (postcopy
+    /// installs each page atomically where the guest sees it) takes them from here. An
+    /// error fails the stream. The default does nothing.
+    fn pages_done(
+        &self,
+        channel: usize,
+        block_idx: usize,
+        offsets: &[u64],
+        page_size: usize,
+    ) -> std::result::Result<(), String> {
+        let _ = (channel, block_idx, offsets, page_size);
+        Ok(())
+    }
+
     /// Makes the page zero. The default skips pages that already read as zero
     /// (like QEMU), so untouched destination memory is never written.
     fn zero_page(&self, block_idx: usize, page_index: u64, page_size: usize) {

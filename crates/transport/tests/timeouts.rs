@@ -352,6 +352,7 @@ fn header_record(channels: u16) -> Vec<u8> {
             channels,
             sparse_pages: true,
             page_checksum: transport::PageChecksum::Xxh3,
+            postcopy: false,
         },
     };
     let body = h.encode_body();

@@ -32,6 +32,7 @@ impl Run {
             connect_timeout: Duration::from_millis(self.params.x_ferry_connect_timeout_ms),
             io_timeout: Duration::from_millis(self.params.x_ferry_io_timeout_ms),
             switchover_timeout: Duration::from_millis(self.params.x_ferry_switchover_timeout_ms),
+            postcopy: self.caps.postcopy_ram,
         };
         // A fresh token for this run, published before the flag is looked at: a
         // cancel either set the flag already or fires this token.
@@ -153,6 +154,10 @@ impl Run {
             );
             sender.iteration_end(iteration)?;
             stats.iterations.store(iteration, Ordering::Relaxed);
+            if self.postcopy_requested() {
+                // The switch syncs once more itself.
+                return self.complete_postcopy(sender, &mut lp, iteration + 1);
+            }
             self.sync(&mut lp)?;
             info!(
                 pass = iteration,
@@ -397,7 +402,9 @@ impl Run {
                         lock(&first_error).get_or_insert(e);
                     }
                 }
-                if self.cancel.load(Ordering::Acquire) {
+                // A cancel, or a switch to postcopy, ends a precopy pass early: the
+                // pages not taken yet stay in the bitmap.
+                if self.cancel.load(Ordering::Acquire) || (!paused && self.postcopy_requested()) {
                     abort.store(true, Ordering::Release);
                 }
             }

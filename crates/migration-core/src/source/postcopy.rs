@@ -1,0 +1,231 @@
+//! The switch to postcopy and the source's postcopy phase (`docs/postcopy.md`): pause,
+//! one last sync, tell the destination which of its pages are stale, hand the guest
+//! over, then serve the destination's page requests on the priority connection while
+//! the rest of the dirty bitmap goes out in the background.
+
+use super::*;
+
+/// How long the request server waits for a request before it looks at its stop flag.
+const REQUEST_POLL: Duration = Duration::from_millis(20);
+
+impl Run {
+    /// True once `migrate-start-postcopy` asked for the switch and the capability is on.
+    pub(super) fn postcopy_requested(&self) -> bool {
+        self.caps.postcopy_ram && self.shared.start_postcopy.load(Ordering::Acquire)
+    }
+
+    /// The switch to postcopy and the postcopy phase, up to the destination's `Done`.
+    ///
+    /// Until the destination acknowledges the commit, a failure resumes the source as
+    /// in precopy. From the acknowledgement on the guest runs on the destination and
+    /// this source holds the only copy of the pages it still lacks: a failure then
+    /// leaves the source paused, keeping them (see `run_to_end`).
+    pub(super) fn complete_postcopy(
+        &self,
+        sender: Sender,
+        lp: &mut Loop,
+        iteration: u64,
+    ) -> Result<()> {
+        let paused_at = Instant::now();
+        self.switching.store(true, Ordering::Release);
+        let was_running = self.run.begin_switchover()?;
+        self.paused.store(true, Ordering::Release);
+        if !self
+            .stats
+            .transition(MigrationStatus::Active, MigrationStatus::PostcopyActive)
+        {
+            return Err(Error::Cancelled);
+        }
+        self.emit(MigrationEvent::Status(MigrationStatus::PostcopyActive));
+        info!(was_running, "postcopy: guest paused for the switch");
+        let counters = sender.counters();
+        let at_pause = counters.total_bytes();
+        self.stats.precopy_bytes.store(at_pause, Ordering::Relaxed);
+        // The last sync: what the guest wrote since its page was sent is stale on the
+        // destination, and what was never sent is missing there; both are in the bitmap.
+        self.sync(lp)?;
+        sender.iteration_end(iteration)?;
+        let mut discarded_pages = 0;
+        for (block_idx, b) in self.space.blocks().iter().enumerate() {
+            let runs = set_runs(&lp.bitmap, b.first_page, b.pages());
+            discarded_pages += runs.iter().map(|r| r.1).sum::<u64>();
+            if !runs.is_empty() {
+                sender.send_discard(block_idx, &runs)?;
+            }
+        }
+        let state = self
+            .vm
+            .save_device_state()
+            .map_err(|e| Error::Guest(format!("saving device state: {e}")))?;
+        sender.send_device_state(
+            RUN_STATE_DEVICE,
+            if was_running {
+                RunState::Running.name().as_bytes()
+            } else {
+                RunState::Paused.name().as_bytes()
+            },
+        )?;
+        sender.send_device_state("vcpus", &state)?;
+        self.check_cancel()?;
+        info!(
+            missing_pages = discarded_pages,
+            device_state_bytes = state.len() as u64,
+            "postcopy: switching over"
+        );
+        self.committing.store(true, Ordering::Release);
+        sender.switch_to_postcopy()?;
+        // The guest is the destination's from here on.
+        self.in_postcopy.store(true, Ordering::Release);
+        let downtime_ms = paused_at.elapsed().as_millis() as u64;
+        self.stats.downtime_ms.store(downtime_ms, Ordering::Relaxed);
+        let switched_bytes = counters.total_bytes();
+        self.stats
+            .downtime_bytes
+            .store(switched_bytes - at_pause, Ordering::Relaxed);
+        info!(
+            downtime_ms,
+            missing_pages = discarded_pages,
+            "postcopy: the destination runs the guest"
+        );
+        sender.set_max_bandwidth(self.params.max_postcopy_bandwidth);
+        self.postcopy_send(&sender, lp, switched_bytes)?;
+        sender.finish_postcopy()?;
+        let after = counters.total_bytes();
+        self.stats.transferred_bytes.store(after, Ordering::Relaxed);
+        self.stats
+            .postcopy_bytes
+            .store(after - switched_bytes, Ordering::Relaxed);
+        self.stats.remaining_bytes.store(0, Ordering::Relaxed);
+        let stats = &self.stats;
+        let busy_ms = stats
+            .elapsed_ms()
+            .saturating_sub(stats.setup_time_ms.load(Ordering::Relaxed))
+            .max(1);
+        stats.mbps.store(
+            after as f64 * 8.0 / busy_ms as f64 / 1000.0,
+            Ordering::Relaxed,
+        );
+        self.vm.set_throttle_percent(0);
+        if let Err(e) = self.space.global_dirty_log_stop(DirtyReason::Migration) {
+            warn!(error = %e, "stopping the migration's dirty log failed (slots keep logging)");
+        }
+        info!(
+            postcopy_requests = stats.postcopy_requests.load(Ordering::Relaxed),
+            postcopy_bytes = after - switched_bytes,
+            "postcopy: the destination has every page"
+        );
+        Ok(())
+    }
+
+    /// Sends every page still in the bitmap, on the data connections with the paused
+    /// guest's final-pass workers, while a second thread answers the destination's
+    /// requests on the priority connection. The background sends a page once (whoever
+    /// clears its bit sends it); a requested page goes out on the priority connection
+    /// even when a background batch has it on its way.
+    fn postcopy_send(&self, sender: &Sender, lp: &mut Loop, switched_bytes: u64) -> Result<()> {
+        let requests = sender
+            .page_requests()
+            .ok_or_else(|| Error::Guest("the stream was not opened for postcopy".into()))?
+            .clone();
+        let stop = AtomicBool::new(false);
+        let bitmap = lp.bitmap.clone();
+        std::thread::scope(|s| {
+            let server = std::thread::Builder::new()
+                .name("mig/postcopy-req".into())
+                .spawn_scoped(s, || self.serve_requests(sender, &bitmap, &requests, &stop))
+                .map_err(|e| Error::Guest(format!("cannot start the request server: {e}")))?;
+            let background = self.send_pass(sender, lp);
+            self.stats.remaining_bytes.store(0, Ordering::Relaxed);
+            self.stats.postcopy_bytes.store(
+                sender.counters().total_bytes() - switched_bytes,
+                Ordering::Relaxed,
+            );
+            stop.store(true, Ordering::Release);
+            let served = server
+                .join()
+                .unwrap_or_else(|p| Err(Error::panicked("the postcopy request server", &*p)));
+            background.and(served)
+        })
+    }
+
+    /// Answers page requests until `stop`, or until the back-channel ends.
+    fn serve_requests(
+        &self,
+        sender: &Sender,
+        bitmap: &DirtyBitmap,
+        requests: &crossbeam_channel::Receiver<transport::PageRequest>,
+        stop: &AtomicBool,
+    ) -> Result<()> {
+        let blocks = self.space.blocks();
+        while !stop.load(Ordering::Acquire) {
+            let req = match requests.recv_timeout(REQUEST_POLL) {
+                Ok(r) => r,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                // The back-channel ended: the background pass sees the same on its
+                // next write, or `finish_postcopy` reads why.
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
+            };
+            self.stats.postcopy_requests.fetch_add(1, Ordering::Relaxed);
+            let Some(b) = blocks.get(req.block_idx) else {
+                return Err(Error::Incompatible(format!(
+                    "the destination requested a page of block {}, which does not exist",
+                    req.block_idx
+                )));
+            };
+            if req.page_index >= b.pages() {
+                return Err(Error::Incompatible(format!(
+                    "the destination requested page {} of block {} ({} pages)",
+                    req.page_index,
+                    b.id,
+                    b.pages()
+                )));
+            }
+            // Sent now whether or not a background batch took it already: that batch
+            // may wait behind megabytes in its connection, and a vCPU waits on this
+            // page. Clearing the bit keeps the background from sending it later; a
+            // copy that lands second is dropped by the destination (a page lands once).
+            bitmap.test_and_clear(b.first_page + req.page_index);
+            let Some(page) = self.ram.page(req.block_idx, req.page_index) else {
+                continue;
+            };
+            // SAFETY: the guest is paused on this side for good (postcopy): nothing
+            // writes its RAM while the page is read.
+            let data = unsafe { page.as_bytes() };
+            sender.send_requested_pages(req.block_idx, &[req.page_index], &[data])?;
+        }
+        Ok(())
+    }
+}
+
+/// The runs of set bits of `bitmap` over the global pages `[first, first + pages)`,
+/// as `(page in the block, pages)`.
+fn set_runs(bitmap: &DirtyBitmap, first: u64, pages: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for p in 0..pages {
+        if !bitmap.is_set(first + p) {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n == p => *n += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::set_runs;
+    use dirty_sync::DirtyBitmap;
+
+    #[test]
+    fn runs_of_a_block_are_block_relative() {
+        let b = DirtyBitmap::new(200);
+        for p in [3, 4, 5, 64, 65, 130, 199] {
+            b.set(p);
+        }
+        assert_eq!(set_runs(&b, 0, 100), vec![(3, 3), (64, 2)]);
+        assert_eq!(set_runs(&b, 100, 100), vec![(30, 1), (99, 1)]);
+        assert!(set_runs(&DirtyBitmap::new(64), 0, 64).is_empty());
+    }
+}
