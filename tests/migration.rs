@@ -663,15 +663,9 @@ fn dirty_pages_rate_matches_the_working_set_and_non_convergence_is_reported() {
 /// Postcopy with the non-converging guest: precopy runs until a pass is over, the
 /// operator switches, the destination runs the guest while its missing pages arrive
 /// (on request and in the background), and the migration completes.
-fn postcopy_migration(channels: u8) {
+fn postcopy_migration(channels: u8, workload: Workload) {
     let _g = guest_lock();
-    let cfg = config(
-        1 << 30,
-        2,
-        Workload::WorkingSet {
-            pages: NON_CONVERGING_PAGES,
-        },
-    );
+    let cfg = config(1 << 30, 2, workload);
     let guest = boot(&cfg);
     let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
     let source = whole_pages_source(&guest, 128 << 20, channels);
@@ -724,8 +718,25 @@ fn postcopy_migration(channels: u8) {
         at_end.iter().zip(&frozen).all(|(d, s)| d > s),
         "the guest ran during postcopy: {at_end:?} after {frozen:?}"
     );
+    // The destination's postcopy figures: nothing missing, every fault served and
+    // timed, full residency reached.
+    let pc = &done["postcopy"];
+    assert_eq!(pc["missing-pages"], 0, "{pc}");
+    assert!(pc["landed-pages"].as_u64().unwrap() > 0, "{pc}");
+    let faults: u64 = pc["fault-latency-us-log2"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert!(
+        faults > 0 && faults <= pc["faults"].as_u64().unwrap(),
+        "{pc}"
+    );
+    assert!(pc["full-residency-ms"].is_u64(), "{pc}");
     let running = dest.next_event();
     assert_eq!(running["event"], "running", "{running}");
+    eprintln!("postcopy on the destination: {pc}");
     eprintln!(
         "postcopy: downtime {:?} ms, total {:?} ms, requests {}, postcopy bytes {}",
         info.downtime, info.total_time, ram.postcopy_requests, ram.postcopy_bytes
@@ -734,12 +745,91 @@ fn postcopy_migration(channels: u8) {
 
 #[test]
 fn postcopy_completes_the_working_set_precopy_cannot() {
-    postcopy_migration(1);
+    postcopy_migration(
+        1,
+        Workload::WorkingSet {
+            pages: NON_CONVERGING_PAGES,
+        },
+    );
 }
 
 #[test]
 fn postcopy_completes_over_two_channels() {
-    postcopy_migration(2);
+    postcopy_migration(
+        2,
+        Workload::WorkingSet {
+            pages: NON_CONVERGING_PAGES,
+        },
+    );
+}
+
+/// Dense pages (every byte rewritten each round, incompressible to sparse records)
+/// over 256 MiB: the destination's pages are whole pages of data.
+#[test]
+fn postcopy_completes_a_dense_workload() {
+    postcopy_migration(
+        1,
+        Workload::Dense {
+            pages: NON_CONVERGING_PAGES,
+            bytes_per_page: 4096,
+        },
+    );
+}
+
+/// A destination that dies during postcopy takes the guest with it (the pages it had
+/// are gone, and the source's copy is older than what the guest wrote there): the
+/// source says so and stays paused, never running a second copy.
+#[test]
+fn a_destination_killed_during_postcopy_leaves_the_source_paused_and_saying_why() {
+    let _g = guest_lock();
+    let cfg = config(
+        1 << 30,
+        2,
+        Workload::WorkingSet {
+            pages: NON_CONVERGING_PAGES,
+        },
+    );
+    let guest = boot(&cfg);
+    let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
+    let source = whole_pages_source(&guest, 128 << 20, 1);
+    source
+        .set_capability(Capability::PostcopyRam, true)
+        .unwrap();
+    // A slow background stream keeps the postcopy phase long enough to kill it.
+    source
+        .set_parameters(&ParametersUpdate {
+            max_postcopy_bandwidth: Some(4 << 20),
+            ..Default::default()
+        })
+        .unwrap();
+    source.migrate(&dest.uri).unwrap();
+    poll_until(&source, "the second pass", |i| {
+        i.ferry.as_ref().is_some_and(|f| f.iterations >= 1)
+    });
+    source.start_postcopy().unwrap();
+    // Requests come only once the destination runs the guest (after the commit).
+    poll_until(&source, "the destination's page requests", |i| {
+        i.status == MigrationStatus::PostcopyActive
+            && i.ram.as_ref().is_some_and(|r| r.postcopy_requests > 0)
+    });
+    source.cancel();
+    assert_eq!(
+        source.query().status,
+        MigrationStatus::PostcopyActive,
+        "a cancel cannot take the guest back"
+    );
+    dest.kill();
+    assert_eq!(source.wait(), MigrationStatus::Failed);
+    let info = source.query();
+    let why = info.error_desc.unwrap_or_default();
+    assert!(
+        why.contains("postcopy") && why.contains("stays paused"),
+        "{why}"
+    );
+    assert_eq!(source.run_control().state().name(), "postmigrate");
+    let frozen = guest.vcpu_page_writes();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(guest.vcpu_page_writes(), frozen, "no second running copy");
 }
 
 #[test]

@@ -269,6 +269,7 @@ mod tests {
                     needed_bandwidth_bytes_per_sec: 5 << 30,
                 },
                 first_pass_convergence: None,
+                postcopy: None,
             }),
             ..Default::default()
         }

@@ -1,7 +1,8 @@
 //! `ferry receive`: an empty guest waiting for a migration; resumes it when it arrives.
 //!
 //! Talks to a parent process in JSON lines on stdout: `listening` (with the real URI),
-//! then `completed` (with the RAM digest taken before resuming and what it cost), then
+//! then `completed` (with the RAM digest taken before resuming and what it cost, and
+//! after a postcopy migration its `x-ferry.postcopy` figures), then
 //! `running` once every vCPU has done two more rounds on this side. Any error, from
 //! the flags on, is a `failed` line (with `error`, the same text as on stderr).
 
@@ -55,6 +56,7 @@ fn serve(args: &ReceiveArgs) -> Result<(), String> {
     let inc = incoming(guest.clone(), &args.uri, args.verify)
         .map_err(|e| format!("cannot listen on {}: {e}", args.uri))?;
     say(json!({"event": "listening", "uri": inc.uri().to_string()}));
+    let stats = inc.stats().clone();
     let report = inc
         .wait()
         .map_err(|e| format!("incoming migration on {} failed: {e}", args.uri))?;
@@ -68,6 +70,7 @@ fn serve(args: &ReceiveArgs) -> Result<(), String> {
         "ram-digest-ms": report.ram_digest_us.map(|us| us as f64 / 1000.0),
         "counters": at_resume,
         "page-writes": guest.vcpu_page_writes(),
+        "postcopy": stats.snapshot().ferry.and_then(|f| f.postcopy),
     }));
     {
         let vm = guest.vm();

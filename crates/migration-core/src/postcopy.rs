@@ -9,12 +9,13 @@
 //! (`crate::destination`) drives it with the source's requests over the back-channel.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dirty_sync::{DirtyBitmap, RamBlock, PAGE_SIZE};
+use stats::PostcopyStats;
 use uffd::{Filled, UffdRegion};
 
 use crate::{Error, Result};
@@ -29,64 +30,6 @@ pub trait PageSource: Send + Sync {
 
 /// How often a fault thread looks at its stop flag while no fault comes.
 const FAULT_POLL: Duration = Duration::from_millis(50);
-
-/// Counters of the missing-page plane.
-#[derive(Debug, Default)]
-pub struct PostcopyCounters {
-    /// Faults read (several vCPUs on one page count once each).
-    pub faults: AtomicU64,
-    /// Requests sent to the source (one per page at most while it is missing).
-    pub requests: AtomicU64,
-    /// Pages installed.
-    pub landed_pages: AtomicU64,
-    /// Installs of a page that was already there (a pushed page racing its request).
-    pub already_present: AtomicU64,
-    /// Fault latency: from the request sent to the page installed (the vCPU resumed).
-    pub fault_latency: LatencyHistogram,
-}
-
-/// Bucket count of [`LatencyHistogram`]: `2^i` µs up to about 67 s.
-pub const LATENCY_BUCKETS: usize = 27;
-
-/// A histogram of latencies in power-of-two buckets of microseconds: bucket `i` counts
-/// latencies in `[2^(i-1), 2^i)` µs (bucket 0: under 1 µs).
-#[derive(Debug, Default)]
-pub struct LatencyHistogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS],
-}
-
-impl LatencyHistogram {
-    /// Counts one latency.
-    pub fn record(&self, d: Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let i = (u64::BITS - us.leading_zeros()) as usize;
-        self.buckets[i.min(LATENCY_BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The counts per bucket.
-    pub fn counts(&self) -> [u64; LATENCY_BUCKETS] {
-        std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed))
-    }
-
-    /// The upper bound (µs) of the bucket that holds quantile `q` (0..=1), or `None`
-    /// when nothing was recorded.
-    pub fn quantile_us(&self, q: f64) -> Option<u64> {
-        let counts = self.counts();
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return None;
-        }
-        let rank = ((total as f64 * q).ceil() as u64).clamp(1, total);
-        let mut seen = 0;
-        for (i, c) in counts.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                return Some(1u64 << i);
-            }
-        }
-        None
-    }
-}
 
 /// Inserts `key` with `at` unless it is there; true when it was not.
 trait TryInsertAt<K> {
@@ -115,9 +58,7 @@ pub struct PostcopyRam {
     missing: Vec<DirtyBitmap>,
     /// (block, page) asked of the source and not landed yet, with when it was asked.
     requested: Mutex<HashMap<(usize, u64), Instant>>,
-    /// Pages still missing, all blocks.
-    missing_pages: AtomicU64,
-    counters: PostcopyCounters,
+    counters: Arc<PostcopyStats>,
 }
 
 impl PostcopyRam {
@@ -125,8 +66,13 @@ impl PostcopyRam {
     /// pages of block `i` that are not there yet: each is dropped (it may hold what
     /// precopy sent before the guest wrote it again), so its first touch faults. The
     /// other pages stay as they are; those never written (not mapped) read as zero.
-    /// Needs private anonymous guest RAM. Call before the vCPUs run.
-    pub fn register(blocks: &[RamBlock], missing: &[DirtyBitmap]) -> Result<Arc<Self>> {
+    /// Needs private anonymous guest RAM. Call before the vCPUs run. The counters go
+    /// to `counters` (a destination's `MigStats::postcopy`).
+    pub fn register(
+        blocks: &[RamBlock],
+        missing: &[DirtyBitmap],
+        counters: Arc<PostcopyStats>,
+    ) -> Result<Arc<Self>> {
         if blocks.len() != missing.len()
             || blocks
                 .iter()
@@ -179,8 +125,10 @@ impl PostcopyRam {
             received,
             missing: still_missing,
             requested: Mutex::new(HashMap::new()),
-            missing_pages: AtomicU64::new(missing_pages),
-            counters: PostcopyCounters::default(),
+            counters: {
+                counters.start(missing_pages);
+                counters
+            },
         }))
     }
 
@@ -213,7 +161,7 @@ impl PostcopyRam {
         // page is counted off once.
         self.received[block].set(page);
         if self.missing[block].test_and_clear(page) {
-            self.missing_pages.fetch_sub(1, Ordering::Relaxed);
+            self.counters.page_arrived();
         }
         let asked = self
             .requested
@@ -242,11 +190,11 @@ impl PostcopyRam {
 
     /// Pages not present yet, all blocks.
     pub fn missing_pages(&self) -> u64 {
-        self.missing_pages.load(Ordering::Relaxed)
+        self.counters.missing_pages.load(Ordering::Relaxed)
     }
 
     /// The counters.
-    pub fn counters(&self) -> &PostcopyCounters {
+    pub fn counters(&self) -> &PostcopyStats {
         &self.counters
     }
 

@@ -85,7 +85,7 @@ fn two_blocks() -> Option<(Vec<RamBlock>, Arc<PostcopyRam>)> {
             m
         })
         .collect();
-    match PostcopyRam::register(&blocks, &missing) {
+    match PostcopyRam::register(&blocks, &missing, Default::default()) {
         Ok(ram) => Some((blocks, ram)),
         Err(Error::Postcopy(uffd::Error::Unavailable(e))) => {
             skip::record_skip_because(&format!("no userfaultfd: {e}"));

@@ -7,6 +7,7 @@
 mod dirty_log;
 mod dirty_rate;
 mod migration;
+mod postcopy;
 
 pub use dirty_log::{DirtyLogSnapshot, DirtyLogStats};
 pub use dirty_rate::{
@@ -17,3 +18,4 @@ pub use migration::{
     Convergence, DowntimePhases, DowntimePhasesUs, FerryMigrationInfo, MigStats, MigrationInfo,
     MigrationStats, MigrationStatus, Prediction,
 };
+pub use postcopy::{FerryPostcopyInfo, LatencyHistogram, PostcopyStats, LATENCY_BUCKETS};

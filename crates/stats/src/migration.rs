@@ -120,6 +120,8 @@ pub struct MigStats {
     pub postcopy_requests: AtomicU64,
     /// Postcopy: bytes sent after the switch to postcopy.
     pub postcopy_bytes: AtomicU64,
+    /// Postcopy on the destination: faults, requests, missing pages, fault latency.
+    pub postcopy: std::sync::Arc<crate::PostcopyStats>,
     /// Page size, bytes.
     pub page_size_bytes: AtomicU64,
     /// Bytes sent on the parallel (multifd) channels.
@@ -189,6 +191,7 @@ impl MigStats {
             dirty_sync_count: AtomicU64::new(0),
             postcopy_requests: AtomicU64::new(0),
             postcopy_bytes: AtomicU64::new(0),
+            postcopy: Default::default(),
             page_size_bytes: AtomicU64::new(4096),
             multifd_bytes: AtomicU64::new(0),
             pages_per_second: AtomicU64::new(0),
@@ -402,6 +405,10 @@ impl MigStats {
             downtime_phases_us: completed.then(|| self.downtime_phases.snapshot()),
             convergence: self.convergence(),
             first_pass_convergence: self.first_pass_convergence(),
+            postcopy: self
+                .postcopy
+                .started()
+                .then(|| self.postcopy.snapshot(page.max(4096))),
         });
         info
     }
@@ -515,6 +522,9 @@ pub struct FerryMigrationInfo {
     /// (absent before), to set beside what happened.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_pass_convergence: Option<Prediction>,
+    /// Postcopy on the destination (once its postcopy phase started).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<crate::FerryPostcopyInfo>,
 }
 
 /// A convergence prediction and when it was made: a converging one predicts the

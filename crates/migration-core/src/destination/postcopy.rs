@@ -172,7 +172,7 @@ pub(super) fn receive(
                 }
             }
         }
-        let pc = PostcopyRam::register(blocks, &missing)?;
+        let pc = PostcopyRam::register(blocks, &missing, stats.postcopy.clone())?;
         info!(
             missing_pages = pc.missing_pages(),
             "postcopy: guest RAM registered for missing-page faults"
