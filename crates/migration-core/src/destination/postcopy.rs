@@ -224,15 +224,19 @@ pub(super) fn receive(
     };
     report.resumed = run.finish_incoming(switch.source_was_running)?;
     info!(resumed = report.resumed, "postcopy: the guest runs here");
-    let received = rx
-        .receive_postcopy(&sink)
-        .map_err(Error::from)
-        .and_then(|()| match pc.missing_pages() {
-            0 => Ok(()),
-            n => Err(Error::Incompatible(format!(
-                "the source ended the stream with {n} pages still missing"
-            ))),
-        });
+    // Once the guest runs here, a lost source is a lost guest: say what is missing.
+    let lost = |why: String| {
+        Error::Guest(format!(
+            "postcopy broke after the switch ({why}): {} pages of the guest exist only on \
+             the source, and vCPUs that touch them wait for them",
+            pc.missing_pages()
+        ))
+    };
+    let received = match rx.receive_postcopy(&sink) {
+        Err(e) => Err(lost(e.to_string())),
+        Ok(()) if pc.missing_pages() > 0 => Err(lost("the source ended the stream".into())),
+        Ok(()) => Ok(()),
+    };
     stop.store(true, Ordering::Release);
     let mut fault_error = None;
     for h in faults {
