@@ -53,6 +53,7 @@ pub(crate) const RUN_STATE_DEVICE: &str = "runstate";
 #[derive(Debug)]
 struct LiveParams {
     max_bandwidth: AtomicU64,
+    max_postcopy_bandwidth: AtomicU64,
     downtime_limit_ms: AtomicU64,
     avail_switchover_bandwidth: AtomicU64,
 }
@@ -98,6 +99,7 @@ impl MigrationSource {
         let params = MigrationParameters::default();
         let live = Arc::new(LiveParams {
             max_bandwidth: AtomicU64::new(params.max_bandwidth),
+            max_postcopy_bandwidth: AtomicU64::new(params.max_postcopy_bandwidth),
             downtime_limit_ms: AtomicU64::new(params.downtime_limit),
             avail_switchover_bandwidth: AtomicU64::new(params.avail_switchover_bandwidth),
         });
@@ -123,13 +125,16 @@ impl MigrationSource {
         lock(&self.shared.params).clone()
     }
 
-    /// Updates parameters (all or nothing). max-bandwidth, downtime-limit and
-    /// avail-switchover-bandwidth also apply to a migration already running.
+    /// Updates parameters (all or nothing). max-bandwidth, max-postcopy-bandwidth,
+    /// downtime-limit and avail-switchover-bandwidth also apply to a migration already
+    /// running.
     pub fn set_parameters(&self, update: &ParametersUpdate) -> Result<()> {
         let mut p = lock(&self.shared.params);
         p.apply(update)?;
         let live = &self.shared.live;
         live.max_bandwidth.store(p.max_bandwidth, Ordering::Relaxed);
+        live.max_postcopy_bandwidth
+            .store(p.max_postcopy_bandwidth, Ordering::Relaxed);
         live.downtime_limit_ms
             .store(p.downtime_limit, Ordering::Relaxed);
         live.avail_switchover_bandwidth

@@ -195,6 +195,7 @@ pub(super) fn receive(
     };
     // Committed: the guest is ours, and the pages it lacks are only on the source.
     stats.set_status(MigrationStatus::PostcopyActive);
+    let switched_bytes = rx.counters().total_bytes();
     let will_run = run.autostart() && switch.source_was_running;
     ack(&mut rx, will_run);
     let present_digest = if opts.verify {
@@ -272,6 +273,10 @@ pub(super) fn receive(
         .zip(sink.digest.as_ref())
         .map(|(p, d)| p.wrapping_add(d.load(Ordering::Relaxed)));
     report.received_bytes = rx.counters().total_bytes();
+    stats.postcopy_bytes.store(
+        report.received_bytes.saturating_sub(switched_bytes),
+        Ordering::Relaxed,
+    );
     stats
         .transferred_bytes
         .store(report.received_bytes, Ordering::Relaxed);

@@ -124,23 +124,31 @@ impl Run {
         if dt_ns < TICK_MS * 1_000_000 {
             return;
         }
-        // max-bandwidth may be changed while running; stop-and-copy runs unlimited.
-        if !self.paused.load(Ordering::Acquire) {
-            let cap = self.live.max_bandwidth.load(Ordering::Relaxed);
-            if cap != lp.applied_max_bandwidth {
-                info!(
-                    max_bandwidth_bytes_per_sec = cap,
-                    "max-bandwidth changed while running"
-                );
-                sender.set_max_bandwidth(cap);
-                lp.applied_max_bandwidth = cap;
-            }
+        // max-bandwidth (max-postcopy-bandwidth after the switch to postcopy) may be
+        // changed while running; stop-and-copy runs unlimited.
+        let cap = if self.in_postcopy.load(Ordering::Acquire) {
+            Some(self.live.max_postcopy_bandwidth.load(Ordering::Relaxed))
+        } else if !self.paused.load(Ordering::Acquire) {
+            Some(self.live.max_bandwidth.load(Ordering::Relaxed))
+        } else {
+            None
+        };
+        if let Some(cap) = cap.filter(|&c| c != lp.applied_max_bandwidth) {
+            info!(
+                max_bandwidth_bytes_per_sec = cap,
+                "bandwidth cap changed while running"
+            );
+            sender.set_max_bandwidth(cap);
+            lp.applied_max_bandwidth = cap;
         }
         let stats = &self.stats;
         let bytes = lp.sender_counters.total_bytes();
         stats.transferred_bytes.store(bytes, Ordering::Relaxed);
         let c = &lp.sender_counters;
-        let multifd: u64 = (1..c.channels()).map(|i| c.channel_bytes(i)).sum();
+        // Data connections only: a postcopy stream's priority connection comes last.
+        let multifd: u64 = (1..c.channels().min(lp.channels))
+            .map(|i| c.channel_bytes(i))
+            .sum();
         stats.multifd_bytes.store(multifd, Ordering::Relaxed);
         let pages =
             stats.normal_pages.load(Ordering::Relaxed) + stats.zero_pages.load(Ordering::Relaxed);

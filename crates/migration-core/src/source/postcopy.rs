@@ -38,12 +38,21 @@ impl Run {
         }
         self.emit(MigrationEvent::Status(MigrationStatus::PostcopyActive));
         info!(was_running, "postcopy: guest paused for the switch");
+        let phases = &self.stats.downtime_phases;
+        let mut lap = paused_at;
+        let mut phase_done = |phase: &AtomicU64| {
+            let now = Instant::now();
+            phase.store((now - lap).as_micros() as u64, Ordering::Relaxed);
+            lap = now;
+        };
+        phase_done(&phases.pause_us);
         let counters = sender.counters();
         let at_pause = counters.total_bytes();
         self.stats.precopy_bytes.store(at_pause, Ordering::Relaxed);
         // The last sync: what the guest wrote since its page was sent is stale on the
         // destination, and what was never sent is missing there; both are in the bitmap.
         self.sync(lp)?;
+        phase_done(&phases.sync_us);
         sender.iteration_end(iteration)?;
         let mut discarded_pages = 0;
         for (block_idx, b) in self.space.blocks().iter().enumerate() {
@@ -53,6 +62,8 @@ impl Run {
                 sender.send_discard(block_idx, &runs)?;
             }
         }
+        // The downtime's "pages": the discards, which stand in for the final pass.
+        phase_done(&phases.pages_us);
         let state = self
             .vm
             .save_device_state()
@@ -66,6 +77,7 @@ impl Run {
             },
         )?;
         sender.send_device_state("vcpus", &state)?;
+        phase_done(&phases.device_us);
         self.check_cancel()?;
         info!(
             missing_pages = discarded_pages,
@@ -76,6 +88,7 @@ impl Run {
         sender.switch_to_postcopy()?;
         // The guest is the destination's from here on.
         self.in_postcopy.store(true, Ordering::Release);
+        phase_done(&phases.ack_us);
         let downtime_ms = paused_at.elapsed().as_millis() as u64;
         self.stats.downtime_ms.store(downtime_ms, Ordering::Relaxed);
         let switched_bytes = counters.total_bytes();
@@ -87,7 +100,9 @@ impl Run {
             missing_pages = discarded_pages,
             "postcopy: the destination runs the guest"
         );
-        sender.set_max_bandwidth(self.params.max_postcopy_bandwidth);
+        let cap = self.live.max_postcopy_bandwidth.load(Ordering::Relaxed);
+        sender.set_max_bandwidth(cap);
+        lp.applied_max_bandwidth = cap;
         self.postcopy_send(&sender, lp, switched_bytes)?;
         sender.finish_postcopy()?;
         let after = counters.total_bytes();
