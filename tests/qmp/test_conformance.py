@@ -228,8 +228,8 @@ def test_capability_and_parameter_edge_cases(vms):
                            "Migration capability 'xbzrle' is not supported")
         await expect_error(c, "migrate-set-capabilities",
                            {"capabilities": [{"capability": "events", "state": True},
-                                             {"capability": "postcopy-ram", "state": True}]},
-                           "Postcopy is not supported")
+                                             {"capability": "x-colo", "state": True}]},
+                           "QEMU compiled without replication module can't enable COLO")
         # A refused list changes nothing, not even its valid entries.
         assert await s.execute("query-migrate-capabilities") == before
         await expect_error(c, "migrate-set-parameters", {"xbzrle-cache-size": 1 << 20},
