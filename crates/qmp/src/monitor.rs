@@ -252,12 +252,19 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
         |m, _session, mut a| {
             value({
                 let uri = a.str("uri")?;
-                for flag in ["blk", "inc", "resume"] {
+                for flag in ["blk", "inc"] {
                     if a.opt_bool(flag)? == Some(true) {
                         return Err(QmpError::generic(format!(
-                            "Parameter '{flag}': Ferry has no block migration or postcopy"
+                            "Parameter '{flag}': Ferry has no block migration"
                         )));
                     }
+                }
+                // QEMU's text: only a postcopy-paused migration resumes, and Ferry's
+                // postcopy never pauses yet (no recovery).
+                if a.opt_bool("resume")? == Some(true) {
+                    return Err(QmpError::generic(
+                        "Cannot resume if there is no paused migration",
+                    ));
                 }
                 a.opt_bool("detach")?;
                 a.finish()?;
@@ -290,10 +297,24 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
     ("migrate_cancel", sig(EMPTY, EMPTY), |m, _session, a| {
         value({
             a.finish()?;
-            m.source.cancel();
+            m.cancel_migration()?;
             empty()
         })
     }),
+    (
+        "migrate-start-postcopy",
+        sig(EMPTY, EMPTY),
+        |m, _session, a| {
+            value({
+                a.finish()?;
+                // QEMU's errors: the capability off, or no migration started. A
+                // migration that already ended is not an error (it would race with
+                // the command); the switch happens only from `active`.
+                m.source.start_postcopy()?;
+                empty()
+            })
+        },
+    ),
     (
         "migrate-set-parameters",
         sig(SET_PARAMETERS, EMPTY),
@@ -893,6 +914,31 @@ impl Monitor {
         handler(self, session, a)
     }
 
+    /// `migrate_cancel`: stops a migration that has not handed the guest over; refused
+    /// in postcopy, where the guest runs on the destination and needs the pages only
+    /// this source holds (QEMU from 10.0 refuses it with the same words; 8.2 cancelled
+    /// and lost the guest). Idempotent otherwise, as QEMU's: with nothing running it
+    /// answers `{}`.
+    fn cancel_migration(&self) -> Result<(), QmpError> {
+        let refused = || {
+            QmpError::generic(
+                "Postcopy migration in progress, cannot cancel: the guest runs on the \
+                 destination, which needs the pages only this source holds",
+            )
+        };
+        let stats = self.source.stats();
+        if stats.status() == MigrationStatus::PostcopyActive {
+            return Err(refused());
+        }
+        self.source.cancel();
+        // The switch can win the race with the cancel (active -> postcopy-active
+        // before the cancel's active -> cancelling): the engine then ignores it.
+        if stats.status() == MigrationStatus::PostcopyActive {
+            return Err(refused());
+        }
+        Ok(())
+    }
+
     /// `x-ferry-query-ram-digest`: the digest the demo compares
     /// ([`migration_core::ram_digest`]) of the guest's RAM, and the number of pages it
     /// covers. Refused while the vCPUs run (the pages would change under it), and when
@@ -1370,6 +1416,92 @@ mod tests {
             &json!({"execute": "migrate-set-parameters", "arguments": params}).to_string(),
         );
         assert_eq!(r, json!({"return": {}}));
+    }
+
+    #[test]
+    fn start_postcopy_and_cancel_in_postcopy() {
+        let mon = monitor(IncomingStart::None);
+        let mut s = negotiated(&mon);
+        let start = r#"{"execute":"migrate-start-postcopy"}"#;
+        assert!(commands().any(|c| c == "migrate-start-postcopy"));
+        let r = one(&mon, &mut s, start);
+        assert_eq!(
+            err(&r),
+            (
+                "GenericError",
+                "Enable postcopy with migrate_set_capability before the start of migration"
+            )
+        );
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[
+                {"capability":"postcopy-ram","state":true},
+                {"capability":"postcopy-preempt","state":true}]}}"#,
+        );
+        assert_eq!(r, json!({"return": {}}));
+        let r = one(&mon, &mut s, r#"{"execute":"query-migrate-capabilities"}"#);
+        let list = r["return"].as_array().cloned().unwrap_or_default();
+        for c in ["postcopy-ram", "postcopy-preempt"] {
+            assert!(
+                list.contains(&json!({"capability": c, "state": true})),
+                "{c}: {r}"
+            );
+        }
+        let r = one(&mon, &mut s, start);
+        assert_eq!(
+            err(&r),
+            (
+                "GenericError",
+                "Postcopy must be started after migration has been started"
+            )
+        );
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-start-postcopy","arguments":{"now":true}}"#,
+        );
+        assert_eq!(err(&r), ("GenericError", "Parameter 'now' is unexpected"));
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-set-parameters","arguments":{"max-postcopy-bandwidth":1048576}}"#,
+        );
+        assert_eq!(r, json!({"return": {}}));
+        let r = one(&mon, &mut s, r#"{"execute":"query-migrate-parameters"}"#);
+        assert_eq!(r["return"]["max-postcopy-bandwidth"], 1048576, "{r}");
+
+        // In postcopy the guest runs on the destination: migrate_cancel is refused
+        // and the status stays.
+        let stats = mon.source().stats();
+        stats.set_status(MigrationStatus::PostcopyActive);
+        let r = one(&mon, &mut s, r#"{"execute":"migrate_cancel"}"#);
+        let (class, desc) = err(&r);
+        assert_eq!(class, "GenericError", "{r}");
+        assert!(
+            desc.starts_with("Postcopy migration in progress, cannot cancel"),
+            "{r}"
+        );
+        assert_eq!(stats.status(), MigrationStatus::PostcopyActive);
+        let r = one(&mon, &mut s, r#"{"execute":"query-migrate"}"#);
+        assert_eq!(r["return"]["status"], "postcopy-active", "{r}");
+        // Finished: nothing to cancel, `{}` as QEMU answers.
+        stats.set_status(MigrationStatus::Completed);
+        let r = one(&mon, &mut s, r#"{"execute":"migrate_cancel"}"#);
+        assert_eq!(r, json!({"return": {}}));
+
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:1","resume":true}}"#,
+        );
+        assert_eq!(
+            err(&r),
+            (
+                "GenericError",
+                "Cannot resume if there is no paused migration"
+            )
+        );
     }
 
     #[test]

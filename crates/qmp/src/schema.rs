@@ -114,6 +114,7 @@ pub const MIGRATION_STATUS: Ty = Ty::Enum(
         "completed",
         "failed",
         "device",
+        "postcopy-active",
     ],
 );
 
@@ -328,6 +329,42 @@ mod tests {
     use super::*;
 
     const CAPS_ARG: &[Member] = &[req("capabilities", Ty::Array(&CAPABILITY_STATUS))];
+
+    #[test]
+    fn migration_status_lists_every_status() {
+        use stats::MigrationStatus as S;
+        let every = [
+            S::None,
+            S::Setup,
+            S::Active,
+            S::Device,
+            S::Completed,
+            S::Failed,
+            S::Cancelling,
+            S::Cancelled,
+            S::PostcopyActive,
+        ];
+        // Exhaustive: a status added to stats fails to compile here until listed.
+        for s in every {
+            match s {
+                S::None
+                | S::Setup
+                | S::Active
+                | S::Device
+                | S::Completed
+                | S::Failed
+                | S::Cancelling
+                | S::Cancelled
+                | S::PostcopyActive => {}
+            }
+        }
+        let Ty::Enum(_, values) = MIGRATION_STATUS else {
+            panic!("MigrationStatus is an enum");
+        };
+        for s in every {
+            assert!(values.contains(&s.as_str()), "{} is not listed", s.as_str());
+        }
+    }
 
     #[test]
     fn every_reference_resolves() {
