@@ -663,7 +663,7 @@ fn dirty_pages_rate_matches_the_working_set_and_non_convergence_is_reported() {
 /// Postcopy with the non-converging guest: precopy runs until a pass is over, the
 /// operator switches, the destination runs the guest while its missing pages arrive
 /// (on request and in the background), and the migration completes.
-fn postcopy_migration(channels: u8, workload: Workload) {
+fn postcopy_migration(channels: u8, workload: Workload, switch: Switch) {
     let _g = guest_lock();
     let cfg = config(1 << 30, 2, workload);
     let guest = boot(&cfg);
@@ -676,13 +676,27 @@ fn postcopy_migration(channels: u8, workload: Workload) {
     source
         .set_capability(Capability::PostcopyRam, true)
         .unwrap();
+    if switch == Switch::Policy {
+        source
+            .set_parameters(&ParametersUpdate {
+                x_ferry_postcopy_auto: Some(true),
+                ..Default::default()
+            })
+            .unwrap();
+    }
     source.migrate(&dest.uri).unwrap();
-    // Past the bulk pass: the working set keeps the bitmap busy, precopy alone would
-    // not end.
-    poll_until(&source, "the second pass", |i| {
-        i.ferry.as_ref().is_some_and(|f| f.iterations >= 1)
+    if switch == Switch::Operator {
+        // Past the bulk pass: the working set keeps the bitmap busy, precopy alone
+        // would not end.
+        poll_until(&source, "the second pass", |i| {
+            i.ferry.as_ref().is_some_and(|f| f.iterations >= 1)
+        });
+        source.start_postcopy().unwrap();
+    }
+    // Bounded: precopy alone would never end.
+    poll_until(&source, "the end of the migration", |i| {
+        i.status.is_finished()
     });
-    source.start_postcopy().unwrap();
     assert_eq!(
         source.wait(),
         MigrationStatus::Completed,
@@ -743,6 +757,16 @@ fn postcopy_migration(channels: u8, workload: Workload) {
     );
 }
 
+/// Who switches a migration to postcopy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Switch {
+    /// `migrate-start-postcopy` once the first pass is over.
+    Operator,
+    /// Ferry's policy (`x-ferry-postcopy-auto`) once the prediction says "not
+    /// converging".
+    Policy,
+}
+
 #[test]
 fn postcopy_completes_the_working_set_precopy_cannot() {
     postcopy_migration(
@@ -750,6 +774,18 @@ fn postcopy_completes_the_working_set_precopy_cannot() {
         Workload::WorkingSet {
             pages: NON_CONVERGING_PAGES,
         },
+        Switch::Operator,
+    );
+}
+
+#[test]
+fn the_postcopy_policy_switches_a_migration_that_does_not_converge() {
+    postcopy_migration(
+        1,
+        Workload::WorkingSet {
+            pages: NON_CONVERGING_PAGES,
+        },
+        Switch::Policy,
     );
 }
 
@@ -760,6 +796,7 @@ fn postcopy_completes_over_two_channels() {
         Workload::WorkingSet {
             pages: NON_CONVERGING_PAGES,
         },
+        Switch::Operator,
     );
 }
 
@@ -773,6 +810,7 @@ fn postcopy_completes_a_dense_workload() {
             pages: NON_CONVERGING_PAGES,
             bytes_per_page: 4096,
         },
+        Switch::Operator,
     );
 }
 

@@ -99,6 +99,11 @@ pub struct MigrationParameters {
     /// every sync re-protects every page it harvested (the guest faults on its whole
     /// working set after each sync).
     pub x_ferry_lazy_clear: bool,
+    /// Ferry's own: with the `postcopy-ram` capability, switch to postcopy without
+    /// waiting for `migrate-start-postcopy` once the convergence prediction says the
+    /// migration will not converge (after a whole dirty-rate period past the first
+    /// pass). Off by default, as in QEMU, where only the operator switches.
+    pub x_ferry_postcopy_auto: bool,
     /// Ferry's own: most time one connect to the destination may take, ms (at
     /// least 100).
     pub x_ferry_connect_timeout_ms: u64,
@@ -152,6 +157,7 @@ impl Default for MigrationParameters {
             mode: MigMode::Normal,
             x_ferry_sparse_pages: true,
             x_ferry_lazy_clear: true,
+            x_ferry_postcopy_auto: false,
             x_ferry_connect_timeout_ms: DEFAULT_TIMEOUT_MS,
             x_ferry_io_timeout_ms: DEFAULT_TIMEOUT_MS,
             x_ferry_switchover_timeout_ms: DEFAULT_TIMEOUT_MS,
@@ -227,6 +233,8 @@ pub struct ParametersUpdate {
     pub x_ferry_sparse_pages: Option<bool>,
     /// See [`MigrationParameters::x_ferry_lazy_clear`].
     pub x_ferry_lazy_clear: Option<bool>,
+    /// See [`MigrationParameters::x_ferry_postcopy_auto`].
+    pub x_ferry_postcopy_auto: Option<bool>,
     /// See [`MigrationParameters::x_ferry_connect_timeout_ms`].
     pub x_ferry_connect_timeout_ms: Option<u64>,
     /// See [`MigrationParameters::x_ferry_io_timeout_ms`].
@@ -297,6 +305,7 @@ impl MigrationParameters {
             max_cpu_throttle,
             x_ferry_sparse_pages,
             x_ferry_lazy_clear,
+            x_ferry_postcopy_auto,
             x_ferry_connect_timeout_ms,
             x_ferry_io_timeout_ms,
             x_ferry_switchover_timeout_ms

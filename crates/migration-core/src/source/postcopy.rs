@@ -14,6 +14,19 @@ impl Run {
         self.caps.postcopy_ram && self.shared.start_postcopy.load(Ordering::Acquire)
     }
 
+    /// Ferry's policy (`x-ferry-postcopy-auto`, with the capability): past the first
+    /// pass and a whole dirty-rate period, the prediction says the guest dirties
+    /// memory faster than it can be sent, so precopy alone would not end.
+    pub(super) fn postcopy_by_policy(&self, iteration: u64) -> bool {
+        self.caps.postcopy_ram
+            && self.params.x_ferry_postcopy_auto
+            && iteration >= 2
+            && matches!(
+                self.stats.convergence(),
+                stats::Convergence::NotConverging { .. }
+            )
+    }
+
     /// The switch to postcopy and the postcopy phase, up to the destination's `Done`.
     ///
     /// Until the destination acknowledges the commit, a failure resumes the source as

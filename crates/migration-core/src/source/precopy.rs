@@ -173,6 +173,13 @@ impl Run {
             if !self.ready_to_switch(&lp) {
                 self.log_decision(&lp, false);
                 stats.record_first_pass_convergence();
+                if self.postcopy_by_policy(iteration) {
+                    info!(
+                        pass = iteration,
+                        "not converging: switching to postcopy (x-ferry-postcopy-auto)"
+                    );
+                    return self.complete_postcopy(sender, &mut lp, iteration + 1);
+                }
                 continue;
             }
             if self.wait_for_destination(&sender, iteration)? {
