@@ -118,25 +118,22 @@ unsafe impl PageSink for RamSink<'_> {
         if page_size as u64 != PAGE_SIZE {
             return;
         }
-        let mut i = 0;
-        while i < offsets.len() {
-            let first = offsets[i];
-            let mut n = 1;
-            while i + n < offsets.len() && offsets[i + n] == first + n as u64 {
-                n += 1;
-            }
-            i += n;
-            if first + n as u64 > b.pages() {
+        for (first, n) in crate::guest::page_runs(offsets.iter().copied()) {
+            if first + n > b.pages() {
                 continue;
             }
-            let Some(ptr) = b.memory.range_ptr(first * PAGE_SIZE, n as u64 * PAGE_SIZE) else {
+            let Some(ptr) = b.memory.range_ptr(first * PAGE_SIZE, n * PAGE_SIZE) else {
                 continue;
             };
             // SAFETY: [first, first + n) pages lie inside the block's live mapping
             // (checked just above); populating a range maps in the pages that are not
             // (zero-filled, or from their backing) and changes no byte of any page.
             unsafe {
-                libc::madvise(ptr.cast(), n * page_size, libc::MADV_POPULATE_WRITE);
+                libc::madvise(
+                    ptr.cast(),
+                    n as usize * page_size,
+                    libc::MADV_POPULATE_WRITE,
+                );
             }
         }
     }

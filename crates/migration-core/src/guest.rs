@@ -142,3 +142,30 @@ mod tests {
         assert!(n >= 2);
     }
 }
+
+/// The runs of consecutive pages in `pages` (increasing), as `(first, count)`: one
+/// system call per run where the kernel takes ranges.
+pub(crate) fn page_runs(pages: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for p in pages {
+        match runs.last_mut() {
+            Some((first, n)) if *first + *n == p => *n += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod runs_tests {
+    use super::page_runs;
+
+    #[test]
+    fn runs_of_consecutive_pages() {
+        assert_eq!(
+            page_runs([2, 3, 4, 10, 11, 64]),
+            vec![(2, 3), (10, 2), (64, 1)]
+        );
+        assert!(page_runs([]).is_empty());
+    }
+}

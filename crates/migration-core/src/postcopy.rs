@@ -91,26 +91,18 @@ impl PostcopyRam {
             let region = UffdRegion::register(b.memory.clone())?;
             let r = DirtyBitmap::new(b.pages());
             r.set_all();
-            let mut run: Option<(u64, u64)> = None;
-            for p in m.iter_set().chain([u64::MAX]) {
-                if p != u64::MAX {
-                    r.test_and_clear(p);
-                    missing_pages += 1;
+            for p in m.iter_set() {
+                r.test_and_clear(p);
+                missing_pages += 1;
+            }
+            for (first, n) in crate::guest::page_runs(m.iter_set()) {
+                if !b.memory.discard(first * PAGE_SIZE, n * PAGE_SIZE) {
+                    return Err(Error::Guest(format!(
+                        "postcopy: cannot drop pages {first}..{} of {}",
+                        first + n,
+                        b.id
+                    )));
                 }
-                run = match run {
-                    Some((first, n)) if first + n == p => Some((first, n + 1)),
-                    Some((first, n)) => {
-                        if !b.memory.discard(first * PAGE_SIZE, n * PAGE_SIZE) {
-                            return Err(Error::Guest(format!(
-                                "postcopy: cannot drop pages {first}..{} of {}",
-                                first + n,
-                                b.id
-                            )));
-                        }
-                        Some((p, 1))
-                    }
-                    None => Some((p, 1)),
-                };
             }
             regions.push(region);
             received.push(r);

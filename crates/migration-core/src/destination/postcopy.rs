@@ -100,15 +100,8 @@ unsafe impl PageSink for LandingSink<'_> {
         }
         // Their memory back: a staging page lives only until it is installed. One call
         // per run of pages (each one a TLB shootdown across the process's threads).
-        let mut i = 0;
-        while i < offsets.len() {
-            let first = offsets[i];
-            let mut n = 1;
-            while i + n < offsets.len() && offsets[i + n] == first + n as u64 {
-                n += 1;
-            }
-            mem.discard(first * PAGE_SIZE, n as u64 * PAGE_SIZE);
-            i += n;
+        for (first, n) in crate::guest::page_runs(offsets.iter().copied()) {
+            mem.discard(first * PAGE_SIZE, n * PAGE_SIZE);
         }
         Ok(())
     }

@@ -52,20 +52,15 @@ impl Run {
         self.emit(MigrationEvent::Status(MigrationStatus::PostcopyActive));
         info!(was_running, "postcopy: guest paused for the switch");
         let phases = &self.stats.downtime_phases;
-        let mut lap = paused_at;
-        let mut phase_done = |phase: &AtomicU64| {
-            let now = Instant::now();
-            phase.store((now - lap).as_micros() as u64, Ordering::Relaxed);
-            lap = now;
-        };
-        phase_done(&phases.pause_us);
+        let mut clock = super::precopy::PhaseClock(paused_at);
+        clock.lap(&phases.pause_us);
         let counters = sender.counters();
         let at_pause = counters.total_bytes();
         self.stats.precopy_bytes.store(at_pause, Ordering::Relaxed);
         // The last sync: what the guest wrote since its page was sent is stale on the
         // destination, and what was never sent is missing there; both are in the bitmap.
         self.sync(lp)?;
-        phase_done(&phases.sync_us);
+        clock.lap(&phases.sync_us);
         sender.iteration_end(iteration)?;
         let mut discarded_pages = 0;
         for (block_idx, b) in self.space.blocks().iter().enumerate() {
@@ -76,32 +71,19 @@ impl Run {
             }
         }
         // The downtime's "pages": the discards, which stand in for the final pass.
-        phase_done(&phases.pages_us);
-        let state = self
-            .vm
-            .save_device_state()
-            .map_err(|e| Error::Guest(format!("saving device state: {e}")))?;
-        sender.send_device_state(
-            RUN_STATE_DEVICE,
-            if was_running {
-                RunState::Running.name().as_bytes()
-            } else {
-                RunState::Paused.name().as_bytes()
-            },
-        )?;
-        sender.send_device_state("vcpus", &state)?;
-        phase_done(&phases.device_us);
+        clock.lap(&phases.pages_us);
+        let device_state_bytes = self.send_device_state(&sender, was_running)?;
+        clock.lap(&phases.device_us);
         self.check_cancel()?;
         info!(
             missing_pages = discarded_pages,
-            device_state_bytes = state.len() as u64,
-            "postcopy: switching over"
+            device_state_bytes, "postcopy: switching over"
         );
         self.committing.store(true, Ordering::Release);
         sender.switch_to_postcopy()?;
         // The guest is the destination's from here on.
         self.in_postcopy.store(true, Ordering::Release);
-        phase_done(&phases.ack_us);
+        clock.lap(&phases.ack_us);
         let downtime_ms = paused_at.elapsed().as_millis() as u64;
         self.stats.downtime_ms.store(downtime_ms, Ordering::Relaxed);
         let switched_bytes = counters.total_bytes();
@@ -228,17 +210,7 @@ impl Run {
 /// The runs of set bits of `bitmap` over the global pages `[first, first + pages)`,
 /// as `(page in the block, pages)`.
 fn set_runs(bitmap: &DirtyBitmap, first: u64, pages: u64) -> Vec<(u64, u64)> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for p in 0..pages {
-        if !bitmap.is_set(first + p) {
-            continue;
-        }
-        match runs.last_mut() {
-            Some((start, n)) if *start + *n == p => *n += 1,
-            _ => runs.push((p, 1)),
-        }
-    }
-    runs
+    crate::guest::page_runs((0..pages).filter(|&p| bitmap.is_set(first + p)))
 }
 
 #[cfg(test)]

@@ -577,24 +577,19 @@ impl Run {
         }
         self.emit(MigrationEvent::Status(MigrationStatus::Device));
         let phases = &self.stats.downtime_phases;
-        let mut lap = paused_at;
-        let mut phase_done = |phase: &AtomicU64| {
-            let now = Instant::now();
-            phase.store((now - lap).as_micros() as u64, Ordering::Relaxed);
-            lap = now;
-        };
-        phase_done(&phases.pause_us);
+        let mut clock = PhaseClock(paused_at);
+        clock.lap(&phases.pause_us);
         // The precopy workers are done: every byte from here on is the downtime's.
         let counters = sender.counters();
         let at_pause = counters.total_bytes();
         self.stats.precopy_bytes.store(at_pause, Ordering::Relaxed);
         sender.set_max_bandwidth(0);
         self.sync(lp)?;
-        phase_done(&phases.sync_us);
+        clock.lap(&phases.sync_us);
         let final_start = (Instant::now(), self.pages_sent());
         self.send_pass(&sender, lp)?;
         sender.iteration_end(iteration)?;
-        phase_done(&phases.pages_us);
+        clock.lap(&phases.pages_us);
         info!(
             pass = iteration,
             sent_pages = self.pages_sent() - final_start.1,
@@ -602,25 +597,8 @@ impl Run {
             duration_ms = final_start.0.elapsed().as_millis() as u64,
             "final pass sent (guest paused)"
         );
-        let state = self
-            .vm
-            .save_device_state()
-            .map_err(|e| Error::Guest(format!("saving device state: {e}")))?;
-        info!(
-            device_state_bytes = state.len() as u64,
-            "device state saved"
-        );
-        // QEMU's global state: a guest that was paused stays paused on the destination.
-        sender.send_device_state(
-            RUN_STATE_DEVICE,
-            if was_running {
-                RunState::Running.name().as_bytes()
-            } else {
-                RunState::Paused.name().as_bytes()
-            },
-        )?;
-        sender.send_device_state("vcpus", &state)?;
-        phase_done(&phases.device_us);
+        self.send_device_state(&sender, was_running)?;
+        clock.lap(&phases.device_us);
         self.check_cancel()?;
         // The switch-over: the destination says it loaded everything, the source
         // commits, the destination starts the guest and acknowledges. Until the
@@ -631,7 +609,7 @@ impl Run {
         // way. A destination that failed refuses instead, an error.
         self.committing.store(true, Ordering::Release);
         sender.finish()?;
-        phase_done(&phases.ack_us);
+        clock.lap(&phases.ack_us);
         let after = counters.total_bytes();
         self.stats
             .downtime_bytes
@@ -660,6 +638,43 @@ impl Run {
             warn!(error = %e, "stopping the migration's dirty log failed (slots keep logging)");
         }
         Ok(())
+    }
+}
+
+impl Run {
+    /// Saves the device state and sends it with the run state (QEMU's global state: a
+    /// guest that was paused stays paused on the destination); returns its size.
+    pub(super) fn send_device_state(&self, sender: &Sender, was_running: bool) -> Result<u64> {
+        let state = self
+            .vm
+            .save_device_state()
+            .map_err(|e| Error::Guest(format!("saving device state: {e}")))?;
+        info!(
+            device_state_bytes = state.len() as u64,
+            "device state saved"
+        );
+        sender.send_device_state(
+            RUN_STATE_DEVICE,
+            if was_running {
+                RunState::Running.name().as_bytes()
+            } else {
+                RunState::Paused.name().as_bytes()
+            },
+        )?;
+        sender.send_device_state("vcpus", &state)?;
+        Ok(state.len() as u64)
+    }
+}
+
+/// Times the downtime's phases: each lap stores the time since the previous one.
+pub(super) struct PhaseClock(pub(super) Instant);
+
+impl PhaseClock {
+    /// Stores the time since the last lap in `phase`, µs.
+    pub(super) fn lap(&mut self, phase: &AtomicU64) {
+        let now = Instant::now();
+        phase.store((now - self.0).as_micros() as u64, Ordering::Relaxed);
+        self.0 = now;
     }
 }
 
