@@ -975,6 +975,61 @@ impl Proxy {
     }
 }
 
+/// A link cut during postcopy (no recovery yet): the source stays paused with every
+/// page and says why; the destination fails saying how many pages only the source
+/// has. Neither side runs a second copy, and no side pretends the guest is whole.
+#[test]
+fn a_link_cut_during_postcopy_fails_both_sides_and_the_source_keeps_its_pages() {
+    let _g = guest_lock();
+    let cfg = config(
+        1 << 30,
+        2,
+        Workload::WorkingSet {
+            pages: NON_CONVERGING_PAGES,
+        },
+    );
+    let guest = boot(&cfg);
+    let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
+    let proxy = Proxy::start(&dest.uri, 0, 0);
+    let source = whole_pages_source(&guest, 128 << 20, 1);
+    source
+        .set_capability(Capability::PostcopyRam, true)
+        .unwrap();
+    source
+        .set_parameters(&ParametersUpdate {
+            max_postcopy_bandwidth: Some(4 << 20),
+            ..Default::default()
+        })
+        .unwrap();
+    source.migrate(&proxy.uri).unwrap();
+    poll_until(&source, "the second pass", |i| {
+        i.ferry.as_ref().is_some_and(|f| f.iterations >= 1)
+    });
+    source.start_postcopy().unwrap();
+    poll_until(&source, "the destination's page requests", |i| {
+        i.status == MigrationStatus::PostcopyActive
+            && i.ram.as_ref().is_some_and(|r| r.postcopy_requests > 0)
+    });
+    proxy.cut.store(true, Ordering::Release);
+    poll_until(&source, "the end of the migration", |i| {
+        i.status.is_finished()
+    });
+    assert_eq!(source.wait(), MigrationStatus::Failed);
+    let why = source.query().error_desc.unwrap_or_default();
+    assert!(why.contains("postcopy failed after the switch"), "{why}");
+    assert_eq!(source.run_control().state().name(), "postmigrate");
+    let frozen = guest.vcpu_page_writes();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(guest.vcpu_page_writes(), frozen, "the source stays paused");
+    let l = dest.next_event();
+    assert_eq!(l["event"], "failed", "{l}");
+    let err = l["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("postcopy broke after the switch") && err.contains("exist only on the source"),
+        "{err}"
+    );
+}
+
 /// A second migration to a fresh destination succeeds after a failure or cancel.
 fn second_migration_succeeds(guest: &Arc<GuestVm>, cfg: &VmConfig) {
     let mut dest = Dest::spawn(cfg, "tcp:127.0.0.1:0");
