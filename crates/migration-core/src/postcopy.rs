@@ -88,7 +88,9 @@ impl PostcopyRam {
         let mut still_missing = Vec::with_capacity(blocks.len());
         let mut missing_pages = 0;
         for (b, m) in blocks.iter().zip(missing) {
+            let t0 = Instant::now();
             let region = UffdRegion::register(b.memory.clone())?;
+            let registered_us = t0.elapsed().as_micros() as u64;
             let r = DirtyBitmap::new(b.pages());
             r.set_all();
             for p in m.iter_set() {
@@ -104,6 +106,12 @@ impl PostcopyRam {
                     )));
                 }
             }
+            tracing::debug!(
+                block = %b.id,
+                registered_us,
+                dropped_us = t0.elapsed().as_micros() as u64 - registered_us,
+                "postcopy: block registered, stale pages dropped"
+            );
             regions.push(region);
             received.push(r);
             let left = DirtyBitmap::new(b.pages());
