@@ -175,6 +175,11 @@ pub struct MigrateArgs {
     /// Throttle the vCPUs when the guest dirties memory faster than it can be sent.
     #[arg(long)]
     pub auto_converge: bool,
+    /// Switch to postcopy when the migration is predicted not to converge: the guest
+    /// moves at once and the destination fetches the pages it still lacks
+    /// (`postcopy-ram` with `x-ferry-postcopy-auto`).
+    #[arg(long)]
+    pub postcopy: bool,
     /// Compress page batches with zstd.
     #[arg(long)]
     pub zstd: bool,
@@ -198,8 +203,12 @@ impl MigrateArgs {
                     CompressionParam::None
                 }),
                 x_ferry_sparse_pages: Some(!self.no_sparse_pages),
+                x_ferry_postcopy_auto: Some(self.postcopy),
                 ..Default::default()
             })
+            .map_err(|e| e.to_string())?;
+        source
+            .set_capability(Capability::PostcopyRam, self.postcopy)
             .map_err(|e| e.to_string())?;
         source
             .set_capability(Capability::Multifd, self.channels > 1)

@@ -134,7 +134,17 @@ pub fn not_converging_advice(
     params: &MigrationParameters,
     caps: &Capabilities,
 ) -> String {
+    if caps.postcopy_ram && params.x_ferry_postcopy_auto {
+        return format!(
+            "ferry: this migration is not converging (it needs about {}/s): switching to \
+             postcopy at the end of this pass.",
+            bytes(needed_bytes_per_sec)
+        );
+    }
     let mut tips = Vec::new();
+    if !caps.postcopy_ram {
+        tips.push("--postcopy (move the guest now, fetch its pages after)".to_string());
+    }
     if !caps.auto_converge {
         tips.push("--auto-converge (slow the guest's vCPUs down)".to_string());
     }
@@ -313,6 +323,16 @@ mod tests {
         };
         let a = not_converging_advice(1 << 30, &capped, &caps);
         assert!(!a.contains("--auto-converge"), "{a}");
+        assert!(a.contains("--postcopy"), "{a}");
         assert!(a.contains("--max-bandwidth (now 4.0 MiB/s; needs about 1.0 GiB/s)"));
+        // With --postcopy the engine switches by itself: the line says so.
+        caps.postcopy_ram = true;
+        let auto = MigrationParameters {
+            x_ferry_postcopy_auto: true,
+            ..capped
+        };
+        let a = not_converging_advice(1 << 30, &auto, &caps);
+        assert!(a.contains("switching to postcopy"), "{a}");
+        assert!(!a.contains("Try"), "{a}");
     }
 }

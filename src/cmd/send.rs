@@ -177,6 +177,13 @@ pub fn report(info: &MigrationInfo) {
     );
     println!("  zero pages      {}", ram.duplicate);
     println!("  during downtime {}", bytes(ram.downtime_bytes));
+    if ram.postcopy_bytes > 0 {
+        println!(
+            "  after the switch {} (postcopy: {} pages requested by the destination)",
+            bytes(ram.postcopy_bytes),
+            ram.postcopy_requests
+        );
+    }
     println!("dirty-sync-count  {}", ram.dirty_sync_count);
     println!("throughput        {:.0} Mbit/s", ram.mbps);
     if let Some(f) = &info.ferry {

@@ -192,7 +192,9 @@ pub(super) fn receive(
     let will_run = run.autostart() && switch.source_was_running;
     ack(&mut rx, will_run);
     let present_digest = if opts.verify {
+        let digest_start = Instant::now();
         let d = digest_present(&ram, &pc);
+        report.ram_digest_us = Some(digest_start.elapsed().as_micros() as u64);
         if d.is_none() {
             warn!("no /proc/self/pagemap: the postcopy digest cannot be taken");
         }
