@@ -814,6 +814,32 @@ fn postcopy_completes_a_dense_workload() {
     );
 }
 
+/// A migration of `guest` to `uri` switched to postcopy after its first pass, with a
+/// background stream slow enough (4 MiB/s) to break it in the middle; returns once the
+/// destination runs the guest (its page requests come only after the commit).
+fn slow_postcopy(guest: &Arc<GuestVm>, uri: &str) -> MigrationSource {
+    let source = whole_pages_source(guest, 128 << 20, 1);
+    source
+        .set_capability(Capability::PostcopyRam, true)
+        .unwrap();
+    source
+        .set_parameters(&ParametersUpdate {
+            max_postcopy_bandwidth: Some(4 << 20),
+            ..Default::default()
+        })
+        .unwrap();
+    source.migrate(uri).unwrap();
+    poll_until(&source, "the second pass", |i| {
+        i.ferry.as_ref().is_some_and(|f| f.iterations >= 1)
+    });
+    source.start_postcopy().unwrap();
+    poll_until(&source, "the destination's page requests", |i| {
+        i.status == MigrationStatus::PostcopyActive
+            && i.ram.as_ref().is_some_and(|r| r.postcopy_requests > 0)
+    });
+    source
+}
+
 /// A destination that dies during postcopy takes the guest with it (the pages it had
 /// are gone, and the source's copy is older than what the guest wrote there): the
 /// source says so and stays paused, never running a second copy.
@@ -829,27 +855,7 @@ fn a_destination_killed_during_postcopy_leaves_the_source_paused_and_saying_why(
     );
     let guest = boot(&cfg);
     let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
-    let source = whole_pages_source(&guest, 128 << 20, 1);
-    source
-        .set_capability(Capability::PostcopyRam, true)
-        .unwrap();
-    // A slow background stream keeps the postcopy phase long enough to kill it.
-    source
-        .set_parameters(&ParametersUpdate {
-            max_postcopy_bandwidth: Some(4 << 20),
-            ..Default::default()
-        })
-        .unwrap();
-    source.migrate(&dest.uri).unwrap();
-    poll_until(&source, "the second pass", |i| {
-        i.ferry.as_ref().is_some_and(|f| f.iterations >= 1)
-    });
-    source.start_postcopy().unwrap();
-    // Requests come only once the destination runs the guest (after the commit).
-    poll_until(&source, "the destination's page requests", |i| {
-        i.status == MigrationStatus::PostcopyActive
-            && i.ram.as_ref().is_some_and(|r| r.postcopy_requests > 0)
-    });
+    let source = slow_postcopy(&guest, &dest.uri);
     source.cancel();
     assert_eq!(
         source.query().status,
@@ -991,25 +997,7 @@ fn a_link_cut_during_postcopy_fails_both_sides_and_the_source_keeps_its_pages() 
     let guest = boot(&cfg);
     let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
     let proxy = Proxy::start(&dest.uri, 0, 0);
-    let source = whole_pages_source(&guest, 128 << 20, 1);
-    source
-        .set_capability(Capability::PostcopyRam, true)
-        .unwrap();
-    source
-        .set_parameters(&ParametersUpdate {
-            max_postcopy_bandwidth: Some(4 << 20),
-            ..Default::default()
-        })
-        .unwrap();
-    source.migrate(&proxy.uri).unwrap();
-    poll_until(&source, "the second pass", |i| {
-        i.ferry.as_ref().is_some_and(|f| f.iterations >= 1)
-    });
-    source.start_postcopy().unwrap();
-    poll_until(&source, "the destination's page requests", |i| {
-        i.status == MigrationStatus::PostcopyActive
-            && i.ram.as_ref().is_some_and(|r| r.postcopy_requests > 0)
-    });
+    let source = slow_postcopy(&guest, &proxy.uri);
     proxy.cut.store(true, Ordering::Release);
     poll_until(&source, "the end of the migration", |i| {
         i.status.is_finished()

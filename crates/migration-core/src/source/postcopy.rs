@@ -40,16 +40,7 @@ impl Run {
         iteration: u64,
     ) -> Result<()> {
         let paused_at = Instant::now();
-        self.switching.store(true, Ordering::Release);
-        let was_running = self.run.begin_switchover()?;
-        self.paused.store(true, Ordering::Release);
-        if !self
-            .stats
-            .transition(MigrationStatus::Active, MigrationStatus::PostcopyActive)
-        {
-            return Err(Error::Cancelled);
-        }
-        self.emit(MigrationEvent::Status(MigrationStatus::PostcopyActive));
+        let was_running = self.pause_for_switch(MigrationStatus::PostcopyActive)?;
         info!(was_running, "postcopy: guest paused for the switch");
         let phases = &self.stats.downtime_phases;
         let mut clock = super::precopy::PhaseClock(paused_at);

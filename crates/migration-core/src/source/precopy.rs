@@ -564,18 +564,8 @@ impl Run {
         // Through the run state: STOP if the guest ran (before the `device` status, as
         // QEMU orders them), and a failure from here on returns the guest to the state
         // it had, or that a `stop` since asked for.
-        // Set first: a pause that panics has entered finish-migrate already.
-        self.switching.store(true, Ordering::Release);
-        let was_running = self.run.begin_switchover()?;
+        let was_running = self.pause_for_switch(MigrationStatus::Device)?;
         info!(was_running, "switch-over: guest paused (finish-migrate)");
-        self.paused.store(true, Ordering::Release);
-        if !self
-            .stats
-            .transition(MigrationStatus::Active, MigrationStatus::Device)
-        {
-            return Err(Error::Cancelled);
-        }
-        self.emit(MigrationEvent::Status(MigrationStatus::Device));
         let phases = &self.stats.downtime_phases;
         let mut clock = PhaseClock(paused_at);
         clock.lap(&phases.pause_us);
@@ -642,6 +632,22 @@ impl Run {
 }
 
 impl Run {
+    /// Pauses the guest for a switch-over (finish-migrate) and moves the status from
+    /// active to `to` (`device`, or `postcopy-active`); returns whether the guest ran.
+    /// A cancel that came first wins ([`Error::Cancelled`]); the end of the run then
+    /// resumes the guest.
+    pub(super) fn pause_for_switch(&self, to: MigrationStatus) -> Result<bool> {
+        // Set first: a pause that panics has entered finish-migrate already.
+        self.switching.store(true, Ordering::Release);
+        let was_running = self.run.begin_switchover()?;
+        self.paused.store(true, Ordering::Release);
+        if !self.stats.transition(MigrationStatus::Active, to) {
+            return Err(Error::Cancelled);
+        }
+        self.emit(MigrationEvent::Status(to));
+        Ok(was_running)
+    }
+
     /// Saves the device state and sends it with the run state (QEMU's global state: a
     /// guest that was paused stays paused on the destination); returns its size.
     pub(super) fn send_device_state(&self, sender: &Sender, was_running: bool) -> Result<u64> {
