@@ -407,14 +407,19 @@ const NON_CONVERGING_PAGES: u64 = 65536;
 /// A migration that cannot converge: 256 MiB of working set rewritten all the time,
 /// sent whole at 128 MiB/s within 300 ms of downtime, so it iterates until cancelled,
 /// one dirty-rate period after another. Started; the destination is a child process.
-fn non_converging_migration() -> (Arc<GuestVm>, Dest, MigrationSource) {
-    let cfg = config(
+/// A 1 GiB, 2-vCPU guest rewriting `NON_CONVERGING_PAGES`.
+fn non_converging_config() -> VmConfig {
+    config(
         1 << 30,
         2,
         Workload::WorkingSet {
             pages: NON_CONVERGING_PAGES,
         },
-    );
+    )
+}
+
+fn non_converging_migration() -> (Arc<GuestVm>, Dest, MigrationSource) {
+    let cfg = non_converging_config();
     let guest = boot(&cfg);
     let dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
     let source = whole_pages_source(&guest, 128 << 20, 1);
@@ -846,13 +851,7 @@ fn slow_postcopy(guest: &Arc<GuestVm>, uri: &str) -> MigrationSource {
 #[test]
 fn a_destination_killed_during_postcopy_leaves_the_source_paused_and_saying_why() {
     let _g = guest_lock();
-    let cfg = config(
-        1 << 30,
-        2,
-        Workload::WorkingSet {
-            pages: NON_CONVERGING_PAGES,
-        },
-    );
+    let cfg = non_converging_config();
     let guest = boot(&cfg);
     let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
     let source = slow_postcopy(&guest, &dest.uri);
@@ -987,13 +986,7 @@ impl Proxy {
 #[test]
 fn a_link_cut_during_postcopy_fails_both_sides_and_the_source_keeps_its_pages() {
     let _g = guest_lock();
-    let cfg = config(
-        1 << 30,
-        2,
-        Workload::WorkingSet {
-            pages: NON_CONVERGING_PAGES,
-        },
-    );
+    let cfg = non_converging_config();
     let guest = boot(&cfg);
     let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
     let proxy = Proxy::start(&dest.uri, 0, 0);

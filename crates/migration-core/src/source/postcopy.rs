@@ -92,20 +92,11 @@ impl Run {
         self.postcopy_send(&sender, lp, switched_bytes)?;
         sender.finish_postcopy()?;
         let after = counters.total_bytes();
-        self.stats.transferred_bytes.store(after, Ordering::Relaxed);
         self.stats
             .postcopy_bytes
             .store(after - switched_bytes, Ordering::Relaxed);
-        self.stats.remaining_bytes.store(0, Ordering::Relaxed);
+        self.publish_final_totals(after);
         let stats = &self.stats;
-        let busy_ms = stats
-            .elapsed_ms()
-            .saturating_sub(stats.setup_time_ms.load(Ordering::Relaxed))
-            .max(1);
-        stats.mbps.store(
-            after as f64 * 8.0 / busy_ms as f64 / 1000.0,
-            Ordering::Relaxed,
-        );
         self.vm.set_throttle_percent(0);
         if let Err(e) = self.space.global_dirty_log_stop(DirtyReason::Migration) {
             warn!(error = %e, "stopping the migration's dirty log failed (slots keep logging)");

@@ -604,20 +604,9 @@ impl Run {
         self.stats
             .downtime_bytes
             .store(after.saturating_sub(at_pause), Ordering::Relaxed);
-        self.stats.transferred_bytes.store(after, Ordering::Relaxed);
         let downtime_ms = paused_at.elapsed().as_millis() as u64;
         self.stats.downtime_ms.store(downtime_ms, Ordering::Relaxed);
-        // QEMU's final mbps: all bytes over the time after setup.
-        let stats = &self.stats;
-        let busy_ms = stats
-            .elapsed_ms()
-            .saturating_sub(stats.setup_time_ms.load(Ordering::Relaxed))
-            .max(1);
-        stats.mbps.store(
-            after as f64 * 8.0 / busy_ms as f64 / 1000.0,
-            Ordering::Relaxed,
-        );
-        self.stats.remaining_bytes.store(0, Ordering::Relaxed);
+        self.publish_final_totals(after);
         // The guest now runs on the destination; the source stays paused (postmigrate,
         // set by `run`).
         self.vm.set_throttle_percent(0);
@@ -646,6 +635,22 @@ impl Run {
         }
         self.emit(MigrationEvent::Status(to));
         Ok(was_running)
+    }
+
+    /// The totals of a finished migration: `after` bytes transferred, nothing left,
+    /// and QEMU's final mbps (all bytes over the time after setup).
+    pub(super) fn publish_final_totals(&self, after: u64) {
+        let stats = &self.stats;
+        stats.transferred_bytes.store(after, Ordering::Relaxed);
+        stats.remaining_bytes.store(0, Ordering::Relaxed);
+        let busy_ms = stats
+            .elapsed_ms()
+            .saturating_sub(stats.setup_time_ms.load(Ordering::Relaxed))
+            .max(1);
+        stats.mbps.store(
+            after as f64 * 8.0 / busy_ms as f64 / 1000.0,
+            Ordering::Relaxed,
+        );
     }
 
     /// Saves the device state and sends it with the run state (QEMU's global state: a
