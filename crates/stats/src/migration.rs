@@ -31,6 +31,12 @@ pub enum MigrationStatus {
     /// Postcopy: the guest runs on the destination, which fetches the pages it still
     /// lacks from the source.
     PostcopyActive = 8,
+    /// Postcopy with its connection broken: the guest runs on the destination, whose
+    /// vCPUs wait on the pages only the source holds, until `migrate-recover` and
+    /// `migrate` with `resume` continue it over a new connection.
+    PostcopyPaused = 9,
+    /// A paused postcopy migration reconnecting (QEMU's `postcopy-recover`).
+    PostcopyRecover = 10,
 }
 
 impl MigrationStatus {
@@ -44,8 +50,19 @@ impl MigrationStatus {
             6 => Self::Cancelling,
             7 => Self::Cancelled,
             8 => Self::PostcopyActive,
+            9 => Self::PostcopyPaused,
+            10 => Self::PostcopyRecover,
             _ => Self::None,
         }
+    }
+
+    /// True in postcopy-active, -paused and -recover: the guest runs on the
+    /// destination, and the source holds pages only it has.
+    pub fn is_postcopy(self) -> bool {
+        matches!(
+            self,
+            Self::PostcopyActive | Self::PostcopyPaused | Self::PostcopyRecover
+        )
     }
 
     /// True for completed, failed and cancelled.
@@ -65,6 +82,8 @@ impl MigrationStatus {
             Self::Cancelling => "cancelling",
             Self::Cancelled => "cancelled",
             Self::PostcopyActive => "postcopy-active",
+            Self::PostcopyPaused => "postcopy-paused",
+            Self::PostcopyRecover => "postcopy-recover",
         }
     }
 }
@@ -163,6 +182,8 @@ pub struct MigStats {
     /// Ferry: the prediction as it stood at the end of the first pass.
     first_pass_convergence: OnceLock<Prediction>,
     error: OnceLock<String>,
+    /// Why postcopy is paused (or why its last recovery failed); cleared on recovery.
+    pause_reason: std::sync::Mutex<Option<String>>,
 }
 
 impl Default for MigStats {
@@ -212,6 +233,7 @@ impl MigStats {
             convergence: AtomicU64::new(CONV_UNKNOWN),
             first_pass_convergence: OnceLock::new(),
             error: OnceLock::new(),
+            pause_reason: std::sync::Mutex::new(None),
         }
     }
 
@@ -277,6 +299,22 @@ impl MigStats {
     /// The failure reason, if any.
     pub fn error(&self) -> Option<&str> {
         self.error.get().map(String::as_str)
+    }
+
+    /// Sets (or with `None` clears) why postcopy is paused; `query-migrate`'s
+    /// error-desc while no failure reason is set.
+    pub fn set_pause_reason(&self, why: Option<String>) {
+        *self.pause_reason.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
+    /// The failure reason, else why postcopy is paused.
+    fn error_desc(&self) -> Option<String> {
+        self.error().map(str::to_owned).or_else(|| {
+            self.pause_reason
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        })
     }
 
     /// Stores the convergence prediction.
@@ -395,7 +433,7 @@ impl MigStats {
         if throttle > 0 {
             info.cpu_throttle_percentage = Some(throttle);
         }
-        info.error_desc = self.error().map(str::to_owned);
+        info.error_desc = self.error_desc();
         info.ferry = Some(FerryMigrationInfo {
             true_dirty_pages_rate: ld(&self.true_dirty_pages_rate),
             new_dirty_pages_rate: ld(&self.new_dirty_pages_rate),

@@ -81,6 +81,10 @@ pub enum Kind {
     /// Back-channel, postcopy: every page is in the receiver's memory; the sender may
     /// let its copy go.
     Done = 16,
+    /// Back-channel, first answer to a resumed postcopy stream ([`FEATURE_RESUME`]):
+    /// pages of one block the receiver still lacks, as runs (`Discard`'s layout).
+    /// `Ready` ends the list; page requests follow.
+    Missing = 17,
 }
 
 impl Kind {
@@ -102,6 +106,7 @@ impl Kind {
             14 => Kind::Switch,
             15 => Kind::PageRequest,
             16 => Kind::Done,
+            17 => Kind::Missing,
             other => return Err(Error::UnknownRecord(other)),
         })
     }
@@ -298,6 +303,9 @@ pub struct Features {
     /// connection is then the priority connection, which carries only the pages the
     /// receiver requested.
     pub postcopy: bool,
+    /// Whether the stream resumes a postcopy stream whose connections broke
+    /// ([`FEATURE_RESUME`]): it has only a postcopy part.
+    pub resume: bool,
 }
 
 /// Header feature bit: sparse-page records may follow.
@@ -309,8 +317,14 @@ pub const FEATURE_XXH3_PAGES: u8 = 2;
 /// Header feature bit: the stream may switch to postcopy (records `Discard`, `Switch`,
 /// `PageRequest` and `Done`), and its last connection is the priority connection.
 pub const FEATURE_POSTCOPY: u8 = 4;
+/// Header feature bit (with [`FEATURE_POSTCOPY`]): the stream continues a postcopy
+/// stream whose connections broke, named by the preamble's session id. It has no
+/// precopy part: the receiver answers with `Missing` records and `Ready`, then the
+/// postcopy part follows on every connection.
+pub const FEATURE_RESUME: u8 = 8;
 /// Every feature bit this build knows.
-const KNOWN_FEATURES: u8 = FEATURE_SPARSE_PAGES | FEATURE_XXH3_PAGES | FEATURE_POSTCOPY;
+const KNOWN_FEATURES: u8 =
+    FEATURE_SPARSE_PAGES | FEATURE_XXH3_PAGES | FEATURE_POSTCOPY | FEATURE_RESUME;
 /// Cap on runs in one `Discard` record.
 pub const MAX_DISCARD_RUNS: u32 = 65536;
 
@@ -353,6 +367,11 @@ impl StreamHeader {
                 )));
             }
         }
+        if self.features.resume && !self.features.postcopy {
+            return Err(Error::Malformed(
+                "a resumed stream that is not a postcopy stream".into(),
+            ));
+        }
         let c = self.features.channels;
         if c == 0 || c > MAX_CHANNELS || (self.features.postcopy && c < 2) {
             return Err(Error::Malformed(format!(
@@ -391,6 +410,9 @@ impl StreamHeader {
         }
         if self.features.postcopy {
             bits |= FEATURE_POSTCOPY;
+        }
+        if self.features.resume {
+            bits |= FEATURE_RESUME;
         }
         v.push(bits);
         v.extend_from_slice(&self.features.channels.to_le_bytes());
@@ -450,11 +472,63 @@ impl StreamHeader {
                     PageChecksum::Crc32c
                 },
                 postcopy: feature_bits & FEATURE_POSTCOPY != 0,
+                resume: feature_bits & FEATURE_RESUME != 0,
             },
         };
         h.validate()?;
         Ok(h)
     }
+}
+
+/// The body of a `Discard` or `Missing` record: `u32 block, u32 count, (u64 first,
+/// u64 pages)[count]`, for at most [`MAX_DISCARD_RUNS`] runs.
+pub(crate) fn encode_runs(block_idx: usize, runs: &[(u64, u64)]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(8 + 16 * runs.len());
+    body.extend_from_slice(&(block_idx as u32).to_le_bytes());
+    body.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    for &(first, n) in runs {
+        body.extend_from_slice(&first.to_le_bytes());
+        body.extend_from_slice(&n.to_le_bytes());
+    }
+    body
+}
+
+/// Decodes an [`encode_runs`] body against `header`: every run non-empty and inside
+/// its block, at least one and at most [`MAX_DISCARD_RUNS`].
+pub(crate) fn decode_runs(
+    header: &StreamHeader,
+    body: &[u8],
+    what: &str,
+) -> Result<(usize, Vec<(u64, u64)>)> {
+    if body.len() < 8 || !(body.len() - 8).is_multiple_of(16) {
+        return Err(Error::Malformed(format!(
+            "{what} record of {} bytes",
+            body.len()
+        )));
+    }
+    let block_idx = u32_at(body, 0) as usize;
+    let block_pages = header.block_pages(block_idx).ok_or(Error::OutOfBounds {
+        block_idx: block_idx as u64,
+        page_index: 0,
+    })?;
+    let count = u32_at(body, 4) as usize;
+    if count == 0 || count > MAX_DISCARD_RUNS as usize || count * 16 != body.len() - 8 {
+        return Err(Error::Malformed(format!("{what} of {count} runs")));
+    }
+    let runs = body[8..]
+        .chunks_exact(16)
+        .map(|c| {
+            let (first, n) = (u64_at(c, 0), u64_at(c, 8));
+            match first.checked_add(n) {
+                Some(end) if n > 0 && end <= block_pages => Ok((first, n)),
+                _ => Err(Error::OutOfBounds {
+                    block_idx: block_idx as u64,
+                    page_index: first,
+                }),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((block_idx, runs))
 }
 
 /// Reads a little-endian u32 at `at` (caller guarantees the bounds).
@@ -554,6 +628,7 @@ mod tests {
                 sparse_pages: true,
                 page_checksum: PageChecksum::Xxh3,
                 postcopy: false,
+                resume: false,
             },
         };
         for (sparse_pages, page_checksum, bits) in [

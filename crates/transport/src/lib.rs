@@ -47,7 +47,8 @@ pub use format::{
 pub use limiter::RateLimiter;
 pub use recv::{decode_bytes, AcceptOptions, Decoded, Event, Listener, PageRequester, Receiver};
 pub use send::{
-    decode_answers, AbortHandle, Ack, Answers, PageRequest, SendOptions, Sender, DEFAULT_TIMEOUT,
+    decode_answers, AbortHandle, Ack, Answers, BlockRuns, PageRequest, SendOptions, Sender,
+    DEFAULT_TIMEOUT,
 };
 pub use sink::{is_zero, PageSink, VecSink};
 pub use sparse::{PageClass, SparseBatch, MAX_SPARSE_WORDS};

@@ -329,6 +329,7 @@ fn accept_concurrently(raw: &RawListener, opts: &AcceptOptions) -> Result<Receiv
                             g.slots.into_iter().flatten().collect(),
                             header,
                             bytes,
+                            p.session_id,
                         );
                     }
                 }
@@ -474,7 +475,8 @@ fn accept_from(mut next: impl FnMut() -> Result<Conn>) -> Result<Receiver> {
     }
     let mut readers: Vec<RecordReader> = slots.into_iter().flatten().collect();
     let (header, bytes) = read_header(&mut readers[0])?;
-    make_receiver(readers, header, bytes)
+    let session_id = session.map_or(0, |(id, _)| id);
+    make_receiver(readers, header, bytes, session_id)
 }
 
 /// Reads and checks the stream header on the control connection; returns it and
@@ -504,6 +506,7 @@ fn make_receiver(
     readers: Vec<RecordReader>,
     header: StreamHeader,
     header_bytes: usize,
+    session_id: u64,
 ) -> Result<Receiver> {
     if usize::from(header.features.channels) != readers.len() {
         return Err(Error::Protocol(format!(
@@ -526,6 +529,7 @@ fn make_receiver(
         committed: false,
         switched: false,
         back_writer: None,
+        session_id,
     })
 }
 
@@ -544,6 +548,8 @@ pub struct Receiver {
     /// The control connection's writing half, shared with page requesters once the
     /// postcopy part began (every answer then goes through it).
     back_writer: Option<Arc<Mutex<Conn>>>,
+    /// The preamble's session id (see [`Receiver::session_id`]).
+    session_id: u64,
 }
 
 struct Shared<'a> {
@@ -626,6 +632,63 @@ impl Receiver {
         self.counters.clone()
     }
 
+    /// The session id every connection's preamble carried: a resumed stream
+    /// ([`Receiver::is_resumed`]) names the stream it continues with it.
+    pub fn session_id(&self) -> u64 {
+        self.session_id
+    }
+
+    /// Whether this stream resumes a postcopy stream whose connections broke: it has
+    /// no precopy part. Answer with [`Receiver::resume_postcopy`] (or refuse it).
+    pub fn is_resumed(&self) -> bool {
+        self.header.features.resume
+    }
+
+    /// Answers a resumed stream with the pages this side still lacks, `(block index,
+    /// runs of (first page, pages))`, and opens its postcopy part: then
+    /// [`Receiver::page_requester`], [`Receiver::receive_postcopy`] and
+    /// [`Receiver::send_done`] work as after a switch.
+    pub fn resume_postcopy(&mut self, missing: &[(usize, Vec<(u64, u64)>)]) -> Result<()> {
+        if !self.is_resumed() || self.received {
+            return Err(Error::Protocol(
+                "only a resumed stream is answered with the missing pages, once".into(),
+            ));
+        }
+        for (block_idx, runs) in missing {
+            let pages = self.header.block_pages(*block_idx).ok_or_else(|| {
+                Error::InvalidArgument(format!("block index {block_idx} not in the header"))
+            })?;
+            if runs
+                .iter()
+                .any(|&(first, n)| n == 0 || first.checked_add(n).is_none_or(|end| end > pages))
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "a missing run outside block {block_idx} ({pages} pages), or empty"
+                )));
+            }
+            for chunk in runs.chunks(MAX_DISCARD_RUNS as usize) {
+                let body = crate::format::encode_runs(*block_idx, chunk);
+                self.answer(Kind::Missing, &body)?;
+            }
+        }
+        self.answer(Kind::Ready, &[])?;
+        self.received = true;
+        self.ended_cleanly = true;
+        self.switched = true;
+        self.committed = true;
+        info!("postcopy: the resumed stream is answered; its postcopy part follows");
+        Ok(())
+    }
+
+    /// A handle that shuts every connection of this stream down from another thread
+    /// (QEMU's `migrate-pause` on the destination): its reads fail at once.
+    pub fn abort_handle(&self) -> crate::AbortHandle {
+        crate::AbortHandle {
+            closers: Arc::new(self.readers.iter().map(|r| r.conn.aborter()).collect()),
+            cancel: crate::Cancel::new(),
+        }
+    }
+
     /// Receives the whole stream: pages go into `sink`, device state and
     /// iteration ends go to `on_event` (on this thread). Returns `Ok` only after
     /// every channel delivered its end-of-stream record with matching checksums
@@ -636,6 +699,11 @@ impl Receiver {
         S: PageSink + ?Sized,
         F: FnMut(Event) -> Result<()>,
     {
+        if self.is_resumed() {
+            return Err(Error::Protocol(
+                "a resumed postcopy stream has no precopy part".into(),
+            ));
+        }
         if std::mem::replace(&mut self.received, true) {
             return Err(Error::Protocol("the stream was already received".into()));
         }
@@ -949,7 +1017,7 @@ fn run_channel<S: PageSink + ?Sized>(
             }
             Kind::Discard if idx == 0 && precopy && postcopy_stream => {
                 let body = read_checked(r, &h, "discard")?;
-                let (block_idx, runs) = parse_discard(sh, &body)?;
+                let (block_idx, runs) = crate::format::decode_runs(sh.header, &body, "discard")?;
                 sh.counters
                     .add(idx, (RECORD_HEADER_BYTES + body.len()) as u64, 0);
                 sh.discarded
@@ -984,36 +1052,6 @@ fn run_channel<S: PageSink + ?Sized>(
         }
         records += 1;
     }
-}
-
-/// A `Discard` body: `u32 block, u32 count, (u64 first, u64 pages)[count]`, every run
-/// non-empty and inside the block.
-fn parse_discard(sh: &Shared<'_>, body: &[u8]) -> Result<(usize, Vec<(u64, u64)>)> {
-    if body.len() < 8 || !(body.len() - 8).is_multiple_of(16) {
-        return Err(Error::Malformed(format!(
-            "discard record of {} bytes",
-            body.len()
-        )));
-    }
-    let (block_idx, block_pages) = block_of(sh, u32_at(body, 0))?;
-    let count = u32_at(body, 4) as usize;
-    if count == 0 || count > MAX_DISCARD_RUNS as usize || count * 16 != body.len() - 8 {
-        return Err(Error::Malformed(format!("discard of {count} runs")));
-    }
-    let runs = body[8..]
-        .chunks_exact(16)
-        .map(|c| {
-            let (first, n) = (u64_at(c, 0), u64_at(c, 8));
-            match first.checked_add(n) {
-                Some(end) if n > 0 && end <= block_pages => Ok((first, n)),
-                _ => Err(Error::OutOfBounds {
-                    block_idx: block_idx as u64,
-                    page_index: first,
-                }),
-            }
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok((block_idx, runs))
 }
 
 /// Reads a whole (small, capped) body and checks its CRC before anyone uses it.

@@ -31,6 +31,9 @@ use crate::limiter::RateLimiter;
 use crate::sparse::{SparseBatch, MAX_SPARSE_PAGE_BYTES};
 use crate::uri::Uri;
 
+/// Pages of a stream's blocks: `(block index, runs of (first page, pages))`.
+pub type BlockRuns = Vec<(usize, Vec<(u64, u64)>)>;
+
 /// How long a failed write waits for the receiver's refusal to arrive.
 const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -112,12 +115,13 @@ struct Channel {
     zout: Vec<u8>,
 }
 
-/// Stops a [`Sender`] from another thread: every connection is shut down, so a send
-/// blocked on a stalled peer returns an error at once.
+/// Stops a [`Sender`] (or a [`Receiver`](crate::Receiver)) from another thread: every
+/// connection is shut down, so a send or read blocked on a stalled peer returns an
+/// error at once.
 #[derive(Clone)]
 pub struct AbortHandle {
-    closers: Arc<Vec<crate::conn::Closer>>,
-    cancel: Cancel,
+    pub(crate) closers: Arc<Vec<crate::conn::Closer>>,
+    pub(crate) cancel: Cancel,
 }
 
 impl AbortHandle {
@@ -152,6 +156,8 @@ pub struct Sender {
     requests: Option<crossbeam_channel::Receiver<PageRequest>>,
     io_timeout: Duration,
     switchover_timeout: Duration,
+    /// In every connection's preamble; names the stream to resume it.
+    session_id: u64,
 }
 
 fn session_id() -> u64 {
@@ -193,6 +199,80 @@ impl Sender {
         opts: SendOptions,
         cancel: &Cancel,
     ) -> Result<Sender> {
+        Self::open(uri, page_size, blocks, opts, cancel, None)
+    }
+
+    /// Continues the postcopy stream `session_id` (see [`Sender::session_id`]) whose
+    /// connections broke, over new connections to `uri` (the receiver's recovery
+    /// address): opens them as [`Sender::connect_with`] does, with a header that says
+    /// so ([`FEATURE_RESUME`](crate::format::FEATURE_RESUME)), and waits up to the
+    /// switch-over timeout for the receiver's answer: the pages it still lacks, per
+    /// block, as `(block index, runs of (first page, pages))`. The sender is then in
+    /// the postcopy part: page requests arrive ([`Sender::page_requests`]), and every
+    /// missing page must be sent before [`Sender::finish_postcopy`].
+    ///
+    /// `opts.postcopy` must be set, and `page_size`, `blocks` and `opts.channels` must
+    /// be the first stream's: the receiver refuses anything else.
+    pub fn resume_postcopy(
+        uri: &Uri,
+        page_size: u32,
+        blocks: Vec<BlockInfo>,
+        opts: SendOptions,
+        cancel: &Cancel,
+        session_id: u64,
+    ) -> Result<(Sender, BlockRuns)> {
+        if !opts.postcopy {
+            return Err(Error::InvalidArgument(
+                "only a postcopy stream can be resumed".into(),
+            ));
+        }
+        let s = Self::open(uri, page_size, blocks, opts, cancel, Some(session_id))?;
+        let back = s
+            .back
+            .clone()
+            .ok_or_else(|| Error::InvalidArgument("a file stream cannot be resumed".into()))?;
+        let mut st = match s.wait_back(&back, |st| st.ready || st.done) {
+            Ok(st) => st,
+            Err(WaitEnd::Cancelled) => return Err(Error::Cancelled),
+            Err(WaitEnd::TimedOut) => {
+                return Err(Error::TimedOut(format!(
+                    "the destination did not answer the resume within {}",
+                    crate::fmt_duration(s.switchover_timeout)
+                )))
+            }
+        };
+        if !st.ready {
+            return Err(match st.answer.take() {
+                Some(Err(e)) => e,
+                _ => Error::Aborted("the destination closed the resumed stream".into()),
+            });
+        }
+        let missing = std::mem::take(&mut st.missing);
+        drop(st);
+        info!(
+            missing_pages = missing
+                .iter()
+                .flat_map(|(_, runs)| runs.iter().map(|r| r.1))
+                .sum::<u64>(),
+            "postcopy: the resumed stream is open"
+        );
+        Ok((s, missing))
+    }
+
+    /// The stream's session id, in every connection's preamble: what
+    /// [`Sender::resume_postcopy`] names to continue this stream.
+    pub fn session_id(&self) -> u64 {
+        self.session_id
+    }
+
+    fn open(
+        uri: &Uri,
+        page_size: u32,
+        blocks: Vec<BlockInfo>,
+        opts: SendOptions,
+        cancel: &Cancel,
+        resume: Option<u64>,
+    ) -> Result<Sender> {
         // The priority connection of a postcopy stream comes last.
         let total = opts.channels.saturating_add(u16::from(opts.postcopy));
         let header = StreamHeader {
@@ -204,6 +284,7 @@ impl Sender {
                 sparse_pages: opts.sparse_pages,
                 page_checksum: opts.page_checksum,
                 postcopy: opts.postcopy,
+                resume: resume.is_some(),
             },
         };
         header
@@ -216,7 +297,7 @@ impl Sender {
             ));
         }
         let counters = Arc::new(ByteCounters::new(total.into()));
-        let session_id = session_id();
+        let session_id = resume.unwrap_or_else(session_id);
         let mut channels = Vec::with_capacity(total.into());
         let timeouts = ConnTimeouts {
             connect: opts.connect_timeout,
@@ -268,7 +349,11 @@ impl Sender {
             (None, None)
         };
         let back = match lock(&channels[0]).conn.try_clone_reader()? {
-            Some(reader) => Some(BackChannel::start(reader, request_tx)?),
+            Some(reader) => Some(BackChannel::start(
+                reader,
+                request_tx,
+                resume.map(|_| header.clone()),
+            )?),
             None => None,
         };
         let s = Sender {
@@ -286,9 +371,16 @@ impl Sender {
             requests,
             io_timeout: opts.io_timeout,
             switchover_timeout: opts.switchover_timeout,
+            session_id,
         };
         let body = s.header.encode_body();
-        s.write_record(0, &mut lock(&s.channels[0]), Kind::Header, 0, &[&body], 0)?;
+        let mut control = lock(&s.channels[0]);
+        s.write_record(0, &mut control, Kind::Header, 0, &[&body], 0)?;
+        if resume.is_some() {
+            // A resumed stream is all postcopy part, which counts its records afresh.
+            control.records = 0;
+        }
+        drop(control);
         Ok(s)
     }
 
@@ -816,13 +908,7 @@ impl Sender {
         }
         let mut ch = lock(&self.channels[0]);
         for chunk in runs.chunks(MAX_DISCARD_RUNS as usize) {
-            let mut body = Vec::with_capacity(8 + 16 * chunk.len());
-            body.extend_from_slice(&(block_idx as u32).to_le_bytes());
-            body.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
-            for &(first, n) in chunk {
-                body.extend_from_slice(&first.to_le_bytes());
-                body.extend_from_slice(&n.to_le_bytes());
-            }
+            let body = crate::format::encode_runs(block_idx, chunk);
             self.write_record(0, &mut ch, Kind::Discard, 0, &[&body], 0)?;
         }
         Ok(())
@@ -1081,14 +1167,34 @@ struct BackState {
     answer: Option<Result<Ack>>,
     /// Whether the reader stopped (an answer came, or the connection failed).
     done: bool,
+    /// A resumed postcopy stream: the receiver first lists what it lacks (`Missing`*,
+    /// `Ready`), then the postcopy part's records follow.
+    resuming: bool,
+    /// What it listed, `(block, runs)`.
+    missing: BlockRuns,
 }
 
 impl BackState {
     /// Takes one record (or the error reading it); returns whether more may follow.
     /// Order: `Applied`*, `Ready`, then `Ack` or `Refuse` (a refusal at any time);
-    /// after a postcopy `Ack`, `PageRequest`* then `Done`.
+    /// after a postcopy `Ack`, `PageRequest`* then `Done`. A resumed stream starts
+    /// with `Missing`* and `Ready`, then `PageRequest`* and `Done`.
     fn apply(&mut self, rec: Result<Back>) -> bool {
         let answer = match rec {
+            Ok(Back::Missing(block, runs)) if self.resuming && !self.ready => {
+                self.missing.push((block, runs));
+                return true;
+            }
+            Ok(Back::Ready) if self.resuming && !self.ready => {
+                // The resumed stream is past its switch-over: requests may follow.
+                self.ready = true;
+                self.postcopy = true;
+                self.acked = Some(Ack { resumed: true });
+                return true;
+            }
+            Ok(Back::Missing(..)) => Err(Error::Protocol(
+                "a Missing record outside the start of a resumed stream".into(),
+            )),
             Ok(Back::Applied(n)) if !self.ready => {
                 self.applied = self.applied.max(Some(n));
                 return true;
@@ -1146,7 +1252,7 @@ pub struct Answers {
 pub fn decode_answers(stream: &[u8]) -> Answers {
     let mut r = RecordReader::new(Conn::Bytes(bytes::Bytes::copy_from_slice(stream)));
     let mut st = BackState::default();
-    while st.apply(read_back_record(&mut r)) {}
+    while st.apply(read_back_record(&mut r, None)) {}
     Answers {
         applied: st.applied,
         ready: st.ready,
@@ -1169,13 +1275,19 @@ impl BackChannel {
     }
 
     /// Starts the reader thread on a read-only handle of the control connection;
-    /// postcopy page requests go to `requests`.
+    /// postcopy page requests go to `requests`. `resumed`: the header of a resumed
+    /// stream, whose `Missing` records it checks.
     fn start(
         conn: Conn,
         requests: Option<crossbeam_channel::Sender<PageRequest>>,
+        resumed: Option<StreamHeader>,
     ) -> Result<Arc<BackChannel>> {
         let back = Arc::new(BackChannel::default());
-        back.lock().requests = requests;
+        {
+            let mut st = back.lock();
+            st.requests = requests;
+            st.resuming = resumed.is_some();
+        }
         let b = back.clone();
         // Its events belong to the migration that started it.
         let span = tracing::Span::current();
@@ -1185,7 +1297,7 @@ impl BackChannel {
                 let _entered = span.enter();
                 let mut r = RecordReader::new(conn);
                 loop {
-                    let rec = read_back_record(&mut r);
+                    let rec = read_back_record(&mut r, resumed.as_ref());
                     match &rec {
                         Err(Error::Refused(why)) => {
                             warn!(reason = %why, "the destination refused the stream");
@@ -1215,11 +1327,13 @@ enum Back {
     Answer(Ack),
     Request(PageRequest),
     Done,
+    Missing(usize, Vec<(u64, u64)>),
 }
 
 /// Reads one record of the back-channel: `Applied`, `Ready`, `Ack`, `PageRequest`,
-/// `Done`, or `Refuse` (an error).
-fn read_back_record(r: &mut RecordReader) -> Result<Back> {
+/// `Done`, `Missing` (checked against `header` when there is one), or `Refuse` (an
+/// error).
+fn read_back_record(r: &mut RecordReader, header: Option<&StreamHeader>) -> Result<Back> {
     let mut hb = [0u8; RECORD_HEADER_BYTES];
     r.read_exact(&mut hb, "acknowledgement")?;
     let h = RecordHeader::decode(&hb)?;
@@ -1228,6 +1342,7 @@ fn read_back_record(r: &mut RecordReader) -> Result<Back> {
         Kind::Applied => 8,
         Kind::Ready | Kind::Done => 0,
         Kind::PageRequest => 12,
+        Kind::Missing => 8 + 16 * MAX_DISCARD_RUNS,
         Kind::Refuse => MAX_MESSAGE_BYTES,
         other => {
             return Err(Error::Protocol(format!(
@@ -1259,6 +1374,13 @@ fn read_back_record(r: &mut RecordReader) -> Result<Back> {
             block_idx: u32_at(&body, 0) as usize,
             page_index: u64_at(&body, 4),
         })),
+        Kind::Missing => {
+            let header = header.ok_or_else(|| {
+                Error::Protocol("a Missing record on a stream that was not resumed".into())
+            })?;
+            let (block, runs) = crate::format::decode_runs(header, &body, "missing")?;
+            Ok(Back::Missing(block, runs))
+        }
         Kind::Ack | Kind::Applied | Kind::PageRequest => {
             Err(Error::Malformed(format!("{:?} body", h.kind)))
         }

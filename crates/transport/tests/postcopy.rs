@@ -198,3 +198,138 @@ fn a_postcopy_stream_needs_a_second_connection_and_no_file() {
         Err(Error::InvalidArgument(_))
     ));
 }
+
+/// A postcopy stream whose connections break after the switch continues over a new
+/// one: the resumed stream names the first by its session id, the receiver answers
+/// with the pages it still lacks, and those (one on request, the rest in the
+/// background) complete it.
+fn resume(kind: Kind, channels: u16) {
+    let (uri, listener) = endpoint(kind);
+    let (uri2, listener2) = endpoint(kind);
+    let (broken_tx, broken_rx) = crossbeam_channel::bounded::<()>(1);
+    let sender = std::thread::spawn(move || -> transport::Result<()> {
+        let s = Sender::connect(&uri, PAGE as u32, blocks(), postcopy_opts(channels))?;
+        let old: Vec<Vec<u8>> = (0..PAGES).map(|p| page_bytes(PAGE, 1, p)).collect();
+        let offsets: Vec<u64> = (0..PAGES).collect();
+        let refs: Vec<&[u8]> = old.iter().map(|p| p.as_slice()).collect();
+        s.send_pages(0, &offsets, &refs)?;
+        s.iteration_end(1)?;
+        s.send_discard(0, &[(8, 8)])?;
+        s.send_device_state("vcpus", b"cpu")?;
+        s.switch_to_postcopy()?;
+        let new: Vec<Vec<u8>> = (0..PAGES).map(|p| page_bytes(PAGE, 2, p)).collect();
+        // Page 9 lands; then the link breaks.
+        s.send_pages(0, &[9], &[&new[9]])?;
+        let session = s.session_id();
+        broken_rx.recv().unwrap();
+        s.abort_handle().abort();
+        drop(s);
+        let (s, missing) = Sender::resume_postcopy(
+            &uri2,
+            PAGE as u32,
+            blocks(),
+            postcopy_opts(channels),
+            &transport::Cancel::new(),
+            session,
+        )?;
+        assert_eq!(missing, vec![(0, vec![(8, 1), (10, 6)])]);
+        let req = s
+            .page_requests()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the request made before the break, asked again");
+        assert_eq!((req.block_idx, req.page_index), (0, 12));
+        s.send_requested_pages(0, &[12], &[&new[12]])?;
+        let rest: Vec<u64> = [8, 10, 11, 13, 14, 15].into();
+        let refs: Vec<&[u8]> = rest.iter().map(|&p| new[p as usize].as_slice()).collect();
+        s.send_pages(0, &rest, &refs)?;
+        s.finish_postcopy()
+    });
+    let mut rx = listener.accept().unwrap();
+    let sink = Recording {
+        inner: VecSink::for_header(rx.header()),
+        done: Mutex::new(Vec::new()),
+    };
+    rx.receive(&sink, |_| Ok(())).unwrap();
+    rx.await_commit().unwrap();
+    rx.send_ack(true).unwrap();
+    let session = rx.session_id();
+    sink.done.lock().unwrap().clear();
+    let first = std::thread::scope(|s| {
+        let h = s.spawn(|| rx.receive_postcopy(&sink));
+        // Wait for page 9 before the break.
+        while !sink.done.lock().unwrap().contains(&9) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        broken_tx.send(()).unwrap();
+        h.join().unwrap()
+    });
+    assert!(first.is_err(), "the broken stream fails: {first:?}");
+    let mut rx2 = listener2.accept().unwrap();
+    assert!(rx2.is_resumed());
+    assert_eq!(
+        rx2.session_id(),
+        session,
+        "the resumed stream names the first"
+    );
+    let other = VecSink::for_header(rx2.header());
+    assert!(
+        rx2.receive(&other, |_| Ok(())).is_err(),
+        "a resumed stream has no precopy part"
+    );
+    rx2.resume_postcopy(&[(0, vec![(8, 1), (10, 6)])]).unwrap();
+    rx2.page_requester().unwrap().request(0, 12).unwrap();
+    rx2.receive_postcopy(&sink).unwrap();
+    rx2.send_done().unwrap();
+    sender.join().unwrap().expect("sender");
+    let done: BTreeSet<u64> = sink.done.lock().unwrap().iter().copied().collect();
+    assert_eq!(done, (8..16).collect(), "each missing page once");
+    let mut sink = sink.inner;
+    for p in 0..PAGES {
+        let fill = if (8..16).contains(&p) { 2 } else { 1 };
+        assert_eq!(
+            &sink.block(0)[p as usize * PAGE..][..PAGE],
+            page_bytes(PAGE, fill, p).as_slice(),
+            "page {p}"
+        );
+    }
+}
+
+#[test]
+fn a_broken_postcopy_stream_resumes_over_tcp_unix_and_mem() {
+    resume(Kind::Tcp, 1);
+    resume(Kind::Tcp, 2);
+    resume(Kind::Unix, 1);
+    resume(Kind::Mem, 2);
+}
+
+#[test]
+fn only_a_postcopy_stream_resumes_and_a_missing_map_needs_a_resumed_stream() {
+    let (uri, _listener) = endpoint(Kind::Tcp);
+    let r = Sender::resume_postcopy(
+        &uri,
+        PAGE as u32,
+        blocks(),
+        opts(1, Compression::None),
+        &transport::Cancel::new(),
+        7,
+    );
+    assert!(matches!(r, Err(Error::InvalidArgument(_))), "{:?}", r.err());
+    // A `Missing` record on the back-channel of a stream that was not resumed.
+    let body = [
+        0u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let rh = transport::format::RecordHeader {
+        kind: transport::format::Kind::Missing,
+        flags: 0,
+        body_len: body.len() as u32,
+        body_crc: transport::checksum::crc32c(&body),
+    }
+    .encode();
+    let a = transport::decode_answers(&[&rh[..], &body].concat());
+    assert!(
+        matches!(&a.answer, Err(Error::Protocol(m)) if m.contains("not resumed")),
+        "{:?}",
+        a.answer
+    );
+}

@@ -353,6 +353,7 @@ fn header_record(channels: u16) -> Vec<u8> {
             sparse_pages: true,
             page_checksum: transport::PageChecksum::Xxh3,
             postcopy: false,
+            resume: false,
         },
     };
     let body = h.encode_body();
