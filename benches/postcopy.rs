@@ -73,13 +73,22 @@ impl Dest {
         (d, uri)
     }
 
+    /// The next line, past the postcopy progress lines (`postcopy-active`, ...).
     fn next(&mut self) -> Value {
-        let line = self
-            .lines
-            .next()
-            .expect("destination exited")
-            .expect("read");
-        serde_json::from_str(&line).expect("json line")
+        loop {
+            let line = self
+                .lines
+                .next()
+                .expect("destination exited")
+                .expect("read");
+            let v: Value = serde_json::from_str(&line).expect("json line");
+            if !v["event"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("postcopy-"))
+            {
+                return v;
+            }
+        }
     }
 }
 

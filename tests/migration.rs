@@ -32,8 +32,14 @@ struct Dest {
 
 impl Dest {
     fn spawn(cfg: &VmConfig, uri: &str) -> Dest {
+        Self::spawn_with(cfg, uri, &[])
+    }
+
+    /// With more `ferry receive` flags.
+    fn spawn_with(cfg: &VmConfig, uri: &str, extra: &[&str]) -> Dest {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
         cmd.args(["receive", "--verify", "--uri", uri])
+            .args(extra)
             .args(["--mem", &cfg.mem_bytes.to_string()])
             .args(["--vcpus", &cfg.vcpus.to_string()])
             .args(["--workload", &cfg.workload.to_string()])
@@ -54,13 +60,38 @@ impl Dest {
         d
     }
 
+    /// The next line, past the postcopy progress lines (`postcopy-active`, ...).
     fn next_event(&mut self) -> Value {
+        loop {
+            let v = self.next_line();
+            if !v["event"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("postcopy-"))
+            {
+                return v;
+            }
+        }
+    }
+
+    /// The next line, whatever it is.
+    fn next_line(&mut self) -> Value {
         let line = self
             .lines
             .next()
             .expect("destination exited")
             .expect("read");
         serde_json::from_str(&line).expect("json line")
+    }
+
+    /// The next line of `event`, skipping any other.
+    fn expect_event(&mut self, event: &str) -> Value {
+        loop {
+            let v = self.next_line();
+            if v["event"] == event {
+                return v;
+            }
+            assert_ne!(v["event"], "failed", "waiting for {event}: {v}");
+        }
     }
 
     fn kill(&mut self) {
@@ -846,8 +877,10 @@ fn slow_postcopy(guest: &Arc<GuestVm>, uri: &str) -> MigrationSource {
 }
 
 /// A destination that dies during postcopy takes the guest with it (the pages it had
-/// are gone, and the source's copy is older than what the guest wrote there): the
-/// source says so and stays paused, never running a second copy.
+/// are gone, and the source's copy is older than what the guest wrote there). The
+/// source cannot tell a dead destination from a cut link: it pauses, says both, keeps
+/// its copy paused, and never runs a second one; a resume to a dead address fails
+/// clearly and leaves it paused.
 #[test]
 fn a_destination_killed_during_postcopy_leaves_the_source_paused_and_saying_why() {
     let _g = guest_lock();
@@ -861,18 +894,53 @@ fn a_destination_killed_during_postcopy_leaves_the_source_paused_and_saying_why(
         MigrationStatus::PostcopyActive,
         "a cancel cannot take the guest back"
     );
-    dest.kill();
-    assert_eq!(source.wait(), MigrationStatus::Failed);
-    let info = source.query();
-    let why = info.error_desc.unwrap_or_default();
     assert!(
-        why.contains("postcopy") && why.contains("stays paused"),
+        source.resume("tcp:127.0.0.1:1").is_err(),
+        "nothing to resume while postcopy runs"
+    );
+    dest.kill();
+    poll_until(&source, "postcopy-paused", |i| {
+        i.status == MigrationStatus::PostcopyPaused
+    });
+    let why = source.query().error_desc.unwrap_or_default();
+    assert!(
+        why.contains("postcopy paused") && why.contains("lost there") && why.contains("resume"),
         "{why}"
     );
-    assert_eq!(source.run_control().state().name(), "postmigrate");
+    let state = source.run_control().state().name();
+    assert_eq!(
+        state, "finish-migrate",
+        "paused for good while postcopy lasts"
+    );
     let frozen = guest.vcpu_page_writes();
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(guest.vcpu_page_writes(), frozen, "no second running copy");
+    // Nobody listens there: the resume fails and the migration pauses again.
+    source.resume("tcp:127.0.0.1:1").unwrap();
+    poll_until(&source, "the failed resume", |i| {
+        i.status == MigrationStatus::PostcopyPaused
+            && i.error_desc
+                .as_deref()
+                .is_some_and(|e| e.contains("resuming on"))
+    });
+    assert_eq!(
+        guest.vcpu_page_writes(),
+        frozen,
+        "still no second running copy"
+    );
+    // Dropping the source ends the paused migration; the guest stays paused.
+    let run = source.run_control().clone();
+    let stats = source.stats();
+    drop(source);
+    assert_eq!(stats.status(), MigrationStatus::Failed);
+    assert!(
+        stats
+            .error()
+            .is_some_and(|e| e.contains("shut down while postcopy was paused")),
+        "{:?}",
+        stats.error()
+    );
+    assert_eq!(run.state().name(), "postmigrate");
 }
 
 #[test]
@@ -937,7 +1005,13 @@ impl Proxy {
                                 break;
                             }
                             let n = match from.read(&mut buf) {
-                                Ok(0) | Err(_) => break,
+                                // A clean end of one direction ends only that one (the
+                                // other may still carry the answer).
+                                Ok(0) => {
+                                    let _ = to.shutdown(Shutdown::Write);
+                                    return;
+                                }
+                                Err(_) => break,
                                 Ok(n) => n,
                             };
                             if count {
@@ -980,35 +1054,89 @@ impl Proxy {
     }
 }
 
-/// A link cut during postcopy (no recovery yet): the source stays paused with every
-/// page and says why; the destination fails saying how many pages only the source
-/// has. Neither side runs a second copy, and no side pretends the guest is whole.
+/// A link cut during postcopy pauses both sides: the source keeps every page and its
+/// guest paused, the destination's vCPUs wait on the pages it lacks, each side says
+/// why. A stranger at the recovery address is refused; the source's resume over a new
+/// link completes the migration with no page lost.
 #[test]
-fn a_link_cut_during_postcopy_fails_both_sides_and_the_source_keeps_its_pages() {
+fn a_link_cut_during_postcopy_pauses_both_sides_and_a_resume_completes_it() {
     let _g = guest_lock();
     let cfg = non_converging_config();
     let guest = boot(&cfg);
-    let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
+    let mut dest = Dest::spawn_with(&cfg, "tcp:127.0.0.1:0", &["--recover", "tcp:127.0.0.1:0"]);
     let proxy = Proxy::start(&dest.uri, 0, 0);
     let source = slow_postcopy(&guest, &proxy.uri);
+    assert_eq!(dest.next_line()["event"], "postcopy-active");
     proxy.cut.store(true, Ordering::Release);
-    poll_until(&source, "the end of the migration", |i| {
-        i.status.is_finished()
+    poll_until(&source, "postcopy-paused", |i| {
+        i.status == MigrationStatus::PostcopyPaused
     });
-    assert_eq!(source.wait(), MigrationStatus::Failed);
     let why = source.query().error_desc.unwrap_or_default();
-    assert!(why.contains("postcopy failed after the switch"), "{why}");
-    assert_eq!(source.run_control().state().name(), "postmigrate");
+    assert!(why.contains("postcopy paused after the switch"), "{why}");
     let frozen = guest.vcpu_page_writes();
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(guest.vcpu_page_writes(), frozen, "the source stays paused");
-    let l = dest.next_event();
-    assert_eq!(l["event"], "failed", "{l}");
-    let err = l["error"].as_str().unwrap_or_default();
+    let paused = dest.expect_event("postcopy-paused");
+    let err = paused["error"].as_str().unwrap_or_default();
     assert!(
-        err.contains("postcopy broke after the switch") && err.contains("exist only on the source"),
-        "{err}"
+        err.contains("postcopy paused after the switch")
+            && err.contains("exist only on the source"),
+        "{paused}"
     );
+    let recover_uri = paused["recover-uri"]
+        .as_str()
+        .expect("recovery address")
+        .to_string();
+    // A stranger (a new migration) at the recovery address is refused; the paused
+    // migration waits on.
+    let stranger = ferry::transport::Sender::connect(
+        &recover_uri.parse().unwrap(),
+        4096,
+        vec![ferry::transport::BlockInfo {
+            id: "pc.ram".into(),
+            size_bytes: cfg.mem_bytes,
+        }],
+        ferry::transport::SendOptions::default(),
+    )
+    .unwrap();
+    match stranger.finish() {
+        Err(ferry::transport::Error::Refused(why)) => {
+            assert!(why.contains("a postcopy migration is paused here"), "{why}")
+        }
+        other => panic!("a stranger must be refused: {other:?}"),
+    }
+    // A new link, and the source resumes over it.
+    let proxy2 = Proxy::start(&recover_uri, 0, 0);
+    source
+        .set_parameters(&ParametersUpdate {
+            max_postcopy_bandwidth: Some(0),
+            ..Default::default()
+        })
+        .unwrap();
+    source.resume(&proxy2.uri).unwrap();
+    assert_eq!(
+        dest.expect_event("postcopy-resumed")["event"],
+        "postcopy-resumed"
+    );
+    poll_until(&source, "the end of the migration", |i| {
+        i.status.is_finished()
+    });
+    assert_eq!(
+        source.wait(),
+        MigrationStatus::Completed,
+        "{:?}",
+        source.query()
+    );
+    assert_eq!(source.run_control().state().name(), "postmigrate");
+    let done = dest.next_event();
+    assert_eq!(done["event"], "completed", "{done}");
+    assert_eq!(
+        done["ram-digest"].as_u64(),
+        Some(ram_digest(&GuestRam::new(guest.clone()))),
+        "no page lost: every page the destination holds is the source's at the switch"
+    );
+    let running = dest.next_event();
+    assert_eq!(running["event"], "running", "{running}");
 }
 
 /// A second migration to a fresh destination succeeds after a failure or cancel.

@@ -180,6 +180,10 @@ pub struct MigrateArgs {
     /// (`postcopy-ram` with `x-ferry-postcopy-auto`).
     #[arg(long)]
     pub postcopy: bool,
+    /// Bandwidth cap after the switch to postcopy for the pages the destination did not
+    /// ask for, bytes/s (K/M/G suffix); 0 = unlimited.
+    #[arg(long, default_value = "0", value_parser = size)]
+    pub max_postcopy_bandwidth: u64,
     /// Compress page batches with zstd.
     #[arg(long)]
     pub zstd: bool,
@@ -204,6 +208,7 @@ impl MigrateArgs {
                 }),
                 x_ferry_sparse_pages: Some(!self.no_sparse_pages),
                 x_ferry_postcopy_auto: Some(self.postcopy),
+                max_postcopy_bandwidth: Some(self.max_postcopy_bandwidth),
                 ..Default::default()
             })
             .map_err(|e| e.to_string())?;

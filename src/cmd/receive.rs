@@ -1,7 +1,8 @@
 //! `ferry receive`: an empty guest waiting for a migration; resumes it when it arrives.
 //!
 //! Talks to a parent process in JSON lines on stdout: `listening` (with the real URI),
-//! then `completed` (with the RAM digest taken before resuming and what it cost, and
+//! in postcopy `postcopy-active`, `postcopy-paused` (with why, and the recovery
+//! address with `--recover`) and `postcopy-resumed`, then `completed` (with the RAM digest taken before resuming and what it cost, and
 //! after a postcopy migration its `x-ferry.postcopy` figures), then
 //! `running` once every vCPU has done two more rounds on this side. Any error, from
 //! the flags on, is a `failed` line (with `error`, the same text as on stderr).
@@ -10,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use ferry::migration_core::incoming;
+use ferry::migration_core::{incoming, Incoming};
+use ferry::stats::MigrationStatus;
 use ferry::GuestVm;
 use serde_json::json;
 
@@ -32,10 +34,63 @@ pub struct ReceiveArgs {
     /// Keep the guest running after it was seen running (until killed).
     #[arg(long)]
     pub stay: bool,
+    /// When a postcopy migration pauses (its stream broke), listen on URI for the
+    /// source to resume it (QMP's `migrate-recover`, done at once); the
+    /// `postcopy-paused` line carries the real address.
+    #[arg(long, value_name = "URI")]
+    pub recover: Option<String>,
 }
 
 fn say(v: serde_json::Value) {
     println!("{v}");
+}
+
+/// Says `postcopy-active` when the guest starts here with pages still on the source,
+/// `postcopy-paused` (with why) each time postcopy pauses, and with `recover` listens
+/// there for the source at once; `postcopy-resumed` when it resumed.
+fn watch_postcopy_pauses(inc: &Incoming, recover: Option<String>) {
+    let (stats, control) = (inc.stats().clone(), inc.control());
+    let watch = move || {
+        let mut seen = MigrationStatus::None;
+        while !seen.is_finished() {
+            let now = stats.wait_status_change(seen, Duration::from_secs(1));
+            if now == seen {
+                continue;
+            }
+            match now {
+                MigrationStatus::PostcopyPaused => {
+                    let error = stats.snapshot().error_desc;
+                    let recover_uri = recover.as_deref().map(|u| {
+                        control
+                            .recover(u)
+                            .map(|l| l.to_string())
+                            .map_err(|e| e.to_string())
+                    });
+                    say(json!({
+                        "event": "postcopy-paused",
+                        "error": error,
+                        "recover-uri": recover_uri.as_ref().and_then(|r| r.as_ref().ok()),
+                        "recover-error": recover_uri.as_ref().and_then(|r| r.as_ref().err()),
+                    }));
+                }
+                MigrationStatus::PostcopyActive
+                    if matches!(
+                        seen,
+                        MigrationStatus::PostcopyPaused | MigrationStatus::PostcopyRecover
+                    ) =>
+                {
+                    say(json!({"event": "postcopy-resumed"}));
+                }
+                MigrationStatus::PostcopyActive => say(json!({"event": "postcopy-active"})),
+                _ => {}
+            }
+            seen = now;
+        }
+    };
+    // Ends with the migration; a thread left behind at exit is of no harm.
+    let _ = std::thread::Builder::new()
+        .name("postcopy-watch".into())
+        .spawn(watch);
 }
 
 /// Runs `ferry receive`.
@@ -57,6 +112,7 @@ fn serve(args: &ReceiveArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.uri))?;
     say(json!({"event": "listening", "uri": inc.uri().to_string()}));
     let stats = inc.stats().clone();
+    watch_postcopy_pauses(&inc, args.recover.clone());
     let report = inc
         .wait()
         .map_err(|e| format!("incoming migration on {} failed: {e}", args.uri))?;

@@ -64,10 +64,113 @@ pub struct IncomingOptions {
 pub struct Incoming {
     stats: Arc<MigStats>,
     uri: Uri,
+    control: IncomingControl,
     thread: Option<JoinHandle<Result<IncomingReport>>>,
 }
 
+/// What the owner of a destination may do while it receives, from any thread: pause a
+/// postcopy migration, and recover a paused one on a new address (QEMU's
+/// `migrate-pause` and `migrate-recover`). Cheap to clone.
+#[derive(Clone)]
+pub struct IncomingControl {
+    stats: Arc<MigStats>,
+    recovery: Arc<Recovery>,
+}
+
+/// Shared by an [`IncomingControl`] and the incoming thread.
+struct Recovery {
+    /// Recovery listeners handed to the thread (at most one pending).
+    listeners: (
+        crossbeam_channel::Sender<Listener>,
+        crossbeam_channel::Receiver<Listener>,
+    ),
+    /// `migrate-recover` was asked and has not ended yet.
+    pending: std::sync::atomic::AtomicBool,
+    /// Shuts the current postcopy stream's connections down.
+    stream: std::sync::Mutex<Option<transport::AbortHandle>>,
+}
+
+impl Recovery {
+    fn new() -> Arc<Self> {
+        Arc::new(Recovery {
+            listeners: crossbeam_channel::bounded(1),
+            pending: std::sync::atomic::AtomicBool::new(false),
+            stream: std::sync::Mutex::new(None),
+        })
+    }
+
+    fn set_stream(&self, abort: Option<transport::AbortHandle>) {
+        *self.stream.lock().unwrap_or_else(|p| p.into_inner()) = abort;
+    }
+}
+
+impl IncomingControl {
+    /// QEMU's `migrate-recover`: listens on `uri` for the source's `migrate` with
+    /// `resume`, which continues a paused postcopy migration; returns the address to
+    /// give the source (the real port for `tcp:HOST:0`). Only in postcopy-paused; the
+    /// status stays there until the source connects.
+    pub fn recover(&self, uri: &str) -> Result<Uri> {
+        use std::sync::atomic::Ordering;
+        if self.stats.status() != MigrationStatus::PostcopyPaused {
+            return Err(Error::InvalidParameter(
+                "Migrate recover can only be run when postcopy is paused.".into(),
+            ));
+        }
+        if self.recovery.pending.swap(true, Ordering::AcqRel) {
+            return Err(Error::Busy("Migrate recovery is triggered already".into()));
+        }
+        let bound = (|| -> Result<(Listener, Uri)> {
+            let uri: Uri = uri
+                .parse()
+                .map_err(|e: transport::Error| Error::InvalidParameter(e.to_string()))?;
+            let listener = Listener::bind(&uri)?;
+            let local = listener.local_uri()?;
+            Ok((listener, local))
+        })();
+        match bound {
+            Ok((listener, local)) => {
+                info!(uri = %local, "postcopy: listening for the source to resume");
+                // The thread waits on the other end for as long as postcopy is paused.
+                let _ = self.recovery.listeners.0.try_send(listener);
+                Ok(local)
+            }
+            Err(e) => {
+                self.recovery.pending.store(false, Ordering::Release);
+                Err(e)
+            }
+        }
+    }
+
+    /// QEMU's `migrate-pause` on the destination: shuts the postcopy stream down, so
+    /// the migration pauses (and waits for `migrate-recover`).
+    pub fn pause(&self) -> Result<()> {
+        let s = self.stats.status();
+        let stream = self
+            .recovery
+            .stream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match (&*stream, s) {
+            (Some(abort), MigrationStatus::PostcopyActive | MigrationStatus::PostcopyRecover) => {
+                info!("postcopy: paused by the user");
+                abort.abort();
+                Ok(())
+            }
+            _ => Err(Error::InvalidParameter(
+                "migrate-pause is currently only supported during postcopy-active or \
+                 postcopy-recover state"
+                    .into(),
+            )),
+        }
+    }
+}
+
 impl Incoming {
+    /// Pause and recovery of this destination, from any thread.
+    pub fn control(&self) -> IncomingControl {
+        self.control.clone()
+    }
+
     /// The URI the source should use (the real port for `tcp:HOST:0`).
     pub fn uri(&self) -> &Uri {
         &self.uri
@@ -188,6 +291,11 @@ pub fn incoming_with(
     let stats = Arc::new(MigStats::new());
     stats.set_status(MigrationStatus::Setup);
     let st = stats.clone();
+    let recovery = Recovery::new();
+    let control = IncomingControl {
+        stats: stats.clone(),
+        recovery: recovery.clone(),
+    };
     let thread = std::thread::Builder::new()
         .name("mig/dst".into())
         .spawn(move || {
@@ -195,8 +303,10 @@ pub fn incoming_with(
             // A panic (the engine's, or the VMM's `load_device_state`) ends this side
             // `failed` like any error: the connection drops, so a source that had not
             // committed resumes its guest; this side never started one.
-            let r = catch_unwind(AssertUnwindSafe(|| receive(vm, &run, listener, &st, &opts)))
-                .unwrap_or_else(|p| Err(Error::panicked("the incoming thread", &*p)));
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                receive(vm, &run, listener, &st, &opts, &recovery)
+            }))
+            .unwrap_or_else(|p| Err(Error::panicked("the incoming thread", &*p)));
             st.total_time_ms
                 .store(st.elapsed_ms(), std::sync::atomic::Ordering::Relaxed);
             match &r {
@@ -222,6 +332,7 @@ pub fn incoming_with(
     Ok(Incoming {
         stats,
         uri: local,
+        control,
         thread: Some(thread),
     })
 }
@@ -232,6 +343,7 @@ fn receive(
     listener: Listener,
     stats: &MigStats,
     opts: &IncomingOptions,
+    recovery: &Recovery,
 ) -> Result<IncomingReport> {
     let mut rx = listener.accept_with(&opts.accept)?;
     let start = Instant::now();
@@ -244,7 +356,16 @@ fn receive(
         ram_bytes = header.blocks.iter().map(|b| b.size_bytes).sum::<u64>(),
         "incoming stream accepted"
     );
-    if let Err(e) = check_blocks(&ram, &header) {
+    let checked = check_blocks(&ram, &header).and_then(|()| {
+        if rx.is_resumed() {
+            Err(Error::Incompatible(
+                "a resumed postcopy stream, but no postcopy migration is paused here".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = checked {
         refuse(&mut rx, &e);
         return Err(e);
     }
@@ -296,7 +417,7 @@ fn receive(
             discards,
             start,
         };
-        return postcopy::receive(&vm, run, rx, stats, opts, switch, report);
+        return postcopy::receive(&vm, run, rx, stats, opts, switch, report, recovery);
     }
     let result = (|| -> Result<()> {
         load_and_offer(&vm, &mut rx, device_state, source_was_running, &mut report)?;

@@ -84,7 +84,7 @@ pub mod testing;
 mod tracing_tests;
 
 pub use destination::{
-    incoming, incoming_with, ram_digest, Incoming, IncomingOptions, IncomingReport,
+    incoming, incoming_with, ram_digest, Incoming, IncomingControl, IncomingOptions, IncomingReport,
 };
 pub use dirtyrate::{
     wilson_interval, DirtyRateArgs, DirtyRateJob, SamplePlan, SamplingResult, DEFAULT_SAMPLE_PAGES,

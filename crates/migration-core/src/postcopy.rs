@@ -188,6 +188,28 @@ impl PostcopyRam {
         self.received.get(block).is_some_and(|r| r.is_set(page))
     }
 
+    /// The pages asked of the source and not landed yet, `(block, page)`: after a
+    /// broken connection, what must be asked again on the new one.
+    pub fn outstanding(&self) -> Vec<(usize, u64)> {
+        self.requested
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// The pages not present yet, as `(block, runs of (first page, pages))` for the
+    /// blocks that lack any: what a resumed stream must bring.
+    pub fn missing_runs(&self) -> transport::BlockRuns {
+        self.missing
+            .iter()
+            .enumerate()
+            .map(|(b, m)| (b, crate::guest::page_runs(m.iter_set())))
+            .filter(|(_, runs)| !runs.is_empty())
+            .collect()
+    }
+
     /// Pages not present yet, all blocks.
     pub fn missing_pages(&self) -> u64 {
         self.counters.missing_pages.load(Ordering::Relaxed)

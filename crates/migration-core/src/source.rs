@@ -71,7 +71,23 @@ struct Shared {
     abort: Mutex<Option<transport::AbortHandle>>,
     /// `migrate-start-postcopy` asked the running migration to switch to postcopy.
     start_postcopy: AtomicBool,
+    /// What a paused postcopy migration waits for (`migrate` with `resume`).
+    resume: (
+        crossbeam_channel::Sender<ResumeCmd>,
+        crossbeam_channel::Receiver<ResumeCmd>,
+    ),
+    /// `migrate-pause` broke the postcopy stream (the pause's reason says so).
+    pause_requested: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A message to a paused postcopy migration.
+enum ResumeCmd {
+    /// Continue over a new connection to this address (the destination's
+    /// `migrate-recover`).
+    Resume(Uri),
+    /// The source is going away: stop waiting (the guest stays paused).
+    Shutdown,
 }
 
 /// The source side of migrations of one VM (QEMU's MigrationState): parameters,
@@ -115,6 +131,8 @@ impl MigrationSource {
                 cancel_token: Mutex::new(transport::Cancel::new()),
                 abort: Mutex::new(None),
                 start_postcopy: AtomicBool::new(false),
+                resume: crossbeam_channel::unbounded(),
+                pause_requested: AtomicBool::new(false),
                 thread: Mutex::new(None),
             }),
         }
@@ -219,6 +237,8 @@ impl MigrationSource {
         let cancel = Arc::new(AtomicBool::new(false));
         *lock(&self.shared.cancel) = cancel.clone();
         self.shared.start_postcopy.store(false, Ordering::Release);
+        self.shared.pause_requested.store(false, Ordering::Release);
+        while self.shared.resume.1.try_recv().is_ok() {}
         let run = Run {
             ram: GuestRam::new(self.vm.clone()),
             space: self.vm.address_space().clone(),
@@ -274,6 +294,52 @@ impl MigrationSource {
         Ok(())
     }
 
+    /// QEMU's `migrate` with `resume`: continues a paused postcopy migration over a
+    /// new connection to `uri`, where the destination listens after its
+    /// `migrate-recover`. Returns once the migration thread has the address; the
+    /// status is postcopy-recover until the destination answers, then postcopy-active
+    /// (or postcopy-paused again, with the reason in error-desc).
+    pub fn resume(&self, uri: &str) -> Result<()> {
+        let uri: Uri = uri
+            .parse()
+            .map_err(|e: transport::Error| Error::InvalidParameter(e.to_string()))?;
+        let stats = self.stats();
+        if !stats.transition(
+            MigrationStatus::PostcopyPaused,
+            MigrationStatus::PostcopyRecover,
+        ) {
+            return Err(Error::InvalidParameter(
+                "Cannot resume if there is no paused migration".into(),
+            ));
+        }
+        self.run
+            .emit(MigrationEvent::Status(MigrationStatus::PostcopyRecover));
+        info!(uri = %uri, "postcopy: resume requested");
+        let _ = self.shared.resume.0.send(ResumeCmd::Resume(uri));
+        Ok(())
+    }
+
+    /// QEMU's `migrate-pause` on the source: breaks the postcopy stream on purpose
+    /// (postcopy-paused on both sides, every page kept), e.g. to move it to another
+    /// network. Only in postcopy-active or postcopy-recover.
+    pub fn pause(&self) -> Result<()> {
+        let status = self.stats().status();
+        let abort = lock(&self.shared.abort);
+        match (&*abort, status) {
+            (Some(a), MigrationStatus::PostcopyActive | MigrationStatus::PostcopyRecover) => {
+                info!("postcopy: paused by the user");
+                self.shared.pause_requested.store(true, Ordering::Release);
+                a.abort();
+                Ok(())
+            }
+            _ => Err(Error::InvalidParameter(
+                "migrate-pause is currently only supported during postcopy-active or \
+                 postcopy-recover state"
+                    .into(),
+            )),
+        }
+    }
+
     /// Asks the running migration to stop; the guest keeps running on the source.
     /// Ignored in postcopy: the guest runs on the destination then, and needs the
     /// pages only this source holds (QEMU's `migrate_cancel` refuses it too).
@@ -287,7 +353,7 @@ impl MigrationSource {
         ]
         .into_iter()
         .any(|from| stats.transition(from, MigrationStatus::Cancelling));
-        if !cancelling && stats.status() == MigrationStatus::PostcopyActive {
+        if !cancelling && stats.status().is_postcopy() {
             warn!("a postcopy migration cannot be cancelled: the guest runs on the destination");
             return;
         }
@@ -314,6 +380,8 @@ impl Drop for MigrationSource {
         if self.is_active() {
             self.cancel();
         }
+        // A paused postcopy migration waits for a resume that can no longer come.
+        let _ = self.shared.resume.0.send(ResumeCmd::Shutdown);
         let _ = self.wait();
     }
 }
@@ -385,6 +453,8 @@ struct Loop {
     sender_counters: Arc<transport::ByteCounters>,
     channels: usize,
     applied_max_bandwidth: u64,
+    /// The stream's session id: a paused postcopy stream resumes under it.
+    session_id: u64,
 }
 
 impl Run {

@@ -115,6 +115,8 @@ pub const MIGRATION_STATUS: Ty = Ty::Enum(
         "failed",
         "device",
         "postcopy-active",
+        "postcopy-paused",
+        "postcopy-recover",
     ],
 );
 
@@ -343,6 +345,8 @@ mod tests {
             S::Cancelling,
             S::Cancelled,
             S::PostcopyActive,
+            S::PostcopyPaused,
+            S::PostcopyRecover,
         ];
         // Exhaustive: a status added to stats fails to compile here until listed.
         for s in every {
@@ -355,7 +359,9 @@ mod tests {
                 | S::Failed
                 | S::Cancelling
                 | S::Cancelled
-                | S::PostcopyActive => {}
+                | S::PostcopyActive
+                | S::PostcopyPaused
+                | S::PostcopyRecover => {}
             }
         }
         let Ty::Enum(_, values) = MIGRATION_STATUS else {

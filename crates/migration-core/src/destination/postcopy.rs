@@ -12,12 +12,48 @@ use uffd::Filled;
 use super::*;
 use crate::postcopy::{PageSource, PostcopyRam};
 
-/// Page requests go to the source over the stream's back-channel.
-struct Requests(transport::PageRequester);
+/// Page requests go to the source over the current stream's back-channel. While the
+/// stream is broken there is none: a request then stays in the fault threads' set of
+/// outstanding requests ([`PostcopyRam::outstanding`]), asked again on the stream
+/// that resumes the migration, and the vCPUs that wait on it keep waiting.
+#[derive(Default)]
+struct Requests(std::sync::Mutex<Option<transport::PageRequester>>);
+
+impl Requests {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<transport::PageRequester>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends requests on `requester` from now on, first every one outstanding. A
+    /// fault that asks meanwhile is asked once more at worst (the page lands once).
+    fn attach(&self, requester: transport::PageRequester, ram: &PostcopyRam) {
+        *self.lock() = Some(requester);
+        let again = ram.outstanding();
+        debug!(
+            requests = again.len(),
+            "postcopy: asking again for the outstanding pages"
+        );
+        for (block, page) in again {
+            let _ = self.request(block, page);
+        }
+    }
+
+    fn detach(&self) {
+        *self.lock() = None;
+    }
+}
 
 impl PageSource for Requests {
     fn request(&self, block: usize, page: u64) -> std::result::Result<(), String> {
-        self.0.request(block, page).map_err(|e| e.to_string())
+        let mut current = self.lock();
+        if let Some(r) = current.as_ref() {
+            if let Err(e) = r.request(block, page) {
+                // The receive loop sees the same break and pauses.
+                debug!(error = %e, "postcopy: a page request could not be sent; it is asked again after recovery");
+                *current = None;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -133,7 +169,9 @@ fn digest_present(ram: &GuestRam, pc: &PostcopyRam) -> Option<u64> {
 }
 
 /// The switch to postcopy and the postcopy phase, after `receive` returned with the
-/// stream switched.
+/// stream switched. A stream that breaks after the commit pauses the migration until
+/// the source resumes it on an address `migrate-recover` gave ([`wait_for_resume`]).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn receive(
     vm: &Arc<dyn MigratableVm>,
     run: &RunControl,
@@ -142,6 +180,7 @@ pub(super) fn receive(
     opts: &IncomingOptions,
     switch: Switch,
     mut report: IncomingReport,
+    recovery: &Recovery,
 ) -> Result<IncomingReport> {
     let ram = GuestRam::new(vm.clone());
     let prepared = (|| -> Result<Arc<PostcopyRam>> {
@@ -203,7 +242,9 @@ pub(super) fn receive(
         None
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let faults = pc.serve_faults(Arc::new(Requests(rx.page_requester()?)), stop.clone())?;
+    let requests = Arc::new(Requests::default());
+    requests.attach(rx.page_requester()?, &pc);
+    let faults = pc.serve_faults(requests.clone(), stop.clone())?;
     let staging = || {
         ram.blocks()
             .iter()
@@ -220,19 +261,34 @@ pub(super) fn receive(
     };
     report.resumed = run.finish_incoming(switch.source_was_running)?;
     info!(resumed = report.resumed, "postcopy: the guest runs here");
-    // Once the guest runs here, a lost source is a lost guest: say what is missing.
-    let lost = |why: String| {
-        Error::Guest(format!(
-            "postcopy broke after the switch ({why}): {} pages of the guest exist only on \
-             the source, and vCPUs that touch them wait for them",
-            pc.missing_pages()
-        ))
-    };
-    let received = match rx.receive_postcopy(&sink) {
-        Err(e) => Err(lost(e.to_string())),
-        Ok(()) if pc.missing_pages() > 0 => Err(lost("the source ended the stream".into())),
-        Ok(()) => Ok(()),
-    };
+    // Bytes of the streams that broke, before the one that completes.
+    let mut earlier_bytes = 0;
+    let first_header = rx.header().clone();
+    let session_id = rx.session_id();
+    loop {
+        recovery.set_stream(Some(rx.abort_handle()));
+        let r = rx.receive_postcopy(&sink);
+        recovery.set_stream(None);
+        let why = match r {
+            Ok(()) if pc.missing_pages() == 0 => break,
+            Ok(()) => "the source ended the stream".to_string(),
+            Err(e) => e.to_string(),
+        };
+        // Once the guest runs here, a lost source is a lost guest: pause, say what is
+        // missing, and wait for the source to come back.
+        requests.detach();
+        earlier_bytes += rx.counters().total_bytes();
+        rx = wait_for_resume(
+            recovery,
+            stats,
+            &pc,
+            &requests,
+            &first_header,
+            session_id,
+            &why,
+            opts,
+        );
+    }
     stop.store(true, Ordering::Release);
     let mut fault_error = None;
     for h in faults {
@@ -246,7 +302,6 @@ pub(super) fn receive(
     stats
         .postcopy_requests
         .store(c.requests.load(Ordering::Relaxed), Ordering::Relaxed);
-    received?;
     if let Some(e) = fault_error {
         return Err(e);
     }
@@ -267,7 +322,7 @@ pub(super) fn receive(
     report.ram_digest = present_digest
         .zip(sink.digest.as_ref())
         .map(|(p, d)| p.wrapping_add(d.load(Ordering::Relaxed)));
-    report.received_bytes = rx.counters().total_bytes();
+    report.received_bytes = earlier_bytes + rx.counters().total_bytes();
     stats.postcopy_bytes.store(
         report.received_bytes.saturating_sub(switched_bytes),
         Ordering::Relaxed,
@@ -277,4 +332,106 @@ pub(super) fn receive(
         .store(report.received_bytes, Ordering::Relaxed);
     report.total_ms = switch.start.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// Pauses a postcopy migration whose stream broke (`why`) until the source resumes it:
+/// `postcopy-paused` (the vCPUs that touch a missing page wait in the kernel, the others
+/// run), then for each address `migrate-recover` gives, accepts streams until one
+/// resumes this migration (`postcopy-recover`), answers it with the pages still
+/// missing, asks again for every outstanding request, and returns it
+/// (`postcopy-active`). Waits for as long as it takes: the pages missing here exist
+/// only on the source, and giving up would not bring them back.
+#[allow(clippy::too_many_arguments)]
+fn wait_for_resume(
+    recovery: &Recovery,
+    stats: &MigStats,
+    pc: &PostcopyRam,
+    requests: &Requests,
+    first: &transport::StreamHeader,
+    session_id: u64,
+    why: &str,
+    opts: &IncomingOptions,
+) -> transport::Receiver {
+    let paused = |note: &str| {
+        stats.set_pause_reason(Some(format!(
+            "postcopy paused after the switch ({note}): {} pages of the guest exist only \
+             on the source, and vCPUs that touch them wait; migrate-recover here and \
+             migrate with resume on the source continue it",
+            pc.missing_pages()
+        )));
+        stats.set_status(MigrationStatus::PostcopyPaused);
+    };
+    warn!(
+        reason = why,
+        missing_pages = pc.missing_pages(),
+        "postcopy paused: the stream from the source broke"
+    );
+    paused(why);
+    loop {
+        // The only sender is in `recovery` itself, so this never disconnects.
+        let Ok(listener) = recovery.listeners.1.recv() else {
+            continue;
+        };
+        let local = listener
+            .local_uri()
+            .map_or_else(|_| "?".to_string(), |u| u.to_string());
+        loop {
+            let mut rx = match listener.accept_with(&opts.accept) {
+                Ok(rx) => rx,
+                Err(e) => {
+                    warn!(error = %e, uri = %local, "postcopy: the recovery listener failed");
+                    paused(&format!("recovery on {local} failed: {e}"));
+                    break;
+                }
+            };
+            let h = rx.header();
+            let refusal = if !rx.is_resumed() {
+                Some("a new migration, but a postcopy migration is paused here".to_string())
+            } else if rx.session_id() != session_id {
+                Some(format!(
+                    "the stream resumes migration {:016x}; the one paused here is {session_id:016x}",
+                    rx.session_id()
+                ))
+            } else if h.page_size != first.page_size
+                || h.blocks != first.blocks
+                || h.features.channels != first.features.channels
+            {
+                Some("the resumed stream's RAM blocks or connections differ".to_string())
+            } else {
+                None
+            };
+            if let Some(why) = refusal {
+                let e = Error::Incompatible(why);
+                refuse(&mut rx, &e);
+                continue;
+            }
+            stats.set_status(MigrationStatus::PostcopyRecover);
+            info!(uri = %local, "postcopy: the source reconnected");
+            let answered = rx
+                .resume_postcopy(&pc.missing_runs())
+                .and_then(|()| rx.page_requester());
+            match answered {
+                Ok(requester) => {
+                    requests.attach(requester, pc);
+                    recovery
+                        .pending
+                        .store(false, std::sync::atomic::Ordering::Release);
+                    stats.set_pause_reason(None);
+                    stats.set_status(MigrationStatus::PostcopyActive);
+                    info!(
+                        missing_pages = pc.missing_pages(),
+                        "postcopy: resumed over a new connection"
+                    );
+                    return rx;
+                }
+                Err(e) => {
+                    warn!(error = %e, "postcopy: the resumed stream broke at once");
+                    paused(&format!("the resumed stream broke: {e}"));
+                }
+            }
+        }
+        recovery
+            .pending
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
 }

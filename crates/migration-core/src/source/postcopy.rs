@@ -89,12 +89,33 @@ impl Run {
         let cap = self.live.max_postcopy_bandwidth.load(Ordering::Relaxed);
         sender.set_max_bandwidth(cap);
         lp.applied_max_bandwidth = cap;
-        self.postcopy_send(&sender, lp, switched_bytes)?;
-        sender.finish_postcopy()?;
-        let after = counters.total_bytes();
-        self.stats
-            .postcopy_bytes
-            .store(after - switched_bytes, Ordering::Relaxed);
+        // Bytes of the streams that broke, and where the current one's postcopy part
+        // starts (the first stream's at the switch; a resumed one's at 0).
+        let (mut earlier_bytes, mut postcopy_before, mut stream_start) = (0, 0, switched_bytes);
+        let mut sender = sender;
+        loop {
+            let counters = sender.counters();
+            let sent = self
+                .postcopy_send(&sender, lp, postcopy_before, stream_start)
+                .and_then(|()| Ok(sender.finish_postcopy()?));
+            let stream_bytes = counters.total_bytes();
+            postcopy_before += stream_bytes - stream_start;
+            self.stats
+                .postcopy_bytes
+                .store(postcopy_before, Ordering::Relaxed);
+            match sent {
+                Ok(()) => {
+                    earlier_bytes += stream_bytes;
+                    break;
+                }
+                Err(e) => {
+                    earlier_bytes += stream_bytes;
+                    sender = self.wait_for_resume(&e, lp)?;
+                    stream_start = 0;
+                }
+            }
+        }
+        let after = earlier_bytes;
         self.publish_final_totals(after);
         let stats = &self.stats;
         self.vm.set_throttle_percent(0);
@@ -114,7 +135,16 @@ impl Run {
     /// requests on the priority connection. The background sends a page once (whoever
     /// clears its bit sends it); a requested page goes out on the priority connection
     /// even when a background batch has it on its way.
-    fn postcopy_send(&self, sender: &Sender, lp: &mut Loop, switched_bytes: u64) -> Result<()> {
+    ///
+    /// `postcopy_bytes` counts `postcopy_before` (sent on streams that broke) plus what
+    /// this sender wrote past `stream_start`.
+    fn postcopy_send(
+        &self,
+        sender: &Sender,
+        lp: &mut Loop,
+        postcopy_before: u64,
+        stream_start: u64,
+    ) -> Result<()> {
         let requests = sender
             .page_requests()
             .ok_or_else(|| Error::Guest("the stream was not opened for postcopy".into()))?
@@ -129,7 +159,7 @@ impl Run {
             let background = self.send_pass(sender, lp);
             self.stats.remaining_bytes.store(0, Ordering::Relaxed);
             self.stats.postcopy_bytes.store(
-                sender.counters().total_bytes() - switched_bytes,
+                postcopy_before + sender.counters().total_bytes() - stream_start,
                 Ordering::Relaxed,
             );
             stop.store(true, Ordering::Release);
@@ -138,6 +168,94 @@ impl Run {
                 .unwrap_or_else(|p| Err(Error::panicked("the postcopy request server", &*p)));
             background.and(served)
         })
+    }
+
+    /// Pauses a postcopy migration whose stream broke (`why`): `postcopy-paused`, every
+    /// page kept, until `migrate` with `resume` names the destination's recovery
+    /// address. Then opens the resumed stream there and returns it, the bitmap set to
+    /// exactly the pages the destination still lacks (`postcopy-active`). A resume
+    /// that fails pauses again, saying why. Waits for as long as it takes: the
+    /// destination runs the guest and needs pages only this side holds. Ends with an
+    /// error only when the source itself goes away.
+    fn wait_for_resume(&self, why: &Error, lp: &mut Loop) -> Result<Sender> {
+        let by_user = self.shared.pause_requested.swap(false, Ordering::AcqRel);
+        let reason = if by_user {
+            "Postcopy migration is paused by the user".to_string()
+        } else {
+            self.explain(why)
+        };
+        let paused = |note: &str| {
+            self.stats.set_pause_reason(Some(format!(
+                "postcopy paused after the switch: {note}; the guest runs on the destination, \
+                 which lacks {} pages only this source holds (kept, guest paused here); if \
+                 the destination process is gone the guest is lost there, else \
+                 migrate-recover there and migrate with resume here continue it",
+                lp.bitmap.count()
+            )));
+            self.set_status(MigrationStatus::PostcopyPaused);
+        };
+        lock(&self.shared.abort).take();
+        warn!(reason = %reason, "postcopy paused: the stream to the destination broke");
+        paused(&reason);
+        let (blocks, opts) = self.stream_shape();
+        loop {
+            let uri = match self.shared.resume.1.recv() {
+                Ok(ResumeCmd::Resume(uri)) => uri,
+                Ok(ResumeCmd::Shutdown) | Err(_) => {
+                    return Err(Error::Guest(format!(
+                        "the source shut down while postcopy was paused ({reason})"
+                    )))
+                }
+            };
+            // `resume` moved the status to postcopy-recover already.
+            info!(uri = %uri, "postcopy: resuming over a new connection");
+            let token = transport::Cancel::new();
+            let session_id = lp.session_id;
+            match Sender::resume_postcopy(
+                &uri,
+                PAGE_SIZE as u32,
+                blocks.clone(),
+                opts,
+                &token,
+                session_id,
+            ) {
+                Ok((sender, missing)) => {
+                    // The destination's list is the truth: whatever was in flight when
+                    // the stream broke and did not land is in it.
+                    lp.bitmap.clear_all();
+                    let space_blocks = self.space.blocks();
+                    let mut pages = 0;
+                    for (b, runs) in &missing {
+                        // The transport checked every run against the header's blocks,
+                        // which are these.
+                        let Some(first_page) = space_blocks.get(*b).map(|b| b.first_page) else {
+                            continue;
+                        };
+                        for &(first, n) in runs {
+                            for p in first..first + n {
+                                lp.bitmap.set(first_page + p);
+                            }
+                            pages += n;
+                        }
+                    }
+                    self.stats
+                        .remaining_bytes
+                        .store(pages * PAGE_SIZE, Ordering::Relaxed);
+                    let cap = self.live.max_postcopy_bandwidth.load(Ordering::Relaxed);
+                    sender.set_max_bandwidth(cap);
+                    lp.applied_max_bandwidth = cap;
+                    *lock(&self.shared.abort) = Some(sender.abort_handle());
+                    self.stats.set_pause_reason(None);
+                    self.set_status(MigrationStatus::PostcopyActive);
+                    info!(missing_pages = pages, "postcopy: resumed");
+                    return Ok(sender);
+                }
+                Err(e) => {
+                    warn!(error = %e, uri = %uri, "postcopy: resuming failed");
+                    paused(&format!("resuming on {uri} failed: {e}"));
+                }
+            }
+        }
     }
 
     /// Answers page requests until `stop`, or until the back-channel ends.

@@ -5,7 +5,9 @@
 use super::*;
 
 impl Run {
-    pub(super) fn migrate(&self, uri: &Uri) -> Result<()> {
+    /// The stream's RAM blocks and how it is sent, from the parameters the migration
+    /// started with (a resumed postcopy stream must have the first one's).
+    pub(super) fn stream_shape(&self) -> (Vec<BlockInfo>, SendOptions) {
         let blocks: Vec<BlockInfo> = self
             .space
             .blocks()
@@ -34,6 +36,12 @@ impl Run {
             switchover_timeout: Duration::from_millis(self.params.x_ferry_switchover_timeout_ms),
             postcopy: self.caps.postcopy_ram,
         };
+        (blocks, opts)
+    }
+
+    pub(super) fn migrate(&self, uri: &Uri) -> Result<()> {
+        let (blocks, opts) = self.stream_shape();
+        let channels = usize::from(opts.channels);
         // A fresh token for this run, published before the flag is looked at: a
         // cancel either set the flag already or fires this token.
         let token = transport::Cancel::new();
@@ -127,6 +135,7 @@ impl Run {
             sender_counters: counters,
             channels,
             applied_max_bandwidth: opts.max_bandwidth_bytes_per_sec,
+            session_id: sender.session_id(),
         };
         // The first dirty-rate period starts with the setup sync (the window was
         // cleared then), so a rate is known a second in, even during a long bulk pass.
