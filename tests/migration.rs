@@ -943,6 +943,49 @@ fn a_destination_killed_during_postcopy_leaves_the_source_paused_and_saying_why(
     assert_eq!(run.state().name(), "postmigrate");
 }
 
+/// A source process that dies during postcopy takes the pages only it had: the
+/// destination pauses (it cannot tell a dead source from a cut link), says how many
+/// pages exist only on the source, and neither completes nor fails on its own: the
+/// vCPUs that touch those pages wait for a source that may come back.
+#[test]
+fn a_source_killed_during_postcopy_leaves_the_destination_paused_and_saying_why() {
+    let _g = guest_lock();
+    let cfg = non_converging_config();
+    let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    cmd.args(["send", "--uri", &dest.uri, "--postcopy"])
+        .args(["--max-bandwidth", "128M", "--max-postcopy-bandwidth", "1M"])
+        // Whole pages, as `whole_pages_source`: the working set then cannot converge.
+        .arg("--no-sparse-pages")
+        .args(["--mem", &cfg.mem_bytes.to_string()])
+        .args(["--vcpus", &cfg.vcpus.to_string()])
+        .args(["--workload", &cfg.workload.to_string()])
+        .stdout(Stdio::null());
+    if cfg.backend == minivm::Backend::Threads {
+        cmd.arg("--threads");
+    }
+    let mut source = cmd.spawn().expect("spawn ferry send");
+    // The policy switches once the migration is predicted not to converge.
+    dest.expect_event("postcopy-active");
+    let _ = source.kill();
+    let _ = source.wait();
+    let paused = dest.expect_event("postcopy-paused");
+    let err = paused["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("postcopy paused after the switch")
+            && err.contains("exist only on the source"),
+        "{paused}"
+    );
+    assert!(
+        paused["recover-uri"].is_null(),
+        "no recovery address without --recover: {paused}"
+    );
+    assert!(
+        dest.child.try_wait().unwrap().is_none(),
+        "the destination waits for the source, it does not give the guest up"
+    );
+}
+
 #[test]
 fn auto_converge_completes_a_migration_that_would_not() {
     let _g = guest_lock();
