@@ -48,7 +48,7 @@ pub use bitmap::{DirtyBitmap, SetBits, BITS_PER_WORD};
 pub use block::RamBlock;
 pub use error::{Error, Result};
 pub use listener::{DirtySink, MemoryListener, SyncMode};
-pub use memory::{ram_blocks, HostMemory, HostPage};
+pub use memory::{ram_blocks, DetachedPages, HostMemory, HostPage};
 pub use reason::{DirtyReason, ReasonMask};
 pub use sample::RateSample;
 pub use vmm_writes::VmmWritesListener;

@@ -137,6 +137,51 @@ impl HostMemory {
         unsafe { libc::madvise(p.cast(), len_bytes as usize, libc::MADV_DONTNEED) == 0 }
     }
 
+    /// [`HostMemory::discard`] at almost no cost, for large ranges: instead of freeing
+    /// the pages now, their page tables move to a new mapping of their own
+    /// (`mremap` with `MREMAP_DONTUNMAP`), which the returned [`DetachedPages`] frees
+    /// when dropped. The range stays mapped (and registered with userfaultfd, if it
+    /// is) and behaves as after `discard`. Measured here: 0.07 ms for 256 MiB, where
+    /// `discard` takes 20–25 ms. `None` when the range is not whole pages inside, or
+    /// the kernel refused (before Linux 5.7, or memory it cannot move): then
+    /// `discard` still works.
+    pub fn discard_deferred(&self, offset_bytes: u64, len_bytes: u64) -> Option<DetachedPages> {
+        if !offset_bytes.is_multiple_of(PAGE_SIZE)
+            || !len_bytes.is_multiple_of(PAGE_SIZE)
+            || len_bytes == 0
+        {
+            return None;
+        }
+        let p = self.range_ptr(offset_bytes, len_bytes)?;
+        // SAFETY: [p, p + len_bytes) is whole pages inside the live mapping (checked
+        // above). With MREMAP_DONTUNMAP the range stays mapped: only its pages move to
+        // a new mapping the kernel picks (no existing memory is touched there), so it
+        // reads as after `discard`, which no Rust reference covers (the constructor's
+        // contract). The new mapping is owned by the returned value alone.
+        let moved = unsafe {
+            libc::mremap(
+                p.cast(),
+                len_bytes as usize,
+                len_bytes as usize,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_DONTUNMAP,
+                // No address asked for (no MREMAP_FIXED); passed, not left to chance.
+                std::ptr::null_mut::<libc::c_void>(),
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                len_bytes,
+                "mremap(MREMAP_DONTUNMAP) refused"
+            );
+            return None;
+        }
+        Some(DetachedPages(Mmap {
+            addr: moved.cast(),
+            len: len_bytes as usize,
+        }))
+    }
+
     /// Copies `buf.len()` bytes at `offset_bytes` into `buf` with volatile reads; false
     /// (and nothing copied) when the range is not inside.
     pub fn read_volatile(&self, offset_bytes: u64, buf: &mut [u8]) -> bool {
@@ -296,6 +341,24 @@ unsafe impl Send for Mmap {}
 // SAFETY: `Mmap` exposes no access of its own; see Send.
 unsafe impl Sync for Mmap {}
 
+/// Pages [`HostMemory::discard_deferred`] moved out of guest memory: nothing reads
+/// them; dropping this frees them (it costs what freeing them would have, so drop it
+/// where the time does not matter).
+pub struct DetachedPages(Mmap);
+
+impl DetachedPages {
+    /// Length in bytes.
+    pub fn len_bytes(&self) -> u64 {
+        self.0.len as u64
+    }
+}
+
+impl fmt::Debug for DetachedPages {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DetachedPages({} bytes)", self.0.len)
+    }
+}
+
 impl Mmap {
     fn new(size_bytes: u64) -> Result<Mmap> {
         let len = usize::try_from(size_bytes)
@@ -338,6 +401,39 @@ impl Drop for Mmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn discard_deferred_reads_zero_and_moves_the_pages_out() {
+        let m = HostMemory::anonymous(64 * PAGE_SIZE).unwrap();
+        for p in 0..64 {
+            assert!(m.write_volatile(p * PAGE_SIZE, &[p as u8 + 1]));
+        }
+        assert!(m.discard_deferred(PAGE_SIZE, 0).is_none(), "empty");
+        assert!(m.discard_deferred(1, PAGE_SIZE).is_none(), "unaligned");
+        assert!(
+            m.discard_deferred(60 * PAGE_SIZE, 8 * PAGE_SIZE).is_none(),
+            "outside"
+        );
+        let d = m
+            .discard_deferred(8 * PAGE_SIZE, 16 * PAGE_SIZE)
+            .expect("mremap");
+        assert_eq!(d.len_bytes(), 16 * PAGE_SIZE);
+        let mut b = [0u8; 1];
+        for p in 0..64 {
+            assert!(m.read_volatile(p * PAGE_SIZE, &mut b));
+            let want = if (8..24).contains(&p) { 0 } else { p as u8 + 1 };
+            assert_eq!(b[0], want, "page {p}");
+        }
+        // The moved pages hold what was there.
+        // SAFETY: the detached mapping is this test's alone and 16 pages long.
+        let first = unsafe { std::ptr::read_volatile(d.0.addr.add(0)) };
+        assert_eq!(first, 9);
+        drop(d);
+        // The range is still mapped and writable.
+        assert!(m.write_volatile(10 * PAGE_SIZE, &[7]));
+        assert!(m.read_volatile(10 * PAGE_SIZE, &mut b));
+        assert_eq!(b[0], 7);
+    }
 
     #[test]
     fn accesses_are_bounds_checked() {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use dirty_sync::{DirtyBitmap, RamBlock, PAGE_SIZE};
+use dirty_sync::{DetachedPages, DirtyBitmap, RamBlock, PAGE_SIZE};
 use stats::PostcopyStats;
 use uffd::{Filled, UffdRegion};
 
@@ -27,6 +27,13 @@ pub trait PageSource: Send + Sync {
     /// while its request is outstanding.
     fn request(&self, block: usize, page: u64) -> std::result::Result<(), String>;
 }
+
+/// Runs of stale pages at least this long are dropped by moving them out of guest RAM
+/// ([`HostMemory::discard_deferred`](dirty_sync::HostMemory::discard_deferred)) and
+/// freed after the guest runs; shorter ones are dropped in place.
+const DEFER_MIN_PAGES: u64 = 512;
+/// Most runs moved out (each splits the mapping, and a process has a limited number).
+const MAX_DEFERRED_RUNS: usize = 256;
 
 /// How often a fault thread looks at its stop flag while no fault comes.
 const FAULT_POLL: Duration = Duration::from_millis(50);
@@ -58,6 +65,9 @@ pub struct PostcopyRam {
     missing: Vec<DirtyBitmap>,
     /// (block, page) asked of the source and not landed yet, with when it was asked.
     requested: Mutex<HashMap<(usize, u64), Instant>>,
+    /// Stale pages moved out of guest RAM at the switch, not freed yet (freeing them
+    /// costs ~20 ms per 256 MiB, which the downtime need not pay).
+    stale: Mutex<Vec<DetachedPages>>,
     counters: Arc<PostcopyStats>,
 }
 
@@ -87,17 +97,24 @@ impl PostcopyRam {
         let mut received = Vec::with_capacity(blocks.len());
         let mut still_missing = Vec::with_capacity(blocks.len());
         let mut missing_pages = 0;
+        let mut stale = Vec::new();
         for (b, m) in blocks.iter().zip(missing) {
             let t0 = Instant::now();
-            let region = UffdRegion::register(b.memory.clone())?;
-            let registered_us = t0.elapsed().as_micros() as u64;
             let r = DirtyBitmap::new(b.pages());
             r.set_all();
             for p in m.iter_set() {
                 r.test_and_clear(p);
                 missing_pages += 1;
             }
+            // The guest does not run here yet: dropping pages before the registration
+            // races with nothing.
             for (first, n) in crate::guest::page_runs(m.iter_set()) {
+                if n >= DEFER_MIN_PAGES && stale.len() < MAX_DEFERRED_RUNS {
+                    if let Some(d) = b.memory.discard_deferred(first * PAGE_SIZE, n * PAGE_SIZE) {
+                        stale.push(d);
+                        continue;
+                    }
+                }
                 if !b.memory.discard(first * PAGE_SIZE, n * PAGE_SIZE) {
                     return Err(Error::Guest(format!(
                         "postcopy: cannot drop pages {first}..{} of {}",
@@ -106,11 +123,13 @@ impl PostcopyRam {
                     )));
                 }
             }
+            let dropped_us = t0.elapsed().as_micros() as u64;
+            let region = UffdRegion::register(b.memory.clone())?;
             tracing::debug!(
                 block = %b.id,
-                registered_us,
-                dropped_us = t0.elapsed().as_micros() as u64 - registered_us,
-                "postcopy: block registered, stale pages dropped"
+                dropped_us,
+                registered_us = t0.elapsed().as_micros() as u64 - dropped_us,
+                "postcopy: stale pages dropped, block registered"
             );
             regions.push(region);
             received.push(r);
@@ -125,6 +144,7 @@ impl PostcopyRam {
             received,
             missing: still_missing,
             requested: Mutex::new(HashMap::new()),
+            stale: Mutex::new(stale),
             counters: {
                 counters.start(missing_pages);
                 counters
@@ -186,6 +206,31 @@ impl PostcopyRam {
     /// True when page `page` of block `block` is present.
     pub fn is_received(&self, block: usize, page: u64) -> bool {
         self.received.get(block).is_some_and(|r| r.is_set(page))
+    }
+
+    /// Frees the stale pages the switch moved out of guest RAM, on a thread of its own
+    /// (`mig/free-stale`), once the guest runs and the downtime is over.
+    pub fn free_stale_pages(&self) {
+        let stale = std::mem::take(&mut *self.stale.lock().unwrap_or_else(|p| p.into_inner()));
+        if stale.is_empty() {
+            return;
+        }
+        let bytes: u64 = stale.iter().map(DetachedPages::len_bytes).sum();
+        let freeing = std::thread::Builder::new()
+            .name("mig/free-stale".into())
+            .spawn(move || {
+                let t0 = Instant::now();
+                drop(stale);
+                tracing::debug!(
+                    bytes,
+                    free_us = t0.elapsed().as_micros() as u64,
+                    "postcopy: stale pages freed"
+                );
+            });
+        if let Err(e) = freeing {
+            // They were moved into the closure, which is dropped here: freed inline.
+            tracing::debug!(error = %e, "no thread to free stale pages on");
+        }
     }
 
     /// The pages asked of the source and not landed yet, `(block, page)`: after a

@@ -261,6 +261,7 @@ pub(super) fn receive(
     };
     report.resumed = run.finish_incoming(switch.source_was_running)?;
     info!(resumed = report.resumed, "postcopy: the guest runs here");
+    pc.free_stale_pages();
     // Bytes of the streams that broke, before the one that completes.
     let mut earlier_bytes = 0;
     let first_header = rx.header().clone();
