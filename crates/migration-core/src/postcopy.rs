@@ -100,18 +100,22 @@ impl PostcopyRam {
         let mut stale = Vec::new();
         for (b, m) in blocks.iter().zip(missing) {
             let t0 = Instant::now();
+            // Present: every page but the missing ones (word by word: this runs in the
+            // downtime).
             let r = DirtyBitmap::new(b.pages());
             r.set_all();
-            for p in m.iter_set() {
-                r.test_and_clear(p);
-                missing_pages += 1;
+            for (rw, mw) in r.words().iter().zip(m.words()) {
+                rw.fetch_and(!mw.load(Ordering::Relaxed), Ordering::Relaxed);
             }
+            missing_pages += m.count();
+            let mut deferred_runs = 0;
             // The guest does not run here yet: dropping pages before the registration
             // races with nothing.
             for (first, n) in crate::guest::page_runs(m.iter_set()) {
                 if n >= DEFER_MIN_PAGES && stale.len() < MAX_DEFERRED_RUNS {
                     if let Some(d) = b.memory.discard_deferred(first * PAGE_SIZE, n * PAGE_SIZE) {
                         stale.push(d);
+                        deferred_runs += 1;
                         continue;
                     }
                 }
@@ -128,14 +132,15 @@ impl PostcopyRam {
             tracing::debug!(
                 block = %b.id,
                 dropped_us,
+                deferred_runs,
                 registered_us = t0.elapsed().as_micros() as u64 - dropped_us,
                 "postcopy: stale pages dropped, block registered"
             );
             regions.push(region);
             received.push(r);
             let left = DirtyBitmap::new(b.pages());
-            for p in m.iter_set() {
-                left.set(p);
+            for (lw, mw) in left.words().iter().zip(m.words()) {
+                lw.store(mw.load(Ordering::Relaxed), Ordering::Relaxed);
             }
             still_missing.push(left);
         }

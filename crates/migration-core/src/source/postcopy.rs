@@ -310,7 +310,13 @@ impl Run {
 /// The runs of set bits of `bitmap` over the global pages `[first, first + pages)`,
 /// as `(page in the block, pages)`.
 fn set_runs(bitmap: &DirtyBitmap, first: u64, pages: u64) -> Vec<(u64, u64)> {
-    crate::guest::page_runs((0..pages).filter(|&p| bitmap.is_set(first + p)))
+    // Word by word (this runs in the downtime): clear words are skipped whole.
+    crate::guest::page_runs(
+        bitmap
+            .iter_set_from(first)
+            .take_while(|&p| p < first + pages)
+            .map(|p| p - first),
+    )
 }
 
 #[cfg(test)]
