@@ -89,6 +89,10 @@ impl MigratableVm for GuestVm {
         self.vm().set_throttle_percent(percent);
     }
 
+    fn set_vcpu_throttle_ppm(&self, vcpu: usize, ppm: u32) -> bool {
+        self.vm().set_vcpu_throttle_ppm(vcpu, ppm)
+    }
+
     fn untouched_ram_is_zero(&self) -> bool {
         // minivm maps guest RAM as private anonymous memory.
         true

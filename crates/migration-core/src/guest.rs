@@ -24,6 +24,12 @@ pub trait MigratableVm: Send + Sync {
     fn load_device_state(&self, state: &[u8]) -> Result<(), GuestError>;
     /// Makes vCPUs sleep `percent` % of the time (auto-converge); 0 = full speed.
     fn set_throttle_percent(&self, _percent: u8) {}
+    /// Makes vCPU `vcpu` alone sleep `ppm` millionths of its time (dirty limit), or the
+    /// global throttle's share if larger; 0 = full speed. False when the VMM cannot
+    /// throttle one vCPU (then dirty limit is not available).
+    fn set_vcpu_throttle_ppm(&self, _vcpu: usize, _ppm: u32) -> bool {
+        false
+    }
     /// True when guest RAM is private anonymous memory: a page the host never mapped
     /// reads as zero and need not be read (nor sent to a fresh destination).
     fn untouched_ram_is_zero(&self) -> bool {

@@ -66,6 +66,7 @@
 //! logged per page.
 
 mod destination;
+pub mod dirtylimit;
 mod dirtyrate;
 mod error;
 mod guest;
@@ -86,6 +87,7 @@ mod tracing_tests;
 pub use destination::{
     incoming, incoming_with, ram_digest, Incoming, IncomingControl, IncomingOptions, IncomingReport,
 };
+pub use dirtylimit::{DirtyLimiter, VcpuDirtyLimit};
 pub use dirtyrate::{
     wilson_interval, DirtyRateArgs, DirtyRateJob, SamplePlan, SamplingResult, DEFAULT_SAMPLE_PAGES,
     MAX_CALC_TIME_MS, MAX_SAMPLE_PAGES, MIN_CALC_TIME_MS, MIN_SAMPLED_BLOCK_BYTES,

@@ -1,6 +1,6 @@
 //! The run/pause/stop/kick state machine shared by the VM handle and its vCPU workers.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -36,12 +36,19 @@ pub struct Control {
     state: Mutex<State>,
     cv: Condvar,
     throttle_pct: AtomicU8,
+    /// Per vCPU: a throttle of its own (dirty limit), in millionths of its time asleep;
+    /// the larger of it and the global throttle applies.
+    vcpu_throttle_ppm: Box<[AtomicU32]>,
+    /// Per vCPU: microseconds slept in throttle sleeps so far.
+    throttled_us: Box<[AtomicU64]>,
     /// Per vCPU: inside KVM_RUN (set just before the ioctl, cleared once it returned).
     in_guest: Box<[AtomicBool]>,
 }
 
 /// A throttle slice: vCPUs run this long between throttle sleeps.
 pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+/// The most a vCPU is throttled: asleep 99.9 % of the time (10 s per 10 ms slice).
+pub const MAX_THROTTLE_PPM: u32 = 999_000;
 
 impl Control {
     /// A control block for `vcpus` workers, initially running.
@@ -57,6 +64,8 @@ impl Control {
             }),
             cv: Condvar::new(),
             throttle_pct: AtomicU8::new(0),
+            vcpu_throttle_ppm: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            throttled_us: (0..n).map(|_| AtomicU64::new(0)).collect(),
             in_guest: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }
     }
@@ -123,15 +132,18 @@ impl Control {
             .unwrap_or_else(|p| p.into_inner());
     }
 
-    /// Throttle: once per [`THROTTLE_SLICE`] of running, sleep pct/(100-pct) slices.
+    /// Throttle: once per [`THROTTLE_SLICE`] of running, sleep f/(1-f) slices, f the
+    /// fraction of [`Control::throttle_ppm`].
     pub fn throttle(&self, id: usize, slice_start: &mut Instant) {
-        let pct = u32::from(self.throttle_pct.load(Ordering::Relaxed).min(99));
-        if pct == 0 {
+        let ppm = u64::from(self.throttle_ppm(id));
+        if ppm == 0 {
             *slice_start = Instant::now();
             return;
         }
         if slice_start.elapsed() >= THROTTLE_SLICE {
-            let deadline = Instant::now() + THROTTLE_SLICE * pct / (100 - pct);
+            let sleep = THROTTLE_SLICE.mul_f64(ppm as f64 / (1_000_000 - ppm) as f64);
+            let started = Instant::now();
+            let deadline = started + sleep;
             let mut g = self.lock();
             // Sleep until the deadline; pause/stop end the sleep, kicks are acknowledged
             // (the worker is out of the guest) without ending it.
@@ -150,8 +162,47 @@ impl Control {
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
+            if let Some(t) = self.throttled_us.get(id) {
+                t.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
             *slice_start = Instant::now();
         }
+    }
+
+    /// The throttle vCPU `id` takes, in millionths of its time asleep: the larger of
+    /// the global percentage and its own.
+    pub fn throttle_ppm(&self, id: usize) -> u32 {
+        let global = u32::from(self.throttle_pct.load(Ordering::Relaxed).min(99)) * 10_000;
+        let own = self
+            .vcpu_throttle_ppm
+            .get(id)
+            .map_or(0, |p| p.load(Ordering::Relaxed));
+        global.max(own).min(MAX_THROTTLE_PPM)
+    }
+
+    /// Sets vCPU `id`'s own throttle, in millionths of its time asleep (clamped to
+    /// [`MAX_THROTTLE_PPM`]); 0 turns it off. False for a vCPU that does not exist.
+    pub fn set_vcpu_throttle_ppm(&self, id: usize, ppm: u32) -> bool {
+        match self.vcpu_throttle_ppm.get(id) {
+            Some(p) => {
+                p.store(ppm.min(MAX_THROTTLE_PPM), Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// True when some vCPU is throttled (globally or on its own).
+    pub fn any_throttled(&self) -> bool {
+        (0..self.vcpu_throttle_ppm.len()).any(|id| self.throttle_ppm(id) > 0)
+    }
+
+    /// Per vCPU: microseconds it slept in throttle sleeps so far.
+    pub fn throttled_us(&self) -> Vec<u64> {
+        self.throttled_us
+            .iter()
+            .map(|t| t.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Marks a worker as gone (after its loop ends, normally or on error).
@@ -209,11 +260,6 @@ impl Control {
     /// Sets the throttle percentage (clamped to 0..=99).
     pub fn set_throttle_percent(&self, pct: u8) {
         self.throttle_pct.store(pct.min(99), Ordering::Relaxed);
-    }
-
-    /// The throttle percentage.
-    pub fn throttle_percent(&self) -> u8 {
-        self.throttle_pct.load(Ordering::Relaxed)
     }
 
     /// Waits up to `dur` or until stop is requested; returns false on stop.

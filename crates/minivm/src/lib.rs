@@ -30,6 +30,7 @@
 
 mod config;
 mod control;
+pub use control::MAX_THROTTLE_PPM;
 mod dirty_log;
 mod error;
 mod fallback;
@@ -390,10 +391,13 @@ impl MiniVm {
             .name("minivm-throttle".to_string())
             .spawn(move || {
                 while control.sleep_unless_stopped(control::THROTTLE_SLICE) {
-                    if control.throttle_percent() == 0 || control.request() != Request::Run {
+                    if !control.any_throttled() || control.request() != Request::Run {
                         continue;
                     }
-                    for &t in &threads {
+                    for (id, &t) in threads.iter().enumerate() {
+                        if control.throttle_ppm(id) == 0 {
+                            continue;
+                        }
                         // SAFETY: the vCPU threads are joined only after this ticker is joined
                         // (see `shutdown`), so every pthread_t is still valid.
                         unsafe { libc::pthread_kill(t, signal) };
@@ -458,6 +462,18 @@ impl MiniVm {
     /// pct/(100-pct) × 10 ms. 0 turns it off; values above 99 count as 99.
     pub fn set_throttle_percent(&self, pct: u8) {
         self.control.set_throttle_percent(pct);
+    }
+
+    /// Throttles one vCPU on its own (dirty limit): asleep `ppm` millionths of its time
+    /// (at most [`MAX_THROTTLE_PPM`]), or the global throttle if larger. 0
+    /// turns it off. False for a vCPU that does not exist.
+    pub fn set_vcpu_throttle_ppm(&self, vcpu: usize, ppm: u32) -> bool {
+        self.control.set_vcpu_throttle_ppm(vcpu, ppm)
+    }
+
+    /// Per vCPU: microseconds slept in throttle sleeps so far.
+    pub fn vcpu_throttled_us(&self) -> Vec<u64> {
+        self.control.throttled_us()
     }
 
     /// Installs the handler called on the vCPU thread when its dirty ring is full.
