@@ -297,8 +297,8 @@ impl Shared {
             last_at = Instant::now();
             let mut st = self.lock();
             let n = now.len().min(st.limits.len());
-            for i in 0..n {
-                let pages = now[i].saturating_sub(last.get(i).copied().unwrap_or(0));
+            for (i, &entries) in now.iter().enumerate().take(n) {
+                let pages = entries.saturating_sub(last.get(i).copied().unwrap_or(0));
                 let rate = pages as f64 * PAGE_SIZE as f64 / f64::from(1 << 20) / secs;
                 st.current[i] = rate;
                 let Some(limit) = st.limits[i] else {
