@@ -101,7 +101,7 @@ impl GuestWork {
 fn counter_step(vm: &minivm::MiniVm, v: u32) -> (&'static str, Option<u64>) {
     match vm.config().workload {
         Workload::Idle => ("yield", None),
-        Workload::WorkingSet { .. } | Workload::Dense { .. } => {
+        Workload::WorkingSet { .. } | Workload::Dense { .. } | Workload::Lopsided { .. } => {
             ("round", Some(vm.workload_region(v).1))
         }
         Workload::Sweep { .. } => ("page", Some(1)),

@@ -55,6 +55,14 @@ pub enum Workload {
         /// Page writes per second, for the whole guest.
         writes_per_sec: u64,
     },
+    /// vCPUs that differ: vCPU 0 runs a working set of `pages` (all of them, in its own
+    /// share); every other vCPU rewrites one page round and round, so its counter
+    /// counts at full speed while it dirties almost nothing (who a throttle slowed
+    /// shows in the counters).
+    Lopsided {
+        /// Pages vCPU 0 rewrites every round.
+        pages: u64,
+    },
 }
 
 /// Zipf's page writes per second when `zipf=N` gives no rate.
@@ -76,6 +84,7 @@ impl std::fmt::Display for Workload {
                 pages,
                 writes_per_sec,
             } => write!(f, "zipf={pages},{writes_per_sec}"),
+            Workload::Lopsided { pages } => write!(f, "lopsided={pages}"),
         }
     }
 }
@@ -84,7 +93,8 @@ impl FromStr for Workload {
     type Err = Error;
 
     /// Parses `idle`, `working-set=4096`, `working-set=16M`, `sweep=R`, `random=SEED,HOT%`,
-    /// `dense=N[,BYTES]` and `zipf=N[,WRITES_PER_SEC]` (N in pages or as a size: `16M`).
+    /// `dense=N[,BYTES]`, `zipf=N[,WRITES_PER_SEC]` and `lopsided=N` (N in pages or as a
+    /// size: `16M`).
     fn from_str(s: &str) -> Result<Self> {
         let bad = || Error::BadWorkload {
             input: s.to_string(),
@@ -110,6 +120,10 @@ impl FromStr for Workload {
         let number = |arg: &str| arg.trim().parse::<u64>().map_err(|_| bad());
         match name {
             "working-set" => Ok(Workload::WorkingSet { pages: pages(arg)? }),
+            "lopsided" => match pages(arg)? {
+                0 => Err(bad()),
+                pages => Ok(Workload::Lopsided { pages }),
+            },
             "dense" => {
                 let (n, bytes) = match arg.split_once(',') {
                     Some((n, b)) => (n, number(b)?),
@@ -270,6 +284,12 @@ impl VmConfig {
                         self.vcpus, layout.share_pages
                     ));
                 }
+            }
+            Workload::Lopsided { pages } if pages == 0 || pages > layout.share_pages => {
+                return cfg(format!(
+                    "lopsided working set of {pages} pages must be 1..={} (vCPU 0's share)",
+                    layout.share_pages
+                ));
             }
             Workload::Sweep { pages_per_sec: 0 } => {
                 return cfg("sweep rate must be at least 1 page/s".to_string());

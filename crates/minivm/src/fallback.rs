@@ -74,7 +74,7 @@ impl Worker {
             self.control.throttle(id, &mut slice_start);
             let r = match self.workload {
                 Workload::Idle => self.idle_step(),
-                Workload::WorkingSet { .. } => self.working_set_step(),
+                Workload::WorkingSet { .. } | Workload::Lopsided { .. } => self.working_set_step(),
                 Workload::Sweep { pages_per_sec } => {
                     self.sweep_step(pages_per_sec, &mut sweep_start)
                 }

@@ -300,6 +300,8 @@ impl Layout {
                 pages / n + u64::from(u64::from(vcpu) < pages % n)
             }
             Workload::Sweep { .. } | Workload::Random { .. } => self.share_pages,
+            Workload::Lopsided { pages } if vcpu == 0 => pages,
+            Workload::Lopsided { .. } => 1,
         }
     }
 
@@ -389,7 +391,7 @@ pub fn entry_regs(layout: &Layout, workload: &Workload, vcpu: u32, tsc_hz: u64) 
     match *workload {
         Workload::Idle => base,
         Workload::WorkingSet { .. } if base.rsi == 0 => base,
-        Workload::WorkingSet { .. } => EntryRegs {
+        Workload::WorkingSet { .. } | Workload::Lopsided { .. } => EntryRegs {
             rip: CODE_GPA + ENTRY_WORKING_SET,
             ..base
         },
