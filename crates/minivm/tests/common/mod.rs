@@ -98,6 +98,7 @@ pub fn every_workload() -> Vec<(Workload, u64)> {
             },
             200,
         ),
+        (Workload::Lopsided { pages: 1024 }, 20),
     ]
 }
 
@@ -111,7 +112,9 @@ pub fn assert_page_writes_agree(vm: &MiniVm, slack: u64) {
         let (_, pages) = vm.workload_region(v);
         let (lo, hi) = match vm.config().workload {
             Workload::Idle => (0, 0),
-            Workload::WorkingSet { .. } | Workload::Dense { .. } => (c * pages, (c + 1) * pages),
+            Workload::WorkingSet { .. } | Workload::Dense { .. } | Workload::Lopsided { .. } => {
+                (c * pages, (c + 1) * pages)
+            }
             Workload::Sweep { .. } | Workload::Zipf { .. } => (c.saturating_sub(1), c + 1 + slack),
             Workload::Random { .. } => (c * 4096, (c + 1) * 4096),
         };
