@@ -239,3 +239,150 @@ def test_start_postcopy_needs_the_capability(vms):
 
     run(body())
     assert src.alive()
+
+
+PAUSE_REFUSED = ("migrate-pause is currently only supported during postcopy-active or "
+                 "postcopy-recover state")
+NOT_PAUSED = "Migrate recover can only be run when postcopy is paused."
+RECOVERY_PENDING = "Migrate recovery is triggered already"
+NO_PAUSED = "Cannot resume if there is no paused migration"
+# After the first switch: a pause, the recovery, the rest of postcopy, the end.
+RECOVERED = ["postcopy-active", "postcopy-paused", "postcopy-recover", "postcopy-active",
+             "completed"]
+
+
+async def next_status(listener, want, bound_s=60):
+    """The MIGRATION statuses of `listener` up to `want` (fails on a terminal one)."""
+    seen = []
+    while not seen or seen[-1] != want:
+        ev = await asyncio.wait_for(listener.get(), bound_s)
+        seen.append(ev["data"]["status"])
+        assert seen[-1] not in TERMINAL, f"ended before {want}: {seen}"
+    return seen
+
+
+def assert_recovered(statuses, side):
+    """One precopy, the switch, then exactly a pause and a recovery before the end."""
+    assert "postcopy-active" in statuses, (side, statuses)
+    pc = statuses.index("postcopy-active")
+    assert "active" in statuses[:pc], (side, statuses)
+    assert statuses[pc:] == RECOVERED, (side, statuses)
+
+
+def pause_and_recover(vms, pause_on):
+    """Postcopy paused on purpose by `migrate-pause` on `pause_on` ("src" or "dst"),
+    both sides postcopy-paused saying why, then `migrate-recover` on the destination
+    and `migrate` with `resume` on the source: both end completed."""
+    skip_without_kvm()
+    # Held by -S when the source pauses (its RAM then compares page for page); a
+    # running destination when the destination pauses (its vCPUs fault on missing
+    # pages while the stream is down, and run again once it is back).
+    held = pause_on == "src"
+    src = vms("src", **GUEST)
+    port = free_port()
+    dst = vms("dst", *(["-S"] if held else []), "--incoming", f"tcp:127.0.0.1:{port}",
+              **GUEST)
+
+    async def body():
+        s = await connect("src", src)
+        d = await connect("dst", dst)
+        # 4 MiB/s: the background pass over the 256 MiB working set would take a
+        # minute, so postcopy is still on when it is paused.
+        await prepare(s, d, 4 << 20)
+        src_events = EventListener(("MIGRATION",))
+        dst_events = EventListener(("MIGRATION",))
+        s.register_listener(src_events)
+        d.register_listener(dst_events)
+        await s.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        await past_first_pass(s)
+        # Not in postcopy yet: neither side pauses, nothing resumes or recovers.
+        await expect_error(s, "migrate-pause", PAUSE_REFUSED)
+        await expect_error(d, "migrate-pause", PAUSE_REFUSED)
+        await expect_error(s, "migrate", NO_PAUSED,
+                           {"uri": f"tcp:127.0.0.1:{port}", "resume": True})
+        await expect_error(d, "migrate-recover", NOT_PAUSED, {"uri": "tcp:127.0.0.1:0"})
+        assert await s.execute("migrate-start-postcopy") == {}
+        src_seen = await next_status(src_events, "postcopy-active")
+        dst_seen = await next_status(dst_events, "postcopy-active")
+        await wait_incoming(d, "postcopy-active")
+
+        pauser = s if pause_on == "src" else d
+        assert await pauser.execute("migrate-pause") == {}
+        src_seen += await next_status(src_events, "postcopy-paused")
+        dst_seen += await next_status(dst_events, "postcopy-paused")
+        src_info = await wait_migration(s, lambda i: i.get("status") == "postcopy-paused",
+                                        "postcopy-paused")
+        dst_info = await wait_incoming(d, "postcopy-paused")
+        for side, info in (("source", src_info), ("destination", dst_info)):
+            assert "postcopy paused" in info.get("error-desc", ""), (side, info)
+        if pause_on == "src":
+            assert "paused by the user" in src_info["error-desc"], src_info
+        # Paused: no second pause on either side, no cancel, the guest still on the
+        # destination.
+        await expect_error(s, "migrate-pause", PAUSE_REFUSED)
+        await expect_error(d, "migrate-pause", PAUSE_REFUSED)
+        await expect_error(s, "migrate_cancel", CANCEL_REFUSED)
+        assert (await s.execute("query-migrate"))["status"] == "postcopy-paused"
+        assert (await s.execute("query-status"))["running"] is False
+
+        # QEMU's migrate-recover returns nothing: the test names the port.
+        recovery = f"tcp:127.0.0.1:{free_port()}"
+        assert await d.execute("migrate-recover", {"uri": recovery}) == {}
+        await expect_error(d, "migrate-recover", RECOVERY_PENDING, {"uri": recovery})
+        assert (await d.execute("query-migrate"))["status"] == "postcopy-paused"
+        await s.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 0})
+        assert await s.execute("migrate", {"uri": recovery, "resume": True}) == {}
+
+        src_seen += await statuses_until_end(src_events)
+        dst_seen += await statuses_until_end(dst_events)
+        assert_recovered(src_seen, "source")
+        assert_recovered(dst_seen, "destination")
+        final = await s.execute("query-migrate")
+        assert final["status"] == "completed", final
+        assert final["ram"]["remaining"] == 0, final
+        assert final["ram"]["postcopy-bytes"] > 0, final
+        assert "error-desc" not in final, final
+        assert await s.execute("query-status") == {"running": False, "status": "postmigrate"}
+        dst_final = await wait_incoming(d, "completed")
+        assert "error-desc" not in dst_final, dst_final
+        if held:
+            await wait_status(d, "paused")
+            a = await s.execute("x-ferry-query-ram-digest")
+            b = await d.execute("x-ferry-query-ram-digest")
+            assert a["pages"] == b["pages"] == (1 << 30) // 4096, (a, b)
+            assert a["digest"] != 0, a
+            assert a["digest"] == b["digest"], (a, b)
+            await d.execute("cont")
+        await wait_status(d, "running")
+        # The guest runs on the destination after the recovery.
+        rounds = (await d.execute("x-ferry-query-guest-progress"))["vcpu-rounds"]
+
+        async def advanced():
+            while True:
+                now = (await d.execute("x-ferry-query-guest-progress"))["vcpu-rounds"]
+                if all(n > r for n, r in zip(now, rounds)):
+                    return
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(advanced(), 60)
+        # Over: nothing to pause or resume any more.
+        await expect_error(s, "migrate-pause", PAUSE_REFUSED)
+        await expect_error(d, "migrate-pause", PAUSE_REFUSED)
+        await expect_error(s, "migrate", NO_PAUSED, {"uri": recovery, "resume": True})
+        await s.disconnect()
+        await d.disconnect()
+
+    run(body())
+    assert src.alive() and dst.alive()
+
+
+def test_postcopy_paused_by_the_source_recovers(vms):
+    """`migrate-pause` on the source: both sides postcopy-paused; `migrate-recover` on
+    the destination and `migrate` with `resume` on the source finish the migration,
+    the destination's RAM equal to the source's."""
+    pause_and_recover(vms, "src")
+
+
+def test_postcopy_paused_by_the_destination_recovers(vms):
+    """`migrate-pause` on the destination, whose guest runs and faults on the pages it
+    lacks while the stream is down: the same recovery finishes it, the guest runs."""
+    pause_and_recover(vms, "dst")

@@ -86,8 +86,11 @@ struct Recovery {
     ),
     /// `migrate-recover` was asked and has not ended yet.
     pending: std::sync::atomic::AtomicBool,
-    /// Shuts the current postcopy stream's connections down.
-    stream: std::sync::Mutex<Option<transport::AbortHandle>>,
+    /// Shuts the current postcopy stream's connections down; with `true`, a
+    /// `migrate-pause` came while no stream was being received (between the commit
+    /// and the first receive, or during a recovery) and the next stream is shut
+    /// down as soon as it is set.
+    stream: std::sync::Mutex<(Option<transport::AbortHandle>, bool)>,
 }
 
 impl Recovery {
@@ -95,12 +98,19 @@ impl Recovery {
         Arc::new(Recovery {
             listeners: crossbeam_channel::bounded(1),
             pending: std::sync::atomic::AtomicBool::new(false),
-            stream: std::sync::Mutex::new(None),
+            stream: std::sync::Mutex::new((None, false)),
         })
     }
 
     fn set_stream(&self, abort: Option<transport::AbortHandle>) {
-        *self.stream.lock().unwrap_or_else(|p| p.into_inner()) = abort;
+        let mut stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = &abort {
+            if std::mem::take(&mut stream.1) {
+                info!("postcopy: paused by the user");
+                a.abort();
+            }
+        }
+        stream.0 = abort;
     }
 }
 
@@ -145,15 +155,27 @@ impl IncomingControl {
     /// the migration pauses (and waits for `migrate-recover`).
     pub fn pause(&self) -> Result<()> {
         let s = self.stats.status();
-        let stream = self
+        let mut stream = self
             .recovery
             .stream
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        match (&*stream, s) {
-            (Some(abort), MigrationStatus::PostcopyActive | MigrationStatus::PostcopyRecover) => {
+        match (&mut *stream, s) {
+            (
+                (Some(abort), _),
+                MigrationStatus::PostcopyActive | MigrationStatus::PostcopyRecover,
+            ) => {
                 info!("postcopy: paused by the user");
                 abort.abort();
+                Ok(())
+            }
+            // Committed, the stream not (or no more) being received: it pauses as
+            // soon as it is.
+            (
+                (None, pending),
+                MigrationStatus::PostcopyActive | MigrationStatus::PostcopyRecover,
+            ) => {
+                *pending = true;
                 Ok(())
             }
             _ => Err(Error::InvalidParameter(

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Sender, TrySendError};
 use migration_core::{
     incoming_with, ram_digest, Capabilities, Capability, DirtyRateArgs, DirtyRateJob, GuestRam,
-    IncomingOptions, MigratableVm, MigrationEvent, MigrationSource, ParametersUpdate, RunControl,
-    RunState,
+    IncomingControl, IncomingOptions, MigratableVm, MigrationEvent, MigrationSource,
+    ParametersUpdate, RunControl, RunState,
 };
 use serde_json::{json, Map, Value};
 use stats::{DirtyRateMode, MigStats, MigrationInfo, MigrationStatus, TimeUnit};
@@ -259,15 +259,16 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
                         )));
                     }
                 }
-                // QEMU's text: only a postcopy-paused migration resumes, and Ferry's
-                // postcopy never pauses yet (no recovery).
-                if a.opt_bool("resume")? == Some(true) {
-                    return Err(QmpError::generic(
-                        "Cannot resume if there is no paused migration",
-                    ));
-                }
+                let resume = a.opt_bool("resume")? == Some(true);
                 a.opt_bool("detach")?;
                 a.finish()?;
+                if resume {
+                    // Continues a postcopy-paused migration at the destination's
+                    // `migrate-recover` address; QEMU's "Cannot resume if there is no
+                    // paused migration" (from the engine) in any other status.
+                    m.source.resume(&uri)?;
+                    return value(empty());
+                }
                 // Refused in inmigrate, finish-migrate and postmigrate (the engine
                 // checks the run state, with QEMU's texts).
                 m.source.migrate(&uri)?;
@@ -315,6 +316,25 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
             })
         },
     ),
+    (
+        "migrate-recover",
+        sig(obj!("migrate-recover_arg", [req("uri", STR)]), EMPTY),
+        |m, _session, mut a| {
+            value({
+                let uri = a.str("uri")?;
+                a.finish()?;
+                m.recover_incoming(&uri)?;
+                empty()
+            })
+        },
+    ),
+    ("migrate-pause", sig(EMPTY, EMPTY), |m, _session, a| {
+        value({
+            a.finish()?;
+            m.pause_postcopy()?;
+            empty()
+        })
+    }),
     (
         "migrate-set-parameters",
         sig(SET_PARAMETERS, EMPTY),
@@ -563,8 +583,9 @@ enum IncomingState {
     None,
     /// `-incoming defer`, no `migrate-incoming` yet.
     Deferred,
-    /// Listening or receiving (or done): the destination's counters.
-    Started(Arc<MigStats>),
+    /// Listening or receiving (or done): the destination's counters, and its pause
+    /// and recovery (`migrate-pause`, `migrate-recover`).
+    Started(Arc<MigStats>, IncomingControl),
 }
 
 /// What the connection should do after a reply was written.
@@ -753,7 +774,7 @@ impl Monitor {
             src.snapshot()
         } else {
             match &*lock(&self.incoming) {
-                IncomingState::Started(st) => st.snapshot(),
+                IncomingState::Started(st, _) => st.snapshot(),
                 _ => MigrationInfo::default(),
             }
         };
@@ -769,7 +790,7 @@ impl Monitor {
                     "'-incoming' was not specified on the command line",
                 ))
             }
-            IncomingState::Started(_) => {
+            IncomingState::Started(..) => {
                 return Err(QmpError::generic(
                     "The incoming migration has already been started",
                 ))
@@ -786,7 +807,7 @@ impl Monitor {
             },
         )?;
         let stats = inc.stats().clone();
-        *state = IncomingState::Started(stats.clone());
+        *state = IncomingState::Started(stats.clone(), inc.control());
         drop(state);
         // QEMU announces the incoming setup whatever the events capability says; the
         // later changes only with it on.
@@ -796,22 +817,24 @@ impl Monitor {
             .name("qmp/incoming".into())
             .spawn(move || {
                 let mut last = MigrationStatus::Setup;
-                loop {
-                    // Woken by each status change of the incoming migration; the
-                    // timeout only bounds how long a dropped monitor keeps the thread.
-                    let s = stats.wait_status_change(last, INCOMING_WATCH);
-                    if weak.strong_count() == 0 {
-                        return;
-                    }
-                    if s != last {
+                let mut seen = 0;
+                while !last.is_finished() {
+                    // Woken by each status change of the incoming migration, given
+                    // every status set since the last wake (postcopy-recover lasts an
+                    // instant, and each still gets its event, in order); the timeout
+                    // only bounds how long a dropped monitor keeps the thread.
+                    let (count, changes) = stats.wait_status_changes(seen, INCOMING_WATCH);
+                    seen = count;
+                    let Some(mon) = weak.upgrade() else { return };
+                    for s in changes {
+                        // The first change is the `setup` emitted above.
+                        if s == last {
+                            continue;
+                        }
                         last = s;
-                        let Some(mon) = weak.upgrade() else { return };
                         if mon.events_on() {
                             mon.emit("MIGRATION", Some(json!({"status": s})));
                         }
-                    }
-                    if s.is_finished() {
-                        break;
                     }
                 }
                 let result = inc.wait();
@@ -927,16 +950,66 @@ impl Monitor {
             )
         };
         let stats = self.source.stats();
-        if stats.status() == MigrationStatus::PostcopyActive {
+        // postcopy-active, and as much postcopy-paused and postcopy-recover: the
+        // destination holds the guest whether or not the stream is up.
+        if stats.status().is_postcopy() {
             return Err(refused());
         }
         self.source.cancel();
         // The switch can win the race with the cancel (active -> postcopy-active
         // before the cancel's active -> cancelling): the engine then ignores it.
-        if stats.status() == MigrationStatus::PostcopyActive {
+        if stats.status().is_postcopy() {
             return Err(refused());
         }
         Ok(())
+    }
+
+    /// The incoming migration's status and its pause and recovery, once
+    /// `migrate-incoming` started it.
+    fn incoming_control(&self) -> Option<(MigrationStatus, IncomingControl)> {
+        match &*lock(&self.incoming) {
+            IncomingState::Started(stats, control) => Some((stats.status(), control.clone())),
+            _ => None,
+        }
+    }
+
+    /// `migrate-recover` (destination): listens on `uri` for the source's `migrate`
+    /// with `resume`; only while the incoming migration is postcopy-paused (the
+    /// engine's checks, QEMU's texts; QEMU's text too with no incoming migration).
+    /// Answers `{}` as QEMU does, so the caller names the port (`tcp:HOST:0` binds,
+    /// but the port is only in the log).
+    fn recover_incoming(&self, uri: &str) -> Result<(), QmpError> {
+        let (_, control) = self.incoming_control().ok_or_else(|| {
+            QmpError::generic("Migrate recover can only be run when postcopy is paused.")
+        })?;
+        let bound = control.recover(uri)?;
+        tracing::info!(uri = %bound, "migrate-recover: listening for the source");
+        Ok(())
+    }
+
+    /// `migrate-pause`: breaks the postcopy stream on purpose, so both sides pause
+    /// (postcopy-paused) until `migrate-recover` and `migrate` with `resume`. On the
+    /// source when its migration is in postcopy-active or postcopy-recover, else on
+    /// the destination when the incoming one is; QEMU's text otherwise.
+    fn pause_postcopy(&self) -> Result<(), QmpError> {
+        let pausable = |s: MigrationStatus| {
+            matches!(
+                s,
+                MigrationStatus::PostcopyActive | MigrationStatus::PostcopyRecover
+            )
+        };
+        if pausable(self.source.stats().status()) {
+            return Ok(self.source.pause()?);
+        }
+        if let Some((status, control)) = self.incoming_control() {
+            if pausable(status) {
+                return Ok(control.pause()?);
+            }
+        }
+        Err(QmpError::generic(
+            "migrate-pause is currently only supported during postcopy-active or \
+             postcopy-recover state",
+        ))
     }
 
     /// `x-ferry-query-ram-digest`: the digest the demo compares
@@ -1502,6 +1575,233 @@ mod tests {
                 "Cannot resume if there is no paused migration"
             )
         );
+    }
+
+    /// QEMU's texts of the recovery commands in the wrong state.
+    const NOT_PAUSED: &str = "Migrate recover can only be run when postcopy is paused.";
+    const PAUSE_REFUSED: &str =
+        "migrate-pause is currently only supported during postcopy-active or postcopy-recover state";
+    const NO_PAUSED: &str = "Cannot resume if there is no paused migration";
+
+    /// The MIGRATION statuses queued on `rx` until `n` arrived (60 s at most).
+    fn migration_events(rx: &crossbeam_channel::Receiver<Arc<str>>, n: usize) -> Vec<String> {
+        let mut seen = Vec::new();
+        while seen.len() < n {
+            let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) else {
+                break;
+            };
+            let ev: Value = serde_json::from_str(&line).expect("an event is JSON");
+            if ev["event"] == "MIGRATION" {
+                seen.push(ev["data"]["status"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+        seen
+    }
+
+    fn events_on(mon: &Arc<Monitor>, s: &mut Session) {
+        let r = one(
+            mon,
+            s,
+            r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[
+                {"capability":"events","state":true}]}}"#,
+        );
+        assert_eq!(r, json!({"return": {}}));
+    }
+
+    #[test]
+    fn recovery_commands_on_the_source() {
+        let mon = monitor(IncomingStart::None);
+        let mut s = negotiated(&mon);
+        events_on(&mon, &mut s);
+        for c in ["migrate-recover", "migrate-pause"] {
+            assert!(commands().any(|n| n == c), "{c}");
+        }
+        // query-qmp-schema: QEMU's signatures (migrate-recover takes `uri`,
+        // migrate-pause nothing; both return nothing).
+        let schema = qmp_schema();
+        let entry = |name: &str| {
+            schema
+                .as_array()
+                .and_then(|l| l.iter().find(|e| e["name"] == name))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let recover = entry("migrate-recover");
+        assert_eq!(recover["meta-type"], "command", "{recover}");
+        assert_eq!(recover["ret-type"], "0", "{recover}");
+        let arg = entry(recover["arg-type"].as_str().unwrap_or_default());
+        assert_eq!(
+            arg["members"],
+            json!([{"name": "uri", "type": "str"}]),
+            "{arg}"
+        );
+        let pause = entry("migrate-pause");
+        assert_eq!(
+            (&pause["arg-type"], &pause["ret-type"]),
+            (&json!("0"), &json!("0")),
+            "{pause}"
+        );
+        let pause = r#"{"execute":"migrate-pause"}"#;
+        let recover = r#"{"execute":"migrate-recover","arguments":{"uri":"tcp:127.0.0.1:0"}}"#;
+        let resume = r#"{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:1","resume":true}}"#;
+        // No migration at all.
+        assert_eq!(
+            err(&one(&mon, &mut s, pause)),
+            ("GenericError", PAUSE_REFUSED)
+        );
+        assert_eq!(
+            err(&one(&mon, &mut s, recover)),
+            ("GenericError", NOT_PAUSED)
+        );
+        assert_eq!(err(&one(&mon, &mut s, resume)), ("GenericError", NO_PAUSED));
+        // Arguments as QAPI checks them.
+        let r = one(&mon, &mut s, r#"{"execute":"migrate-recover"}"#);
+        assert_eq!(err(&r), ("GenericError", "Parameter 'uri' is missing"));
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-pause","arguments":{"now":true}}"#,
+        );
+        assert_eq!(err(&r), ("GenericError", "Parameter 'now' is unexpected"));
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:1","resume":true,"blk":true}}"#,
+        );
+        assert_eq!(
+            err(&r),
+            (
+                "GenericError",
+                "Parameter 'blk': Ferry has no block migration"
+            )
+        );
+
+        let stats = mon.source().stats();
+        // postcopy-active without a stream (the engine's check, the same text).
+        stats.set_status(MigrationStatus::PostcopyActive);
+        assert_eq!(
+            err(&one(&mon, &mut s, pause)),
+            ("GenericError", PAUSE_REFUSED)
+        );
+        assert_eq!(err(&one(&mon, &mut s, resume)), ("GenericError", NO_PAUSED));
+        // Paused: neither a second pause nor a cancel; the status stays.
+        stats.set_status(MigrationStatus::PostcopyPaused);
+        assert_eq!(
+            err(&one(&mon, &mut s, pause)),
+            ("GenericError", PAUSE_REFUSED)
+        );
+        let r = one(&mon, &mut s, r#"{"execute":"migrate_cancel"}"#);
+        assert!(
+            err(&r)
+                .1
+                .starts_with("Postcopy migration in progress, cannot cancel"),
+            "{r}"
+        );
+        assert_eq!(stats.status(), MigrationStatus::PostcopyPaused);
+        // The source is no destination: nothing to recover here.
+        assert_eq!(
+            err(&one(&mon, &mut s, recover)),
+            ("GenericError", NOT_PAUSED)
+        );
+        // A resume reaches the engine: a bad address is refused, the status stays.
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate","arguments":{"uri":"nowhere","resume":true}}"#,
+        );
+        assert_eq!(err(&r).0, "GenericError", "{r}");
+        assert_eq!(stats.status(), MigrationStatus::PostcopyPaused);
+        let (tx, rx) = crossbeam_channel::bounded(EVENT_QUEUE);
+        mon.subscribe(tx);
+        assert_eq!(one(&mon, &mut s, resume), json!({"return": {}}));
+        assert_eq!(migration_events(&rx, 1), ["postcopy-recover"]);
+        let r = one(&mon, &mut s, r#"{"execute":"query-migrate"}"#);
+        assert_eq!(r["return"]["status"], "postcopy-recover", "{r}");
+        // Resuming already: no second resume, no cancel.
+        assert_eq!(err(&one(&mon, &mut s, resume)), ("GenericError", NO_PAUSED));
+        let r = one(&mon, &mut s, r#"{"execute":"migrate_cancel"}"#);
+        assert!(
+            err(&r)
+                .1
+                .starts_with("Postcopy migration in progress, cannot cancel"),
+            "{r}"
+        );
+        assert_eq!(stats.status(), MigrationStatus::PostcopyRecover);
+    }
+
+    #[test]
+    fn recovery_commands_on_the_destination() {
+        let dst = monitor(IncomingStart::Defer);
+        let mut s = negotiated(&dst);
+        events_on(&dst, &mut s);
+        let pause = r#"{"execute":"migrate-pause"}"#;
+        let recover = r#"{"execute":"migrate-recover","arguments":{"uri":"tcp:127.0.0.1:0"}}"#;
+        // Before migrate-incoming.
+        assert_eq!(
+            err(&one(&dst, &mut s, recover)),
+            ("GenericError", NOT_PAUSED)
+        );
+        assert_eq!(
+            err(&one(&dst, &mut s, pause)),
+            ("GenericError", PAUSE_REFUSED)
+        );
+        let (tx, rx) = crossbeam_channel::bounded(EVENT_QUEUE);
+        dst.subscribe(tx);
+        let r = one(
+            &dst,
+            &mut s,
+            r#"{"execute":"migrate-incoming","arguments":{"uri":"tcp:127.0.0.1:0"}}"#,
+        );
+        assert_eq!(r, json!({"return": {}}));
+        // Listening (setup): the engine's checks, QEMU's texts.
+        assert_eq!(
+            err(&one(&dst, &mut s, recover)),
+            ("GenericError", NOT_PAUSED)
+        );
+        assert_eq!(
+            err(&one(&dst, &mut s, pause)),
+            ("GenericError", PAUSE_REFUSED)
+        );
+        let stats = match &*lock(&dst.incoming) {
+            IncomingState::Started(stats, _) => stats.clone(),
+            _ => panic!("migrate-incoming did not start"),
+        };
+        // postcopy-active with no stream received yet (just after the commit): the
+        // engine pauses the stream as soon as it is.
+        stats.set_status(MigrationStatus::PostcopyActive);
+        assert_eq!(one(&dst, &mut s, pause), json!({"return": {}}));
+        // Paused: a recovery address, then no second one while it is pending.
+        stats.set_status(MigrationStatus::PostcopyPaused);
+        assert_eq!(
+            err(&one(&dst, &mut s, pause)),
+            ("GenericError", PAUSE_REFUSED)
+        );
+        let r = one(
+            &dst,
+            &mut s,
+            r#"{"execute":"migrate-recover","arguments":{"uri":"bogus:x"}}"#,
+        );
+        assert_eq!(err(&r).0, "GenericError", "{r}");
+        assert_eq!(one(&dst, &mut s, recover), json!({"return": {}}));
+        assert_eq!(
+            err(&one(&dst, &mut s, recover)),
+            ("GenericError", "Migrate recovery is triggered already")
+        );
+        // Every status gets its event, in order, even one that lasts an instant.
+        stats.set_status(MigrationStatus::PostcopyRecover);
+        stats.set_status(MigrationStatus::PostcopyActive);
+        stats.set_status(MigrationStatus::Completed);
+        assert_eq!(
+            migration_events(&rx, 5),
+            [
+                "setup",
+                "postcopy-active",
+                "postcopy-paused",
+                "postcopy-recover",
+                "postcopy-active"
+            ]
+        );
+        assert_eq!(migration_events(&rx, 1), ["completed"]);
     }
 
     #[test]

@@ -116,9 +116,10 @@ pub enum Convergence {
 #[derive(Debug)]
 pub struct MigStats {
     status: AtomicU8,
-    /// Taken by a status change after the store, and by a waiter around its check, so
-    /// `wait_status_change` misses no change.
-    status_lock: std::sync::Mutex<()>,
+    /// Taken by a status change around the store, and by a waiter around its check, so
+    /// `wait_status_change` misses no change; holds the recent changes in order
+    /// ([`MigStats::wait_status_changes`]).
+    status_lock: std::sync::Mutex<StatusLog>,
     status_changed: std::sync::Condvar,
     started: Instant,
     /// Bytes put on the wire (all channels, headers included).
@@ -192,6 +193,26 @@ impl Default for MigStats {
     }
 }
 
+/// How many recent status changes [`MigStats::wait_status_changes`] can return.
+pub const STATUS_LOG_LEN: usize = 32;
+
+/// The recent status changes, oldest first, and how many there were in all.
+#[derive(Debug, Default)]
+struct StatusLog {
+    count: u64,
+    recent: std::collections::VecDeque<MigrationStatus>,
+}
+
+impl StatusLog {
+    fn push(&mut self, s: MigrationStatus) {
+        if self.recent.len() == STATUS_LOG_LEN {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(s);
+        self.count += 1;
+    }
+}
+
 const CONV_UNKNOWN: u64 = u64::MAX;
 const CONV_NOT: u64 = 1 << 63;
 
@@ -200,7 +221,7 @@ impl MigStats {
     pub fn new() -> Self {
         MigStats {
             status: AtomicU8::new(MigrationStatus::None as u8),
-            status_lock: std::sync::Mutex::new(()),
+            status_lock: std::sync::Mutex::new(StatusLog::default()),
             status_changed: std::sync::Condvar::new(),
             started: Instant::now(),
             transferred_bytes: AtomicU64::new(0),
@@ -244,25 +265,55 @@ impl MigStats {
 
     /// Sets the status unconditionally.
     pub fn set_status(&self, s: MigrationStatus) {
+        let mut log = self.status_log();
         self.status.store(s as u8, Ordering::Release);
-        self.notify_status();
+        log.push(s);
+        drop(log);
+        self.status_changed.notify_all();
     }
 
     /// Moves `from` → `to` only if the status is still `from` (QEMU's migrate_set_state).
     pub fn transition(&self, from: MigrationStatus, to: MigrationStatus) -> bool {
+        let mut log = self.status_log();
         let moved = self
             .status
             .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         if moved {
-            self.notify_status();
+            log.push(to);
+            drop(log);
+            self.status_changed.notify_all();
         }
         moved
     }
 
-    fn notify_status(&self) {
-        drop(self.status_lock.lock().unwrap_or_else(|p| p.into_inner()));
-        self.status_changed.notify_all();
+    fn status_log(&self) -> std::sync::MutexGuard<'_, StatusLog> {
+        self.status_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until a status was set after the first `seen` changes (counted from
+    /// these counters' creation), or `timeout` passes; returns the number of changes
+    /// so far and the statuses set after the first `seen`, in order (the last
+    /// [`STATUS_LOG_LEN`] at most: a watcher that fell further behind gets the latest
+    /// ones). Unlike [`MigStats::wait_status_change`] it misses no status that lasted
+    /// only an instant, so a watcher can report every change as QMP's `MIGRATION`
+    /// events do.
+    pub fn wait_status_changes(&self, seen: u64, timeout: Duration) -> (u64, Vec<MigrationStatus>) {
+        let deadline = Instant::now() + timeout;
+        let mut log = self.status_log();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if log.count > seen || left.is_zero() {
+                let new = log.count.saturating_sub(seen).min(log.recent.len() as u64) as usize;
+                let from = log.recent.len() - new;
+                return (log.count, log.recent.iter().skip(from).copied().collect());
+            }
+            log = self
+                .status_changed
+                .wait_timeout(log, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Waits until the status differs from `seen` or `timeout` passes; returns the
@@ -270,7 +321,7 @@ impl MigStats {
     /// `MIGRATION` events) without polling.
     pub fn wait_status_change(&self, seen: MigrationStatus, timeout: Duration) -> MigrationStatus {
         let deadline = Instant::now() + timeout;
-        let mut guard = self.status_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.status_log();
         loop {
             let now = self.status();
             let left = deadline.saturating_duration_since(Instant::now());
@@ -734,6 +785,44 @@ mod tests {
         assert_eq!(v["downtime"], 7);
         assert_eq!(v["ram"]["remaining"], 0);
         assert!(v.get("expected-downtime").is_none());
+    }
+
+    #[test]
+    fn status_changes_are_logged_in_order() {
+        use MigrationStatus as S;
+        let s = MigStats::new();
+        // Nothing yet: the wait times out with no change.
+        assert_eq!(s.wait_status_changes(0, Duration::ZERO), (0, vec![]));
+        s.set_status(S::PostcopyActive);
+        s.set_status(S::PostcopyPaused);
+        assert!(s.transition(S::PostcopyPaused, S::PostcopyRecover));
+        assert!(!s.transition(S::PostcopyPaused, S::Failed));
+        s.set_status(S::PostcopyActive);
+        // A status that lasted an instant is still there, in order.
+        let (n, log) = s.wait_status_changes(1, Duration::from_secs(5));
+        assert_eq!(n, 4);
+        assert_eq!(
+            log,
+            [S::PostcopyPaused, S::PostcopyRecover, S::PostcopyActive]
+        );
+        // A watcher that fell behind gets the latest STATUS_LOG_LEN.
+        for _ in 0..STATUS_LOG_LEN {
+            s.set_status(S::Active);
+        }
+        s.set_status(S::Completed);
+        let (n, log) = s.wait_status_changes(0, Duration::ZERO);
+        assert_eq!(n, 5 + STATUS_LOG_LEN as u64);
+        assert_eq!(log.len(), STATUS_LOG_LEN);
+        assert_eq!(log.last(), Some(&S::Completed));
+        // Woken by a change from another thread.
+        let s = std::sync::Arc::new(s);
+        let t = {
+            let s = s.clone();
+            std::thread::spawn(move || s.wait_status_changes(n, Duration::from_secs(60)))
+        };
+        s.set_status(S::Failed);
+        let (m, log) = t.join().expect("the waiter");
+        assert_eq!((m, log), (n + 1, vec![S::Failed]));
     }
 
     #[test]
