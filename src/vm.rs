@@ -103,6 +103,10 @@ impl MigratableVm for GuestVm {
         Some(ring.vcpu_dirty_entries())
     }
 
+    fn dirty_ring_entries(&self) -> Option<u32> {
+        Some(self.vm().dirty_ring_listener()?.entries())
+    }
+
     fn vcpu_dirty_pages_start(&self) -> bool {
         let Some(ring) = self.vm().dirty_ring_listener() else {
             return false;

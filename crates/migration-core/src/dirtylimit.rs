@@ -25,8 +25,8 @@ use crate::{Error, Result};
 
 /// QEMU's default period (`x-vcpu-dirty-limit-period`), ms.
 pub const DEFAULT_PERIOD_MS: u64 = 1000;
-/// Shortest period, ms (a sync per period costs a ring reap of every vCPU).
-pub const MIN_PERIOD_MS: u64 = 50;
+/// Shortest period, ms (QEMU's bound; each period costs a ring reap of every vCPU).
+pub const MIN_PERIOD_MS: u64 = 1;
 /// Longest period, ms (QEMU's bound).
 pub const MAX_PERIOD_MS: u64 = 1000;
 /// The least a limited vCPU runs: 0.1 % of its time.
@@ -142,6 +142,10 @@ impl DirtyLimiter {
     /// when None); the vCPU runs at full speed from now on. The thread stops with the
     /// last limit.
     pub fn cancel(&self, cpu_index: Option<usize>) -> Result<()> {
+        if self.shared.vm.vcpu_dirty_entries().is_none() {
+            // Nothing can be limited without the ring: nothing to lift (QEMU's no-op).
+            return Ok(());
+        }
         let targets = self.targets(cpu_index)?;
         let none_left = {
             let mut st = self.lock();
@@ -177,6 +181,33 @@ impl DirtyLimiter {
                 })
             })
             .collect()
+    }
+
+    /// QEMU's `dirty-limit-throttle-time-per-round` and `dirty-limit-ring-full-time`,
+    /// µs, in Ferry's terms: a round is a period; the first is the longest a limited
+    /// vCPU was held asleep in the last period, the second how long the limited vCPUs
+    /// take on average to fill their dirty ring at their current rate (0 when none
+    /// dirties, or the ring's size is unknown).
+    pub fn round_times_us(&self) -> (u64, u64) {
+        let st = self.lock();
+        let period_us = st.period_ms as f64 * 1000.0;
+        let limited = || st.limits.iter().enumerate().filter(|(_, l)| l.is_some());
+        let throttle = limited()
+            .map(|(i, _)| (1.0 - st.run.get(i).copied().unwrap_or(1.0)) * period_us)
+            .fold(0.0, f64::max);
+        let entries = self.shared.vm.dirty_ring_entries().unwrap_or(0);
+        let fills: Vec<f64> = limited()
+            .filter_map(|(i, _)| {
+                let pages_per_s = st.current.get(i)? * f64::from(1 << 20) / PAGE_SIZE as f64;
+                (pages_per_s > 0.0 && entries > 0).then(|| f64::from(entries) / pages_per_s * 1e6)
+            })
+            .collect();
+        let fill = if fills.is_empty() {
+            0.0
+        } else {
+            fills.iter().sum::<f64>() / fills.len() as f64
+        };
+        (throttle.round() as u64, fill.round() as u64)
     }
 
     /// Per vCPU: the fraction of its time the limiter lets it run (1 = not slowed).
@@ -400,7 +431,10 @@ mod tests {
         let e = l.set(Some(0), 10).unwrap_err().to_string();
         assert_eq!(e, NEEDS_RING);
         assert!(l.query().is_empty());
-        assert!(l.set_period_ms(10).is_err());
+        assert!(l.cancel(None).is_ok(), "nothing to lift: QEMU's no-op");
+        assert!(l.set(Some(0), 0).is_ok(), "a rate of 0 cancels");
+        assert!(l.set_period_ms(0).is_err());
+        assert!(l.set_period_ms(1001).is_err());
         assert!(l.set_period_ms(500).is_ok());
     }
 }

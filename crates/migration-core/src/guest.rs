@@ -40,6 +40,10 @@ pub trait MigratableVm: Send + Sync {
     fn vcpu_dirty_entries(&self) -> Option<Vec<u64>> {
         None
     }
+    /// Entries of each vCPU's dirty ring, or None without one.
+    fn dirty_ring_entries(&self) -> Option<u32> {
+        None
+    }
     /// Starts counting the distinct pages each vCPU dirties (dirty ring), in a window
     /// that opens at the next dirty-log sync; false when the guest cannot (no ring).
     fn vcpu_dirty_pages_start(&self) -> bool {

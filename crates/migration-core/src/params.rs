@@ -83,9 +83,11 @@ pub struct MigrationParameters {
     pub multifd_zlib_level: u8,
     /// zstd level for multifd (QEMU's; Ferry's zstd uses its own level, so accepted at 1).
     pub multifd_zstd_level: u8,
-    /// Dirty-limit period, ms (QEMU only: accepted at 1000).
+    /// Dirty-limit period, ms (1..=1000; QEMU's default 1000): how often the limiter
+    /// measures each vCPU's dirty rate and adjusts its throttle.
     pub x_vcpu_dirty_limit_period: u64,
-    /// Dirty-limit, MB/s (QEMU only: accepted at 1).
+    /// The limit, MiB/s (at least 1, QEMU's default), that a migration with the
+    /// `dirty-limit` capability puts on every vCPU when it does not converge.
     pub vcpu_dirty_limit: u64,
     /// Migration mode (QEMU's `mode`: only `normal`).
     pub mode: MigMode,
@@ -344,10 +346,18 @@ impl MigrationParameters {
             block_incremental,
             xbzrle_cache_size,
             multifd_zlib_level,
-            multifd_zstd_level,
-            x_vcpu_dirty_limit_period,
-            vcpu_dirty_limit
+            multifd_zstd_level
         );
+        if !(1..=1000).contains(&self.x_vcpu_dirty_limit_period) {
+            return Err(Error::InvalidParameter(
+                "Parameter 'x-vcpu-dirty-limit-period' expects a value between 1 and 1000".into(),
+            ));
+        }
+        if self.vcpu_dirty_limit < 1 {
+            return Err(Error::InvalidParameter(
+                "Parameter 'vcpu_dirty_limit' is invalid, it must greater then 1 MB/s".into(),
+            ));
+        }
         for (v, name) in [
             (
                 self.x_ferry_connect_timeout_ms,
@@ -421,6 +431,10 @@ pub struct Capabilities {
     /// QEMU's `postcopy-preempt`: Ferry's postcopy streams always carry requested
     /// pages on a connection of their own, so the state is only recorded.
     pub postcopy_preempt: bool,
+    /// Instead of auto-converge's throttle of every vCPU, hold each vCPU to
+    /// `vcpu-dirty-limit` MiB/s of dirtied memory when the migration does not
+    /// converge (needs the dirty ring): vCPUs that dirty less are not slowed.
+    pub dirty_limit: bool,
 }
 
 /// One capability by QMP name: every member of QEMU 8.2's `MigrationCapability`, in
@@ -475,7 +489,7 @@ pub enum Capability {
     PostcopyPreempt,
     /// `switchover-ack`.
     SwitchoverAck,
-    /// `dirty-limit`.
+    /// `dirty-limit` (Ferry implements it, with the dirty ring).
     DirtyLimit,
 }
 
@@ -518,6 +532,7 @@ impl Capability {
                 | Capability::LateBlockActivate
                 | Capability::PostcopyRam
                 | Capability::PostcopyPreempt
+                | Capability::DirtyLimit
         )
     }
 
@@ -542,6 +557,7 @@ impl Capabilities {
             Capability::LateBlockActivate => self.late_block_activate = on,
             Capability::PostcopyRam => self.postcopy_ram = on,
             Capability::PostcopyPreempt => self.postcopy_preempt = on,
+            Capability::DirtyLimit => self.dirty_limit = on,
             _ => {}
         }
     }
@@ -556,6 +572,7 @@ impl Capabilities {
             Capability::LateBlockActivate => self.late_block_activate,
             Capability::PostcopyRam => self.postcopy_ram,
             Capability::PostcopyPreempt => self.postcopy_preempt,
+            Capability::DirtyLimit => self.dirty_limit,
             _ => false,
         }
     }

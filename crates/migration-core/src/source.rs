@@ -78,6 +78,9 @@ struct Shared {
     ),
     /// `migrate-pause` broke the postcopy stream (the pause's reason says so).
     pause_requested: AtomicBool,
+    /// The guest's per-vCPU dirty limits (QMP's `set-vcpu-dirty-limit`, and the
+    /// migration's `dirty-limit` capability).
+    limiter: Arc<crate::DirtyLimiter>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -119,6 +122,7 @@ impl MigrationSource {
             downtime_limit_ms: AtomicU64::new(params.downtime_limit),
             avail_switchover_bandwidth: AtomicU64::new(params.avail_switchover_bandwidth),
         });
+        let limiter = Arc::new(crate::DirtyLimiter::new(vm.clone()));
         MigrationSource {
             vm,
             run,
@@ -133,6 +137,7 @@ impl MigrationSource {
                 start_postcopy: AtomicBool::new(false),
                 resume: crossbeam_channel::unbounded(),
                 pause_requested: AtomicBool::new(false),
+                limiter,
                 thread: Mutex::new(None),
             }),
         }
@@ -165,15 +170,45 @@ impl MigrationSource {
         *lock(&self.shared.caps)
     }
 
-    /// Sets a capability; refused while a migration runs (as QEMU does).
+    /// Sets a capability; refused while a migration runs (as QEMU does). `dirty-limit`
+    /// needs the dirty ring, and it and `auto-converge` exclude each other (QEMU's
+    /// errors).
     pub fn set_capability(&self, cap: Capability, on: bool) -> Result<()> {
         if self.is_active() {
             return Err(Error::Busy(
                 "There's a migration process in progress".into(),
             ));
         }
-        lock(&self.shared.caps).set(cap, on);
+        let mut caps = lock(&self.shared.caps);
+        if on {
+            let conflict = match cap {
+                Capability::DirtyLimit => caps.auto_converge,
+                Capability::AutoConverge => caps.dirty_limit,
+                _ => false,
+            };
+            if conflict {
+                return Err(Error::InvalidParameter(
+                    "dirty-limit conflicts with auto-converge either enabled previously or \
+                     currently"
+                        .into(),
+                ));
+            }
+            if cap == Capability::DirtyLimit && self.vm.vcpu_dirty_entries().is_none() {
+                return Err(Error::InvalidParameter(
+                    "dirty-limit requires KVM with accelerator property 'dirty-ring-size' set"
+                        .into(),
+                ));
+            }
+        }
+        caps.set(cap, on);
         Ok(())
+    }
+
+    /// The guest's per-vCPU dirty limits (QMP's `set-vcpu-dirty-limit`,
+    /// `cancel-vcpu-dirty-limit`, `query-vcpu-dirty-limit`); a migration with the
+    /// `dirty-limit` capability sets and lifts them through the same limiter.
+    pub fn dirty_limiter(&self) -> &Arc<crate::DirtyLimiter> {
+        &self.shared.limiter
     }
 
     /// True while a migration is between setup and its end.
@@ -256,6 +291,7 @@ impl MigrationSource {
             switching: AtomicBool::new(false),
             committing: AtomicBool::new(false),
             in_postcopy: AtomicBool::new(false),
+            dirty_limited: AtomicBool::new(false),
             span: info_span!(
                 "migration",
                 uri = %uri,
@@ -423,6 +459,9 @@ struct Run {
     /// The destination acknowledged the switch to postcopy: it runs the guest, and
     /// this source holds the only copy of the pages it still lacks.
     in_postcopy: AtomicBool,
+    /// This migration put the `vcpu-dirty-limit` on every vCPU (`dirty-limit`): its end
+    /// lifts it.
+    dirty_limited: AtomicBool,
     /// The `migration` span, made on the caller's thread (so it nests under the
     /// caller's span) and entered on the migration thread.
     span: tracing::Span,
@@ -503,6 +542,14 @@ impl Run {
         let result = catch_unwind(AssertUnwindSafe(|| self.migrate(&uri)))
             .unwrap_or_else(|p| Err(Error::panicked("the migration thread", &*p)));
         lock(&self.shared.abort).take();
+        if self.dirty_limited.swap(false, Ordering::AcqRel) {
+            // QEMU lifts every limit at the end of a dirty-limit migration, however it
+            // ended.
+            if let Err(e) = self.shared.limiter.cancel(None) {
+                warn!(error = %e, "lifting the migration's dirty limit failed");
+            }
+            self.stats.set_dirty_limit(None);
+        }
         let stats = &self.stats;
         stats
             .total_time_ms

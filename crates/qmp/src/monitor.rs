@@ -494,6 +494,69 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
         },
     ),
     (
+        "set-vcpu-dirty-limit",
+        sig(
+            obj!(
+                "set-vcpu-dirty-limit_arg",
+                [opt("cpu-index", INT), req("dirty-rate", INT)]
+            ),
+            EMPTY,
+        ),
+        |m, _session, mut a| {
+            value({
+                let cpu = a.opt_i64("cpu-index")?;
+                let rate = a.i64("dirty-rate")?;
+                a.finish()?;
+                let rate = u64::try_from(rate)
+                    .map_err(|_| QmpError::generic("Parameter 'dirty-rate' expects uint64"))?;
+                m.source
+                    .dirty_limiter()
+                    .set(cpu_index(cpu)?, rate)
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
+                empty()
+            })
+        },
+    ),
+    (
+        "cancel-vcpu-dirty-limit",
+        sig(
+            obj!("cancel-vcpu-dirty-limit_arg", [opt("cpu-index", INT)]),
+            EMPTY,
+        ),
+        |m, _session, mut a| {
+            value({
+                let cpu = a.opt_i64("cpu-index")?;
+                a.finish()?;
+                m.source
+                    .dirty_limiter()
+                    .cancel(cpu_index(cpu)?)
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
+                empty()
+            })
+        },
+    ),
+    (
+        "query-vcpu-dirty-limit",
+        sig(
+            EMPTY,
+            Ty::Array(&obj!(
+                "DirtyLimitInfo",
+                [
+                    req("cpu-index", INT),
+                    req("limit-rate", INT),
+                    req("current-rate", INT)
+                ]
+            )),
+        ),
+        |m, _session, a| {
+            value({
+                a.finish()?;
+                serde_json::to_value(m.source.dirty_limiter().query())
+                    .map_err(|e| QmpError::generic(e.to_string()))?
+            })
+        },
+    ),
+    (
         "human-monitor-command",
         sig(
             obj!(
@@ -658,6 +721,12 @@ impl EventHub {
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
         });
     }
+}
+
+/// A QMP `cpu-index`: QEMU refuses a negative one as out of range.
+fn cpu_index(cpu: Option<i64>) -> Result<Option<usize>, QmpError> {
+    cpu.map(|c| usize::try_from(c).map_err(|_| QmpError::generic("incorrect cpu index specified")))
+        .transpose()
 }
 
 /// The state every client shares.
@@ -1606,6 +1675,62 @@ mod tests {
                 {"capability":"events","state":true}]}}"#,
         );
         assert_eq!(r, json!({"return": {}}));
+    }
+
+    #[test]
+    fn dirty_limit_commands_answer_as_qemu_without_a_ring() {
+        let mon = monitor(IncomingStart::None);
+        let mut s = negotiated(&mon);
+        for c in [
+            "set-vcpu-dirty-limit",
+            "cancel-vcpu-dirty-limit",
+            "query-vcpu-dirty-limit",
+        ] {
+            assert!(commands().any(|n| n == c), "{c} is listed");
+        }
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"set-vcpu-dirty-limit","arguments":{"dirty-rate":10}}"#,
+        );
+        assert_eq!(
+            err(&r).1,
+            "dirty page limit feature requires KVM with accelerator property 'dirty-ring-size' set'"
+        );
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"set-vcpu-dirty-limit","arguments":{"cpu-index":-1,"dirty-rate":10}}"#,
+        );
+        assert_eq!(err(&r).1, "incorrect cpu index specified");
+        let r = one(&mon, &mut s, r#"{"execute":"cancel-vcpu-dirty-limit"}"#);
+        assert_eq!(r, json!({"return": {}}));
+        let r = one(&mon, &mut s, r#"{"execute":"query-vcpu-dirty-limit"}"#);
+        assert_eq!(r, json!({"return": []}));
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"dirty-limit","state":true}]}}"#,
+        );
+        assert_eq!(
+            err(&r).1,
+            "dirty-limit requires KVM with accelerator property 'dirty-ring-size' set"
+        );
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-set-parameters","arguments":{"x-vcpu-dirty-limit-period":0}}"#,
+        );
+        assert!(err(&r).1.contains("x-vcpu-dirty-limit-period"), "{r}");
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-set-parameters","arguments":{"x-vcpu-dirty-limit-period":500,"vcpu-dirty-limit":50}}"#,
+        );
+        assert_eq!(r, json!({"return": {}}));
+        let r = one(&mon, &mut s, r#"{"execute":"query-migrate-parameters"}"#);
+        assert_eq!(r["return"]["x-vcpu-dirty-limit-period"], 500);
+        assert_eq!(r["return"]["vcpu-dirty-limit"], 50);
     }
 
     #[test]

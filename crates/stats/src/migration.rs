@@ -185,6 +185,9 @@ pub struct MigStats {
     error: OnceLock<String>,
     /// Why postcopy is paused (or why its last recovery failed); cleared on recovery.
     pause_reason: std::sync::Mutex<Option<String>>,
+    /// While the migration holds a dirty limit: its throttle time per round and ring
+    /// full time, µs.
+    dirty_limit: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 impl Default for MigStats {
@@ -255,6 +258,7 @@ impl MigStats {
             first_pass_convergence: OnceLock::new(),
             error: OnceLock::new(),
             pause_reason: std::sync::Mutex::new(None),
+            dirty_limit: std::sync::Mutex::new(None),
         }
     }
 
@@ -350,6 +354,12 @@ impl MigStats {
     /// The failure reason, if any.
     pub fn error(&self) -> Option<&str> {
         self.error.get().map(String::as_str)
+    }
+
+    /// Sets (or with `None` clears) the dirty limit's throttle time per round and ring
+    /// full time, µs, for `query-migrate` while the migration holds the limit.
+    pub fn set_dirty_limit(&self, round_times_us: Option<(u64, u64)>) {
+        *self.dirty_limit.lock().unwrap_or_else(|p| p.into_inner()) = round_times_us;
     }
 
     /// Sets (or with `None` clears) why postcopy is paused; `query-migrate`'s
@@ -483,6 +493,14 @@ impl MigStats {
         let throttle = ld(&self.cpu_throttle_percentage);
         if throttle > 0 {
             info.cpu_throttle_percentage = Some(throttle);
+        }
+        if !finished {
+            if let Some((per_round, ring_full)) =
+                *self.dirty_limit.lock().unwrap_or_else(|p| p.into_inner())
+            {
+                info.dirty_limit_throttle_time_per_round = Some(per_round);
+                info.dirty_limit_ring_full_time = Some(ring_full);
+            }
         }
         info.error_desc = self.error_desc();
         info.ferry = Some(FerryMigrationInfo {
@@ -652,6 +670,14 @@ pub struct MigrationInfo {
     /// Auto-converge throttle, percent (while throttling).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_throttle_percentage: Option<u64>,
+    /// Dirty limit (while the migration holds it): the longest a limited vCPU was held
+    /// asleep in the last round (a measurement period), µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_limit_throttle_time_per_round: Option<u64>,
+    /// Dirty limit: how long the limited vCPUs take on average to fill their dirty
+    /// ring at their current rate, µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_limit_ring_full_time: Option<u64>,
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_desc: Option<String>,
@@ -670,6 +696,8 @@ impl Default for MigrationInfo {
             expected_downtime: None,
             downtime: None,
             cpu_throttle_percentage: None,
+            dirty_limit_throttle_time_per_round: None,
+            dirty_limit_ring_full_time: None,
             error_desc: None,
             ferry: None,
         }

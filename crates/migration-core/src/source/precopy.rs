@@ -39,6 +39,22 @@ impl Run {
         (blocks, opts)
     }
 
+    /// Puts `vcpu-dirty-limit` on every vCPU, measured every `x-vcpu-dirty-limit-period`
+    /// (the `dirty-limit` capability, when the migration does not converge).
+    fn start_dirty_limit(&self) -> Result<()> {
+        let p = &self.params;
+        let limiter = &self.shared.limiter;
+        limiter.set_period_ms(p.x_vcpu_dirty_limit_period)?;
+        limiter.set(None, p.vcpu_dirty_limit)?;
+        self.dirty_limited.store(true, Ordering::Release);
+        info!(
+            vcpu_dirty_limit_mib_s = p.vcpu_dirty_limit,
+            period_ms = p.x_vcpu_dirty_limit_period,
+            "dirty-limit: every vCPU limited (the migration does not converge)"
+        );
+        Ok(())
+    }
+
     pub(super) fn migrate(&self, uri: &Uri) -> Result<()> {
         let (blocks, opts) = self.stream_shape();
         let channels = usize::from(opts.channels);
@@ -343,6 +359,27 @@ impl Run {
                         .cpu_throttle_percentage
                         .store(u64::from(pct), Ordering::Relaxed);
                 }
+            } else if self.caps.dirty_limit && !self.dirty_limited.load(Ordering::Acquire) {
+                // QEMU's trigger, auto-converge's: the guest dirtied more than the
+                // threshold's share of what was sent, twice.
+                let p = &self.params;
+                if lp
+                    .auto
+                    .on_period(
+                        new_rate * period_ms / 1000 * PAGE_SIZE,
+                        sent,
+                        p.throttle_trigger_threshold,
+                        p.cpu_throttle_initial,
+                        p.cpu_throttle_increment,
+                        p.max_cpu_throttle,
+                    )
+                    .is_some()
+                {
+                    self.start_dirty_limit()?;
+                }
+            }
+            if self.dirty_limited.load(Ordering::Acquire) {
+                stats.set_dirty_limit(Some(self.shared.limiter.round_times_us()));
             }
         }
         let remaining = lp.bitmap.count() * PAGE_SIZE;
