@@ -986,6 +986,78 @@ fn a_source_killed_during_postcopy_leaves_the_destination_paused_and_saying_why(
     );
 }
 
+/// QEMU 8.1's dirty-limit instead of auto-converge: the migration that would not
+/// converge (vCPU 0 rewriting 256 MiB at 128 MiB/s) completes with every vCPU held to
+/// `vcpu-dirty-limit`, and the vCPU that dirties nothing is never slowed (auto-converge
+/// would throttle it as hard as the other). The end of the migration lifts the limit.
+#[test]
+fn dirty_limit_completes_a_migration_that_would_not_and_spares_the_vcpu_that_does_not_dirty() {
+    if !common::kvm_or_skip() {
+        return;
+    }
+    let _g = guest_lock();
+    let cfg = VmConfig {
+        dirty_ring_entries: 4096,
+        ..config(
+            1 << 30,
+            2,
+            Workload::Lopsided {
+                pages: NON_CONVERGING_PAGES,
+            },
+        )
+    };
+    let guest = boot(&cfg);
+    let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
+    let source = whole_pages_source(&guest, 128 << 20, 1);
+    source.set_capability(Capability::DirtyLimit, true).unwrap();
+    let conflict = source
+        .set_capability(Capability::AutoConverge, true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        conflict.contains("conflicts with auto-converge"),
+        "{conflict}"
+    );
+    source
+        .set_parameters(&ParametersUpdate {
+            x_vcpu_dirty_limit_period: Some(250),
+            ..Default::default()
+        })
+        .unwrap();
+    let counters_before = guest.vm().counter(1);
+    let t0 = Instant::now();
+    source.migrate(&dest.uri).unwrap();
+    poll_until(&source, "the dirty limit", |i| {
+        i.dirty_limit_throttle_time_per_round.is_some() || i.status.is_finished()
+    });
+    let limits = source.dirty_limiter().query();
+    assert_eq!(limits.len(), 2, "every vCPU limited: {limits:?}");
+    assert!(limits.iter().all(|l| l.limit_rate == 1), "{limits:?}");
+    assert_eq!(
+        source.wait(),
+        MigrationStatus::Completed,
+        "{:?}",
+        source.query()
+    );
+    let secs = t0.elapsed().as_secs_f64();
+    dest.check_completed(ram_digest(&GuestRam::new(guest.clone())));
+    assert!(
+        !source.dirty_limiter().in_service(),
+        "the migration's end lifts the limit"
+    );
+    let slept = guest.vm().vcpu_throttled_us();
+    assert!(slept[0] > 0, "vCPU 0 was held to the limit: {slept:?}");
+    assert_eq!(
+        slept[1], 0,
+        "vCPU 1 dirties nothing and never slept: {slept:?}"
+    );
+    eprintln!(
+        "dirty-limit: completed in {secs:.1} s; vCPU 0 slept {} ms, vCPU 1 counted {} rounds",
+        slept[0] / 1000,
+        guest.vm().counter(1) - counters_before
+    );
+}
+
 #[test]
 fn auto_converge_completes_a_migration_that_would_not() {
     let _g = guest_lock();
