@@ -162,6 +162,11 @@ impl MigrationSource {
             .store(p.downtime_limit, Ordering::Relaxed);
         live.avail_switchover_bandwidth
             .store(p.avail_switchover_bandwidth, Ordering::Relaxed);
+        // QEMU's dirty limit measures every `x-vcpu-dirty-limit-period`, with or
+        // without a migration (validated above).
+        self.shared
+            .limiter
+            .set_period_ms(p.x_vcpu_dirty_limit_period)?;
         Ok(())
     }
 

@@ -509,6 +509,7 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
                 a.finish()?;
                 let rate = u64::try_from(rate)
                     .map_err(|_| QmpError::generic("Parameter 'dirty-rate' expects uint64"))?;
+                m.refuse_during_dirty_limit_migration("set")?;
                 m.source
                     .dirty_limiter()
                     .set(cpu_index(cpu)?, rate)
@@ -527,6 +528,7 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
             value({
                 let cpu = a.opt_i64("cpu-index")?;
                 a.finish()?;
+                m.refuse_during_dirty_limit_migration("cancel")?;
                 m.source
                     .dirty_limiter()
                     .cancel(cpu_index(cpu)?)
@@ -745,6 +747,20 @@ pub struct Monitor {
 }
 
 impl Monitor {
+    /// QEMU refuses to change dirty limits by hand while a migration with the
+    /// `dirty-limit` capability runs and holds them.
+    fn refuse_during_dirty_limit_migration(&self, what: &str) -> Result<(), QmpError> {
+        if self.source.is_active()
+            && self.source.capabilities().dirty_limit
+            && self.source.dirty_limiter().in_service()
+        {
+            return Err(QmpError::generic(format!(
+                "can't {what} dirty page rate limit while migration is running"
+            )));
+        }
+        Ok(())
+    }
+
     /// A monitor for `machine` (whose guest is `vm`), as a destination if `start` says
     /// so; with `autostart` false (QEMU's `-S`) an incoming guest stays paused after
     /// its migration until `cont`. Starts the thread that turns migration progress
