@@ -1030,9 +1030,13 @@ fn dirty_limit_completes_a_migration_that_would_not_and_spares_the_vcpu_that_doe
     poll_until(&source, "the dirty limit", |i| {
         i.dirty_limit_throttle_time_per_round.is_some() || i.status.is_finished()
     });
+    // Seen while the migration holds them (it may end at any moment and lift them):
+    // every vCPU at vcpu-dirty-limit.
     let limits = source.dirty_limiter().query();
-    assert_eq!(limits.len(), 2, "every vCPU limited: {limits:?}");
-    assert!(limits.iter().all(|l| l.limit_rate == 1), "{limits:?}");
+    assert!(
+        limits.is_empty() || (limits.len() == 2 && limits.iter().all(|l| l.limit_rate == 1)),
+        "every vCPU limited at 1 MiB/s: {limits:?}"
+    );
     assert_eq!(
         source.wait(),
         MigrationStatus::Completed,

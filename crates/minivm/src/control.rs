@@ -141,19 +141,22 @@ impl Control {
             return;
         }
         if slice_start.elapsed() >= THROTTLE_SLICE {
-            let sleep = THROTTLE_SLICE.mul_f64(ppm as f64 / (1_000_000 - ppm) as f64);
             let started = Instant::now();
-            let deadline = started + sleep;
             let mut g = self.lock();
-            // Sleep until the deadline; pause/stop end the sleep, kicks are acknowledged
-            // (the worker is out of the guest) without ending it.
+            // Sleep for the current throttle's share; a change of the throttle (read
+            // under the lock its setters take, so none is missed) moves the deadline,
+            // and lifting it ends the sleep at once. Pause/stop end the sleep too; kicks
+            // are acknowledged (the worker is out of the guest) without ending it.
             loop {
                 if g.kick_acked[id] != g.kick_epoch {
                     g.kick_acked[id] = g.kick_epoch;
                     self.cv.notify_all();
                 }
+                let ppm = u64::from(self.throttle_ppm(id));
+                let deadline = started
+                    + THROTTLE_SLICE.mul_f64(ppm as f64 / (1_000_000 - ppm.min(999_999)) as f64);
                 let now = Instant::now();
-                if g.request != Request::Run || now >= deadline {
+                if g.request != Request::Run || ppm == 0 || now >= deadline {
                     break;
                 }
                 g = self
@@ -162,6 +165,7 @@ impl Control {
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
+            drop(g);
             if let Some(t) = self.throttled_us.get(id) {
                 t.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             }
@@ -183,13 +187,16 @@ impl Control {
     /// Sets vCPU `id`'s own throttle, in millionths of its time asleep (clamped to
     /// [`MAX_THROTTLE_PPM`]); 0 turns it off. False for a vCPU that does not exist.
     pub fn set_vcpu_throttle_ppm(&self, id: usize, ppm: u32) -> bool {
-        match self.vcpu_throttle_ppm.get(id) {
-            Some(p) => {
-                p.store(ppm.min(MAX_THROTTLE_PPM), Ordering::Relaxed);
-                true
-            }
-            None => false,
-        }
+        let Some(p) = self.vcpu_throttle_ppm.get(id) else {
+            return false;
+        };
+        // Under the lock a sleeping worker waits on, then woken: its sleep follows the
+        // new throttle at once (a lifted one ends it).
+        let g = self.lock();
+        p.store(ppm.min(MAX_THROTTLE_PPM), Ordering::Relaxed);
+        drop(g);
+        self.cv.notify_all();
+        true
     }
 
     /// True when some vCPU is throttled (globally or on its own).
@@ -259,7 +266,10 @@ impl Control {
 
     /// Sets the throttle percentage (clamped to 0..=99).
     pub fn set_throttle_percent(&self, pct: u8) {
+        let g = self.lock();
         self.throttle_pct.store(pct.min(99), Ordering::Relaxed);
+        drop(g);
+        self.cv.notify_all();
     }
 
     /// Waits up to `dur` or until stop is requested; returns false on stop.
@@ -270,5 +280,52 @@ impl Control {
             .wait_timeout_while(g, dur, |s| s.request != Request::Stop)
             .unwrap_or_else(|p| p.into_inner());
         g.request != Request::Stop
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker in a long throttle sleep (99.9 %: 10 s per 10 ms slice).
+    fn sleeping_worker(c: &std::sync::Arc<Control>) -> std::thread::JoinHandle<Duration> {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            let mut slice_start = Instant::now() - THROTTLE_SLICE * 2;
+            let t0 = Instant::now();
+            c.throttle(0, &mut slice_start);
+            t0.elapsed()
+        })
+    }
+
+    #[test]
+    fn lifting_a_vcpu_throttle_ends_its_sleep_at_once() {
+        let c = std::sync::Arc::new(Control::new(2));
+        assert!(c.set_vcpu_throttle_ppm(0, MAX_THROTTLE_PPM));
+        assert!(!c.set_vcpu_throttle_ppm(2, 1), "no vCPU 2");
+        assert_eq!(c.throttle_ppm(1), 0, "vCPU 1 is not throttled");
+        assert!(c.any_throttled());
+        let worker = sleeping_worker(&c);
+        std::thread::sleep(Duration::from_millis(50));
+        c.set_vcpu_throttle_ppm(0, 0);
+        let slept = worker.join().unwrap();
+        assert!(
+            slept < Duration::from_secs(5),
+            "slept {slept:?} of a 10 s sleep"
+        );
+        assert!(c.throttled_us()[0] > 0, "{:?}", c.throttled_us());
+        assert_eq!(c.throttled_us()[1], 0);
+        assert!(!c.any_throttled());
+    }
+
+    #[test]
+    fn the_larger_of_the_global_and_a_vcpus_own_throttle_applies() {
+        let c = Control::new(2);
+        c.set_throttle_percent(20);
+        c.set_vcpu_throttle_ppm(0, 500_000);
+        assert_eq!(c.throttle_ppm(0), 500_000);
+        assert_eq!(c.throttle_ppm(1), 200_000);
+        c.set_vcpu_throttle_ppm(0, 2_000_000);
+        assert_eq!(c.throttle_ppm(0), MAX_THROTTLE_PPM, "clamped");
     }
 }

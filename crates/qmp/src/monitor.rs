@@ -509,12 +509,7 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
                 a.finish()?;
                 let rate = u64::try_from(rate)
                     .map_err(|_| QmpError::generic("Parameter 'dirty-rate' expects uint64"))?;
-                m.refuse_during_dirty_limit_migration("set")?;
-                m.source
-                    .dirty_limiter()
-                    .set(cpu_index(cpu)?, rate)
-                    .map_err(|e| QmpError::generic(e.to_string()))?;
-                empty()
+                m.change_dirty_limit(cpu, Some(rate))?
             })
         },
     ),
@@ -528,12 +523,7 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
             value({
                 let cpu = a.opt_i64("cpu-index")?;
                 a.finish()?;
-                m.refuse_during_dirty_limit_migration("cancel")?;
-                m.source
-                    .dirty_limiter()
-                    .cancel(cpu_index(cpu)?)
-                    .map_err(|e| QmpError::generic(e.to_string()))?;
-                empty()
+                m.change_dirty_limit(cpu, None)?
             })
         },
     ),
@@ -747,18 +737,25 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    /// QEMU refuses to change dirty limits by hand while a migration with the
-    /// `dirty-limit` capability runs and holds them.
-    fn refuse_during_dirty_limit_migration(&self, what: &str) -> Result<(), QmpError> {
-        if self.source.is_active()
-            && self.source.capabilities().dirty_limit
-            && self.source.dirty_limiter().in_service()
+    /// `set-vcpu-dirty-limit` (with a rate) or `cancel-vcpu-dirty-limit` (without) on
+    /// vCPU `cpu` (every vCPU when None). QEMU refuses both while a migration with the
+    /// `dirty-limit` capability runs and holds the limits.
+    fn change_dirty_limit(&self, cpu: Option<i64>, rate: Option<u64>) -> Result<Value, QmpError> {
+        let cpu = cpu_index(cpu)?;
+        let limiter = self.source.dirty_limiter();
+        if self.source.is_active() && self.source.capabilities().dirty_limit && limiter.in_service()
         {
+            let what = if rate.is_some() { "set" } else { "cancel" };
             return Err(QmpError::generic(format!(
                 "can't {what} dirty page rate limit while migration is running"
             )));
         }
-        Ok(())
+        match rate {
+            Some(r) => limiter.set(cpu, r),
+            None => limiter.cancel(cpu),
+        }
+        .map_err(|e| QmpError::generic(e.to_string()))?;
+        Ok(empty())
     }
 
     /// A monitor for `machine` (whose guest is `vm`), as a destination if `start` says

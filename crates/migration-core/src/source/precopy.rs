@@ -338,19 +338,29 @@ impl Run {
                 .store(new_rate, Ordering::Relaxed);
             let sent = bytes - lp.period_start_bytes;
             lp.period_start_bytes = bytes;
-            if self.caps.auto_converge {
-                let p = &self.params;
-                if let Some(pct) = lp.auto.on_period(
-                    new_rate * period_ms / 1000 * PAGE_SIZE,
+            // Auto-converge's trigger, which QEMU's dirty-limit shares: the guest
+            // dirtied more than the threshold's share of what was sent, twice.
+            let dirtied = new_rate * period_ms / 1000 * PAGE_SIZE;
+            let watching = self.caps.auto_converge
+                || (self.caps.dirty_limit && !self.dirty_limited.load(Ordering::Acquire));
+            let p = &self.params;
+            let triggered = if watching {
+                lp.auto.on_period(
+                    dirtied,
                     sent,
                     p.throttle_trigger_threshold,
                     p.cpu_throttle_initial,
                     p.cpu_throttle_increment,
                     p.max_cpu_throttle,
-                ) {
+                )
+            } else {
+                None
+            };
+            match triggered {
+                Some(pct) if self.caps.auto_converge => {
                     info!(
                         throttle_percent = pct,
-                        dirtied_bytes = new_rate * period_ms / 1000 * PAGE_SIZE,
+                        dirtied_bytes = dirtied,
                         sent_bytes = sent,
                         "auto-converge: vCPU throttle changed"
                     );
@@ -359,24 +369,8 @@ impl Run {
                         .cpu_throttle_percentage
                         .store(u64::from(pct), Ordering::Relaxed);
                 }
-            } else if self.caps.dirty_limit && !self.dirty_limited.load(Ordering::Acquire) {
-                // QEMU's trigger, auto-converge's: the guest dirtied more than the
-                // threshold's share of what was sent, twice.
-                let p = &self.params;
-                if lp
-                    .auto
-                    .on_period(
-                        new_rate * period_ms / 1000 * PAGE_SIZE,
-                        sent,
-                        p.throttle_trigger_threshold,
-                        p.cpu_throttle_initial,
-                        p.cpu_throttle_increment,
-                        p.max_cpu_throttle,
-                    )
-                    .is_some()
-                {
-                    self.start_dirty_limit()?;
-                }
+                Some(_) => self.start_dirty_limit()?,
+                None => {}
             }
             if self.dirty_limited.load(Ordering::Acquire) {
                 stats.set_dirty_limit(Some(self.shared.limiter.round_times_us()));
