@@ -1,0 +1,469 @@
+//! Dirty limit (issue #17) against auto-converge, and the limiter alone.
+//!
+//! 1. Migration: a 1 GiB, 2-vCPU guest with a dirty ring (4096 entries) running
+//!    `lopsided=65536` (vCPU 0 rewrites 256 MiB, vCPU 1 only counts), every page sent
+//!    whole, `max-bandwidth` 128 MiB/s, 1 channel, loopback TCP to a fresh
+//!    `ferry receive --verify`; auto-converge against dirty-limit at 1 MiB/s with
+//!    periods of 1000 and 250 ms. A fresh guest and destination each run.
+//! 2. The limiter without a migration: a guest writing random pages, vCPU 0 limited to
+//!    L MiB/s for L in 1, 10, 100, 1000; its rate by the guest's own counters and by
+//!    `query-vcpu-dirty-limit`, the other vCPU's speed, and the limiter thread's CPU.
+//!
+//! Prints both tables and writes them to target/bench/dirty_limit.md (scripts/numbers).
+//!
+//! `cargo bench --bench dirty_limit` (`FERRY_BENCH_REPS`, default 3).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry::dirty_sync::kvm::KvmRingConfig;
+use ferry::migration_core::{
+    ram_digest, Capability, DirtyLimiter, GuestRam, MigrationSource, ParametersUpdate,
+};
+use ferry::stats::MigrationStatus;
+use ferry::GuestVm;
+use minivm::{DirtyTracking, VmConfig, Workload};
+use serde_json::Value;
+
+const RING_ENTRIES: u32 = 4096;
+const PAGE_BYTES: f64 = 4096.0;
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// A fresh destination process; its JSON lines.
+struct Dest {
+    child: Child,
+    lines: std::io::Lines<BufReader<ChildStdout>>,
+}
+
+impl Dest {
+    fn spawn(cfg: &VmConfig) -> (Dest, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["receive", "--verify", "--uri", "tcp:127.0.0.1:0"])
+            .args(["--mem", &cfg.mem_bytes.to_string()])
+            .args(["--vcpus", &cfg.vcpus.to_string()])
+            .args(["--workload", &cfg.workload.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn ferry receive");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut d = Dest {
+            child,
+            lines: BufReader::new(stdout).lines(),
+        };
+        let l = d.next().expect("the destination's first line");
+        assert_eq!(l["event"], "listening", "{l}");
+        let uri = l["uri"].as_str().expect("uri").to_string();
+        (d, uri)
+    }
+
+    /// The next line, past progress lines (`postcopy-...`); None when it exited.
+    fn next(&mut self) -> Option<Value> {
+        loop {
+            let line = self.lines.next()?.ok()?;
+            let v: Value = serde_json::from_str(&line).ok()?;
+            if !v["event"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("postcopy-"))
+            {
+                return Some(v);
+            }
+        }
+    }
+}
+
+impl Drop for Dest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn boot(mem_bytes: u64, workload: Workload) -> Arc<GuestVm> {
+    let cfg = VmConfig {
+        mem_bytes,
+        vcpus: 2,
+        workload,
+        dirty_ring_entries: RING_ENTRIES,
+        ..Default::default()
+    };
+    let tracking = DirtyTracking::Ring(KvmRingConfig {
+        entries: RING_ENTRIES,
+        ..Default::default()
+    });
+    let guest = Arc::new(GuestVm::boot(cfg, tracking).expect("boot"));
+    {
+        let vm = guest.vm();
+        for v in 0..2 {
+            vm.wait_rounds(v, 2, Duration::from_secs(30))
+                .expect("guest runs");
+        }
+    }
+    guest
+}
+
+// ---- Table 1: migration ----
+
+/// One row of table 1.
+struct Scenario {
+    name: &'static str,
+    /// `None`: auto-converge; else dirty-limit at this period, ms (1 MiB/s).
+    dirty_limit_period_ms: Option<u64>,
+}
+
+/// What one migration measured.
+#[derive(Clone, Default)]
+struct Run {
+    ok: bool,
+    total_ms: u64,
+    downtime_ms: u64,
+    /// vCPU 1's counter rounds per second from migrate() to completion, as % of the
+    /// second before.
+    vcpu1_speed_pct: f64,
+    /// vCPU 0's page writes from migrate() to completion.
+    vcpu0_writes: u64,
+    /// vCPU 1's throttle sleep during the migration, ms.
+    vcpu1_slept_ms: f64,
+}
+
+fn migrate_once(s: &Scenario) -> Run {
+    let workload = Workload::Lopsided { pages: 65536 };
+    let guest = boot(1 << 30, workload);
+    let cfg = guest.vm().config().clone();
+    let (mut dest, uri) = Dest::spawn(&cfg);
+    let source = MigrationSource::new(guest.clone());
+    source
+        .set_parameters(&ParametersUpdate {
+            max_bandwidth: Some(128 << 20),
+            multifd_channels: Some(1),
+            x_ferry_sparse_pages: Some(false),
+            vcpu_dirty_limit: Some(1),
+            x_vcpu_dirty_limit_period: s.dirty_limit_period_ms,
+            ..Default::default()
+        })
+        .expect("parameters");
+    match s.dirty_limit_period_ms {
+        Some(_) => source.set_capability(Capability::DirtyLimit, true),
+        None => source.set_capability(Capability::AutoConverge, true),
+    }
+    .expect("capability");
+    // vCPU 1's undisturbed speed, over the second before.
+    let (c0, t_before) = (guest.vm().counter(1), Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    let c1 = guest.vm().counter(1);
+    let before_per_s = (c1 - c0) as f64 / t_before.elapsed().as_secs_f64();
+    let writes0 = guest.vcpu_page_writes()[0];
+    let slept0 = guest.vm().vcpu_throttled_us()[1];
+    let t0 = Instant::now();
+    source.migrate(&uri).expect("migrate");
+    let limit = Duration::from_secs(120);
+    while !source.query().status.is_finished() && t0.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if !source.query().status.is_finished() {
+        source.cancel();
+    }
+    let status = source.wait();
+    let secs = t0.elapsed().as_secs_f64();
+    let info = source.query();
+    let c2 = guest.vm().counter(1);
+    let mut r = Run {
+        ok: status == MigrationStatus::Completed,
+        total_ms: info.total_time.unwrap_or(0),
+        downtime_ms: info.downtime.unwrap_or(0),
+        vcpu1_speed_pct: (c2 - c1) as f64 / secs / before_per_s.max(1e-9) * 100.0,
+        vcpu0_writes: guest.vcpu_page_writes()[0] - writes0,
+        vcpu1_slept_ms: (guest.vm().vcpu_throttled_us()[1] - slept0) as f64 / 1000.0,
+    };
+    if !r.ok {
+        eprintln!("{}: {status:?} {:?}", s.name, info.error_desc);
+        return r;
+    }
+    let digest = ram_digest(&GuestRam::new(guest.clone()));
+    match dest.next() {
+        Some(done) if done["event"] == "completed" => {
+            if done["ram-digest"].as_u64() != Some(digest) {
+                eprintln!(
+                    "{}: the destination's RAM differs: {done} (source {digest})",
+                    s.name
+                );
+                r.ok = false;
+            }
+        }
+        other => {
+            eprintln!("{}: the destination did not complete: {other:?}", s.name);
+            r.ok = false;
+        }
+    }
+    if s.dirty_limit_period_ms.is_some() && source.dirty_limiter().in_service() {
+        eprintln!("{}: the migration's end left the limit on", s.name);
+    }
+    r
+}
+
+fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+fn migration_table(reps: usize) -> Vec<String> {
+    let scenarios = [
+        Scenario {
+            name: "auto-converge",
+            dirty_limit_period_ms: None,
+        },
+        Scenario {
+            name: "dirty-limit 1 MiB/s, period 1000 ms",
+            dirty_limit_period_ms: Some(1000),
+        },
+        Scenario {
+            name: "dirty-limit 1 MiB/s, period 250 ms",
+            dirty_limit_period_ms: Some(250),
+        },
+    ];
+    let mut md = vec![
+        "| row | completed | total ms | downtime ms | vCPU 1 speed in migration | vCPU 0 page writes in migration | vCPU 1 throttle sleep ms |".to_string(),
+        "|---|---|---|---|---|---|---|".to_string(),
+    ];
+    for s in &scenarios {
+        let runs: Vec<Run> = (0..reps).map(|_| migrate_once(s)).collect();
+        let ok = runs.iter().filter(|r| r.ok).count();
+        let good: Vec<&Run> = runs.iter().filter(|r| r.ok).collect();
+        let line = if good.is_empty() {
+            format!("| {} | 0/{reps} | | | | | |", s.name)
+        } else {
+            let m = |f: fn(&Run) -> u64| median(good.iter().map(|r| f(r)).collect());
+            let mf = |f: fn(&Run) -> f64| median(good.iter().map(|r| f(r)).collect());
+            format!(
+                "| {} | {ok}/{reps} | {} | {} | {:.0} % | {} | {:.0} |",
+                s.name,
+                m(|r| r.total_ms),
+                m(|r| r.downtime_ms),
+                mf(|r| r.vcpu1_speed_pct),
+                m(|r| r.vcpu0_writes),
+                mf(|r| r.vcpu1_slept_ms),
+            )
+        };
+        println!("{line}");
+        md.push(line);
+    }
+    md.push(String::new());
+    md.push(format!(
+        "Medians of {reps} runs (of those completed and verified), a fresh guest and destination each. \
+         1 GiB, 2 vCPUs, dirty ring 4096 entries, `lopsided=65536`: vCPU 0 rewrites 256 MiB, vCPU 1 \
+         only counts. Pages sent whole, max-bandwidth 128 MiB/s, 1 channel, loopback TCP to \
+         `ferry receive --verify` (its RAM digest must equal the source's). vCPU 1 speed: its counter \
+         rounds per second from migrate() to completion over the second before (on 2 cores, over \
+         100 % when a throttled vCPU 0 leaves its core to vCPU 1). vCPU 0 page writes: \
+         the work the guest got done during the migration. vCPU 1 throttle sleep: time it was held \
+         asleep (auto-converge throttles every vCPU; dirty-limit only the one that dirties)."
+    ));
+    md
+}
+
+// ---- Table 2: the limiter alone ----
+
+/// CPU time of the threads named `comm` in this process, by thread id, in ns: the
+/// scheduler's run time (/proc/self/task/*/schedstat, ns resolution) where the kernel
+/// keeps it, else utime + stime of /proc/self/task/*/stat (clock ticks, 10 ms).
+fn thread_cpu_ns(comm: &str) -> HashMap<u64, u64> {
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if &stat[open + 1..close] != comm {
+            continue;
+        }
+        let tid = e.file_name().to_string_lossy().parse().unwrap_or(0);
+        let sched = std::fs::read_to_string(e.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+        let ns = sched.unwrap_or_else(|| {
+            // Fields after the comm start at field 3 (state); utime is 14, stime 15.
+            let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            ((tick(11) + tick(12)) as f64 / clock_ticks_per_s() * 1e9) as u64
+        });
+        out.insert(tid, ns);
+    }
+    out
+}
+
+fn clock_ticks_per_s() -> f64 {
+    // SAFETY: sysconf reads a configuration value; no memory is passed.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// Per vCPU: pages written per second over `window`, in MiB/s.
+fn write_rates(guest: &GuestVm, window: Duration) -> Vec<f64> {
+    let before = guest.vcpu_page_writes();
+    let t0 = Instant::now();
+    std::thread::sleep(window);
+    let after = guest.vcpu_page_writes();
+    let secs = t0.elapsed().as_secs_f64();
+    before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| (a - b) as f64 * PAGE_BYTES / MIB / secs)
+        .collect()
+}
+
+fn limiter_table() -> Vec<String> {
+    const PERIOD_MS: u64 = 1000;
+    let window = Duration::from_secs(10);
+    let guest = boot(
+        1 << 30,
+        Workload::Random {
+            seed: 17,
+            hot_percent: 0,
+        },
+    );
+    let limiter = DirtyLimiter::new(guest.clone());
+    limiter.set_period_ms(PERIOD_MS).expect("period");
+    let mut md = vec![
+        "| limit MiB/s | vCPU 0 free MiB/s | measured MiB/s (guest counters) | error | query-vcpu-dirty-limit MiB/s | vCPU 1 speed | limiter thread CPU | back over 2 L after cancel |".to_string(),
+        "|---|---|---|---|---|---|---|---|".to_string(),
+    ];
+    let mut skipped = Vec::new();
+    // Both vCPUs running freely, measured once, before any limit.
+    let free = write_rates(&guest, Duration::from_secs(2));
+    for limit in [1u64, 10, 100, 1000] {
+        let l = limit as f64;
+        if free[0] < 2.0 * l {
+            let line = format!(
+                "| {limit} | {:.0} | skipped: free rate under 2 L | | | | | |",
+                free[0]
+            );
+            println!("{line}");
+            md.push(line);
+            skipped.push(limit);
+            continue;
+        }
+        limiter.set(Some(0), limit).expect("set");
+        std::thread::sleep(Duration::from_millis(3 * PERIOD_MS));
+        let ticks0 = thread_cpu_ns("mig/dirtylimit");
+        let before = guest.vcpu_page_writes();
+        let t0 = Instant::now();
+        // query()'s current rate: the last period's; sampled once a period.
+        let mut queried = Vec::new();
+        while t0.elapsed() < window {
+            std::thread::sleep(Duration::from_millis(PERIOD_MS));
+            if let Some(q) = limiter.query().iter().find(|q| q.cpu_index == 0) {
+                queried.push(q.current_rate as f64);
+            }
+        }
+        let after = guest.vcpu_page_writes();
+        let secs = t0.elapsed().as_secs_f64();
+        let ticks1 = thread_cpu_ns("mig/dirtylimit");
+        let cpu_ns: u64 = ticks1
+            .iter()
+            .map(|(tid, t)| t - ticks0.get(tid).copied().unwrap_or(0))
+            .sum();
+        let rate = |v: usize| (after[v] - before[v]) as f64 * PAGE_BYTES / MIB / secs;
+        let (held, other) = (rate(0), rate(1));
+        let q_mean = if queried.is_empty() {
+            0.0
+        } else {
+            queried.iter().sum::<f64>() / queried.len() as f64
+        };
+        let slept1 = guest.vm().vcpu_throttled_us()[1];
+        if slept1 != 0 {
+            eprintln!("limit {limit}: vCPU 1 slept {slept1} µs without a limit");
+        }
+        // Cancel: how long until vCPU 0 writes faster than 2 L again (100 ms windows);
+        // waited for up to 15 s so the next row starts from full speed.
+        limiter.cancel(Some(0)).expect("cancel");
+        let tc = Instant::now();
+        let mut back_ms = None;
+        while tc.elapsed() < Duration::from_secs(15) {
+            let r = write_rates(&guest, Duration::from_millis(100));
+            if r[0] > 2.0 * l {
+                back_ms = Some(tc.elapsed().as_millis());
+                break;
+            }
+        }
+        let back = match back_ms {
+            Some(ms) if ms <= u128::from(2 * PERIOD_MS) => format!("{ms} ms"),
+            Some(ms) => format!("{ms} ms (over 2 periods)"),
+            None => "not within 15 s".to_string(),
+        };
+        let line = format!(
+            "| {limit} | {:.0} | {held:.2} | {:+.1} % | {q_mean:.1} | {:.0} % | {:.2} % | {back} |",
+            free[0],
+            (held - l) / l * 100.0,
+            other / free[1].max(1e-9) * 100.0,
+            cpu_ns as f64 / 1e9 / secs * 100.0,
+        );
+        println!("{line}");
+        md.push(line);
+    }
+    md.push(String::new());
+    let skipped = if skipped.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " Skipped: {} MiB/s, where vCPU 0 running freely dirties less than twice the limit \
+             (nothing to hold it to).",
+            skipped
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    md.push(format!(
+        "No migration: 1 GiB, 2 vCPUs writing random pages (`random`, no hot set; each vCPU's 512 MiB \
+         share, so nearly every write dirties a fresh page), dirty ring 4096 entries. vCPU 0 limited \
+         with `set-vcpu-dirty-limit` at period {PERIOD_MS} ms, 3 periods to settle, then measured over \
+         {} s: its rate from the guest's own page-write counters (pages × 4 KiB / s) and the mean of \
+         `query-vcpu-dirty-limit`'s current-rate sampled once a period. free: vCPU 0's rate over 2 s \
+         before the first limit. vCPU 1 speed: its page-write rate over the window as % of its rate \
+         in those 2 s (on 2 cores, over 100 % when the throttled vCPU 0 leaves its core to it). \
+         limiter thread CPU: `mig/dirtylimit`'s CPU time over the window \
+         (/proc/self/task/*/schedstat), % of one CPU. After cancel: until vCPU 0's rate over \
+         100 ms exceeds twice the limit.{skipped}",
+        window.as_secs()
+    ));
+    md
+}
+
+fn main() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("dirty_limit bench: skipped, no /dev/kvm");
+        return;
+    }
+    let reps: usize = std::env::var("FERRY_BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    let mut md = vec![
+        "**Migration, dirty-limit vs auto-converge, same guest and link**".to_string(),
+        String::new(),
+    ];
+    md.extend(migration_table(reps));
+    md.push(String::new());
+    md.push("**Limiter accuracy and cost** (no migration)".to_string());
+    md.push(String::new());
+    md.extend(limiter_table());
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let r = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join("dirty_limit.md"), md.join("\n") + "\n"));
+    if let Err(e) = r {
+        eprintln!("writing target/bench/dirty_limit.md: {e}");
+    }
+}
