@@ -13,12 +13,13 @@
 //!
 //! `cargo bench --bench dirty_limit` (`FERRY_BENCH_REPS`, default 3).
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{median, Dest};
 use ferry::dirty_sync::kvm::KvmRingConfig;
 use ferry::migration_core::{
     ram_digest, Capability, DirtyLimiter, GuestRam, MigrationSource, ParametersUpdate,
@@ -26,60 +27,10 @@ use ferry::migration_core::{
 use ferry::stats::MigrationStatus;
 use ferry::GuestVm;
 use minivm::{DirtyTracking, VmConfig, Workload};
-use serde_json::Value;
 
 const RING_ENTRIES: u32 = 4096;
 const PAGE_BYTES: f64 = 4096.0;
 const MIB: f64 = (1u64 << 20) as f64;
-
-/// A fresh destination process; its JSON lines.
-struct Dest {
-    child: Child,
-    lines: std::io::Lines<BufReader<ChildStdout>>,
-}
-
-impl Dest {
-    fn spawn(cfg: &VmConfig) -> (Dest, String) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["receive", "--verify", "--uri", "tcp:127.0.0.1:0"])
-            .args(["--mem", &cfg.mem_bytes.to_string()])
-            .args(["--vcpus", &cfg.vcpus.to_string()])
-            .args(["--workload", &cfg.workload.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn ferry receive");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut d = Dest {
-            child,
-            lines: BufReader::new(stdout).lines(),
-        };
-        let l = d.next().expect("the destination's first line");
-        assert_eq!(l["event"], "listening", "{l}");
-        let uri = l["uri"].as_str().expect("uri").to_string();
-        (d, uri)
-    }
-
-    /// The next line, past progress lines (`postcopy-...`); None when it exited.
-    fn next(&mut self) -> Option<Value> {
-        loop {
-            let line = self.lines.next()?.ok()?;
-            let v: Value = serde_json::from_str(&line).ok()?;
-            if !v["event"]
-                .as_str()
-                .is_some_and(|e| e.starts_with("postcopy-"))
-            {
-                return Some(v);
-            }
-        }
-    }
-}
-
-impl Drop for Dest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn boot(mem_bytes: u64, workload: Workload) -> Arc<GuestVm> {
     let cfg = VmConfig {
@@ -132,7 +83,7 @@ fn migrate_once(s: &Scenario) -> Run {
     let workload = Workload::Lopsided { pages: 65536 };
     let guest = boot(1 << 30, workload);
     let cfg = guest.vm().config().clone();
-    let (mut dest, uri) = Dest::spawn(&cfg);
+    let (mut dest, uri) = Dest::spawn(&cfg, true);
     let source = MigrationSource::new(guest.clone());
     source
         .set_parameters(&ParametersUpdate {
@@ -201,11 +152,6 @@ fn migrate_once(s: &Scenario) -> Run {
         eprintln!("{}: the migration's end left the limit on", s.name);
     }
     r
-}
-
-fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    v[v.len() / 2]
 }
 
 fn migration_table(reps: usize) -> Vec<String> {

@@ -8,11 +8,12 @@
 //!
 //! `cargo bench --bench postcopy` (`FERRY_BENCH_REPS`, default 3).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdout, Command, Stdio};
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{median, Dest};
 use ferry::migration_core::{Capability, MigrationSource, ParametersUpdate};
 use ferry::stats::MigrationStatus;
 use ferry::GuestVm;
@@ -46,59 +47,6 @@ struct Run {
     postcopy_mib: f64,
 }
 
-/// A fresh destination process; its JSON lines.
-struct Dest {
-    child: Child,
-    lines: std::io::Lines<BufReader<ChildStdout>>,
-}
-
-impl Dest {
-    fn spawn(cfg: &VmConfig) -> (Dest, String) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["receive", "--uri", "tcp:127.0.0.1:0"])
-            .args(["--mem", &cfg.mem_bytes.to_string()])
-            .args(["--vcpus", &cfg.vcpus.to_string()])
-            .args(["--workload", &cfg.workload.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn ferry receive");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut d = Dest {
-            child,
-            lines: BufReader::new(stdout).lines(),
-        };
-        let l = d.next();
-        assert_eq!(l["event"], "listening", "{l}");
-        let uri = l["uri"].as_str().expect("uri").to_string();
-        (d, uri)
-    }
-
-    /// The next line, past the postcopy progress lines (`postcopy-active`, ...).
-    fn next(&mut self) -> Value {
-        loop {
-            let line = self
-                .lines
-                .next()
-                .expect("destination exited")
-                .expect("read");
-            let v: Value = serde_json::from_str(&line).expect("json line");
-            if !v["event"]
-                .as_str()
-                .is_some_and(|e| e.starts_with("postcopy-"))
-            {
-                return v;
-            }
-        }
-    }
-}
-
-impl Drop for Dest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn run_once(s: &Scenario) -> Run {
     let cfg = VmConfig {
         mem_bytes: 1 << 30,
@@ -117,7 +65,7 @@ fn run_once(s: &Scenario) -> Run {
     let w0 = guest.page_writes();
     std::thread::sleep(Duration::from_secs(1));
     let undisturbed = (guest.page_writes() - w0) as f64;
-    let (mut dest, uri) = Dest::spawn(&cfg);
+    let (mut dest, uri) = Dest::spawn(&cfg, false);
     let source = MigrationSource::new(guest.clone());
     source
         .set_parameters(&ParametersUpdate {
@@ -176,7 +124,7 @@ fn run_once(s: &Scenario) -> Run {
         return r;
     }
     let frozen = guest.page_writes();
-    let done = dest.next();
+    let done = dest.next().expect("destination exited");
     assert_eq!(done["event"], "completed", "{done}");
     if let Some(sw) = switched_at {
         r.postcopy_ms = sw.elapsed().as_millis() as u64;
@@ -197,11 +145,6 @@ fn run_once(s: &Scenario) -> Run {
         r.guest_speed_pct = (at_end.saturating_sub(frozen)) as f64 / secs / undisturbed * 100.0;
     }
     r
-}
-
-fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    v[v.len() / 2]
 }
 
 fn main() {

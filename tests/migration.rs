@@ -23,6 +23,19 @@ use ferry::GuestVm;
 use minivm::{DirtyTracking, VmConfig, Workload};
 use serde_json::Value;
 
+/// `ferry SUBCOMMAND` with the guest flags of `cfg`; the caller adds the others.
+fn ferry_for(subcommand: &str, cfg: &VmConfig) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    cmd.arg(subcommand)
+        .args(["--mem", &cfg.mem_bytes.to_string()])
+        .args(["--vcpus", &cfg.vcpus.to_string()])
+        .args(["--workload", &cfg.workload.to_string()]);
+    if cfg.backend == minivm::Backend::Threads {
+        cmd.arg("--threads");
+    }
+    cmd
+}
+
 /// A `ferry receive` child process.
 struct Dest {
     child: Child,
@@ -37,16 +50,10 @@ impl Dest {
 
     /// With more `ferry receive` flags.
     fn spawn_with(cfg: &VmConfig, uri: &str, extra: &[&str]) -> Dest {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
-        cmd.args(["receive", "--verify", "--uri", uri])
+        let mut cmd = ferry_for("receive", cfg);
+        cmd.args(["--verify", "--uri", uri])
             .args(extra)
-            .args(["--mem", &cfg.mem_bytes.to_string()])
-            .args(["--vcpus", &cfg.vcpus.to_string()])
-            .args(["--workload", &cfg.workload.to_string()])
             .stdout(Stdio::piped());
-        if cfg.backend == minivm::Backend::Threads {
-            cmd.arg("--threads");
-        }
         let mut child = cmd.spawn().expect("spawn ferry receive");
         let stdout = child.stdout.take().unwrap();
         let mut d = Dest {
@@ -952,18 +959,12 @@ fn a_source_killed_during_postcopy_leaves_the_destination_paused_and_saying_why(
     let _g = guest_lock();
     let cfg = non_converging_config();
     let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    cmd.args(["send", "--uri", &dest.uri, "--postcopy"])
+    let mut cmd = ferry_for("send", &cfg);
+    cmd.args(["--uri", &dest.uri, "--postcopy"])
         .args(["--max-bandwidth", "128M", "--max-postcopy-bandwidth", "1M"])
         // Whole pages, as `whole_pages_source`: the working set then cannot converge.
         .arg("--no-sparse-pages")
-        .args(["--mem", &cfg.mem_bytes.to_string()])
-        .args(["--vcpus", &cfg.vcpus.to_string()])
-        .args(["--workload", &cfg.workload.to_string()])
         .stdout(Stdio::null());
-    if cfg.backend == minivm::Backend::Threads {
-        cmd.arg("--threads");
-    }
     let mut source = cmd.spawn().expect("spawn ferry send");
     // The policy switches once the migration is predicted not to converge.
     dest.expect_event("postcopy-active");

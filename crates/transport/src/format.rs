@@ -493,6 +493,28 @@ pub(crate) fn encode_runs(block_idx: usize, runs: &[(u64, u64)]) -> Vec<u8> {
     body
 }
 
+/// Checks runs of `(first page, pages)` of block `block_idx` before they are sent:
+/// the block is in `header`, every run is non-empty and inside it.
+pub(crate) fn check_runs(
+    header: &StreamHeader,
+    block_idx: usize,
+    runs: &[(u64, u64)],
+    what: &str,
+) -> Result<()> {
+    let pages = header.block_pages(block_idx).ok_or_else(|| {
+        Error::InvalidArgument(format!("block index {block_idx} not in the header"))
+    })?;
+    if runs
+        .iter()
+        .any(|&(first, n)| n == 0 || first.checked_add(n).is_none_or(|end| end > pages))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "a {what} run outside block {block_idx} ({pages} pages), or empty"
+        )));
+    }
+    Ok(())
+}
+
 /// Decodes an [`encode_runs`] body against `header`: every run non-empty and inside
 /// its block, at least one and at most [`MAX_DISCARD_RUNS`].
 pub(crate) fn decode_runs(

@@ -895,17 +895,7 @@ impl Sender {
                 "discards belong to a postcopy stream".into(),
             ));
         }
-        let pages = self.header.block_pages(block_idx).ok_or_else(|| {
-            Error::InvalidArgument(format!("block index {block_idx} not in the header"))
-        })?;
-        if runs
-            .iter()
-            .any(|&(first, n)| n == 0 || first.checked_add(n).is_none_or(|end| end > pages))
-        {
-            return Err(Error::InvalidArgument(format!(
-                "a discard run outside block {block_idx} ({pages} pages), or empty"
-            )));
-        }
+        crate::format::check_runs(&self.header, block_idx, runs, "discard")?;
         let mut ch = lock(&self.channels[0]);
         for chunk in runs.chunks(MAX_DISCARD_RUNS as usize) {
             let body = crate::format::encode_runs(block_idx, chunk);
