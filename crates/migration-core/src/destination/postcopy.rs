@@ -273,6 +273,12 @@ pub(super) fn receive(
         let why = match r {
             Ok(()) if pc.missing_pages() == 0 => break,
             Ok(()) => "the source ended the stream".to_string(),
+            Err(e) if pc.missing_pages() == 0 => {
+                // Every page landed before the stream broke: the guest here needs the
+                // source no more. Done cannot reach it; it stays paused with its copy.
+                warn!(error = %e, "postcopy: the stream broke after the last page; complete");
+                break;
+            }
             Err(e) => e.to_string(),
         };
         // Once the guest runs here, a lost source is a lost guest: pause, say what is

@@ -187,9 +187,10 @@ impl Run {
         let paused = |note: &str| {
             self.stats.set_pause_reason(Some(format!(
                 "postcopy paused after the switch: {note}; the guest runs on the destination, \
-                 which lacks {} pages only this source holds (kept, guest paused here); if \
-                 the destination process is gone the guest is lost there, else \
-                 migrate-recover there and migrate with resume here continue it",
+                 which lacks pages only this source holds ({} not sent yet; every page kept, \
+                 the guest paused here); if the destination process is gone the guest is \
+                 lost there, else migrate-recover there and migrate with resume here \
+                 continue it",
                 lp.bitmap.count()
             )));
             self.set_status(MigrationStatus::PostcopyPaused);
