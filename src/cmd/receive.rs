@@ -51,40 +51,41 @@ fn say(v: serde_json::Value) {
 fn watch_postcopy_pauses(inc: &Incoming, recover: Option<String>) {
     let (stats, control) = (inc.stats().clone(), inc.control());
     let watch = move || {
-        let mut seen = MigrationStatus::None;
-        while !seen.is_finished() {
-            let now = stats.wait_status_change(seen, Duration::from_secs(1));
-            if now == seen {
-                continue;
-            }
-            match now {
-                MigrationStatus::PostcopyPaused => {
-                    let error = stats.snapshot().error_desc;
-                    let recover_uri = recover.as_deref().map(|u| {
-                        control
-                            .recover(u)
-                            .map(|l| l.to_string())
-                            .map_err(|e| e.to_string())
-                    });
-                    say(json!({
-                        "event": "postcopy-paused",
-                        "error": error,
-                        "recover-uri": recover_uri.as_ref().and_then(|r| r.as_ref().ok()),
-                        "recover-error": recover_uri.as_ref().and_then(|r| r.as_ref().err()),
-                    }));
+        // Every status in order, however briefly it lasted (the stats keep a log).
+        let (mut count, mut last) = (0, MigrationStatus::None);
+        while !last.is_finished() {
+            let (n, changes) = stats.wait_status_changes(count, Duration::from_secs(1));
+            count = n;
+            for now in changes {
+                match now {
+                    MigrationStatus::PostcopyPaused => {
+                        let error = stats.snapshot().error_desc;
+                        let recover_uri = recover.as_deref().map(|u| {
+                            control
+                                .recover(u)
+                                .map(|l| l.to_string())
+                                .map_err(|e| e.to_string())
+                        });
+                        say(json!({
+                            "event": "postcopy-paused",
+                            "error": error,
+                            "recover-uri": recover_uri.as_ref().and_then(|r| r.as_ref().ok()),
+                            "recover-error": recover_uri.as_ref().and_then(|r| r.as_ref().err()),
+                        }));
+                    }
+                    MigrationStatus::PostcopyActive
+                        if matches!(
+                            last,
+                            MigrationStatus::PostcopyPaused | MigrationStatus::PostcopyRecover
+                        ) =>
+                    {
+                        say(json!({"event": "postcopy-resumed"}));
+                    }
+                    MigrationStatus::PostcopyActive => say(json!({"event": "postcopy-active"})),
+                    _ => {}
                 }
-                MigrationStatus::PostcopyActive
-                    if matches!(
-                        seen,
-                        MigrationStatus::PostcopyPaused | MigrationStatus::PostcopyRecover
-                    ) =>
-                {
-                    say(json!({"event": "postcopy-resumed"}));
-                }
-                MigrationStatus::PostcopyActive => say(json!({"event": "postcopy-active"})),
-                _ => {}
+                last = now;
             }
-            seen = now;
         }
     };
     // Ends with the migration; a thread left behind at exit is of no harm.
