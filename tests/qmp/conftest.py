@@ -52,6 +52,18 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"SKIPPED (no /dev/kvm): {test}")
 
 
+async def expect_error(client, cmd, args, text):
+    """`cmd` must fail with a GenericError whose text contains `text`."""
+    from qemu.qmp import ExecuteError
+    try:
+        await client.execute(cmd, args)
+    except ExecuteError as e:
+        assert e.error_class == "GenericError"
+        assert text in str(e), str(e)
+        return
+    raise AssertionError(f"{cmd} {args} accepted")
+
+
 def skip_without_kvm():
     """Skips the running test when /dev/kvm cannot be opened (it has nothing to check
     on the host-thread fallback), appending its name to `$FERRY_SKIP_LOG` for

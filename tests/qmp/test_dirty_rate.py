@@ -4,7 +4,7 @@ import asyncio
 
 from qemu.qmp import ExecuteError, QMPClient
 
-from conftest import run, skip_without_kvm
+from conftest import expect_error, run, skip_without_kvm
 
 
 async def measure(client, **args):
@@ -24,16 +24,6 @@ async def measure(client, **args):
         if info["status"] == "measured":
             return info
         await asyncio.sleep(0.05)
-
-
-async def expect_error(client, cmd, args, text):
-    try:
-        await client.execute(cmd, args)
-    except ExecuteError as e:
-        assert e.error_class == "GenericError"
-        assert text in str(e), str(e)
-        return
-    raise AssertionError(f"{cmd} {args} accepted")
 
 
 def test_dirty_rate_bitmap_guest(vms):

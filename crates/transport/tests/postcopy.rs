@@ -45,6 +45,19 @@ unsafe impl PageSink for Recording {
     }
 }
 
+/// Every page holds fill 1 (precopy) but pages 8..16, which hold fill 2 (sent again
+/// after the switch).
+fn assert_written_after_switch(mut sink: VecSink) {
+    for p in 0..PAGES {
+        let fill = if (8..16).contains(&p) { 2 } else { 1 };
+        assert_eq!(
+            &sink.block(0)[p as usize * PAGE..][..PAGE],
+            page_bytes(PAGE, fill, p).as_slice(),
+            "page {p}"
+        );
+    }
+}
+
 fn postcopy_opts(channels: u16) -> SendOptions {
     SendOptions {
         postcopy: true,
@@ -122,15 +135,7 @@ fn run(kind: Kind, channels: u16) {
     let done: BTreeSet<u64> = sink.done.lock().unwrap().iter().copied().collect();
     let want: BTreeSet<u64> = rest.iter().copied().chain([12]).collect();
     assert_eq!(done, want, "each page after the switch, once");
-    let mut sink = sink.inner;
-    for p in 0..PAGES {
-        let fill = if (8..16).contains(&p) { 2 } else { 1 };
-        assert_eq!(
-            &sink.block(0)[p as usize * PAGE..][..PAGE],
-            page_bytes(PAGE, fill, p).as_slice(),
-            "page {p}"
-        );
-    }
+    assert_written_after_switch(sink.inner);
 }
 
 #[test]
@@ -284,15 +289,7 @@ fn resume(kind: Kind, channels: u16) {
     sender.join().unwrap().expect("sender");
     let done: BTreeSet<u64> = sink.done.lock().unwrap().iter().copied().collect();
     assert_eq!(done, (8..16).collect(), "each missing page once");
-    let mut sink = sink.inner;
-    for p in 0..PAGES {
-        let fill = if (8..16).contains(&p) { 2 } else { 1 };
-        assert_eq!(
-            &sink.block(0)[p as usize * PAGE..][..PAGE],
-            page_bytes(PAGE, fill, p).as_slice(),
-            "page {p}"
-        );
-    }
+    assert_written_after_switch(sink.inner);
 }
 
 #[test]

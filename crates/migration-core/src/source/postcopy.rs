@@ -103,13 +103,10 @@ impl Run {
             self.stats
                 .postcopy_bytes
                 .store(postcopy_before, Ordering::Relaxed);
+            earlier_bytes += stream_bytes;
             match sent {
-                Ok(()) => {
-                    earlier_bytes += stream_bytes;
-                    break;
-                }
+                Ok(()) => break,
                 Err(e) => {
-                    earlier_bytes += stream_bytes;
                     sender = self.wait_for_resume(&e, lp)?;
                     stream_start = 0;
                 }
