@@ -71,7 +71,7 @@ impl Worker {
         let mut slice_start = Instant::now();
         let mut sweep_start: Option<(Instant, u64)> = None;
         while self.control.checkpoint(id) {
-            self.control.throttle(id, &mut slice_start);
+            let _slice_left = self.control.throttle(id, &mut slice_start);
             let r = match self.workload {
                 Workload::Idle => self.idle_step(),
                 Workload::WorkingSet { .. } | Workload::Lopsided { .. } => self.working_set_step(),

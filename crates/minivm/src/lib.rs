@@ -105,7 +105,6 @@ pub struct MiniVm {
     layout: Layout,
     tsc_hz: u64,
     handles: Vec<JoinHandle<()>>,
-    ticker: Option<JoinHandle<()>>,
     // Declared before `memory` so the VM (and its slots) go before the mapping.
     engine: Engine,
     memory: Arc<memory::GuestMemory>,
@@ -179,7 +178,6 @@ impl MiniVm {
             handles: Vec::new(),
             kick_targets: Arc::default(),
             ring: Mutex::new(None),
-            ticker: None,
             engine,
             memory,
             slots,
@@ -355,7 +353,6 @@ impl MiniVm {
                 }
                 *self.kick_targets.lock().unwrap_or_else(|p| p.into_inner()) =
                     self.handles.iter().map(|h| h.as_pthread_t()).collect();
-                self.ticker = Some(self.spawn_ticker()?);
             }
             Engine::Threads(progress) => {
                 for (id, p) in progress.iter().enumerate() {
@@ -379,35 +376,6 @@ impl MiniVm {
             }
         }
         Ok(())
-    }
-
-    /// The throttle ticker: every 10 ms, while throttling, kicks each vCPU out of KVM_RUN so
-    /// its thread can take its throttle sleep.
-    fn spawn_ticker(&self) -> Result<JoinHandle<()>> {
-        let control = Arc::clone(&self.control);
-        let threads: Vec<libc::pthread_t> = self.handles.iter().map(|h| h.as_pthread_t()).collect();
-        let signal = vcpu::kick_signal();
-        std::thread::Builder::new()
-            .name("minivm-throttle".to_string())
-            .spawn(move || {
-                while control.sleep_unless_stopped(control::THROTTLE_SLICE) {
-                    if !control.any_throttled() || control.request() != Request::Run {
-                        continue;
-                    }
-                    for (id, &t) in threads.iter().enumerate() {
-                        if control.throttle_ppm(id) == 0 {
-                            continue;
-                        }
-                        // SAFETY: the vCPU threads are joined only after this ticker is joined
-                        // (see `shutdown`), so every pthread_t is still valid.
-                        unsafe { libc::pthread_kill(t, signal) };
-                    }
-                }
-            })
-            .map_err(|source| Error::Os {
-                what: "spawning the throttle ticker",
-                source,
-            })
     }
 
     fn kick_threads(&self) {
@@ -462,13 +430,23 @@ impl MiniVm {
     /// pct/(100-pct) × 10 ms. 0 turns it off; values above 99 count as 99.
     pub fn set_throttle_percent(&self, pct: u8) {
         self.control.set_throttle_percent(pct);
+        // A vCPU in a long KVM_RUN arms its slice timer only once it comes out.
+        self.kick_threads();
     }
 
     /// Throttles one vCPU on its own (dirty limit): asleep `ppm` millionths of its time
     /// (at most [`MAX_THROTTLE_PPM`]), or the global throttle if larger. 0
     /// turns it off. False for a vCPU that does not exist.
     pub fn set_vcpu_throttle_ppm(&self, vcpu: usize, ppm: u32) -> bool {
-        self.control.set_vcpu_throttle_ppm(vcpu, ppm)
+        let exists = self.control.set_vcpu_throttle_ppm(vcpu, ppm);
+        if exists && self.is_kvm() {
+            // A vCPU in a long KVM_RUN arms its slice timer (for the new slice length)
+            // only once it comes out.
+            if let Some(h) = self.handles.get(vcpu) {
+                vcpu::kick(h);
+            }
+        }
+        exists
     }
 
     /// Per vCPU: microseconds slept in throttle sleeps so far.
@@ -651,7 +629,7 @@ impl MiniVm {
 
     /// Stops and joins every thread (also done on drop). The VM cannot be restarted.
     pub fn shutdown(&mut self) {
-        if self.handles.is_empty() && self.ticker.is_none() {
+        if self.handles.is_empty() {
             return;
         }
         self.control.set_request(Request::Stop);
@@ -659,10 +637,6 @@ impl MiniVm {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        if let Some(t) = self.ticker.take() {
-            // A panicked ticker has nothing left to clean up.
-            let _ignored = t.join();
-        }
         self.kick_threads();
         for h in self.handles.drain(..) {
             // A panicked worker has already marked nothing more we could repair.

@@ -78,6 +78,89 @@ pub fn kick(handle: &JoinHandle<()>) {
     let _ignored = handle.kill(kick_signal());
 }
 
+/// A one-shot `CLOCK_MONOTONIC` timer that sends the kick signal to the thread that
+/// made it: it ends a throttled vCPU's run slice on time. A kick from another thread
+/// would first have to be scheduled, which on a host whose cores the vCPUs keep busy
+/// takes milliseconds, far longer than a deep throttle's slice.
+struct SliceTimer {
+    timer: libc::timer_t,
+    /// When the armed timer fires; None while disarmed.
+    deadline: Option<Instant>,
+}
+
+/// Re-arming for a deadline this close to the armed one is skipped.
+const SLICE_TIMER_SLACK: Duration = Duration::from_micros(20);
+
+impl SliceTimer {
+    /// A timer that signals the calling thread.
+    fn for_this_thread() -> std::io::Result<SliceTimer> {
+        // SAFETY: sigevent is plain data; zeroed is a valid value, and the fields the
+        // kernel reads for SIGEV_THREAD_ID are set below.
+        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = kick_signal();
+        // SAFETY: gettid has no preconditions.
+        sev.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: both pointers are to live locals; the kernel writes the timer id.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut timer) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(SliceTimer {
+            timer,
+            deadline: None,
+        })
+    }
+
+    /// Arms the timer to fire in `left` (None: disarms it).
+    fn set(&mut self, left: Option<Duration>) {
+        let value = match left {
+            None if self.deadline.is_none() => return,
+            None => {
+                self.deadline = None;
+                Duration::ZERO
+            }
+            Some(left) => {
+                let deadline = Instant::now() + left;
+                if let Some(armed) = self.deadline {
+                    let gap = armed.max(deadline) - armed.min(deadline);
+                    if gap <= SLICE_TIMER_SLACK {
+                        return;
+                    }
+                }
+                self.deadline = Some(deadline);
+                // A zero value would disarm it: fire at once instead.
+                left.max(Duration::from_nanos(1))
+            }
+        };
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: value.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(value.subsec_nanos() as i32),
+            },
+        };
+        // SAFETY: the timer is this value's own (deleted only on drop); spec is a live
+        // local and no old value is asked for.
+        let r = unsafe { libc::timer_settime(self.timer, 0, &spec, std::ptr::null_mut()) };
+        if r != 0 {
+            // Only an invalid timer or value fails; the slice then ends at the vCPU's
+            // next exit of its own.
+            self.deadline = None;
+        }
+    }
+}
+
+impl Drop for SliceTimer {
+    fn drop(&mut self) {
+        // SAFETY: the timer was created by this value and is deleted once.
+        unsafe { libc::timer_delete(self.timer) };
+    }
+}
+
 /// Blocks (or unblocks) the kick signal on the calling thread; true on success.
 fn block_kick_signal(block: bool) -> bool {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset/sigaddset before use;
@@ -234,8 +317,20 @@ impl VcpuThread {
             KVM_RUN_PTR.with(|p| p.set(run));
         }
         let mut slice_start = Instant::now();
+        let mut timer = match SliceTimer::for_this_thread() {
+            Ok(t) => t,
+            Err(e) => {
+                self.errors.lock().unwrap_or_else(|p| p.into_inner()).push((
+                    self.id,
+                    format!("cannot create the vCPU's slice timer: {e}"),
+                ));
+                KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+                self.control.mark_exited(id);
+                return;
+            }
+        };
         while self.control.checkpoint(id) {
-            self.control.throttle(id, &mut slice_start);
+            timer.set(self.control.throttle(id, &mut slice_start));
             match self.run_once() {
                 Outcome::Again => {}
                 Outcome::Nap(d) => self.control.nap(id, d),
