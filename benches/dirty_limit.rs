@@ -11,7 +11,8 @@
 //!
 //! Prints both tables and writes them to target/bench/dirty_limit.md (scripts/numbers).
 //!
-//! `cargo bench --bench dirty_limit` (`FERRY_BENCH_REPS`, default 3).
+//! `cargo bench --bench dirty_limit [-- migration|limiter]` (`FERRY_BENCH_REPS`,
+//! default 3; `FERRY_BENCH_TRACE=1` prints vCPU 1's speed per 100 ms of each migration).
 
 mod common;
 
@@ -31,6 +32,8 @@ use minivm::{DirtyTracking, VmConfig, Workload};
 const RING_ENTRIES: u32 = 4096;
 const PAGE_BYTES: f64 = 4096.0;
 const MIB: f64 = (1u64 << 20) as f64;
+/// The window of vCPU 1's slowest stretch in a migration.
+const WORST_WINDOW: Duration = Duration::from_millis(500);
 /// A limit no vCPU of the bench's guest reaches, MiB/s: puts the limiter in service
 /// (the dirty log on) without slowing anyone.
 const UNREACHED_MIB_S: u64 = 100_000;
@@ -80,6 +83,8 @@ struct Run {
     vcpu0_writes: u64,
     /// vCPU 1's throttle sleep during the migration, ms.
     vcpu1_slept_ms: f64,
+    /// vCPU 1's speed over its slowest half second of the migration, % of before.
+    vcpu1_worst_pct: f64,
     /// The share of the migration vCPU 1's thread was ready to run but waited for a
     /// CPU (the scheduler's run delay), %.
     vcpu1_waited_pct: f64,
@@ -117,8 +122,40 @@ fn migrate_once(s: &Scenario) -> Run {
     let t0 = Instant::now();
     source.migrate(&uri).expect("migrate");
     let limit = Duration::from_secs(120);
+    // vCPU 1's counter every 100 ms, for its slowest half second.
+    let mut samples = vec![(Instant::now(), guest.vm().counter(1))];
     while !source.query().status.is_finished() && t0.elapsed() < limit {
         std::thread::sleep(Duration::from_millis(5));
+        if samples
+            .last()
+            .is_some_and(|(t, _)| t.elapsed() >= Duration::from_millis(100))
+        {
+            samples.push((Instant::now(), guest.vm().counter(1)));
+        }
+    }
+    let worst_per_s = samples
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &(t, c))| {
+            let &(t2, c2) = samples[i..]
+                .iter()
+                .find(|(t2, _)| *t2 - t >= WORST_WINDOW)?;
+            Some((c2 - c) as f64 / (t2 - t).as_secs_f64())
+        })
+        .fold(f64::INFINITY, f64::min);
+    if std::env::var_os("FERRY_BENCH_TRACE").is_some() {
+        let rates: Vec<String> = samples
+            .windows(2)
+            .map(|w| {
+                let r = (w[1].1 - w[0].1) as f64 / (w[1].0 - w[0].0).as_secs_f64();
+                format!("{:.0}", r / before_per_s.max(1e-9) * 100.0)
+            })
+            .collect();
+        eprintln!(
+            "{}: vCPU 1 speed per 100 ms, %: {}",
+            s.name,
+            rates.join(" ")
+        );
     }
     if !source.query().status.is_finished() {
         source.cancel();
@@ -133,6 +170,11 @@ fn migrate_once(s: &Scenario) -> Run {
         total_ms: info.total_time.unwrap_or(0),
         downtime_ms: info.downtime.unwrap_or(0),
         vcpu1_speed_pct: (c2 - c1) as f64 / secs / before_per_s.max(1e-9) * 100.0,
+        vcpu1_worst_pct: if worst_per_s.is_finite() {
+            worst_per_s / before_per_s.max(1e-9) * 100.0
+        } else {
+            f64::NAN
+        },
         vcpu0_writes: guest.vcpu_page_writes()[0] - writes0,
         vcpu1_slept_ms: (guest.vm().vcpu_throttled_us()[1] - slept0) as f64 / 1000.0,
         vcpu1_waited_pct: waited_ns as f64 / 1e9 / secs * 100.0,
@@ -179,24 +221,25 @@ fn migration_table(reps: usize) -> Vec<String> {
         },
     ];
     let mut md = vec![
-        "| row | completed | total ms | downtime ms | vCPU 1 speed in migration | vCPU 1 waited for a CPU | vCPU 0 page writes in migration | vCPU 1 throttle sleep ms |".to_string(),
-        "|---|---|---|---|---|---|---|---|".to_string(),
+        "| row | completed | total ms | downtime ms | vCPU 1 speed in migration | slowest 0.5 s | vCPU 1 waited for a CPU | vCPU 0 page writes in migration | vCPU 1 throttle sleep ms |".to_string(),
+        "|---|---|---|---|---|---|---|---|---|".to_string(),
     ];
     for s in &scenarios {
         let runs: Vec<Run> = (0..reps).map(|_| migrate_once(s)).collect();
         let ok = runs.iter().filter(|r| r.ok).count();
         let good: Vec<&Run> = runs.iter().filter(|r| r.ok).collect();
         let line = if good.is_empty() {
-            format!("| {} | 0/{reps} | | | | | | |", s.name)
+            format!("| {} | 0/{reps} | | | | | | | |", s.name)
         } else {
             let m = |f: fn(&Run) -> u64| median(good.iter().map(|r| f(r)).collect());
             let mf = |f: fn(&Run) -> f64| median(good.iter().map(|r| f(r)).collect());
             format!(
-                "| {} | {ok}/{reps} | {} | {} | {:.0} % | {:.0} % | {} | {:.0} |",
+                "| {} | {ok}/{reps} | {} | {} | {:.0} % | {:.0} % | {:.0} % | {} | {:.0} |",
                 s.name,
                 m(|r| r.total_ms),
                 m(|r| r.downtime_ms),
                 mf(|r| r.vcpu1_speed_pct),
+                mf(|r| r.vcpu1_worst_pct),
                 mf(|r| r.vcpu1_waited_pct),
                 m(|r| r.vcpu0_writes),
                 mf(|r| r.vcpu1_slept_ms),
@@ -212,7 +255,8 @@ fn migration_table(reps: usize) -> Vec<String> {
          only counts. Pages sent whole, max-bandwidth 128 MiB/s, 1 channel, loopback TCP to \
          `ferry receive --verify` (its RAM digest must equal the source's). vCPU 1 speed: its counter \
          rounds per second from migrate() to completion over the second before (on 2 cores, over \
-         100 % when a throttled vCPU 0 leaves its core to vCPU 1). vCPU 1 waited for a CPU: the \
+         100 % when a throttled vCPU 0 leaves its core to vCPU 1); slowest 0.5 s: the same over \
+         its slowest half second (counter sampled every 100 ms). vCPU 1 waited for a CPU: the \
          share of the migration its thread was ready to run but not running (schedstat run \
          delay; the guest, the sender and the destination share 2 cores). vCPU 0 page writes: \
          the work the guest got done during the migration. vCPU 1 throttle sleep: time it was held \
