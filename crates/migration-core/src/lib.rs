@@ -78,6 +78,8 @@ mod rates;
 mod runstate;
 mod source;
 #[cfg(test)]
+mod switchover_tests;
+#[cfg(test)]
 mod test_vm;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

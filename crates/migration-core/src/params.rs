@@ -435,10 +435,15 @@ pub struct Capabilities {
     /// `vcpu-dirty-limit` MiB/s of dirtied memory when the migration does not
     /// converge (needs the dirty ring): vCPUs that dirty less are not slowed.
     pub dirty_limit: bool,
+    /// Stop at the switch-over with the guest paused, in `pre-switchover`, until
+    /// `migrate-continue` (a management tool finishes its own work there first, e.g.
+    /// libvirt's block jobs).
+    pub pause_before_switchover: bool,
 }
 
 /// One capability by QMP name: every member of QEMU 8.2's `MigrationCapability`, in
-/// its order. Ferry implements `auto-converge`, `multifd`, `events` and `postcopy-ram`,
+/// its order. Ferry implements `auto-converge`, `multifd`, `events`, `postcopy-ram`,
+/// `dirty-limit` and `pause-before-switchover`,
 /// and accepts `return-path`, `late-block-activate` and `postcopy-preempt` (true of it
 /// already); the others are known so that a list setting them to `false` is accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -466,7 +471,7 @@ pub enum Capability {
     Block,
     /// `return-path` (accepted: Ferry always has one).
     ReturnPath,
-    /// `pause-before-switchover`.
+    /// `pause-before-switchover` (Ferry implements it).
     PauseBeforeSwitchover,
     /// `multifd` (Ferry implements it).
     Multifd,
@@ -533,6 +538,7 @@ impl Capability {
                 | Capability::PostcopyRam
                 | Capability::PostcopyPreempt
                 | Capability::DirtyLimit
+                | Capability::PauseBeforeSwitchover
         )
     }
 
@@ -558,6 +564,7 @@ impl Capabilities {
             Capability::PostcopyRam => self.postcopy_ram = on,
             Capability::PostcopyPreempt => self.postcopy_preempt = on,
             Capability::DirtyLimit => self.dirty_limit = on,
+            Capability::PauseBeforeSwitchover => self.pause_before_switchover = on,
             _ => {}
         }
     }
@@ -573,6 +580,7 @@ impl Capabilities {
             Capability::PostcopyRam => self.postcopy_ram,
             Capability::PostcopyPreempt => self.postcopy_preempt,
             Capability::DirtyLimit => self.dirty_limit,
+            Capability::PauseBeforeSwitchover => self.pause_before_switchover,
             _ => false,
         }
     }

@@ -78,6 +78,12 @@ struct Shared {
     ),
     /// `migrate-pause` broke the postcopy stream (the pause's reason says so).
     pause_requested: AtomicBool,
+    /// Wakes a migration waiting in pre-switchover: `migrate-continue`, or a cancel
+    /// (which the waiter tells apart by the cancel flag).
+    proceed: (
+        crossbeam_channel::Sender<()>,
+        crossbeam_channel::Receiver<()>,
+    ),
     /// The guest's per-vCPU dirty limits (QMP's `set-vcpu-dirty-limit`, and the
     /// migration's `dirty-limit` capability).
     limiter: Arc<crate::DirtyLimiter>,
@@ -136,6 +142,7 @@ impl MigrationSource {
                 abort: Mutex::new(None),
                 start_postcopy: AtomicBool::new(false),
                 resume: crossbeam_channel::unbounded(),
+                proceed: crossbeam_channel::unbounded(),
                 pause_requested: AtomicBool::new(false),
                 limiter,
                 thread: Mutex::new(None),
@@ -381,6 +388,22 @@ impl MigrationSource {
         }
     }
 
+    /// QEMU's `migrate-continue`: a migration paused before its switch-over
+    /// (capability `pause-before-switchover`) goes on. `state` is the status the caller
+    /// expects it to be in (`pre-switchover`); any other is refused with QEMU's text.
+    pub fn continue_migration(&self, state: MigrationStatus) -> Result<()> {
+        let status = self.stats().status();
+        if status != state || status != MigrationStatus::PreSwitchover {
+            return Err(Error::InvalidParameter(format!(
+                "Migration not in expected state: {}",
+                status.as_str()
+            )));
+        }
+        info!("migrate-continue: the switch-over goes on");
+        let _ = self.shared.proceed.0.send(());
+        Ok(())
+    }
+
     /// Asks the running migration to stop; the guest keeps running on the source.
     /// Ignored in postcopy: the guest runs on the destination then, and needs the
     /// pages only this source holds (QEMU's `migrate_cancel` refuses it too).
@@ -390,6 +413,7 @@ impl MigrationSource {
         let cancelling = [
             MigrationStatus::Setup,
             MigrationStatus::Active,
+            MigrationStatus::PreSwitchover,
             MigrationStatus::Device,
         ]
         .into_iter()
@@ -398,8 +422,15 @@ impl MigrationSource {
             warn!("a postcopy migration cannot be cancelled: the guest runs on the destination");
             return;
         }
+        if cancelling {
+            // QEMU's MIGRATION event for the cancel's own step.
+            self.run
+                .emit(MigrationEvent::Status(MigrationStatus::Cancelling));
+        }
         lock(&self.shared.cancel).store(true, Ordering::Release);
         lock(&self.shared.cancel_token).cancel();
+        // A migration waiting in pre-switchover sees the cancel flag once woken.
+        let _ = self.shared.proceed.0.send(());
         // A send or the wait for the destination's answer may be blocked on a stalled
         // peer: shut the connections so the migration thread sees the cancel at once.
         if let Some(abort) = lock(&self.shared.abort).as_ref() {

@@ -113,6 +113,7 @@ pub const MIGRATION_STATUS: Ty = Ty::Enum(
         "active",
         "completed",
         "failed",
+        "pre-switchover",
         "device",
         "postcopy-active",
         "postcopy-paused",
@@ -347,6 +348,7 @@ mod tests {
             S::PostcopyActive,
             S::PostcopyPaused,
             S::PostcopyRecover,
+            S::PreSwitchover,
         ];
         // Exhaustive: a status added to stats fails to compile here until listed.
         for s in every {
@@ -361,7 +363,8 @@ mod tests {
                 | S::Cancelled
                 | S::PostcopyActive
                 | S::PostcopyPaused
-                | S::PostcopyRecover => {}
+                | S::PostcopyRecover
+                | S::PreSwitchover => {}
             }
         }
         let Ty::Enum(_, values) = MIGRATION_STATUS else {

@@ -37,6 +37,9 @@ pub enum MigrationStatus {
     PostcopyPaused = 9,
     /// A paused postcopy migration reconnecting (QEMU's `postcopy-recover`).
     PostcopyRecover = 10,
+    /// The guest is paused for the switch-over and the source waits for
+    /// `migrate-continue` (capability `pause-before-switchover`).
+    PreSwitchover = 11,
 }
 
 impl MigrationStatus {
@@ -52,6 +55,7 @@ impl MigrationStatus {
             8 => Self::PostcopyActive,
             9 => Self::PostcopyPaused,
             10 => Self::PostcopyRecover,
+            11 => Self::PreSwitchover,
             _ => Self::None,
         }
     }
@@ -84,6 +88,7 @@ impl MigrationStatus {
             Self::PostcopyActive => "postcopy-active",
             Self::PostcopyPaused => "postcopy-paused",
             Self::PostcopyRecover => "postcopy-recover",
+            Self::PreSwitchover => "pre-switchover",
         }
     }
 }

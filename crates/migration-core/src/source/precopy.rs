@@ -670,11 +670,36 @@ impl Run {
         self.switching.store(true, Ordering::Release);
         let was_running = self.run.begin_switchover()?;
         self.paused.store(true, Ordering::Release);
-        if !self.stats.transition(MigrationStatus::Active, to) {
+        let from = if self.caps.pause_before_switchover {
+            self.wait_before_switchover()?;
+            MigrationStatus::PreSwitchover
+        } else {
+            MigrationStatus::Active
+        };
+        if !self.stats.transition(from, to) {
             return Err(Error::Cancelled);
         }
         self.emit(MigrationEvent::Status(to));
         Ok(was_running)
+    }
+
+    /// Capability `pause-before-switchover`: with the guest paused, waits in
+    /// `pre-switchover` for `migrate-continue` (or a cancel, which wins).
+    fn wait_before_switchover(&self) -> Result<()> {
+        // A continue sent before this pause is not for it (QEMU drops those too).
+        while self.shared.proceed.1.try_recv().is_ok() {}
+        if !self
+            .stats
+            .transition(MigrationStatus::Active, MigrationStatus::PreSwitchover)
+        {
+            return Err(Error::Cancelled);
+        }
+        self.emit(MigrationEvent::Status(MigrationStatus::PreSwitchover));
+        info!("pre-switchover: the guest is paused; waiting for migrate-continue");
+        // Woken by migrate-continue or by a cancel (which sets its flag first, so a
+        // cancel before this wait is seen too).
+        self.shared.proceed.1.recv().map_err(|_| Error::Cancelled)?;
+        self.check_cancel()
     }
 
     /// The totals of a finished migration: `after` bytes transferred, nothing left,
