@@ -445,8 +445,12 @@ impl MigStats {
             status,
             ..Default::default()
         };
+        // QEMU's shapes: nothing but the status before there are figures and after a
+        // cancel; a failure adds only its reason.
         match status {
-            MigrationStatus::None | MigrationStatus::Setup => return info,
+            MigrationStatus::None | MigrationStatus::Setup | MigrationStatus::Cancelled => {
+                return info
+            }
             MigrationStatus::Failed => {
                 info.error_desc = self.error().map(str::to_owned);
                 return info;
@@ -806,6 +810,19 @@ mod tests {
             v,
             serde_json::json!({"status": "failed", "error-desc": "connection reset"})
         );
+    }
+
+    #[test]
+    fn cancelled_carries_the_status_only_and_cancelling_the_figures() {
+        let s = MigStats::new();
+        s.transferred_bytes.store(1 << 20, Ordering::Relaxed);
+        s.set_status(MigrationStatus::Active);
+        assert!(s.transition(MigrationStatus::Active, MigrationStatus::Cancelling));
+        let v = serde_json::to_value(s.snapshot()).unwrap();
+        assert_eq!(v["ram"]["transferred"], 1 << 20, "{v}");
+        assert!(s.transition(MigrationStatus::Cancelling, MigrationStatus::Cancelled));
+        let v = serde_json::to_value(s.snapshot()).unwrap();
+        assert_eq!(v, serde_json::json!({"status": "cancelled"}));
     }
 
     #[test]
