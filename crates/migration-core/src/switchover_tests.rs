@@ -78,12 +78,34 @@ fn a_migration_waits_in_pre_switchover_with_the_guest_paused_until_migrate_conti
     assert!(dst.ram() == src.ram());
     assert_eq!(source.run_control().state(), RunState::Postmigrate);
     assert_eq!(src.resumes.load(Ordering::SeqCst), 0, "one copy runs");
-    let seen = statuses(&events);
+    let all: Vec<MigrationEvent> = events.try_iter().collect();
+    let seen: Vec<&str> = all
+        .iter()
+        .filter_map(|e| match e {
+            MigrationEvent::Status(s) => Some(s.as_str()),
+            _ => None,
+        })
+        .collect();
     assert_eq!(
         seen,
         ["setup", "active", "pre-switchover", "device", "completed"],
         "{seen:?}"
     );
+    // MIGRATION_PASS from 1 (the setup's sync, before active), as QEMU.
+    let passes: Vec<u64> = all
+        .iter()
+        .filter_map(|e| match e {
+            MigrationEvent::Pass(n) => Some(*n),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(passes.first(), Some(&1), "{all:?}");
+    assert!(passes.windows(2).all(|w| w[1] == w[0] + 1), "{passes:?}");
+    let first_pass = all.iter().position(|e| *e == MigrationEvent::Pass(1));
+    let active = all
+        .iter()
+        .position(|e| *e == MigrationEvent::Status(MigrationStatus::Active));
+    assert!(first_pass < active, "{all:?}");
 }
 
 #[test]

@@ -97,7 +97,9 @@ impl Run {
                 .global_dirty_log_sync_lazy(l.period(), l.sync())?,
             None => self.space.global_dirty_log_sync(None)?,
         };
-        stats.dirty_sync_count.fetch_add(1, Ordering::Relaxed);
+        let pass = stats.dirty_sync_count.fetch_add(1, Ordering::Relaxed) + 1;
+        // QEMU's MIGRATION_PASS 1 comes from this first sync, during setup.
+        self.emit(MigrationEvent::Pass(pass));
         bitmap.clear_all();
         self.bulk_stage(&bitmap)?;
         if self.rearm_unstaged(&bitmap)? {
