@@ -311,6 +311,7 @@ pub fn incoming_with(
     );
     span.in_scope(|| info!("listening for an incoming migration"));
     let stats = Arc::new(MigStats::new());
+    stats.set_incoming(socket_address(&local));
     stats.set_status(MigrationStatus::Setup);
     let st = stats.clone();
     let recovery = Recovery::new();
@@ -357,6 +358,23 @@ pub fn incoming_with(
         control,
         thread: Some(thread),
     })
+}
+
+/// QEMU's `socket-address` of a listening URI (None for `mem:` and `file:`).
+fn socket_address(uri: &Uri) -> Option<stats::SocketAddress> {
+    match uri {
+        Uri::Tcp { host, port } => Some(stats::SocketAddress::Inet {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port: port.to_string(),
+        }),
+        Uri::Unix(path) => Some(stats::SocketAddress::Unix {
+            path: path.display().to_string(),
+        }),
+        Uri::File(_) | Uri::Mem(_) => None,
+    }
 }
 
 fn receive(

@@ -184,8 +184,23 @@ pub const MIGRATION_INFO: Ty = Ty::Object(
         opt("downtime", INT),
         opt("setup-time", INT),
         opt("cpu-throttle-percentage", INT),
+        opt("dirty-limit-throttle-time-per-round", INT),
+        opt("dirty-limit-ring-full-time", INT),
         opt("error-desc", STR),
+        opt("socket-address", Ty::Array(&SOCKET_ADDRESS)),
         opt("x-ferry", ANY),
+    ]),
+);
+
+/// QEMU's `SocketAddress` (a union on `type`, flattened: `inet` has `host` and
+/// `port`, `unix` has `path`).
+pub const SOCKET_ADDRESS: Ty = Ty::Object(
+    "SocketAddress",
+    Members::Fixed(&[
+        req("type", Ty::Enum("SocketAddressType", &["inet", "unix"])),
+        opt("host", STR),
+        opt("port", STR),
+        opt("path", STR),
     ]),
 );
 

@@ -188,6 +188,9 @@ pub struct MigStats {
     /// Ferry: the prediction as it stood at the end of the first pass.
     first_pass_convergence: OnceLock<Prediction>,
     error: OnceLock<String>,
+    /// Set on a destination's counters: where it listens (None for a non-socket
+    /// transport), which its `query-migrate` reports instead of the source's figures.
+    incoming_address: OnceLock<Option<SocketAddress>>,
     /// Why postcopy is paused (or why its last recovery failed); cleared on recovery.
     pause_reason: std::sync::Mutex<Option<String>>,
     /// While the migration holds a dirty limit: its throttle time per round and ring
@@ -262,6 +265,7 @@ impl MigStats {
             convergence: AtomicU64::new(CONV_UNKNOWN),
             first_pass_convergence: OnceLock::new(),
             error: OnceLock::new(),
+            incoming_address: OnceLock::new(),
             pause_reason: std::sync::Mutex::new(None),
             dirty_limit: std::sync::Mutex::new(None),
         }
@@ -437,6 +441,13 @@ impl MigStats {
         bucket.fetch_add(bytes, Ordering::Relaxed);
     }
 
+    /// Marks these as a destination's counters, listening at `address` (None: not a
+    /// socket): its `query-migrate` then answers as QEMU's destination does, the status
+    /// and the `socket-address` (with Ferry's own `x-ferry` figures and error-desc).
+    pub fn set_incoming(&self, address: Option<SocketAddress>) {
+        let _ = self.incoming_address.set(address);
+    }
+
     /// The `query-migrate` answer, built from the atomics without a lock.
     pub fn snapshot(&self) -> MigrationInfo {
         let status = self.status();
@@ -445,6 +456,14 @@ impl MigStats {
             status,
             ..Default::default()
         };
+        if let Some(address) = self.incoming_address.get() {
+            info.socket_address = address.clone().map(|a| vec![a]);
+            if status != MigrationStatus::None {
+                info.error_desc = self.error_desc();
+                info.ferry = Some(self.ferry_info(status == MigrationStatus::Completed));
+            }
+            return info;
+        }
         // QEMU's shapes: nothing but the status before there are figures and after a
         // cancel; a failure adds only its reason.
         match status {
@@ -512,7 +531,15 @@ impl MigStats {
             }
         }
         info.error_desc = self.error_desc();
-        info.ferry = Some(FerryMigrationInfo {
+        info.ferry = Some(self.ferry_info(completed));
+        info
+    }
+
+    /// Ferry's own figures (`x-ferry`).
+    fn ferry_info(&self, completed: bool) -> FerryMigrationInfo {
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let page = ld(&self.page_size_bytes);
+        FerryMigrationInfo {
             true_dirty_pages_rate: ld(&self.true_dirty_pages_rate),
             new_dirty_pages_rate: ld(&self.new_dirty_pages_rate),
             bandwidth_bytes_per_sec: ld(&self.bandwidth_bytes_per_sec),
@@ -525,9 +552,27 @@ impl MigStats {
                 .postcopy
                 .started()
                 .then(|| self.postcopy.snapshot(page.max(4096))),
-        });
-        info
+        }
     }
+}
+
+/// QEMU's `SocketAddress`: where a destination listens (its `query-migrate`'s
+/// `socket-address`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SocketAddress {
+    /// A TCP address; QEMU writes the port as a string.
+    Inet {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: String,
+    },
+    /// A Unix socket.
+    Unix {
+        /// Its path.
+        path: String,
+    },
 }
 
 /// QEMU's `MigrationStats` (`query-migrate`'s `ram`), field for field.
@@ -690,6 +735,9 @@ pub struct MigrationInfo {
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_desc: Option<String>,
+    /// A destination's listening addresses (QEMU's `socket-address`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_address: Option<Vec<SocketAddress>>,
     /// Ferry's extra fields.
     #[serde(rename = "x-ferry", skip_serializing_if = "Option::is_none")]
     pub ferry: Option<FerryMigrationInfo>,
@@ -708,6 +756,7 @@ impl Default for MigrationInfo {
             dirty_limit_throttle_time_per_round: None,
             dirty_limit_ring_full_time: None,
             error_desc: None,
+            socket_address: None,
             ferry: None,
         }
     }
@@ -823,6 +872,37 @@ mod tests {
         assert!(s.transition(MigrationStatus::Cancelling, MigrationStatus::Cancelled));
         let v = serde_json::to_value(s.snapshot()).unwrap();
         assert_eq!(v, serde_json::json!({"status": "cancelled"}));
+    }
+
+    #[test]
+    fn a_destination_answers_its_status_and_socket_address_as_qemu() {
+        let s = MigStats::new();
+        s.set_incoming(Some(SocketAddress::Inet {
+            host: "127.0.0.1".into(),
+            port: "4444".into(),
+        }));
+        s.transferred_bytes.store(1 << 20, Ordering::Relaxed);
+        s.set_status(MigrationStatus::Active);
+        let v = serde_json::to_value(s.snapshot()).unwrap();
+        assert_eq!(v["status"], "active");
+        assert_eq!(
+            v["socket-address"],
+            serde_json::json!([{"type": "inet", "host": "127.0.0.1", "port": "4444"}])
+        );
+        for absent in ["ram", "total-time", "setup-time", "expected-downtime"] {
+            assert!(v.get(absent).is_none(), "{absent}: {v}");
+        }
+        assert!(v.get("x-ferry").is_some(), "{v}");
+        let u = MigStats::new();
+        u.set_incoming(Some(SocketAddress::Unix {
+            path: "/run/m.sock".into(),
+        }));
+        u.set_status(MigrationStatus::Completed);
+        let v = serde_json::to_value(u.snapshot()).unwrap();
+        assert_eq!(
+            v["socket-address"],
+            serde_json::json!([{"type": "unix", "path": "/run/m.sock"}])
+        );
     }
 
     #[test]
