@@ -81,6 +81,7 @@ mod source;
 mod test_vm;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod tls;
 #[cfg(test)]
 mod tracing_tests;
 
@@ -106,3 +107,4 @@ pub use rates::{
 pub use runstate::{MigrationEvent, RunControl, RunState};
 pub use source::MigrationSource;
 pub use stats::{DirtyRateInfo, DirtyRateMode, DirtyRateStatus, TimeUnit};
+pub use tls::{TlsObject, TlsObjects};

@@ -41,7 +41,7 @@ const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 const ZSTD_LEVEL: i32 = 1;
 
 /// How to send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendOptions {
     /// Number of connections, control included (1 = a single connection).
     pub channels: u16,
@@ -70,6 +70,10 @@ pub struct SendOptions {
     /// carries only the pages the receiver requests after the switch, so they never
     /// queue behind the background stream (QEMU's postcopy-preempt). Default false.
     pub postcopy: bool,
+    /// TLS 1.3 on every connection (`tcp:` only): the handshake runs on each
+    /// connection before its preamble, bounded by `connect_timeout`. `None`
+    /// (default): plaintext.
+    pub tls: Option<crate::TlsConfig>,
 }
 
 /// Default of [`SendOptions::connect_timeout`], [`SendOptions::io_timeout`] and
@@ -91,6 +95,7 @@ impl Default for SendOptions {
             io_timeout: DEFAULT_TIMEOUT,
             switchover_timeout: DEFAULT_TIMEOUT,
             postcopy: false,
+            tls: None,
         }
     }
 }
@@ -306,6 +311,9 @@ impl Sender {
         let stalled = |e| stalled_write(e, opts.io_timeout);
         for channel_index in 0..total {
             let mut conn = Conn::connect(uri, timeouts, cancel)?;
+            if let Some(tls) = &opts.tls {
+                conn = conn.into_tls_client(tls, uri, opts.connect_timeout)?;
+            }
             let pre = Preamble {
                 channel_index,
                 channel_count: total,
