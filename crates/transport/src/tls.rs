@@ -438,7 +438,9 @@ fn cert_text(e: &CertificateError, whose: &str, name: &str) -> String {
         C::UnknownIssuer => {
             format!("{whose} certificate is not signed by a CA in ca-cert.pem (unknown issuer)")
         }
-        C::BadSignature => format!("{whose} certificate has a bad signature"),
+        C::BadSignature => format!(
+            "{whose} certificate is not signed by a CA in ca-cert.pem (bad signature: another CA of the same name?)"
+        ),
         C::NotValidForName | C::NotValidForNameContext { .. } => {
             format!("{whose} certificate is not valid for name '{name}'")
         }
