@@ -540,6 +540,12 @@ fn make_receiver(
     header_bytes: usize,
     session_id: u64,
 ) -> Result<Receiver> {
+    if header.features.aead_pages && !matches!(readers[0].conn, Conn::Tls(_)) {
+        return Err(Error::Protocol(
+            "the header leaves page checksums to TLS, but the stream does not run inside TLS"
+                .into(),
+        ));
+    }
     if usize::from(header.features.channels) != readers.len() {
         return Err(Error::Protocol(format!(
             "header says {} channels, {} connected",
@@ -1238,6 +1244,8 @@ fn read_pages<S: PageSink + ?Sized>(
     // with FEATURE_XXH3_PAGES); the body's is streamed over prefix, offsets, then
     // the rest, in wire order.
     let sum = sh.header.features.page_checksum;
+    // Inside TLS (FEATURE_AEAD_PAGES) the AEAD authenticated the body already.
+    let check_body = !sh.header.features.aead_pages;
     let mut body_sum = sum.hasher();
     body_sum.update(&pre);
     body_sum.update(&sc.bytes);
@@ -1251,7 +1259,7 @@ fn read_pages<S: PageSink + ?Sized>(
         sc.bytes.resize(data_bytes, 0);
         r.read_exact(&mut sc.bytes, "compressed pages")?;
         body_sum.update(&sc.bytes);
-        if body_sum.finish() != h.body_crc {
+        if check_body && body_sum.finish() != h.body_crc {
             return Err(Error::Checksum { what: "page batch" });
         }
         if sc.zstd.is_none() {
@@ -1282,7 +1290,7 @@ fn read_pages<S: PageSink + ?Sized>(
         sc.crcs.resize(crc_bytes, 0);
         r.read_exact(&mut sc.crcs, "page checksums")?;
         body_sum.update(&sc.crcs);
-        if body_sum.finish() != h.body_crc {
+        if check_body && body_sum.finish() != h.body_crc {
             return Err(Error::Checksum {
                 what: "page batch offsets",
             });
@@ -1328,13 +1336,17 @@ fn read_pages<S: PageSink + ?Sized>(
                 sh.torn.mark(block_idx, &one);
             }
         }
-    } else {
-        // SAFETY: each `(p, page_size)` is a distinct page of the sink (offsets strictly
-        // increase), valid for writes per the PageSink contract, and never our buffer.
+    } else if check_body {
+        // SAFETY: each `(p, page_size)` is a distinct page of the sink (offsets
+        // strictly increase), valid for writes per the PageSink contract, and
+        // never our buffer.
         unsafe { r.read_exact_raw(&iov, |_, b| body_sum.update(b), "page data")? };
         if body_sum.finish() != h.body_crc {
             return Err(Error::Checksum { what: "page batch" });
         }
+    } else {
+        // SAFETY: as above.
+        unsafe { r.read_exact_raw(&iov, |_, _| {}, "page data")? };
     }
     if !live {
         sh.torn.clear(block_idx, &sc.offsets);

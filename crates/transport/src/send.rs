@@ -290,6 +290,7 @@ impl Sender {
                 page_checksum: opts.page_checksum,
                 postcopy: opts.postcopy,
                 resume: resume.is_some(),
+                aead_pages: opts.tls.is_some(),
             },
         };
         header
@@ -607,6 +608,14 @@ impl Sender {
         }
         let prefix = std::mem::take(&mut ch.prefix);
         let sum = self.header.features.page_checksum;
+        // Inside TLS the AEAD authenticates the batch: no body checksum (zero).
+        let body_sum = |parts: &[&[u8]]| {
+            if self.header.features.aead_pages {
+                0
+            } else {
+                sum.of_parts(parts)
+            }
+        };
         let payload = (n * page_size) as u64;
         let res = match ch.zstd.as_mut() {
             None if live => {
@@ -615,7 +624,7 @@ impl Sender {
                 for p in pages {
                     crcs.extend_from_slice(&sum.of(p).to_le_bytes());
                 }
-                let crc = sum.of_parts(&[&prefix, &crcs]);
+                let crc = body_sum(&[&prefix, &crcs]);
                 let mut body: Vec<&[u8]> = Vec::with_capacity(n + 2);
                 body.push(&prefix);
                 body.push(&crcs);
@@ -626,7 +635,7 @@ impl Sender {
                 let mut body: Vec<&[u8]> = Vec::with_capacity(n + 1);
                 body.push(&prefix);
                 body.extend_from_slice(pages);
-                let crc = sum.of_parts(&body);
+                let crc = body_sum(&body);
                 self.write_record_summed(ch_idx, ch, Kind::Pages, 0, &body, crc, payload)
             }
             Some(z) => {
@@ -640,7 +649,7 @@ impl Sender {
                 match z.compress_to_buffer(&ch.zin, &mut ch.zout) {
                     Ok(_) => {
                         let zout = std::mem::take(&mut ch.zout);
-                        let crc = sum.of_parts(&[&prefix, &zout]);
+                        let crc = body_sum(&[&prefix, &zout]);
                         let r = self.write_record_summed(
                             ch_idx,
                             ch,

@@ -401,3 +401,45 @@ fn the_subject_name_prints_in_rfc4514_order() {
         client_dn("ferry-source")
     );
 }
+
+#[test]
+fn a_plaintext_stream_cannot_leave_its_page_checksums_to_tls() {
+    use transport::format::{Kind as RecKind, Preamble, RecordHeader, FEATURE_AEAD_PAGES};
+    let mut h = transport::StreamHeader {
+        page_size: PS,
+        blocks: blocks(),
+        features: transport::Features {
+            compression: transport::Compression::None,
+            channels: 1,
+            sparse_pages: true,
+            page_checksum: transport::PageChecksum::Xxh3,
+            postcopy: false,
+            resume: false,
+            aead_pages: true,
+        },
+    };
+    let body = h.encode_body();
+    assert_ne!(body[5] & FEATURE_AEAD_PAGES, 0);
+    let mut stream = Preamble {
+        channel_index: 0,
+        channel_count: 1,
+        session_id: 7,
+    }
+    .encode()
+    .to_vec();
+    stream.extend_from_slice(
+        &RecordHeader {
+            kind: RecKind::Header,
+            flags: 0,
+            body_len: body.len() as u32,
+            body_crc: transport::checksum::crc32c(&body),
+        }
+        .encode(),
+    );
+    stream.extend_from_slice(&body);
+    let e = transport::decode_bytes(&stream, 1 << 30).unwrap_err();
+    assert!(e.to_string().contains("does not run inside TLS"), "{e}");
+    // The same header without the bit decodes (to a truncated stream further on).
+    h.features.aead_pages = false;
+    assert!(!h.encode_body().is_empty());
+}
