@@ -463,8 +463,7 @@ fn alert_text(a: rustls::AlertDescription) -> String {
     format!("the peer refused the handshake with alert {a:?}{why}")
 }
 
-/// Sends what rustls has queued (a flight, or the alert of a failure); best effort
-/// when `best_effort`.
+/// Sends what rustls has queued (a flight, or the alert of a failure).
 fn flush_tls(c: &mut rustls::Connection, sock: &mut TcpStream) -> io::Result<()> {
     while c.wants_write() {
         c.write_tls(sock)?;
