@@ -169,3 +169,38 @@ def test_refused_sources_keep_running(netpair):
         await t.disconnect()
 
     run(body())
+
+
+def test_ferry_vm_tls_flags_make_the_objects_and_parameters(vms):
+    """`ferry vm --tls-creds DIR [--tls-authz DN]` is `object-add` plus
+    `migrate-set-parameters` at start (endpoint server with --incoming): a migration
+    between two such processes goes over TLS, and a plaintext one is refused."""
+    skip_without_kvm()
+    d = vms.dir / "creds"
+    c = make_creds(d)
+    port = free_port()
+    dst = vms("dst", "--incoming", f"tcp:127.0.0.1:{port}", "-S", "--tls-creds", str(d),
+              "--tls-authz", c["client-dn"], **GUEST)
+    plain = vms("plain", **GUEST)
+    src = vms("src", "--tls-creds", str(d), **GUEST)
+
+    async def body():
+        p = await open_checked("plain", plain)
+        await p.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        final = await wait_migration(p.client, lambda i: i.get("status") in TERMINAL,
+                                     "an end", 60)
+        assert final["status"] == "failed" and "requires TLS" in final["error-desc"], final
+        s = await open_checked("src", src)
+        t = await open_checked("dst", dst)
+        for side, authz in ((s, ""), (t, "authz0")):
+            params = await side.execute("query-migrate-parameters")
+            assert (params["tls-creds"], params["tls-authz"]) == ("tls0", authz), params
+        await s.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        final = await wait_migration(s.client, lambda i: i.get("status") in TERMINAL,
+                                     "an end", 120)
+        assert final["status"] == "completed", final
+        await p.client.disconnect()
+        await s.client.disconnect()
+        await t.client.disconnect()
+
+    run(body())
