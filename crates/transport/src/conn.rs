@@ -331,16 +331,18 @@ impl Conn {
     }
 
     /// Runs the source's TLS handshake on a fresh `tcp:` connection to `uri`
-    /// (bounded by `timeout`, zero: none); other URIs refuse TLS.
+    /// (bounded by `timeout`, zero: none; ended at once by `cancel`); other URIs
+    /// refuse TLS.
     pub(crate) fn into_tls_client(
         self,
         cfg: &TlsConfig,
         uri: &Uri,
         timeout: Duration,
+        cancel: &Cancel,
     ) -> Result<Conn> {
         match (self, uri) {
             (Conn::Tcp(s), Uri::Tcp { host, .. }) => {
-                Ok(Conn::Tls(tls::client(s, cfg, host, timeout)?))
+                Ok(Conn::Tls(tls::client(s, cfg, host, timeout, cancel)?))
             }
             _ => Err(Error::InvalidArgument(format!(
                 "tls-creds is set but {uri} is not a tcp: URI (TLS runs on TCP only)"

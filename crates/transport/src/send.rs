@@ -313,7 +313,7 @@ impl Sender {
         for channel_index in 0..total {
             let mut conn = Conn::connect(uri, timeouts, cancel)?;
             if let Some(tls) = &opts.tls {
-                conn = conn.into_tls_client(tls, uri, opts.connect_timeout)?;
+                conn = conn.into_tls_client(tls, uri, opts.connect_timeout, cancel)?;
             }
             let pre = Preamble {
                 channel_index,

@@ -15,7 +15,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ring::aead;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -24,6 +24,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, ConnectionTrafficSecrets, DigitallySignedStruct, SignatureScheme};
 
+use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::format::{encode_record, Kind, MAGIC, RECORD_HEADER_BYTES};
 
@@ -503,13 +504,26 @@ fn plaintext_answer(b: &[u8]) -> String {
     )
 }
 
+/// How a client's handshake waits: in slices of the socket's read timeout, until
+/// `deadline` (`None`: none), ending at once when `cancel` fires.
+struct Sliced<'a> {
+    deadline: Option<Instant>,
+    cancel: &'a Cancel,
+}
+
+/// Slice of a client's handshake wait between looks at its cancel token.
+const HANDSHAKE_SLICE: Duration = Duration::from_millis(20);
+
 /// Runs rustls's handshake on `sock` until `done(conn)` says it is over. `first`:
-/// the check of the peer's first bytes.
+/// the check of the peer's first bytes. With `sliced`, a read that times out is a
+/// slice of the wait; without, the socket's read timeout is the whole bound.
+#[allow(clippy::too_many_arguments)]
 fn drive(
     c: &mut rustls::Connection,
     sock: &mut TcpStream,
     client: bool,
     name: &str,
+    sliced: Option<Sliced<'_>>,
     mut first: impl FnMut(&[u8], &mut TcpStream) -> Result<()>,
     mut done: impl FnMut(&mut rustls::Connection) -> Result<bool>,
 ) -> Result<()> {
@@ -529,6 +543,21 @@ fn drive(
             match sock.read(&mut buf) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) && sliced.is_some() =>
+                {
+                    if let Some(sl) = &sliced {
+                        if sl.cancel.is_cancelled() {
+                            return Err(Error::Cancelled);
+                        }
+                        if sl.deadline.is_some_and(|d| Instant::now() >= d) {
+                            return Err(io_during(e, side));
+                        }
+                    }
+                }
                 Err(e) => return Err(io_during(e, side)),
             }
         };
@@ -572,12 +601,14 @@ fn check_name(cfg: &TlsConfig, uri_host: &str) -> String {
 }
 
 /// Source side: the handshake on a fresh connection to `uri_host`, then the
-/// destination's verdict; within `timeout` (zero: none).
+/// destination's verdict; within `timeout` (zero: none), ending at once with
+/// [`Error::Cancelled`] when `cancel` fires.
 pub(crate) fn client(
     mut sock: TcpStream,
     cfg: &TlsConfig,
     uri_host: &str,
     timeout: Duration,
+    cancel: &Cancel,
 ) -> Result<TlsConn> {
     let Some(cc) = cfg.creds.inner.client.clone() else {
         return Err(Error::InvalidArgument(format!(
@@ -592,13 +623,18 @@ pub(crate) fn client(
     let mut c: rustls::Connection = rustls::ClientConnection::new(cc, server_name)
         .map_err(|e| Error::Tls(format!("TLS: {e}")))?
         .into();
-    sock.set_read_timeout((!timeout.is_zero()).then_some(timeout))?;
+    sock.set_read_timeout(Some(HANDSHAKE_SLICE))?;
+    let sliced = Sliced {
+        deadline: (!timeout.is_zero()).then(|| Instant::now() + timeout),
+        cancel,
+    };
     let mut verdict: Vec<u8> = Vec::new();
     drive(
         &mut c,
         &mut sock,
         true,
         &name,
+        Some(sliced),
         |b, sock| {
             if looks_like_tls(b) {
                 return Ok(());
@@ -682,6 +718,7 @@ pub(crate) fn server(mut sock: TcpStream, cfg: &TlsConfig) -> Result<TlsConn> {
         &mut sock,
         false,
         "",
+        None,
         |b, sock| {
             if b.len() >= 4 && b[..4] == MAGIC || !looks_like_tls(b) {
                 // Tell a plaintext Ferry source why, in its own language.

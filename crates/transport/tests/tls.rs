@@ -314,6 +314,35 @@ fn a_silent_tls_peer_times_out() {
     );
 }
 
+#[test]
+fn a_cancel_ends_a_handshake_with_a_silent_peer_at_once() {
+    let dir = creds_dir(&Ca::new("ca"), &Spec::default());
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let _hold = thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        thread::sleep(Duration::from_secs(10));
+        drop(s);
+    });
+    let uri: Uri = format!("tcp:127.0.0.1:{port}").parse().unwrap();
+    let cancel = transport::Cancel::new();
+    let c2 = cancel.clone();
+    let canceller = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(200));
+        c2.cancel();
+    });
+    let t = Instant::now();
+    // A connect timeout far beyond the cancel.
+    let opts = SendOptions {
+        connect_timeout: Duration::from_secs(30),
+        ..send_opts(Some(client(&dir)), 1)
+    };
+    let r = Sender::connect_with(&uri, PS, blocks(), opts, &cancel);
+    canceller.join().unwrap();
+    assert!(matches!(r, Err(Error::Cancelled)), "{:?}", r.err());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
 /// A TCP proxy that flips one bit of the source-to-destination bytes at `flip_at`.
 fn flipping_proxy(to: Uri, flip_at: u64) -> Uri {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
