@@ -57,6 +57,7 @@ impl Destination {
             .args(super::logging::verbose_args())
             .args(["--uri", uri, "--verify"])
             .args(args.vm.to_args())
+            .args(args.migrate.tls.to_args())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);

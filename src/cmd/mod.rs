@@ -12,8 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Args;
 use dirty_sync::kvm::KvmBitmapConfig;
-use ferry::migration_core::{Capability, CompressionParam, MigrationSource, ParametersUpdate};
-use ferry::transport::Uri;
+use ferry::migration_core::{
+    Capability, CompressionParam, MigrationSource, ParametersUpdate, TlsObject,
+};
+use ferry::transport::{TlsAuthz, TlsConfig, TlsCreds, TlsEndpoint, Uri};
 use minivm::{parse_size_bytes, Backend, DirtyTracking, VmConfig, Workload};
 
 /// Parses a byte size with an optional K/M/G suffix.
@@ -191,6 +193,107 @@ pub struct MigrateArgs {
     /// words normally travel as those words).
     #[arg(long)]
     pub no_sparse_pages: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS flags, shared by `send`, `receive`, `demo` and `vm`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// TLS 1.3 with mutual x509 authentication on every connection, with the
+    /// credentials in DIR (QEMU's tls-creds-x509 layout: ca-cert.pem,
+    /// server-cert.pem and server-key.pem for the destination, client-cert.pem and
+    /// client-key.pem for the source). A peer without TLS is refused.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<std::path::PathBuf>,
+    /// Source: the name the destination's certificate must be valid for (default:
+    /// the host of the URI).
+    #[arg(long, value_name = "NAME", requires = "tls_creds")]
+    pub tls_hostname: Option<String>,
+    /// Destination: accept only a source whose client certificate's subject is DN
+    /// (RFC 4514, e.g. `CN=src,O=Example`); repeat for more. Default: any
+    /// certificate the CA signed.
+    #[arg(long, value_name = "DN", requires = "tls_creds")]
+    pub tls_authz: Vec<String>,
+}
+
+/// Id of the `tls-creds-x509` object the TLS flags make.
+pub const TLS_CREDS_ID: &str = "tls0";
+/// Id of the `authz-list` object `--tls-authz` makes.
+pub const TLS_AUTHZ_ID: &str = "authz0";
+
+impl TlsArgs {
+    /// The arguments again, for a child `ferry` process.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(d) = &self.tls_creds {
+            v.push("--tls-creds".into());
+            v.push(d.display().to_string());
+        }
+        if let Some(h) = &self.tls_hostname {
+            v.push("--tls-hostname".into());
+            v.push(h.clone());
+        }
+        for dn in &self.tls_authz {
+            v.push("--tls-authz".into());
+            v.push(dn.clone());
+        }
+        v
+    }
+
+    /// Makes the TLS objects (`tls0`, and `authz0` with `--tls-authz`) on `source`'s
+    /// table and sets `tls-creds`, `tls-hostname` and `tls-authz`; nothing without
+    /// `--tls-creds`.
+    pub fn apply(&self, source: &MigrationSource, endpoint: TlsEndpoint) -> Result<(), String> {
+        let Some(dir) = &self.tls_creds else {
+            return Ok(());
+        };
+        let creds = TlsCreds::load(TLS_CREDS_ID, dir, endpoint, true)
+            .map_err(|e| format!("--tls-creds: {e}"))?;
+        let objects = source.tls_objects();
+        objects.remove(TLS_CREDS_ID);
+        objects
+            .add(TLS_CREDS_ID, TlsObject::Creds(creds))
+            .map_err(|e| e.to_string())?;
+        let authz = if self.tls_authz.is_empty() {
+            String::new()
+        } else {
+            objects.remove(TLS_AUTHZ_ID);
+            objects
+                .add(
+                    TLS_AUTHZ_ID,
+                    TlsObject::Authz(TlsAuthz::allow_list(
+                        TLS_AUTHZ_ID,
+                        self.tls_authz.iter().cloned(),
+                    )),
+                )
+                .map_err(|e| e.to_string())?;
+            TLS_AUTHZ_ID.to_string()
+        };
+        source
+            .set_parameters(&ParametersUpdate {
+                tls_creds: Some(TLS_CREDS_ID.into()),
+                tls_hostname: Some(self.tls_hostname.clone().unwrap_or_default()),
+                tls_authz: Some(authz),
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    /// The destination's TLS (`None` without `--tls-creds`).
+    pub fn server_config(&self) -> Result<Option<TlsConfig>, String> {
+        let Some(dir) = &self.tls_creds else {
+            return Ok(None);
+        };
+        let creds = TlsCreds::load(TLS_CREDS_ID, dir, TlsEndpoint::Server, true)
+            .map_err(|e| format!("--tls-creds: {e}"))?;
+        Ok(Some(TlsConfig {
+            creds,
+            hostname: None,
+            authz: (!self.tls_authz.is_empty())
+                .then(|| TlsAuthz::allow_list(TLS_AUTHZ_ID, self.tls_authz.iter().cloned())),
+        }))
+    }
 }
 
 impl MigrateArgs {
@@ -212,6 +315,7 @@ impl MigrateArgs {
                 ..Default::default()
             })
             .map_err(|e| e.to_string())?;
+        self.tls.apply(source, TlsEndpoint::Client)?;
         source
             .set_capability(Capability::PostcopyRam, self.postcopy)
             .map_err(|e| e.to_string())?;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use ferry::migration_core::{incoming, Incoming};
+use ferry::migration_core::{incoming_with, Incoming, IncomingOptions};
 use ferry::stats::MigrationStatus;
 use ferry::GuestVm;
 use serde_json::json;
@@ -39,6 +39,8 @@ pub struct ReceiveArgs {
     /// `postcopy-paused` line carries the real address.
     #[arg(long, value_name = "URI")]
     pub recover: Option<String>,
+    #[command(flatten)]
+    pub tls: super::TlsArgs,
 }
 
 fn say(v: serde_json::Value) {
@@ -109,7 +111,15 @@ fn serve(args: &ReceiveArgs) -> Result<(), String> {
     let guest = Arc::new(
         GuestVm::incoming(args.vm.config(), args.vm.tracking()).map_err(|e| e.to_string())?,
     );
-    let inc = incoming(guest.clone(), &args.uri, args.verify)
+    let opts = IncomingOptions {
+        verify: args.verify,
+        accept: ferry::transport::AcceptOptions {
+            tls: args.tls.server_config()?,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let inc = incoming_with(guest.clone(), &args.uri, opts)
         .map_err(|e| format!("cannot listen on {}: {e}", args.uri))?;
     say(json!({"event": "listening", "uri": inc.uri().to_string()}));
     let stats = inc.stats().clone();

@@ -15,6 +15,7 @@ use qmp::{IncomingStart, Machine, Monitor, Server};
 use serde_json::json;
 
 use super::VmArgs;
+use ferry::transport::TlsEndpoint;
 
 /// Run a guest with a QMP endpoint.
 #[derive(Args, Debug)]
@@ -35,6 +36,11 @@ pub struct VmCmdArgs {
     /// (QEMU's -S, as libvirt runs destinations). Needs --incoming.
     #[arg(short = 'S')]
     pub no_autostart: bool,
+    /// TLS objects and parameters made at start (`tls0`, `authz0`), as QMP's
+    /// `object-add` and `migrate-set-parameters` would: endpoint server with
+    /// `--incoming`, else client.
+    #[command(flatten)]
+    pub tls: super::TlsArgs,
 }
 
 /// The process as QMP's [`Machine`] (the run state lives in the monitor's
@@ -105,8 +111,23 @@ pub fn run(args: VmCmdArgs) -> Result<(), String> {
         IncomingStart::None => None,
     };
     let vm: Arc<dyn MigratableVm> = guest;
+    // With TLS flags, the objects exist before the incoming side listens.
+    let tls = args.tls.tls_creds.is_some();
+    let (first, now) = match start {
+        IncomingStart::Now(uri) if tls => (IncomingStart::Defer, Some(uri)),
+        s => (s, None),
+    };
+    let endpoint = if first == IncomingStart::None {
+        TlsEndpoint::Client
+    } else {
+        TlsEndpoint::Server
+    };
     let monitor =
-        Monitor::new(machine, vm, start, !args.no_autostart).map_err(|e| e.to_string())?;
+        Monitor::new(machine, vm, first, !args.no_autostart).map_err(|e| e.to_string())?;
+    args.tls.apply(monitor.source(), endpoint)?;
+    if let Some(uri) = now {
+        monitor.migrate_incoming(&uri).map_err(|e| e.to_string())?;
+    }
     let server = Server::bind(monitor, &args.qmp).map_err(|e| e.to_string())?;
     println!(
         "{}",

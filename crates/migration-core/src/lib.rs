@@ -83,6 +83,7 @@ mod switchover_tests;
 mod test_vm;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod tls;
 #[cfg(test)]
 mod tracing_tests;
 
@@ -108,3 +109,4 @@ pub use rates::{
 pub use runstate::{MigrationEvent, RunControl, RunState};
 pub use source::MigrationSource;
 pub use stats::{DirtyRateInfo, DirtyRateMode, DirtyRateStatus, TimeUnit};
+pub use tls::{TlsObject, TlsObjects};

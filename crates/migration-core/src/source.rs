@@ -87,6 +87,8 @@ struct Shared {
     /// The guest's per-vCPU dirty limits (QMP's `set-vcpu-dirty-limit`, and the
     /// migration's `dirty-limit` capability).
     limiter: Arc<crate::DirtyLimiter>,
+    /// The TLS objects `tls-creds` and `tls-authz` name.
+    tls_objects: crate::TlsObjects,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -145,9 +147,24 @@ impl MigrationSource {
                 proceed: crossbeam_channel::unbounded(),
                 pause_requested: AtomicBool::new(false),
                 limiter,
+                tls_objects: crate::TlsObjects::default(),
                 thread: Mutex::new(None),
             }),
         }
+    }
+
+    /// The TLS objects (`tls-creds-x509`, `authz-list`) the `tls-creds` and
+    /// `tls-authz` parameters name; a monitor's `object-add` adds to it.
+    pub fn tls_objects(&self) -> &crate::TlsObjects {
+        &self.shared.tls_objects
+    }
+
+    /// The destination's TLS under the current parameters (`tls-creds` with a
+    /// server endpoint, `tls-authz`); `None` without `tls-creds`.
+    pub fn incoming_tls(&self) -> Result<Option<transport::TlsConfig>> {
+        self.shared
+            .tls_objects
+            .resolve(&self.parameters(), transport::TlsEndpoint::Server)
     }
 
     /// The current parameters.
@@ -275,6 +292,16 @@ impl MigrationSource {
             ));
         }
         self.run.check_can_migrate()?;
+        let params = self.parameters();
+        let tls = self
+            .shared
+            .tls_objects
+            .resolve(&params, transport::TlsEndpoint::Client)?;
+        if let (Some(_), Uri::Unix(_) | Uri::File(_) | Uri::Mem(_)) = (&tls, &uri) {
+            return Err(Error::InvalidParameter(format!(
+                "tls-creds is set but {uri} is not a tcp: URI (TLS runs on TCP only)"
+            )));
+        }
         if let Some(old) = thread.take() {
             let _ = old.join();
         }
@@ -292,7 +319,8 @@ impl MigrationSource {
             vm: self.vm.clone(),
             run: self.run.clone(),
             stats,
-            params: self.parameters(),
+            params,
+            tls,
             caps: self.capabilities(),
             live: self.shared.live.clone(),
             cancel,
@@ -476,6 +504,8 @@ struct Run {
     space: Arc<AddressSpace>,
     stats: Arc<MigStats>,
     params: MigrationParameters,
+    /// TLS on every connection (from `tls-creds`, `tls-hostname`), or plaintext.
+    tls: Option<transport::TlsConfig>,
     caps: Capabilities,
     live: Arc<LiveParams>,
     cancel: Arc<AtomicBool>,

@@ -9,7 +9,7 @@ use crossbeam_channel::{Sender, TrySendError};
 use migration_core::{
     incoming_with, ram_digest, Capabilities, Capability, DirtyRateArgs, DirtyRateJob, GuestRam,
     IncomingControl, IncomingOptions, MigratableVm, MigrationEvent, MigrationSource,
-    ParametersUpdate, RunControl, RunState,
+    ParametersUpdate, RunControl, RunState, TlsObject,
 };
 use serde_json::{json, Map, Value};
 use stats::{DirtyRateMode, MigStats, MigrationInfo, MigrationStatus, TimeUnit};
@@ -102,6 +102,40 @@ const TIME_UNIT: Ty = Ty::Enum("TimeUnit", &["second", "millisecond"]);
 const DIRTY_RATE_MODE: Ty = Ty::Enum(
     "DirtyRateMeasureMode",
     &["page-sampling", "dirty-ring", "dirty-bitmap"],
+);
+
+/// `QAuthZListPolicy`.
+const AUTHZ_POLICY: Ty = Ty::Enum("QAuthZListPolicy", &["deny", "allow"]);
+
+/// `QAuthZListRule`.
+const AUTHZ_RULE: Ty = obj!(
+    "QAuthZListRule",
+    [
+        req("match", STR),
+        req("policy", AUTHZ_POLICY),
+        opt("format", Ty::Enum("QAuthZListFormat", &["exact", "glob"]))
+    ]
+);
+
+/// `object-add`'s arguments, for the object types Ferry has (QEMU's `ObjectOptions`
+/// flat union, its `tls-creds-x509` and `authz-list` branches merged).
+const OBJECT_ADD_ARGS: Ty = obj!(
+    "ObjectOptions",
+    [
+        req(
+            "qom-type",
+            Ty::Enum("ObjectType", &["authz-list", "tls-creds-x509"])
+        ),
+        req("id", STR),
+        opt("dir", STR),
+        opt(
+            "endpoint",
+            Ty::Enum("QCryptoTLSCredsEndpoint", &["client", "server"])
+        ),
+        opt("verify-peer", BOOL),
+        opt("policy", AUTHZ_POLICY),
+        opt("rules", Ty::Array(&AUTHZ_RULE))
+    ]
 );
 
 /// The QMP introspection document of this table ([`schema::document`]).
@@ -335,6 +369,30 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
             empty()
         })
     }),
+    (
+        "object-add",
+        sig(OBJECT_ADD_ARGS, EMPTY),
+        |m, _session, a| {
+            value({
+                m.object_add(a)?;
+                empty()
+            })
+        },
+    ),
+    (
+        "object-del",
+        sig(obj!("object-del_arg", [req("id", STR)]), EMPTY),
+        |m, _session, mut a| {
+            value({
+                let id = a.str("id")?;
+                a.finish()?;
+                if !m.source.tls_objects().remove(&id) {
+                    return Err(QmpError::generic(format!("object '{id}' not found")));
+                }
+                empty()
+            })
+        },
+    ),
     (
         "migrate-set-parameters",
         sig(SET_PARAMETERS, EMPTY),
@@ -803,6 +861,76 @@ impl Monitor {
         Ok(mon)
     }
 
+    /// `object-add` of a `tls-creds-x509` (loaded at once, as QEMU does) or an
+    /// `authz-list`.
+    fn object_add(&self, mut a: Args) -> Result<(), QmpError> {
+        let ty = a.opt_enum("qom-type", &["tls-creds-x509", "authz-list"])?;
+        let id = a.str("id")?;
+        let obj = match ty {
+            Some("tls-creds-x509") => {
+                let dir = a.str("dir")?;
+                let endpoint = a
+                    .opt_enum("endpoint", &["client", "server"])?
+                    .unwrap_or("client");
+                let verify_peer = a.opt_bool("verify-peer")?.unwrap_or(true);
+                a.finish()?;
+                let endpoint = if endpoint == "server" {
+                    transport::TlsEndpoint::Server
+                } else {
+                    transport::TlsEndpoint::Client
+                };
+                let creds = transport::TlsCreds::load(
+                    &id,
+                    std::path::Path::new(&dir),
+                    endpoint,
+                    verify_peer,
+                )
+                .map_err(|e| QmpError::generic(e.to_string()))?;
+                TlsObject::Creds(creds)
+            }
+            Some("authz-list") => {
+                let policy = a.opt_enum("policy", &["deny", "allow"])?;
+                let rules = a.opt_array("rules")?.unwrap_or_default();
+                a.finish()?;
+                let mut list = Vec::with_capacity(rules.len());
+                for (i, r) in rules.into_iter().enumerate() {
+                    let mut r = object(&format!("rules[{i}]"), r)?;
+                    let pattern = r.str("match")?;
+                    let allow = r
+                        .opt_enum("policy", &["deny", "allow"])?
+                        .ok_or_else(|| QmpError::generic("Parameter 'policy' is missing"))?
+                        == "allow";
+                    let glob = r.opt_enum("format", &["exact", "glob"])? == Some("glob");
+                    r.finish()?;
+                    list.push(transport::AuthzRule {
+                        pattern,
+                        format: if glob {
+                            transport::AuthzFormat::Glob
+                        } else {
+                            transport::AuthzFormat::Exact
+                        },
+                        allow,
+                    });
+                }
+                TlsObject::Authz(transport::TlsAuthz {
+                    id: id.clone(),
+                    rules: list,
+                    default_allow: policy == Some("allow"),
+                })
+            }
+            _ => return Err(QmpError::generic("Parameter 'qom-type' is missing")),
+        };
+        self.source.tls_objects().add(&id, obj)?;
+        Ok(())
+    }
+
+    /// QEMU's `migrate-incoming` from the VMM itself (e.g. `-incoming URI` after the
+    /// TLS objects and parameters were set): listens at once.
+    pub fn migrate_incoming(self: &Arc<Self>, uri: &str) -> crate::Result<()> {
+        self.start_incoming(uri, true)
+            .map_err(|e| crate::Error::Incoming(e.desc))
+    }
+
     /// The migration source (for the VMM's own use, e.g. tests).
     pub fn source(&self) -> &MigrationSource {
         &self.source
@@ -885,7 +1013,10 @@ impl Monitor {
             IncomingOptions {
                 verify: false,
                 run: Some(self.run.clone()),
-                ..Default::default()
+                accept: transport::AcceptOptions {
+                    tls: self.source.incoming_tls()?,
+                    ..Default::default()
+                },
             },
         )?;
         let stats = inc.stats().clone();

@@ -121,7 +121,7 @@ fn bench_rate_limit(c: &mut Criterion) {
             ..opts(n, Compression::None)
         };
         g.bench_function(BenchmarkId::new("ferry", n), |b| {
-            b.iter_custom(|iters| timed(iters, || ferry_send(&uri, &src, o)))
+            b.iter_custom(|iters| timed(iters, || ferry_send(&uri, &src, o.clone())))
         });
     }
     g.finish();

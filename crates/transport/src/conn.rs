@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::mem::{self, MemConn};
+use crate::tls::{self, TlsConfig, TlsConn};
 use crate::uri::Uri;
 
 /// The timeouts of one outgoing connection (zero: none).
@@ -33,6 +34,8 @@ pub(crate) const MAX_IOVECS: usize = 1024;
 /// A connected byte stream.
 pub(crate) enum Conn {
     Tcp(TcpStream),
+    /// TCP after a TLS handshake.
+    Tls(TlsConn),
     Unix(UnixStream),
     File(File),
     Mem(MemConn),
@@ -327,9 +330,44 @@ impl Conn {
         })
     }
 
+    /// Runs the source's TLS handshake on a fresh `tcp:` connection to `uri`
+    /// (bounded by `timeout`, zero: none; ended at once by `cancel`); other URIs
+    /// refuse TLS.
+    pub(crate) fn into_tls_client(
+        self,
+        cfg: &TlsConfig,
+        uri: &Uri,
+        timeout: Duration,
+        cancel: &Cancel,
+    ) -> Result<Conn> {
+        match (self, uri) {
+            (Conn::Tcp(s), Uri::Tcp { host, .. }) => {
+                Ok(Conn::Tls(tls::client(s, cfg, host, timeout, cancel)?))
+            }
+            _ => Err(Error::InvalidArgument(format!(
+                "tls-creds is set but {uri} is not a tcp: URI (TLS runs on TCP only)"
+            ))),
+        }
+    }
+
+    /// Runs the destination's TLS handshake on an accepted connection (its read
+    /// timeout bounds the wait); only TCP connections can.
+    pub(crate) fn into_tls_server(self, cfg: &TlsConfig) -> Result<Conn> {
+        match self {
+            Conn::Tcp(s) => Ok(Conn::Tls(tls::server(s, cfg)?)),
+            _ => Err(Error::InvalidArgument(
+                "tls-creds is set but the listener is not a tcp: URI (TLS runs on TCP only)".into(),
+            )),
+        }
+    }
+
     /// The peer's address, for messages.
     pub(crate) fn peer_name(&self) -> String {
         match self {
+            Conn::Tls(t) => t
+                .sock
+                .peer_addr()
+                .map_or_else(|_| "an unknown TLS peer".into(), |a| a.to_string()),
             Conn::Tcp(s) => s
                 .peer_addr()
                 .map_or_else(|_| "an unknown TCP peer".into(), |a| a.to_string()),
@@ -343,6 +381,7 @@ impl Conn {
     pub(crate) fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
         match self {
             Conn::Tcp(s) => s.set_read_timeout(d),
+            Conn::Tls(t) => t.sock.set_read_timeout(d),
             Conn::Unix(s) => s.set_read_timeout(d),
             _ => Ok(()),
         }
@@ -358,6 +397,7 @@ impl Conn {
     pub(crate) fn try_clone_reader(&self) -> io::Result<Option<Conn>> {
         Ok(match self {
             Conn::Tcp(s) => Some(Conn::Tcp(s.try_clone()?)),
+            Conn::Tls(t) => Some(Conn::Tls(t.try_clone()?)),
             Conn::Unix(s) => Some(Conn::Unix(s.try_clone()?)),
             Conn::Mem(m) => Some(Conn::Mem(m.reader())),
             Conn::File(_) | Conn::Bytes(_) => None,
@@ -369,6 +409,7 @@ impl Conn {
     pub(crate) fn try_clone_writer(&self) -> io::Result<Option<Conn>> {
         Ok(match self {
             Conn::Tcp(s) => Some(Conn::Tcp(s.try_clone()?)),
+            Conn::Tls(t) => Some(Conn::Tls(t.try_clone()?)),
             Conn::Unix(s) => Some(Conn::Unix(s.try_clone()?)),
             Conn::Mem(m) => Some(Conn::Mem(m.writer())),
             Conn::File(_) | Conn::Bytes(_) => None,
@@ -388,7 +429,7 @@ impl Conn {
     fn closer_how(&self, how: Shutdown) -> Closer {
         match self {
             // A shutdown that fails finds the socket closed already: nothing to end.
-            Conn::Tcp(s) => match s.try_clone() {
+            Conn::Tcp(s) | Conn::Tls(TlsConn { sock: s, .. }) => match s.try_clone() {
                 Ok(c) => Closer::Socket(Box::new(move || {
                     let _ = c.shutdown(how);
                 })),
@@ -415,6 +456,7 @@ impl Conn {
     pub(crate) fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Conn::Tcp(s) => s.read(buf),
+            Conn::Tls(t) => t.read(buf),
             Conn::Unix(s) => s.read(buf),
             Conn::File(f) => f.read(buf),
             Conn::Mem(m) => m.read(buf),
@@ -434,6 +476,8 @@ impl Conn {
     pub(crate) unsafe fn read_raw(&mut self, iov: &[(*mut u8, usize)]) -> io::Result<usize> {
         let fd = match self {
             Conn::Tcp(s) => s.as_raw_fd(),
+            // SAFETY: the caller's guarantee is passed on unchanged.
+            Conn::Tls(t) => return unsafe { t.read_raw(iov) },
             Conn::Unix(s) => s.as_raw_fd(),
             Conn::File(f) => f.as_raw_fd(),
             // SAFETY: the caller's guarantee is passed on unchanged.
@@ -481,6 +525,7 @@ impl Conn {
     pub(crate) fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Conn::Tcp(s) => s.write_vectored(bufs),
+            Conn::Tls(t) => t.write_vectored(bufs),
             Conn::Unix(s) => s.write_vectored(bufs),
             Conn::File(f) => f.write_vectored(bufs),
             Conn::Mem(m) => m.write_vectored(bufs),
@@ -493,6 +538,7 @@ impl Conn {
     pub(crate) fn shutdown_write(&mut self) -> io::Result<()> {
         match self {
             Conn::Tcp(s) => s.shutdown(Shutdown::Write),
+            Conn::Tls(t) => t.shutdown_write(),
             Conn::Unix(s) => s.shutdown(Shutdown::Write),
             _ => Ok(()),
         }
@@ -644,6 +690,11 @@ impl RawListener {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Whether connections come over TCP (the only kind TLS runs on).
+    pub(crate) fn is_tcp(&self) -> bool {
+        matches!(self, RawListener::Tcp(_))
     }
 
     /// Whether connections come over a socket (accepted concurrently, with timeouts).

@@ -18,7 +18,11 @@ pub enum Error {
     },
     /// An operating-system I/O error on a channel.
     #[error("I/O error: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
+    /// TLS failed: a handshake, a certificate or name check, the allow-list, a
+    /// plaintext peer, or a record that failed authentication. The text says which.
+    #[error("{0}")]
+    Tls(String),
     /// The peer closed the connection before a complete stream arrived.
     #[error("stream truncated: connection closed in the middle of {what}")]
     Truncated {
@@ -117,6 +121,19 @@ impl Error {
             }
             e => e,
         }
+    }
+}
+
+impl From<io::Error> for Error {
+    /// An I/O error; a TLS failure carried through an I/O path becomes [`Error::Tls`].
+    fn from(e: io::Error) -> Self {
+        if let Some(t) = e
+            .get_ref()
+            .and_then(|x| x.downcast_ref::<crate::tls::TlsIoError>())
+        {
+            return Error::Tls(t.0.clone());
+        }
+        Error::Io(e)
     }
 }
 

@@ -306,6 +306,10 @@ pub struct Features {
     /// Whether the stream resumes a postcopy stream whose connections broke
     /// ([`FEATURE_RESUME`]): it has only a postcopy part.
     pub resume: bool,
+    /// The stream runs inside TLS ([`FEATURE_AEAD_PAGES`]): the body checksum of page
+    /// batches is left out (zero), the AEAD authenticates those bytes; the per-page
+    /// checksums of live batches stay (they find torn pages, which no AEAD can).
+    pub aead_pages: bool,
 }
 
 /// Header feature bit: sparse-page records may follow.
@@ -322,9 +326,17 @@ pub const FEATURE_POSTCOPY: u8 = 4;
 /// precopy part: the receiver answers with `Missing` records and `Ready`, then the
 /// postcopy part follows on every connection.
 pub const FEATURE_RESUME: u8 = 8;
+/// Header feature bit: the stream runs inside TLS 1.3 and the body checksum of every
+/// page batch (type 2) is zero and not checked: the record layer's AEAD tag already
+/// authenticates every byte. A receiver refuses it on a connection without TLS.
+/// The per-page checksums of live batches stay.
+pub const FEATURE_AEAD_PAGES: u8 = 16;
 /// Every feature bit this build knows.
-const KNOWN_FEATURES: u8 =
-    FEATURE_SPARSE_PAGES | FEATURE_XXH3_PAGES | FEATURE_POSTCOPY | FEATURE_RESUME;
+const KNOWN_FEATURES: u8 = FEATURE_SPARSE_PAGES
+    | FEATURE_XXH3_PAGES
+    | FEATURE_POSTCOPY
+    | FEATURE_RESUME
+    | FEATURE_AEAD_PAGES;
 /// Cap on runs in one `Discard` record.
 pub const MAX_DISCARD_RUNS: u32 = 65536;
 
@@ -414,6 +426,9 @@ impl StreamHeader {
         if self.features.resume {
             bits |= FEATURE_RESUME;
         }
+        if self.features.aead_pages {
+            bits |= FEATURE_AEAD_PAGES;
+        }
         v.push(bits);
         v.extend_from_slice(&self.features.channels.to_le_bytes());
         v.extend_from_slice(&(self.blocks.len() as u32).to_le_bytes());
@@ -473,6 +488,7 @@ impl StreamHeader {
                 },
                 postcopy: feature_bits & FEATURE_POSTCOPY != 0,
                 resume: feature_bits & FEATURE_RESUME != 0,
+                aead_pages: feature_bits & FEATURE_AEAD_PAGES != 0,
             },
         };
         h.validate()?;
@@ -651,6 +667,7 @@ mod tests {
                 page_checksum: PageChecksum::Xxh3,
                 postcopy: false,
                 resume: false,
+                aead_pages: false,
             },
         };
         for (sparse_pages, page_checksum, bits) in [
@@ -674,9 +691,14 @@ mod tests {
         assert_eq!(body[5] & FEATURE_POSTCOPY, FEATURE_POSTCOPY);
         assert_eq!(StreamHeader::decode_body(&body).unwrap(), h);
         h.features.postcopy = false;
-        // Bits this build does not know are refused.
+        h.features.aead_pages = true;
+        let body = h.encode_body();
+        assert_eq!(body[5] & FEATURE_AEAD_PAGES, FEATURE_AEAD_PAGES);
+        assert_eq!(StreamHeader::decode_body(&body).unwrap(), h);
+        h.features.aead_pages = false;
+        // Bits this build does not know are refused (and resume alone).
         let mut body = h.encode_body();
-        for bit in 3..8 {
+        for bit in [3, 5, 6, 7] {
             body[5] = 1 << bit;
             assert!(StreamHeader::decode_body(&body).is_err(), "bit {bit}");
         }

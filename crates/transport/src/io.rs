@@ -22,7 +22,7 @@ const VEC_STEP_BYTES: usize = 1 << 20;
 fn truncated_or_io(e: io::Error, what: &'static str) -> Error {
     match e.kind() {
         io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => Error::Truncated { what },
-        _ => Error::Io(e),
+        _ => Error::from(e),
     }
 }
 
@@ -216,7 +216,7 @@ pub(crate) fn write_all(
                 Ok(0) => return Err(Error::Io(io::ErrorKind::WriteZero.into())),
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::Io(e)),
+                Err(e) => return Err(Error::from(e)),
             }
         };
         if let Some((l, cancel)) = limiter {

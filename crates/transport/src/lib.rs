@@ -35,6 +35,7 @@ mod recv;
 mod send;
 mod sink;
 mod sparse;
+mod tls;
 mod uri;
 
 pub use cancel::Cancel;
@@ -52,6 +53,7 @@ pub use send::{
 };
 pub use sink::{is_zero, PageSink, VecSink};
 pub use sparse::{PageClass, SparseBatch, MAX_SPARSE_WORDS};
+pub use tls::{subject_dn, AuthzFormat, AuthzRule, TlsAuthz, TlsConfig, TlsCreds, TlsEndpoint};
 pub use uri::Uri;
 
 /// Binds a fresh in-process endpoint: returns the `mem:` URI for the sender and

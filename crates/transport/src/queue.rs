@@ -15,7 +15,9 @@ impl QueueProbe {
     /// A probe of `conn`; one that always reads 0 for files and in-process pipes.
     pub(crate) fn of(conn: &Conn) -> QueueProbe {
         let fd = match conn {
-            Conn::Tcp(s) => s.try_clone().map(OwnedFd::from),
+            Conn::Tcp(s) | Conn::Tls(crate::tls::TlsConn { sock: s, .. }) => {
+                s.try_clone().map(OwnedFd::from)
+            }
             Conn::Unix(s) => s.try_clone().map(OwnedFd::from),
             _ => return QueueProbe { fd: None },
         };

@@ -118,6 +118,11 @@ impl Listener {
     /// waits until a whole stream arrives and fails only if the listener does.
     /// `file:` reads the file; `mem:` takes its connections one by one, as they come.
     pub fn accept_with(&self, opts: &AcceptOptions) -> Result<Receiver> {
+        if opts.tls.is_some() && !self.raw.is_tcp() {
+            return Err(Error::InvalidArgument(
+                "tls-creds is set but the listener is not a tcp: URI (TLS runs on TCP only)".into(),
+            ));
+        }
         if self.raw.is_socket() {
             accept_concurrently(&self.raw, opts)
         } else {
@@ -127,7 +132,7 @@ impl Listener {
 }
 
 /// How [`Listener::accept_with`] treats incoming connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcceptOptions {
     /// Most time a connection may take to deliver its preamble (and, for the control
     /// connection, the stream header) before it is dropped. Default 10 s.
@@ -141,6 +146,11 @@ pub struct AcceptOptions {
     /// kernel's defaults). No read timeout is set on an established stream: a
     /// source may legitimately be slow. Default 10 s.
     pub io_timeout: Duration,
+    /// TLS 1.3 on every connection (`tcp:` only): the handshake, the source's
+    /// certificate and the allow-list are checked before the preamble, within
+    /// `preamble_timeout`; a plaintext source is refused. `None` (default):
+    /// plaintext, and a source that speaks TLS is refused.
+    pub tls: Option<crate::TlsConfig>,
 }
 
 impl Default for AcceptOptions {
@@ -149,6 +159,7 @@ impl Default for AcceptOptions {
             preamble_timeout: Duration::from_secs(10),
             max_pending: 16,
             io_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -191,10 +202,20 @@ fn drop_note(peer: &str, why: impl std::fmt::Display) {
 
 /// Reads a connection's preamble (and for channel 0 the stream header) within
 /// `timeout`, then clears the read timeout again.
-fn read_arrival(conn: Conn, timeout: Duration) -> Result<Arrived> {
+fn read_arrival(
+    mut conn: Conn,
+    timeout: Duration,
+    tls: Option<&crate::TlsConfig>,
+) -> Result<Arrived> {
     if !timeout.is_zero() {
         conn.set_read_timeout(Some(timeout))?;
     }
+    if let Some(tls) = tls {
+        conn = conn.into_tls_server(tls).map_err(|e| {
+            e.or_timed_out(|| format!("no TLS handshake within {}", crate::fmt_duration(timeout)))
+        })?;
+    }
+    let plaintext = tls.is_none();
     let mut reader = RecordReader::new(conn);
     let timed = |e: Error| {
         e.or_timed_out(|| {
@@ -206,7 +227,17 @@ fn read_arrival(conn: Conn, timeout: Duration) -> Result<Arrived> {
     };
     let mut pb = [0u8; PREAMBLE_BYTES];
     reader.read_exact(&mut pb, "preamble").map_err(timed)?;
-    let preamble = Preamble::decode(&pb)?;
+    let preamble = match Preamble::decode(&pb) {
+        Err(Error::BadMagic { found }) if plaintext && crate::tls::is_client_hello(&found) => {
+            // Tell a TLS source why, before closing: it reads this as plaintext.
+            let msg = "this destination has no tls-creds and the source speaks TLS";
+            let _ = write_back(&mut reader.conn, Kind::Refuse, msg.as_bytes());
+            return Err(Error::Tls(
+                "TLS: the peer speaks TLS but tls-creds is not set".into(),
+            ));
+        }
+        r => r?,
+    };
     let header = if preamble.channel_index == 0 {
         let (h, bytes) = read_header(&mut reader).map_err(timed)?;
         if h.features.channels != preamble.channel_count {
@@ -241,12 +272,13 @@ fn accept_concurrently(raw: &RawListener, opts: &AcceptOptions) -> Result<Receiv
             let closer = conn.aborter();
             let tx = tx.clone();
             let timeout = opts.preamble_timeout;
+            let tls = opts.tls.clone();
             let spawned = std::thread::Builder::new()
                 .name("mig/accept".into())
                 .spawn(move || {
                     // The accept loop may have returned already (the stream it was
                     // waiting for is complete): then this connection just closes.
-                    let _ = tx.send((id, read_arrival(conn, timeout)));
+                    let _ = tx.send((id, read_arrival(conn, timeout, tls.as_ref())));
                 });
             match spawned {
                 Ok(_) => {
@@ -508,6 +540,12 @@ fn make_receiver(
     header_bytes: usize,
     session_id: u64,
 ) -> Result<Receiver> {
+    if header.features.aead_pages && !matches!(readers[0].conn, Conn::Tls(_)) {
+        return Err(Error::Protocol(
+            "the header leaves page checksums to TLS, but the stream does not run inside TLS"
+                .into(),
+        ));
+    }
     if usize::from(header.features.channels) != readers.len() {
         return Err(Error::Protocol(format!(
             "header says {} channels, {} connected",
@@ -1206,6 +1244,8 @@ fn read_pages<S: PageSink + ?Sized>(
     // with FEATURE_XXH3_PAGES); the body's is streamed over prefix, offsets, then
     // the rest, in wire order.
     let sum = sh.header.features.page_checksum;
+    // Inside TLS (FEATURE_AEAD_PAGES) the AEAD authenticated the body already.
+    let check_body = !sh.header.features.aead_pages;
     let mut body_sum = sum.hasher();
     body_sum.update(&pre);
     body_sum.update(&sc.bytes);
@@ -1219,7 +1259,7 @@ fn read_pages<S: PageSink + ?Sized>(
         sc.bytes.resize(data_bytes, 0);
         r.read_exact(&mut sc.bytes, "compressed pages")?;
         body_sum.update(&sc.bytes);
-        if body_sum.finish() != h.body_crc {
+        if check_body && body_sum.finish() != h.body_crc {
             return Err(Error::Checksum { what: "page batch" });
         }
         if sc.zstd.is_none() {
@@ -1250,7 +1290,7 @@ fn read_pages<S: PageSink + ?Sized>(
         sc.crcs.resize(crc_bytes, 0);
         r.read_exact(&mut sc.crcs, "page checksums")?;
         body_sum.update(&sc.crcs);
-        if body_sum.finish() != h.body_crc {
+        if check_body && body_sum.finish() != h.body_crc {
             return Err(Error::Checksum {
                 what: "page batch offsets",
             });
@@ -1296,13 +1336,17 @@ fn read_pages<S: PageSink + ?Sized>(
                 sh.torn.mark(block_idx, &one);
             }
         }
-    } else {
-        // SAFETY: each `(p, page_size)` is a distinct page of the sink (offsets strictly
-        // increase), valid for writes per the PageSink contract, and never our buffer.
+    } else if check_body {
+        // SAFETY: each `(p, page_size)` is a distinct page of the sink (offsets
+        // strictly increase), valid for writes per the PageSink contract, and
+        // never our buffer.
         unsafe { r.read_exact_raw(&iov, |_, b| body_sum.update(b), "page data")? };
         if body_sum.finish() != h.body_crc {
             return Err(Error::Checksum { what: "page batch" });
         }
+    } else {
+        // SAFETY: as above.
+        unsafe { r.read_exact_raw(&iov, |_, _| {}, "page data")? };
     }
     if !live {
         sh.torn.clear(block_idx, &sc.offsets);

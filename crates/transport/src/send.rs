@@ -41,7 +41,7 @@ const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 const ZSTD_LEVEL: i32 = 1;
 
 /// How to send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendOptions {
     /// Number of connections, control included (1 = a single connection).
     pub channels: u16,
@@ -70,6 +70,10 @@ pub struct SendOptions {
     /// carries only the pages the receiver requests after the switch, so they never
     /// queue behind the background stream (QEMU's postcopy-preempt). Default false.
     pub postcopy: bool,
+    /// TLS 1.3 on every connection (`tcp:` only): the handshake runs on each
+    /// connection before its preamble, bounded by `connect_timeout`. `None`
+    /// (default): plaintext.
+    pub tls: Option<crate::TlsConfig>,
 }
 
 /// Default of [`SendOptions::connect_timeout`], [`SendOptions::io_timeout`] and
@@ -91,6 +95,7 @@ impl Default for SendOptions {
             io_timeout: DEFAULT_TIMEOUT,
             switchover_timeout: DEFAULT_TIMEOUT,
             postcopy: false,
+            tls: None,
         }
     }
 }
@@ -285,6 +290,7 @@ impl Sender {
                 page_checksum: opts.page_checksum,
                 postcopy: opts.postcopy,
                 resume: resume.is_some(),
+                aead_pages: opts.tls.is_some(),
             },
         };
         header
@@ -306,6 +312,9 @@ impl Sender {
         let stalled = |e| stalled_write(e, opts.io_timeout);
         for channel_index in 0..total {
             let mut conn = Conn::connect(uri, timeouts, cancel)?;
+            if let Some(tls) = &opts.tls {
+                conn = conn.into_tls_client(tls, uri, opts.connect_timeout, cancel)?;
+            }
             let pre = Preamble {
                 channel_index,
                 channel_count: total,
@@ -599,6 +608,14 @@ impl Sender {
         }
         let prefix = std::mem::take(&mut ch.prefix);
         let sum = self.header.features.page_checksum;
+        // Inside TLS the AEAD authenticates the batch: no body checksum (zero).
+        let body_sum = |parts: &[&[u8]]| {
+            if self.header.features.aead_pages {
+                0
+            } else {
+                sum.of_parts(parts)
+            }
+        };
         let payload = (n * page_size) as u64;
         let res = match ch.zstd.as_mut() {
             None if live => {
@@ -607,7 +624,7 @@ impl Sender {
                 for p in pages {
                     crcs.extend_from_slice(&sum.of(p).to_le_bytes());
                 }
-                let crc = sum.of_parts(&[&prefix, &crcs]);
+                let crc = body_sum(&[&prefix, &crcs]);
                 let mut body: Vec<&[u8]> = Vec::with_capacity(n + 2);
                 body.push(&prefix);
                 body.push(&crcs);
@@ -618,7 +635,7 @@ impl Sender {
                 let mut body: Vec<&[u8]> = Vec::with_capacity(n + 1);
                 body.push(&prefix);
                 body.extend_from_slice(pages);
-                let crc = sum.of_parts(&body);
+                let crc = body_sum(&body);
                 self.write_record_summed(ch_idx, ch, Kind::Pages, 0, &body, crc, payload)
             }
             Some(z) => {
@@ -632,7 +649,7 @@ impl Sender {
                 match z.compress_to_buffer(&ch.zin, &mut ch.zout) {
                     Ok(_) => {
                         let zout = std::mem::take(&mut ch.zout);
-                        let crc = sum.of_parts(&[&prefix, &zout]);
+                        let crc = body_sum(&[&prefix, &zout]);
                         let r = self.write_record_summed(
                             ch_idx,
                             ch,

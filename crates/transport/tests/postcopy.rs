@@ -3,6 +3,8 @@
 //! background pages flow, `End`, and the receiver's `Done`; and the refusals around it.
 
 mod common;
+#[path = "common/tls_creds.rs"]
+mod tls_creds;
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
@@ -69,9 +71,19 @@ fn postcopy_opts(channels: u16) -> SendOptions {
 /// 2), which are discarded and sent again after the switch: page 12 on request,
 /// the rest in the background.
 fn run(kind: Kind, channels: u16) {
+    run_with(kind, channels, None);
+}
+
+/// [`run`], with TLS (client, server) when given.
+fn run_with(kind: Kind, channels: u16, tls: Option<(transport::TlsConfig, transport::TlsConfig)>) {
+    let (client, server) = tls.unzip();
     let (uri, listener) = endpoint(kind);
     let sender = std::thread::spawn(move || -> transport::Result<Vec<u64>> {
-        let s = Sender::connect(&uri, PAGE as u32, blocks(), postcopy_opts(channels))?;
+        let opts = SendOptions {
+            tls: client,
+            ..postcopy_opts(channels)
+        };
+        let s = Sender::connect(&uri, PAGE as u32, blocks(), opts)?;
         assert_eq!(
             s.header().features.channels,
             channels + 1,
@@ -100,7 +112,12 @@ fn run(kind: Kind, channels: u16) {
         s.finish_postcopy()?;
         Ok(rest)
     });
-    let mut rx = listener.accept().unwrap();
+    let mut rx = listener
+        .accept_with(&transport::AcceptOptions {
+            tls: server,
+            ..Default::default()
+        })
+        .unwrap();
     assert!(rx.header().features.postcopy);
     let sink = Recording {
         inner: VecSink::for_header(rx.header()),
@@ -142,6 +159,21 @@ fn run(kind: Kind, channels: u16) {
 fn postcopy_over_tcp_with_one_and_two_channels() {
     run(Kind::Tcp, 1);
     run(Kind::Tcp, 2);
+}
+
+#[test]
+fn postcopy_over_tls_with_one_and_two_channels() {
+    let dir = temp_path("tls");
+    tls_creds::Ca::new("ca").write_dir(&dir, &tls_creds::Spec::default());
+    let load =
+        |e| transport::TlsConfig::new(transport::TlsCreds::load("tls0", &dir, e, true).unwrap());
+    for channels in [1, 2] {
+        let pair = (
+            load(transport::TlsEndpoint::Client),
+            load(transport::TlsEndpoint::Server),
+        );
+        run_with(Kind::Tcp, channels, Some(pair));
+    }
 }
 
 #[test]

@@ -354,6 +354,7 @@ fn header_record(channels: u16) -> Vec<u8> {
             page_checksum: transport::PageChecksum::Xxh3,
             postcopy: false,
             resume: false,
+            aead_pages: false,
         },
     };
     let body = h.encode_body();

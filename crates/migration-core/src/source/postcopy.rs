@@ -213,7 +213,7 @@ impl Run {
                 &uri,
                 PAGE_SIZE as u32,
                 blocks.clone(),
-                opts,
+                opts.clone(),
                 &token,
                 session_id,
             ) {

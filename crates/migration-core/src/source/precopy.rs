@@ -35,6 +35,7 @@ impl Run {
             io_timeout: Duration::from_millis(self.params.x_ferry_io_timeout_ms),
             switchover_timeout: Duration::from_millis(self.params.x_ferry_switchover_timeout_ms),
             postcopy: self.caps.postcopy_ram,
+            tls: self.tls.clone(),
         };
         (blocks, opts)
     }
@@ -58,6 +59,8 @@ impl Run {
     pub(super) fn migrate(&self, uri: &Uri) -> Result<()> {
         let (blocks, opts) = self.stream_shape();
         let channels = usize::from(opts.channels);
+        let max_bandwidth_bytes_per_sec = opts.max_bandwidth_bytes_per_sec;
+        let tls = opts.tls.is_some();
         // A fresh token for this run, published before the flag is looked at: a
         // cancel either set the flag already or fires this token.
         let token = transport::Cancel::new();
@@ -66,10 +69,11 @@ impl Run {
             token.cancel();
         }
         self.check_cancel()?;
-        let sender = Sender::connect_with(uri, PAGE_SIZE as u32, blocks, opts, &token)?;
+        let sender = Sender::connect_with(uri, PAGE_SIZE as u32, blocks, opts.clone(), &token)?;
         info!(
             channels,
-            max_bandwidth_bytes_per_sec = opts.max_bandwidth_bytes_per_sec,
+            tls,
+            max_bandwidth_bytes_per_sec,
             downtime_limit_ms = self.live.downtime_limit_ms.load(Ordering::Relaxed),
             "setup: connected to the destination"
         );

@@ -96,7 +96,7 @@ pub fn ferry_server(uri: &Uri, dest: Arc<Dest>) -> Uri {
 
 /// Sends the whole region as page batches from `channels` threads.
 pub fn ferry_send(uri: &Uri, src: &[u8], opts: SendOptions) {
-    let s = Sender::connect(uri, PAGE_SIZE as u32, blocks(src.len()), opts).unwrap();
+    let s = Sender::connect(uri, PAGE_SIZE as u32, blocks(src.len()), opts.clone()).unwrap();
     let n = usize::from(opts.channels);
     let batches = src.len() / (BATCH_PAGES * PAGE_SIZE);
     thread::scope(|sc| {

@@ -1,0 +1,128 @@
+//! TLS against plaintext on loopback TCP, robust to a shared, noisy machine: each
+//! round sends the same 64 MiB of dense (incompressible) pages once in plaintext
+//! and once over TLS 1.3 (AES-128-GCM), back to back, alternating which goes first;
+//! the report gives the median rates and the median of the per-round ratios, for 1
+//! and 2 channels. Then the handshake's cost: the median time `Sender::connect`
+//! takes (TCP connect, handshake, verdict, preamble and header) with and without
+//! TLS, per connection.
+//! Run: `cargo bench -p ferry-transport --bench tls`
+
+mod support;
+#[path = "../tests/common/tls_creds.rs"]
+mod tls_creds;
+
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::*;
+use transport::{
+    AcceptOptions, Compression, Listener, SendOptions, Sender, TlsConfig, TlsCreds, TlsEndpoint,
+    Uri,
+};
+
+const ROUNDS: usize = 11;
+const HANDSHAKES: usize = 41;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn gib_per_s(f: impl FnOnce()) -> f64 {
+    let t = Instant::now();
+    f();
+    REGION_BYTES as f64 / (1u64 << 30) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// A receiver thread taking streams one after another into `dest`, with `tls`.
+fn server(tls: Option<TlsConfig>, dest: Arc<Dest>) -> Uri {
+    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let uri = listener.local_uri().unwrap();
+    let opts = AcceptOptions {
+        tls,
+        ..AcceptOptions::default()
+    };
+    thread::spawn(move || loop {
+        let Ok(mut rx) = listener.accept_with(&opts) else {
+            return;
+        };
+        rx.receive(&*dest, |_| Ok(())).unwrap();
+        rx.await_commit().unwrap();
+        rx.send_ack(true).unwrap();
+    });
+    uri
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ferry-bench-tls-{}", std::process::id()));
+    tls_creds::Ca::new("bench-ca").write_dir(&dir, &tls_creds::Spec::default());
+    let client = TlsConfig::new(TlsCreds::load("tls0", &dir, TlsEndpoint::Client, true).unwrap());
+    let srv = TlsConfig::new(TlsCreds::load("tls0", &dir, TlsEndpoint::Server, true).unwrap());
+
+    let src = source(REGION_BYTES, false);
+    let dest = Dest::new(REGION_BYTES);
+    let plain_uri = server(None, dest.clone());
+    let tls_uri = server(Some(srv), dest.clone());
+
+    println!("dense 4 KiB pages, 64 MiB per stream, loopback TCP, {ROUNDS} rounds of plaintext and TLS back to back, medians");
+    println!("| channels | plaintext GiB/s | TLS GiB/s | TLS / plaintext |");
+    println!("|---|---|---|---|");
+    for n in [1u16, 2] {
+        let (mut plain, mut tls, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..ROUNDS + 1 {
+            let mut rates = [0.0f64; 2];
+            for k in 0..2 {
+                let which = (round + k) % 2;
+                rates[which] = if which == 0 {
+                    gib_per_s(|| ferry_send(&plain_uri, &src, opts(n, Compression::None)))
+                } else {
+                    let o = SendOptions {
+                        tls: Some(client.clone()),
+                        ..opts(n, Compression::None)
+                    };
+                    gib_per_s(|| ferry_send(&tls_uri, &src, o))
+                };
+            }
+            if round > 0 {
+                plain.push(rates[0]);
+                tls.push(rates[1]);
+                ratio.push(rates[1] / rates[0]);
+            }
+        }
+        println!(
+            "| {n} | {:.2} | {:.2} | {:.0} % |",
+            median(plain),
+            median(tls),
+            100.0 * median(ratio)
+        );
+    }
+
+    // Setup time: connect (and the handshake) of one connection, then an empty
+    // stream is finished so the receiver takes the next.
+    let connect = |uri: &Uri, tls: Option<TlsConfig>| -> Duration {
+        let o = SendOptions {
+            tls,
+            ..opts(1, Compression::None)
+        };
+        let t = Instant::now();
+        let s = Sender::connect(uri, PAGE_SIZE as u32, blocks(src.len()), o).unwrap();
+        let d = t.elapsed();
+        s.finish().unwrap();
+        d
+    };
+    let (mut p, mut t) = (Vec::new(), Vec::new());
+    for _ in 0..HANDSHAKES {
+        p.push(connect(&plain_uri, None).as_secs_f64() * 1e3);
+        t.push(connect(&tls_uri, Some(client.clone())).as_secs_f64() * 1e3);
+    }
+    let (p, t) = (median(p), median(t));
+    println!(
+        "setup of one connection (median of {HANDSHAKES}): plaintext {p:.3} ms, TLS {t:.3} ms, handshake adds {:.3} ms",
+        t - p
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
