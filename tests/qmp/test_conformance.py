@@ -18,15 +18,16 @@ TERMINAL = ("completed", "failed", "cancelled")
 
 # The capabilities a libvirt-style driver knows, each sent with an explicit state.
 # `return-path` is on unless the migration is tunnelled; `late-block-activate` is on
-# on the destination. (libvirt would also turn `pause-before-switchover` on at the
-# source when it is listed; Ferry refuses that one, see the README.)
+# on the destination; `pause-before-switchover` on at the source when the binary lists
+# it (the driver then finishes its own work in `pre-switchover` and sends
+# `migrate-continue`).
 DRIVER_CAPS = ("xbzrle", "auto-converge", "rdma-pin-all", "events", "postcopy-ram",
                "compress", "pause-before-switchover", "late-block-activate", "multifd",
                "dirty-bitmaps", "return-path", "zero-copy-send")
 
 SCENARIOS = {
     "live": {
-        "src_on": {"events", "return-path"},
+        "src_on": {"events", "return-path", "pause-before-switchover"},
         "dst_on": {"events", "return-path", "late-block-activate"},
         "src_params": {"max-bandwidth": 1 << 30, "downtime-limit": 500},
         "dst_params": {},
@@ -183,12 +184,23 @@ async def migrate_once(vms, kind):
         if sc.get("start_postcopy"):
             # Accepted from setup on; the switch happens once the migration is active.
             assert await s.execute("migrate-start-postcopy") == {}
+        continued = False
         while True:
             info = await s.execute("query-migrate")
             if info.get("status") in TERMINAL:
                 break
+            if info.get("status") == "pre-switchover":
+                # The guest is paused for the switch-over and waits for the driver.
+                assert (await s.execute("query-status"))["status"] == "finish-migrate"
+                dinfo = await d.execute("query-migrate")
+                assert dinfo["socket-address"] == [
+                    {"type": "inet", "host": "127.0.0.1", "port": str(port)}], dinfo
+                assert "ram" not in dinfo, dinfo
+                assert await s.execute("migrate-continue", {"state": "pre-switchover"}) == {}
+                continued = True
             await asyncio.sleep(0.05)
         assert info["status"] == "completed", info
+        assert continued == ("pause-before-switchover" in sc["src_on"]), info
         if sc.get("start_postcopy"):
             assert info["ram"]["postcopy-bytes"] > 0, info
         while (await d.execute("query-status"))["status"] != "running":
@@ -272,6 +284,10 @@ def test_capability_and_parameter_edge_cases(vms):
         await s.execute("migrate_cancel")
         while (await s.execute("query-migrate"))["status"] not in TERMINAL:
             await asyncio.sleep(0.05)
+        # After a cancel, QEMU answers the status alone.
+        assert await s.execute("query-migrate") == {"status": "cancelled"}
+        await expect_error(c, "migrate-continue", {"state": "pre-switchover"},
+                           "Migration not in expected state: cancelled")
         # The other replies a monitoring tool reads have the published shapes too.
         assert (await s.execute("query-dirty-rate"))["status"] == "unstarted"
         await s.execute("calc-dirty-rate", {"calc-time": 200, "calc-time-unit": "millisecond"})

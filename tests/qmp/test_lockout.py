@@ -14,7 +14,7 @@ SLACK_S = 10
 
 def running(c):
     return c.cmd(b'{"execute": "query-status", "id": 1}') == {
-        "return": {"running": True, "status": "running"}, "id": 1}
+        "return": {"running": True, "singlestep": False, "status": "running"}, "id": 1}
 
 
 def until_eof(c):

@@ -58,8 +58,8 @@ def test_migration_by_qmp_alone(vms):
     async def body():
         s = await connect("src", src)
         d = await connect("dst", dst)
-        assert await s.execute("query-status") == {"running": True, "status": "running"}
-        assert await d.execute("query-status") == {"running": False, "status": "inmigrate"}
+        assert await s.execute("query-status") == {"running": True, "singlestep": False, "status": "running"}
+        assert await d.execute("query-status") == {"running": False, "singlestep": False, "status": "inmigrate"}
         # The destination listens at once and says so in query-migrate.
         assert (await d.execute("query-migrate"))["status"] == "setup"
         assert await s.execute("query-migrate") == {}
@@ -229,7 +229,7 @@ def test_stop_on_the_destination_keeps_it_paused(vms):
             await asyncio.sleep(0.05)
         await wait_status(d, "paused")
         await d.execute("cont")
-        assert await d.execute("query-status") == {"running": True, "status": "running"}
+        assert await d.execute("query-status") == {"running": True, "singlestep": False, "status": "running"}
         # The source may be resumed after a completed migration (postmigrate -> running).
         await s.execute("cont")
         assert (await s.execute("query-status"))["status"] == "running"
@@ -276,9 +276,9 @@ def test_dash_S_holds_the_guest_until_cont(vms):
         while (await d.execute("query-migrate")).get("status") != "completed":
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.3)
-        assert await d.execute("query-status") == {"running": False, "status": "paused"}
+        assert await d.execute("query-status") == {"running": False, "singlestep": False, "status": "paused"}
         await d.execute("cont")
-        assert await d.execute("query-status") == {"running": True, "status": "running"}
+        assert await d.execute("query-status") == {"running": True, "singlestep": False, "status": "running"}
         await s.disconnect()
         await d.disconnect()
 

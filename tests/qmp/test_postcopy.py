@@ -121,7 +121,7 @@ def test_postcopy_completes_what_precopy_cannot(vms):
         assert ram["postcopy-requests"] > 0, final
         assert ram["remaining"] == 0, final
         # The source's guest stays paused for good: its RAM is the switch's copy.
-        assert await s.execute("query-status") == {"running": False, "status": "postmigrate"}
+        assert await s.execute("query-status") == {"running": False, "singlestep": False, "status": "postmigrate"}
 
         await wait_incoming(d, "completed")
         await wait_status(d, "running")
@@ -188,7 +188,7 @@ def test_postcopy_cannot_be_cancelled_and_lands_every_page(vms):
         final = await s.execute("query-migrate")
         assert final["status"] == "completed", final
         assert final["ram"]["postcopy-bytes"] > 0, final
-        assert await s.execute("query-status") == {"running": False, "status": "postmigrate"}
+        assert await s.execute("query-status") == {"running": False, "singlestep": False, "status": "postmigrate"}
         await wait_incoming(d, "completed")
         # -S: held paused after the migration, with every page.
         await wait_status(d, "paused")
@@ -342,7 +342,7 @@ def pause_and_recover(vms, pause_on):
         assert final["ram"]["remaining"] == 0, final
         assert final["ram"]["postcopy-bytes"] > 0, final
         assert "error-desc" not in final, final
-        assert await s.execute("query-status") == {"running": False, "status": "postmigrate"}
+        assert await s.execute("query-status") == {"running": False, "singlestep": False, "status": "postmigrate"}
         dst_final = await wait_incoming(d, "completed")
         assert "error-desc" not in dst_final, dst_final
         if held:

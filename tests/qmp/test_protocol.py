@@ -33,7 +33,7 @@ def test_greeting_and_negotiation(vms):
         "return": {}, "id": {"any": ["json"]}}
     assert error(c.cmd(b'{"execute": "qmp_capabilities"}'))[0] == "CommandNotFound"
     assert c.cmd(b'{"execute": "query-status", "id": "s"}') == {
-        "return": {"running": True, "status": "running"}, "id": "s"}
+        "return": {"running": True, "singlestep": False, "status": "running"}, "id": "s"}
     c.close()
 
     async def body():
@@ -184,7 +184,7 @@ def test_several_clients_and_events(vms):
         results = await asyncio.gather(*(c.execute("query-status") for c in clients))
         assert all(r["status"] == "running" for r in results)
         await clients[0].execute("stop")
-        assert (await clients[1].execute("query-status")) == {"running": False, "status": "paused"}
+        assert (await clients[1].execute("query-status")) == {"running": False, "singlestep": False, "status": "paused"}
         await clients[2].execute("cont")
         for lst in listeners:
             stop = await asyncio.wait_for(lst.get(), 30)

@@ -20,7 +20,7 @@ use crate::hmp::{self, DumpDefaults};
 use crate::machine::Machine;
 use crate::schema::{
     self, opt, req, Members, Signature, Ty, ANY, BOOL, CAPABILITY_STATUS, EMPTY, INT,
-    MIGRATION_INFO, PARAMETERS, RUN_STATE, SET_PARAMETERS, STR,
+    MIGRATION_INFO, MIGRATION_STATUS, PARAMETERS, RUN_STATE, SET_PARAMETERS, STR,
 };
 
 /// The QEMU version the greeting and `query-version` report: the QMP surface Ferry
@@ -238,14 +238,19 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
             EMPTY,
             obj!(
                 "StatusInfo",
-                [req("running", BOOL), req("status", RUN_STATE)]
+                [
+                    req("running", BOOL),
+                    req("singlestep", BOOL),
+                    req("status", RUN_STATE)
+                ]
             ),
         ),
         |m, _session, a| {
             value({
                 a.finish()?;
                 let s = m.run_state();
-                json!({"running": s.is_running(), "status": s})
+                // QEMU 8.2 still reports `singlestep` (deprecated); Ferry never steps.
+                json!({"running": s.is_running(), "singlestep": false, "status": s})
             })
         },
     ),
@@ -346,6 +351,24 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
                 // migration that already ended is not an error (it would race with
                 // the command); the switch happens only from `active`.
                 m.source.start_postcopy()?;
+                empty()
+            })
+        },
+    ),
+    (
+        "migrate-continue",
+        sig(
+            obj!("migrate-continue_arg", [req("state", MIGRATION_STATUS)]),
+            EMPTY,
+        ),
+        |m, _session, mut a| {
+            value({
+                let name = a.str("state")?;
+                a.finish()?;
+                let state = MigrationStatus::from_name(&name).ok_or_else(|| {
+                    QmpError::generic(format!("Parameter 'state' does not accept value '{name}'"))
+                })?;
+                m.source.continue_migration(state)?;
                 empty()
             })
         },
@@ -1460,7 +1483,7 @@ mod tests {
         let r = one(&mon, &mut s, r#"{"id":"a","execute":"query-status"}"#);
         assert_eq!(
             r,
-            json!({"return": {"running": true, "status": "running"}, "id": "a"})
+            json!({"return": {"running": true, "singlestep": false, "status": "running"}, "id": "a"})
         );
     }
 
@@ -1822,6 +1845,42 @@ mod tests {
     }
 
     #[test]
+    fn migrate_continue_answers_as_qemu_outside_pre_switchover() {
+        let mon = monitor(IncomingStart::None);
+        let mut s = negotiated(&mon);
+        assert!(commands().any(|n| n == "migrate-continue"));
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-continue","arguments":{"state":"pre-switchover"}}"#,
+        );
+        assert_eq!(
+            err(&r),
+            ("GenericError", "Migration not in expected state: none")
+        );
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-continue","arguments":{"state":"bogus"}}"#,
+        );
+        assert_eq!(
+            err(&r),
+            (
+                "GenericError",
+                "Parameter 'state' does not accept value 'bogus'"
+            )
+        );
+        let r = one(&mon, &mut s, r#"{"execute":"migrate-continue"}"#);
+        assert_eq!(err(&r).0, "GenericError", "{r}");
+        let r = one(
+            &mon,
+            &mut s,
+            r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"pause-before-switchover","state":true}]}}"#,
+        );
+        assert_eq!(r, json!({"return": {}}));
+    }
+
+    #[test]
     fn dirty_limit_commands_answer_as_qemu_without_a_ring() {
         let mon = monitor(IncomingStart::None);
         let mut s = negotiated(&mon);
@@ -2082,7 +2141,10 @@ mod tests {
             json!({"return": {}})
         );
         let r = one(&mon, &mut s, r#"{"execute":"query-status"}"#);
-        assert_eq!(r["return"], json!({"running": false, "status": "paused"}));
+        assert_eq!(
+            r["return"],
+            json!({"running": false, "singlestep": false, "status": "paused"})
+        );
         one(&mon, &mut s, r#"{"execute":"cont"}"#);
         assert_eq!(mon.run_state(), RunState::Running);
         let r = one(

@@ -136,7 +136,9 @@ fn wait_until(bound: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Du
 
 fn status_is_running(c: &mut Raw) -> bool {
     c.cmd(&json!({"execute": "query-status", "id": 1}))
-        == Some(json!({"return": {"running": true, "status": "running"}, "id": 1}))
+        == Some(
+            json!({"return": {"running": true, "singlestep": false, "status": "running"}, "id": 1}),
+        )
 }
 
 /// `max` idle negotiated clients fill the server; a newcomer is greeted, negotiates

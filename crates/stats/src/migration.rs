@@ -74,6 +74,13 @@ impl MigrationStatus {
         matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
     }
 
+    /// The status QMP spells `name`, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        (0..=u8::MAX)
+            .map(Self::from_u8)
+            .find(|s| s.as_str() == name)
+    }
+
     /// The QMP spelling (`"active"`, `"completed"`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
