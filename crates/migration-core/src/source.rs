@@ -418,17 +418,21 @@ impl MigrationSource {
 
     /// QEMU's `migrate-continue`: a migration paused before its switch-over
     /// (capability `pause-before-switchover`) goes on. `state` is the status the caller
-    /// expects it to be in (`pre-switchover`); any other is refused with QEMU's text.
+    /// expects it to be in (`pre-switchover`); any other than the current one is
+    /// refused with QEMU's text. In another status that matches, nothing waits and
+    /// nothing happens (QEMU's wake-up would be dropped at the next pause too).
     pub fn continue_migration(&self, state: MigrationStatus) -> Result<()> {
         let status = self.stats().status();
-        if status != state || status != MigrationStatus::PreSwitchover {
+        if status != state {
             return Err(Error::InvalidParameter(format!(
                 "Migration not in expected state: {}",
                 status.as_str()
             )));
         }
-        info!("migrate-continue: the switch-over goes on");
-        let _ = self.shared.proceed.0.send(());
+        if status == MigrationStatus::PreSwitchover {
+            info!("migrate-continue: the switch-over goes on");
+            let _ = self.shared.proceed.0.send(());
+        }
         Ok(())
     }
 
