@@ -3,12 +3,13 @@
 //! and goes on only when told; a cancel there resumes the guest.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stats::MigrationStatus;
 
 use crate::test_vm::PanickyVm;
-use crate::{incoming, Capability, MigrationEvent, MigrationSource, RunState};
+use crate::{incoming, Capability, Incoming, MigrationEvent, MigrationSource, RunState};
 
 const PAGES: u64 = 256;
 
@@ -30,9 +31,10 @@ fn wait_for(source: &MigrationSource, status: MigrationStatus) {
     }
 }
 
-fn statuses(events: &crossbeam_channel::Receiver<MigrationEvent>) -> Vec<&'static str> {
+/// The statuses among `events`, by name.
+fn statuses(events: &[MigrationEvent]) -> Vec<&'static str> {
     events
-        .try_iter()
+        .iter()
         .filter_map(|e| match e {
             MigrationEvent::Status(s) => Some(s.as_str()),
             _ => None,
@@ -40,8 +42,15 @@ fn statuses(events: &crossbeam_channel::Receiver<MigrationEvent>) -> Vec<&'stati
         .collect()
 }
 
-#[test]
-fn a_migration_waits_in_pre_switchover_with_the_guest_paused_until_migrate_continue() {
+/// A source guest with `pause-before-switchover` on, its events, and a fresh
+/// destination listening for it.
+fn pausing_pair() -> (
+    Arc<PanickyVm>,
+    MigrationSource,
+    crossbeam_channel::Receiver<MigrationEvent>,
+    Arc<PanickyVm>,
+    Incoming,
+) {
     let src = PanickyVm::new(PAGES, 1);
     let source = MigrationSource::new(src.clone());
     source
@@ -50,6 +59,12 @@ fn a_migration_waits_in_pre_switchover_with_the_guest_paused_until_migrate_conti
     let events = source.subscribe();
     let dst = PanickyVm::new(PAGES, 0x80);
     let inc = incoming(dst.clone(), &mem_uri(), false).unwrap();
+    (src, source, events, dst, inc)
+}
+
+#[test]
+fn a_migration_waits_in_pre_switchover_with_the_guest_paused_until_migrate_continue() {
+    let (src, source, events, dst, inc) = pausing_pair();
     // Not yet: QEMU's text names the state it is in.
     let e = source
         .continue_migration(MigrationStatus::PreSwitchover)
@@ -79,13 +94,7 @@ fn a_migration_waits_in_pre_switchover_with_the_guest_paused_until_migrate_conti
     assert_eq!(source.run_control().state(), RunState::Postmigrate);
     assert_eq!(src.resumes.load(Ordering::SeqCst), 0, "one copy runs");
     let all: Vec<MigrationEvent> = events.try_iter().collect();
-    let seen: Vec<&str> = all
-        .iter()
-        .filter_map(|e| match e {
-            MigrationEvent::Status(s) => Some(s.as_str()),
-            _ => None,
-        })
-        .collect();
+    let seen = statuses(&all);
     assert_eq!(
         seen,
         ["setup", "active", "pre-switchover", "device", "completed"],
@@ -110,14 +119,7 @@ fn a_migration_waits_in_pre_switchover_with_the_guest_paused_until_migrate_conti
 
 #[test]
 fn a_cancel_in_pre_switchover_resumes_the_guest_and_the_next_migration_works() {
-    let src = PanickyVm::new(PAGES, 1);
-    let source = MigrationSource::new(src.clone());
-    source
-        .set_capability(Capability::PauseBeforeSwitchover, true)
-        .unwrap();
-    let events = source.subscribe();
-    let dst = PanickyVm::new(PAGES, 0x80);
-    let inc = incoming(dst.clone(), &mem_uri(), false).unwrap();
+    let (src, source, events, dst, inc) = pausing_pair();
     source.migrate(&inc.uri().to_string()).unwrap();
     wait_for(&source, MigrationStatus::PreSwitchover);
     source.cancel();
@@ -126,7 +128,7 @@ fn a_cancel_in_pre_switchover_resumes_the_guest_and_the_next_migration_works() {
     assert_eq!(dst.resumes.load(Ordering::SeqCst), 0);
     assert_eq!(source.run_control().state(), RunState::Running);
     assert_eq!(src.resumes.load(Ordering::SeqCst), 1);
-    let seen = statuses(&events);
+    let seen = statuses(&events.try_iter().collect::<Vec<_>>());
     assert_eq!(
         seen,
         [
