@@ -68,6 +68,10 @@ struct Scenario {
     name: &'static str,
     /// `None`: auto-converge; else dirty-limit at this period, ms (1 MiB/s).
     dirty_limit_period_ms: Option<u64>,
+    /// vCPU 1 alone on CPU 1, everything else (vCPU 0, the sender, the destination
+    /// process) on CPU 0, as libvirt's `vcpupin` / `emulatorpin` place a guest whose
+    /// vCPU has a core of its own. Otherwise every thread may run on every CPU.
+    own_core: bool,
 }
 
 /// What one migration measured.
@@ -92,9 +96,22 @@ struct Run {
 
 fn migrate_once(s: &Scenario) -> Run {
     let workload = Workload::Lopsided { pages: 65536 };
+    // Threads and processes started from here on inherit this thread's CPUs.
+    if s.own_core {
+        set_affinity(0, &[0]);
+    }
     let guest = boot(1 << 30, workload);
+    if s.own_core {
+        set_affinity(thread_id("minivm-vcpu1").expect("vCPU 1's thread"), &[1]);
+    }
     let cfg = guest.vm().config().clone();
     let (mut dest, uri) = Dest::spawn(&cfg, true);
+    let r = migrate_guest(s, &guest, &mut dest, &uri);
+    set_affinity(0, &all_cpus());
+    r
+}
+
+fn migrate_guest(s: &Scenario, guest: &Arc<GuestVm>, dest: &mut Dest, uri: &str) -> Run {
     let source = MigrationSource::new(guest.clone());
     source
         .set_parameters(&ParametersUpdate {
@@ -120,10 +137,17 @@ fn migrate_once(s: &Scenario) -> Run {
     let slept0 = guest.vm().vcpu_throttled_us()[1];
     let waited0 = thread_run_delay_ns("minivm-vcpu1");
     let t0 = Instant::now();
-    source.migrate(&uri).expect("migrate");
+    source.migrate(uri).expect("migrate");
     let limit = Duration::from_secs(120);
     // vCPU 1's counter every 100 ms, for its slowest half second.
+    // With the trace on, also its run delay and whether a throttle holds vCPU 0.
+    let trace = std::env::var_os("FERRY_BENCH_TRACE").is_some();
+    let throttled = || {
+        source.dirty_limiter().in_service()
+            || source.query().cpu_throttle_percentage.unwrap_or(0) > 0
+    };
     let mut samples = vec![(Instant::now(), guest.vm().counter(1))];
+    let mut waits = vec![(thread_run_delay_ns("minivm-vcpu1"), false)];
     while !source.query().status.is_finished() && t0.elapsed() < limit {
         std::thread::sleep(Duration::from_millis(5));
         if samples
@@ -131,6 +155,9 @@ fn migrate_once(s: &Scenario) -> Run {
             .is_some_and(|(t, _)| t.elapsed() >= Duration::from_millis(100))
         {
             samples.push((Instant::now(), guest.vm().counter(1)));
+            if trace {
+                waits.push((thread_run_delay_ns("minivm-vcpu1"), throttled()));
+            }
         }
     }
     let worst_per_s = samples
@@ -143,16 +170,26 @@ fn migrate_once(s: &Scenario) -> Run {
             Some((c2 - c) as f64 / (t2 - t).as_secs_f64())
         })
         .fold(f64::INFINITY, f64::min);
-    if std::env::var_os("FERRY_BENCH_TRACE").is_some() {
+    if trace {
+        // Per 100 ms: speed % / share of the time it waited for a CPU %, `*` where a
+        // throttle held vCPU 0 at the sample's end.
         let rates: Vec<String> = samples
             .windows(2)
-            .map(|w| {
-                let r = (w[1].1 - w[0].1) as f64 / (w[1].0 - w[0].0).as_secs_f64();
-                format!("{:.0}", r / before_per_s.max(1e-9) * 100.0)
+            .zip(waits.windows(2))
+            .map(|(w, d)| {
+                let dt = (w[1].0 - w[0].0).as_secs_f64();
+                let r = (w[1].1 - w[0].1) as f64 / dt;
+                let waited = d[1].0.saturating_sub(d[0].0) as f64 / 1e9 / dt;
+                format!(
+                    "{:.0}/{:.0}{}",
+                    r / before_per_s.max(1e-9) * 100.0,
+                    waited * 100.0,
+                    if d[1].1 { "*" } else { "" }
+                )
             })
             .collect();
         eprintln!(
-            "{}: vCPU 1 speed per 100 ms, %: {}",
+            "{}: vCPU 1 per 100 ms, speed %/waited for a CPU %: {}",
             s.name,
             rates.join(" ")
         );
@@ -206,35 +243,48 @@ fn migrate_once(s: &Scenario) -> Run {
 }
 
 fn migration_table(reps: usize) -> Vec<String> {
-    let scenarios = [
-        Scenario {
-            name: "auto-converge",
-            dirty_limit_period_ms: None,
-        },
-        Scenario {
-            name: "dirty-limit 1 MiB/s, period 1000 ms",
-            dirty_limit_period_ms: Some(1000),
-        },
-        Scenario {
-            name: "dirty-limit 1 MiB/s, period 250 ms",
-            dirty_limit_period_ms: Some(250),
-        },
+    let rows = [
+        ("auto-converge", None),
+        ("dirty-limit 1 MiB/s, period 1000 ms", Some(1000)),
+        ("dirty-limit 1 MiB/s, period 250 ms", Some(250)),
     ];
+    // vCPU 1 on its own core needs two CPUs this process may use.
+    let own_core_rows = if all_cpus().len() >= 2 && all_cpus()[..2] == [0, 1] {
+        vec![false, true]
+    } else {
+        eprintln!("dirty_limit bench: CPUs 0 and 1 not both usable, no own-core rows");
+        vec![false]
+    };
+    let scenarios: Vec<Scenario> = own_core_rows
+        .iter()
+        .flat_map(|&own_core| {
+            rows.iter().map(move |&(name, period)| Scenario {
+                name,
+                dirty_limit_period_ms: period,
+                own_core,
+            })
+        })
+        .collect();
     let mut md = vec![
-        "| row | completed | total ms | downtime ms | vCPU 1 speed in migration | slowest 0.5 s | vCPU 1 waited for a CPU | vCPU 0 page writes in migration | vCPU 1 throttle sleep ms |".to_string(),
-        "|---|---|---|---|---|---|---|---|---|".to_string(),
+        "| row | cores | completed | total ms | downtime ms | vCPU 1 speed in migration | slowest 0.5 s | vCPU 1 waited for a CPU | vCPU 0 page writes in migration | vCPU 1 throttle sleep ms |".to_string(),
+        "|---|---|---|---|---|---|---|---|---|---|".to_string(),
     ];
     for s in &scenarios {
         let runs: Vec<Run> = (0..reps).map(|_| migrate_once(s)).collect();
         let ok = runs.iter().filter(|r| r.ok).count();
         let good: Vec<&Run> = runs.iter().filter(|r| r.ok).collect();
+        let cores = if s.own_core {
+            "vCPU 1 on its own"
+        } else {
+            "all shared"
+        };
         let line = if good.is_empty() {
-            format!("| {} | 0/{reps} | | | | | | | |", s.name)
+            format!("| {} | {cores} | 0/{reps} | | | | | | | |", s.name)
         } else {
             let m = |f: fn(&Run) -> u64| median(good.iter().map(|r| f(r)).collect());
             let mf = |f: fn(&Run) -> f64| median(good.iter().map(|r| f(r)).collect());
             format!(
-                "| {} | {ok}/{reps} | {} | {} | {:.0} % | {:.0} % | {:.0} % | {} | {:.0} |",
+                "| {} | {cores} | {ok}/{reps} | {} | {} | {:.0} % | {:.0} % | {:.0} % | {} ({:.0}/s) | {:.0} |",
                 s.name,
                 m(|r| r.total_ms),
                 m(|r| r.downtime_ms),
@@ -242,6 +292,7 @@ fn migration_table(reps: usize) -> Vec<String> {
                 mf(|r| r.vcpu1_worst_pct),
                 mf(|r| r.vcpu1_waited_pct),
                 m(|r| r.vcpu0_writes),
+                mf(|r| r.vcpu0_writes as f64 / (r.total_ms.max(1) as f64 / 1000.0)),
                 mf(|r| r.vcpu1_slept_ms),
             )
         };
@@ -258,11 +309,60 @@ fn migration_table(reps: usize) -> Vec<String> {
          100 % when a throttled vCPU 0 leaves its core to vCPU 1); slowest 0.5 s: the same over \
          its slowest half second (counter sampled every 100 ms). vCPU 1 waited for a CPU: the \
          share of the migration its thread was ready to run but not running (schedstat run \
-         delay; the guest, the sender and the destination share 2 cores). vCPU 0 page writes: \
-         the work the guest got done during the migration. vCPU 1 throttle sleep: time it was held \
+         delay). Cores: *all shared*: the guest's 2 vCPUs, the sender and the destination \
+         process share this machine's 2 cores, so before the trigger vCPU 1 gives up to a fifth \
+         of its time to the migration (its speed and its wait add up to about 100 % per 100 ms; \
+         `FERRY_BENCH_TRACE=1` prints both); *vCPU 1 on its own*: vCPU 1 pinned to CPU 1 and \
+         every other thread, the destination's too, to CPU 0 (libvirt's vcpupin and emulatorpin \
+         for a vCPU with a dedicated core), which leaves only the throttle to slow it. vCPU 0 page writes: \
+         the work the guest got done during the migration (in all, and per second of it). vCPU 1 throttle sleep: time it was held \
          asleep (auto-converge throttles every vCPU; dirty-limit only the one that dirties)."
     ));
     md
+}
+
+/// Every CPU this process may run on (as it started: pinning narrows what the
+/// calling thread would see later).
+fn all_cpus() -> Vec<usize> {
+    static CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+    CPUS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| (0..n.get()).collect())
+            .unwrap_or_else(|_| vec![0])
+    })
+    .clone()
+}
+
+/// Restricts thread `tid` (0: the calling thread) to `cpus`.
+fn set_affinity(tid: u64, cpus: &[usize]) {
+    // SAFETY: cpu_set_t is plain data; all-zero is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: CPU_SET writes bit `c` of the set it is given; c is below
+        // available_parallelism, far under CPU_SETSIZE.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: passes a valid, initialised cpu_set_t and its size; sched_setaffinity
+    // only reads it.
+    let rc =
+        unsafe { libc::sched_setaffinity(tid as libc::pid_t, std::mem::size_of_val(&set), &set) };
+    assert_eq!(
+        rc,
+        0,
+        "sched_setaffinity({tid}, {cpus:?}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The thread id of the first thread named `comm` in this process.
+fn thread_id(comm: &str) -> Option<u64> {
+    std::fs::read_dir("/proc/self/task")
+        .ok()?
+        .flatten()
+        .find_map(|e| {
+            let name = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            (name.trim_end() == comm).then(|| e.file_name().to_string_lossy().parse().ok())?
+        })
 }
 
 // ---- Table 2: the limiter alone ----
@@ -480,6 +580,7 @@ fn limiter_table() -> Vec<String> {
 }
 
 fn main() {
+    all_cpus();
     if !std::path::Path::new("/dev/kvm").exists() {
         eprintln!("dirty_limit bench: skipped, no /dev/kvm");
         return;

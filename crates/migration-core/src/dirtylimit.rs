@@ -29,6 +29,10 @@ pub const DEFAULT_PERIOD_MS: u64 = 1000;
 pub const MIN_PERIOD_MS: u64 = 1;
 /// Longest period, ms (QEMU's bound).
 pub const MAX_PERIOD_MS: u64 = 1000;
+/// The first period after the limiter starts is at most this long, ms: a vCPU far over
+/// its limit (a migration's trigger, a new limit) is held within about this time rather
+/// than a whole period; later periods are as set.
+const FIRST_PERIOD_MS: u64 = 100;
 /// The least a limited vCPU runs: 0.1 % of its time.
 const MIN_RUN_FRACTION: f64 = 0.001;
 /// How far one period moves the running fraction toward its target (on a log scale):
@@ -310,10 +314,17 @@ impl Shared {
         let space = self.vm.address_space().clone();
         let mut last = self.vm.vcpu_dirty_entries().unwrap_or_default();
         let mut last_at = Instant::now();
+        let mut first = true;
         loop {
             let period = {
                 let st = self.lock();
-                let period = Duration::from_millis(st.period_ms);
+                let period_ms = if first {
+                    st.period_ms.min(FIRST_PERIOD_MS)
+                } else {
+                    st.period_ms
+                };
+                first = false;
+                let period = Duration::from_millis(period_ms);
                 let deadline = last_at + period;
                 let mut st = st;
                 while !st.stop {
