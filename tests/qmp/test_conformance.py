@@ -9,6 +9,7 @@ itself publishes in `query-qmp-schema`.
 """
 
 import asyncio
+from pathlib import Path
 
 from qemu.qmp import ExecuteError, QMPClient
 
@@ -273,9 +274,27 @@ def test_capability_and_parameter_edge_cases(vms):
                         {"xbzrle-cache-size": 1 << 26, "compress-threads": 8,
                          "max-postcopy-bandwidth": 0, "tls-authz": ""})
         await s.execute("migrate-set-parameters", {"x-ferry-io-timeout-ms": 120000})
+        # block-bitmap-mapping: QEMU's rules and texts; absent until set, then kept.
+        assert "block-bitmap-mapping" not in await s.execute("query-migrate-parameters")
+        mapping = [{"node-name": "drive0", "alias": "d0",
+                    "bitmaps": [{"name": "b0", "alias": "a0"}]}]
+        await expect_error(c, "migrate-set-parameters", {"block-bitmap-mapping": mapping * 2},
+                           "The node name 'drive0' is mapped twice")
+        await s.execute("migrate-set-parameters", {"block-bitmap-mapping": mapping})
+        params = await s.execute("query-migrate-parameters")
+        assert params["block-bitmap-mapping"] == mapping, params
+        assert await s.execute("query-migrationthreads") == []
         await s.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         info = await s.execute("query-migrate")
         assert info["status"] in ("setup", "active"), info
+        # The migration's threads, each a real thread of the process under its name.
+        # (The migration thread lists itself once it runs.)
+        while not (threads := await s.execute("query-migrationthreads")):
+            await asyncio.sleep(0.02)
+        assert threads[0]["name"] == "mig/src", threads
+        for t in threads:
+            comm = Path(f"/proc/{src.proc.pid}/task/{t['thread-id']}/comm")
+            assert comm.read_text().strip() == t["name"][:15], (t, comm)
         await expect_error(c, "migrate-set-capabilities",
                            {"capabilities": [{"capability": "auto-converge", "state": True}]},
                            "There's a migration process in progress")
@@ -286,6 +305,8 @@ def test_capability_and_parameter_edge_cases(vms):
             await asyncio.sleep(0.05)
         # After a cancel, QEMU answers the status alone.
         assert await s.execute("query-migrate") == {"status": "cancelled"}
+        while await s.execute("query-migrationthreads"):
+            await asyncio.sleep(0.05)
         await expect_error(c, "migrate-continue", {"state": "pre-switchover"},
                            "Migration not in expected state: cancelled")
         # The other replies a monitoring tool reads have the published shapes too.

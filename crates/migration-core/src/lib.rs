@@ -99,8 +99,8 @@ pub use dirtyrate::{
 pub use error::{Error, Result};
 pub use guest::{mark_touched_pages, GuestError, GuestRam, MigratableVm};
 pub use params::{
-    Capabilities, Capability, CompressionParam, MigrationParameters, ParametersUpdate,
-    MAX_DOWNTIME_LIMIT_MS,
+    BitmapAlias, BitmapAliasTransform, BitmapNodeAlias, Capabilities, Capability, CompressionParam,
+    MigrationParameters, ParametersUpdate, MAX_DOWNTIME_LIMIT_MS,
 };
 pub use rates::{
     predict_convergence, AutoConverge, BandwidthEstimator, DirtyGrowth, DirtyRatePeriod,

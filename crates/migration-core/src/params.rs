@@ -121,6 +121,125 @@ pub struct MigrationParameters {
     /// (the guest then resumes here), and again for its acknowledgement after the
     /// commit (the outcome is then in doubt), ms (at least 100).
     pub x_ferry_switchover_timeout_ms: u64,
+    /// QEMU's `block-bitmap-mapping`: how block dirty bitmaps are named on the wire.
+    /// Absent until set, as in QEMU. Checked with QEMU's rules and kept; Ferry moves
+    /// no block devices, so it maps nothing (QEMU with no bitmaps does the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_bitmap_mapping: Option<Vec<BitmapNodeAlias>>,
+}
+
+/// One block node of `block-bitmap-mapping` (QEMU's `BitmapMigrationNodeAlias`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BitmapNodeAlias {
+    /// The node's name on this side.
+    pub node_name: String,
+    /// Its name in the stream (an identifier: a letter, then letters, digits, `-._`).
+    pub alias: String,
+    /// Its bitmaps to migrate, each under an alias.
+    pub bitmaps: Vec<BitmapAlias>,
+}
+
+/// One bitmap of a [`BitmapNodeAlias`] (QEMU's `BitmapMigrationBitmapAlias`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BitmapAlias {
+    /// The bitmap's name on this side.
+    pub name: String,
+    /// Its name in the stream.
+    pub alias: String,
+    /// What changes on the way (QEMU's `BitmapMigrationBitmapAliasTransform`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform: Option<BitmapAliasTransform>,
+}
+
+/// A bitmap's change in migration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BitmapAliasTransform {
+    /// The bitmap's persistence on the destination (unset: as on the source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent: Option<bool>,
+}
+
+/// Longest node alias and bitmap alias, bytes (one length byte on the wire).
+const MAX_ALIAS_BYTES: usize = 255;
+/// Longest block node name, bytes (QEMU's node-name buffer).
+const MAX_NODE_NAME_BYTES: usize = 31;
+/// Longest bitmap name, bytes.
+const MAX_BITMAP_NAME_BYTES: usize = 1023;
+
+/// QEMU's identifier rule for a node alias: a letter, then letters, digits, `-`, `.`
+/// or `_`.
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+/// Checks a `block-bitmap-mapping` as QEMU does, with its texts and in its order:
+/// every entry's own rules and names mapped twice first, then aliases used twice
+/// (the mapping must be one-to-one both ways).
+fn check_bitmap_mapping(map: &[BitmapNodeAlias]) -> Result<()> {
+    let bad = |m: String| Err(Error::InvalidParameter(m));
+    let mut nodes = std::collections::HashSet::new();
+    for n in map {
+        if !is_identifier(&n.alias) {
+            return bad(format!("The node alias '{}' is not well-formed", n.alias));
+        }
+        if n.alias.len() > MAX_ALIAS_BYTES {
+            return bad(format!(
+                "The node alias '{}' is longer than {MAX_ALIAS_BYTES} bytes",
+                n.alias
+            ));
+        }
+        if n.node_name.len() > MAX_NODE_NAME_BYTES {
+            return bad(format!(
+                "The node name '{}' is longer than {MAX_NODE_NAME_BYTES} bytes",
+                n.node_name
+            ));
+        }
+        if !nodes.insert(n.node_name.as_str()) {
+            return bad(format!("The node name '{}' is mapped twice", n.node_name));
+        }
+        let mut names = std::collections::HashSet::new();
+        for b in &n.bitmaps {
+            if b.alias.len() > MAX_ALIAS_BYTES {
+                return bad(format!(
+                    "The bitmap alias '{}' is longer than {MAX_ALIAS_BYTES} bytes",
+                    b.alias
+                ));
+            }
+            if b.name.len() > MAX_BITMAP_NAME_BYTES {
+                return bad(format!(
+                    "The bitmap name '{}' is longer than {MAX_BITMAP_NAME_BYTES} bytes",
+                    b.name
+                ));
+            }
+            if !names.insert(b.name.as_str()) {
+                return bad(format!(
+                    "The bitmap '{}'/'{}' is mapped twice",
+                    n.node_name, b.name
+                ));
+            }
+        }
+    }
+    let mut aliases = std::collections::HashSet::new();
+    for n in map {
+        if !aliases.insert(n.alias.as_str()) {
+            return bad(format!("The node alias '{}' is used twice", n.alias));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for b in &n.bitmaps {
+            if !seen.insert(b.alias.as_str()) {
+                return bad(format!(
+                    "The bitmap alias '{}'/'{}' is used twice",
+                    n.alias, b.alias
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Default of the `x-ferry-*-timeout-ms` parameters.
@@ -167,6 +286,7 @@ impl Default for MigrationParameters {
             x_ferry_connect_timeout_ms: DEFAULT_TIMEOUT_MS,
             x_ferry_io_timeout_ms: DEFAULT_TIMEOUT_MS,
             x_ferry_switchover_timeout_ms: DEFAULT_TIMEOUT_MS,
+            block_bitmap_mapping: None,
         }
     }
 }
@@ -247,6 +367,8 @@ pub struct ParametersUpdate {
     pub x_ferry_io_timeout_ms: Option<u64>,
     /// See [`MigrationParameters::x_ferry_switchover_timeout_ms`].
     pub x_ferry_switchover_timeout_ms: Option<u64>,
+    /// See [`MigrationParameters::block_bitmap_mapping`].
+    pub block_bitmap_mapping: Option<Vec<BitmapNodeAlias>>,
 }
 
 /// Longest downtime limit QEMU accepts, ms (2000 s).
@@ -281,6 +403,9 @@ impl MigrationParameters {
             ($($f:ident),*) => { $( if let Some(v) = &update.$f { next.$f.clone_from(v); } )* };
         }
         set_cloned!(tls_creds, tls_hostname, tls_authz);
+        if let Some(m) = &update.block_bitmap_mapping {
+            next.block_bitmap_mapping = Some(m.clone());
+        }
         set!(
             announce_initial,
             announce_max,
@@ -349,6 +474,9 @@ impl MigrationParameters {
             multifd_zlib_level,
             multifd_zstd_level
         );
+        if let Some(map) = &self.block_bitmap_mapping {
+            check_bitmap_mapping(map)?;
+        }
         if !(1..=1000).contains(&self.x_vcpu_dirty_limit_period) {
             return Err(Error::InvalidParameter(
                 "Parameter 'x-vcpu-dirty-limit-period' expects a value between 1 and 1000".into(),

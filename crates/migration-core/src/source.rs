@@ -608,6 +608,8 @@ impl Run {
         // (through `switching`), and stays paused after it (`committing`).
         let span = self.span.clone();
         let _entered = span.enter();
+        let stats = self.stats.clone();
+        let _listed = stats.list_thread("mig/src");
         info!("migration started");
         let result = catch_unwind(AssertUnwindSafe(|| self.migrate(&uri)))
             .unwrap_or_else(|p| Err(Error::panicked("the migration thread", &*p)));

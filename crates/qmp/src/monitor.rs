@@ -20,7 +20,8 @@ use crate::hmp::{self, DumpDefaults};
 use crate::machine::Machine;
 use crate::schema::{
     self, opt, req, Members, Signature, Ty, ANY, BOOL, CAPABILITY_STATUS, EMPTY, INT,
-    MIGRATION_INFO, MIGRATION_STATUS, PARAMETERS, RUN_STATE, SET_PARAMETERS, STR,
+    MIGRATION_INFO, MIGRATION_STATUS, MIGRATION_THREAD_INFO, PARAMETERS, RUN_STATE, SET_PARAMETERS,
+    STR,
 };
 
 /// The QEMU version the greeting and `query-version` report: the QMP surface Ferry
@@ -370,6 +371,19 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
                 })?;
                 m.source.continue_migration(state)?;
                 empty()
+            })
+        },
+    ),
+    (
+        "query-migrationthreads",
+        sig(EMPTY, Ty::Array(&MIGRATION_THREAD_INFO)),
+        |m, _session, a| {
+            value({
+                a.finish()?;
+                // The outgoing migration's threads alive now (QEMU lists the same:
+                // its migration thread and multifd senders), each with its kernel id.
+                serde_json::to_value(m.source.stats().threads())
+                    .map_err(|e| QmpError::generic(e.to_string()))?
             })
         },
     ),
@@ -1317,6 +1331,11 @@ fn parameters_update(members: Map<String, Value>) -> Result<ParametersUpdate, Qm
         .map_err(|e| QmpError::generic(e.to_string()))?;
     let known = known.as_object().cloned().unwrap_or_default();
     for (k, v) in &members {
+        if k == "block-bitmap-mapping" {
+            // Absent by default, so not in `known`; a typed list of structs.
+            schema::check_value(k, &schema::BITMAP_MAPPING, v)?;
+            continue;
+        }
         let Some(default) = known.get(k) else {
             return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
         };
@@ -1686,6 +1705,83 @@ mod tests {
     }
 
     #[test]
+    fn block_bitmap_mapping_is_checked_as_qemu_and_kept() {
+        let mon = monitor(IncomingStart::None);
+        let mut s = negotiated(&mon);
+        let set = |s: &mut _, mapping: &str| {
+            one(
+                &mon,
+                s,
+                &format!(
+                    r#"{{"execute":"migrate-set-parameters","arguments":{{"block-bitmap-mapping":{mapping}}}}}"#
+                ),
+            )
+        };
+        // Absent until set, as in QEMU.
+        let r = one(&mon, &mut s, r#"{"execute":"query-migrate-parameters"}"#);
+        assert!(r["return"].get("block-bitmap-mapping").is_none(), "{r}");
+        let good = json!([{"node-name": "drive0", "alias": "d0", "bitmaps": [
+            {"name": "b0", "alias": "a0", "transform": {"persistent": true}},
+            {"name": "b1", "alias": "a1"}]}]);
+        assert_eq!(set(&mut s, &good.to_string()), json!({"return": {}}));
+        let r = one(&mon, &mut s, r#"{"execute":"query-migrate-parameters"}"#);
+        assert_eq!(r["return"]["block-bitmap-mapping"], good);
+        // Shapes: QEMU's visitor texts, with the member's path.
+        for (mapping, text) in [
+            (
+                r#"{}"#,
+                "Invalid parameter type for 'block-bitmap-mapping', expected: array",
+            ),
+            (
+                r#"[{"alias":"a","bitmaps":[]}]"#,
+                "Parameter 'block-bitmap-mapping[0].node-name' is missing",
+            ),
+            (
+                r#"[{"node-name":"n","alias":7,"bitmaps":[]}]"#,
+                "Invalid parameter type for 'block-bitmap-mapping[0].alias', expected: string",
+            ),
+            (
+                r#"[{"node-name":"n","alias":"a","bitmaps":[{"name":"b","alias":"c","x":1}]}]"#,
+                "Parameter 'block-bitmap-mapping[0].bitmaps[0].x' is unexpected",
+            ),
+            // QEMU's rules, in its order.
+            (
+                r#"[{"node-name":"n","alias":"9a","bitmaps":[]}]"#,
+                "The node alias '9a' is not well-formed",
+            ),
+            (
+                r#"[{"node-name":"n","alias":"a","bitmaps":[]},{"node-name":"n","alias":"b","bitmaps":[]}]"#,
+                "The node name 'n' is mapped twice",
+            ),
+            (
+                r#"[{"node-name":"n","alias":"a","bitmaps":[]},{"node-name":"m","alias":"a","bitmaps":[]}]"#,
+                "The node alias 'a' is used twice",
+            ),
+            (
+                r#"[{"node-name":"n","alias":"a","bitmaps":[{"name":"b","alias":"x"},{"name":"b","alias":"y"}]}]"#,
+                "The bitmap 'n'/'b' is mapped twice",
+            ),
+            (
+                r#"[{"node-name":"n","alias":"a","bitmaps":[{"name":"b","alias":"x"},{"name":"c","alias":"x"}]}]"#,
+                "The bitmap alias 'a'/'x' is used twice",
+            ),
+            (
+                r#"[{"node-name":"a-node-name-of-thirty-two-bytes!","alias":"a","bitmaps":[]}]"#,
+                "The node name 'a-node-name-of-thirty-two-bytes!' is longer than 31 bytes",
+            ),
+        ] {
+            let r = set(&mut s, mapping);
+            assert_eq!(err(&r), ("GenericError", text), "{mapping}");
+        }
+        // A refused mapping changed nothing; an empty one is kept as empty.
+        let r = one(&mon, &mut s, r#"{"execute":"query-migrate-parameters"}"#);
+        assert_eq!(r["return"]["block-bitmap-mapping"], good);
+        assert_eq!(set(&mut s, "[]"), json!({"return": {}}));
+        let r = one(&mon, &mut s, r#"{"execute":"query-migrate-parameters"}"#);
+        assert_eq!(r["return"]["block-bitmap-mapping"], json!([]));
+    }
+
+    #[test]
     fn schema_describes_the_table() {
         let mon = monitor(IncomingStart::None);
         let mut s = negotiated(&mon);
@@ -1717,8 +1813,15 @@ mod tests {
             .unwrap_or_default();
         let params =
             one(&mon, &mut s, r#"{"execute":"query-migrate-parameters"}"#)["return"].clone();
+        // The schema lists every parameter; the reply has each but
+        // `block-bitmap-mapping`, absent until set (as in QEMU).
         let n = args["members"].as_array().map(Vec::len);
-        assert_eq!(n, params.as_object().map(|o| o.len()));
+        assert_eq!(n, params.as_object().map(|o| o.len() + 1));
+        assert!(args["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["name"] == "block-bitmap-mapping"));
         let r = one(
             &mon,
             &mut s,

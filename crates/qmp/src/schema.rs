@@ -204,6 +204,88 @@ pub const SOCKET_ADDRESS: Ty = Ty::Object(
     ]),
 );
 
+/// QEMU's `MigrationThreadInfo` (`query-migrationthreads`).
+pub const MIGRATION_THREAD_INFO: Ty = Ty::Object(
+    "MigrationThreadInfo",
+    Members::Fixed(&[req("name", STR), req("thread-id", INT)]),
+);
+
+/// QEMU's `block-bitmap-mapping` parameter: `[BitmapMigrationNodeAlias]`.
+pub const BITMAP_MAPPING: Ty = Ty::Array(&Ty::Object(
+    "BitmapMigrationNodeAlias",
+    Members::Fixed(&[
+        req("node-name", STR),
+        req("alias", STR),
+        req(
+            "bitmaps",
+            Ty::Array(&Ty::Object(
+                "BitmapMigrationBitmapAlias",
+                Members::Fixed(&[
+                    req("name", STR),
+                    req("alias", STR),
+                    opt(
+                        "transform",
+                        Ty::Object(
+                            "BitmapMigrationBitmapAliasTransform",
+                            Members::Fixed(&[opt("persistent", BOOL)]),
+                        ),
+                    ),
+                ]),
+            )),
+        ),
+    ]),
+));
+
+/// Checks `v` against `ty` as QEMU's input visitor does, with its texts naming the
+/// member's path (`block-bitmap-mapping[0].alias`): a member of the wrong type or
+/// missing first, in declaration order, then one the struct does not have. Enums,
+/// `any` and the migration parameters are accepted as they are (their own parsers
+/// check them).
+pub(crate) fn check_value(path: &str, ty: &Ty, v: &Value) -> Result<(), crate::error::QmpError> {
+    use crate::error::QmpError;
+    let bad = |expected: &str| {
+        Err(QmpError::generic(format!(
+            "Invalid parameter type for '{path}', expected: {expected}"
+        )))
+    };
+    match ty {
+        Ty::Builtin("str") if !v.is_string() => bad("string"),
+        Ty::Builtin("bool") if !v.is_boolean() => bad("boolean"),
+        Ty::Builtin("int") if !(v.is_i64() || v.is_u64()) => bad("integer"),
+        Ty::Array(elem) => {
+            let Some(items) = v.as_array() else {
+                return bad("array");
+            };
+            for (i, item) in items.iter().enumerate() {
+                check_value(&format!("{path}[{i}]"), elem, item)?;
+            }
+            Ok(())
+        }
+        Ty::Object(_, Members::Fixed(members)) => {
+            let Some(obj) = v.as_object() else {
+                return bad("object");
+            };
+            for m in *members {
+                let at = format!("{path}.{}", m.name);
+                match obj.get(m.name) {
+                    Some(v) => check_value(&at, &m.ty, v)?,
+                    None if !m.optional => {
+                        return Err(QmpError::generic(format!("Parameter '{at}' is missing")))
+                    }
+                    None => {}
+                }
+            }
+            if let Some(k) = obj.keys().find(|k| !members.iter().any(|m| m.name == *k)) {
+                return Err(QmpError::generic(format!(
+                    "Parameter '{path}.{k}' is unexpected"
+                )));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The builtins' JSON types.
 fn json_type(builtin: &str) -> &'static str {
     match builtin {
@@ -240,6 +322,7 @@ pub fn members(m: Members) -> Vec<(String, Ty, bool)> {
                             };
                             (k.clone(), ty, true)
                         })
+                        .chain([("block-bitmap-mapping".to_owned(), BITMAP_MAPPING, true)])
                         .collect()
                 })
                 .unwrap_or_default()

@@ -16,6 +16,7 @@ pub use dirty_rate::{
 };
 pub use migration::{
     Convergence, DowntimePhases, DowntimePhasesUs, FerryMigrationInfo, MigStats, MigrationInfo,
-    MigrationStats, MigrationStatus, Prediction, SocketAddress, STATUS_LOG_LEN,
+    MigrationStats, MigrationStatus, MigrationThreadInfo, Prediction, SocketAddress, ThreadListing,
+    STATUS_LOG_LEN,
 };
 pub use postcopy::{FerryPostcopyInfo, LatencyHistogram, PostcopyStats, LATENCY_BUCKETS};

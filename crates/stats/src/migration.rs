@@ -203,6 +203,43 @@ pub struct MigStats {
     /// While the migration holds a dirty limit: its throttle time per round and ring
     /// full time, µs.
     dirty_limit: std::sync::Mutex<Option<(u64, u64)>>,
+    /// The migration's threads alive now (`query-migrationthreads`), by a key of
+    /// their own.
+    threads: std::sync::Mutex<Vec<(u64, MigrationThreadInfo)>>,
+    next_thread_key: AtomicU64,
+}
+
+/// One row of `query-migrationthreads`: a thread working on the migration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationThreadInfo {
+    /// What it does (Ferry's thread name, as `top -H` shows it).
+    pub name: String,
+    /// Its kernel thread id (for pinning it, as QEMU's users do).
+    pub thread_id: u64,
+}
+
+/// Keeps a thread listed in [`MigStats::threads`] while it lives.
+#[derive(Debug)]
+#[must_use = "the thread is listed only while the guard lives"]
+pub struct ThreadListing<'a> {
+    stats: &'a MigStats,
+    key: u64,
+}
+
+impl Drop for ThreadListing<'_> {
+    fn drop(&mut self) {
+        let mut t = self.stats.threads.lock().unwrap_or_else(|p| p.into_inner());
+        t.retain(|(k, _)| *k != self.key);
+    }
+}
+
+/// The calling thread's kernel id, from `/proc/thread-self` (0 where procfs lacks it).
+fn own_thread_id() -> u64 {
+    std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| p.file_name()?.to_str()?.parse().ok())
+        .unwrap_or(0)
 }
 
 impl Default for MigStats {
@@ -235,6 +272,26 @@ const CONV_UNKNOWN: u64 = u64::MAX;
 const CONV_NOT: u64 = 1 << 63;
 
 impl MigStats {
+    /// Lists the calling thread as `name` among the migration's threads until the
+    /// returned guard drops.
+    pub fn list_thread(&self, name: &str) -> ThreadListing<'_> {
+        let key = self.next_thread_key.fetch_add(1, Ordering::Relaxed);
+        let info = MigrationThreadInfo {
+            name: name.to_owned(),
+            thread_id: own_thread_id(),
+        };
+        let mut t = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        t.push((key, info));
+        ThreadListing { stats: self, key }
+    }
+
+    /// The migration's threads alive now, in the order they started
+    /// (`query-migrationthreads`).
+    pub fn threads(&self) -> Vec<MigrationThreadInfo> {
+        let t = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        t.iter().map(|(_, i)| i.clone()).collect()
+    }
+
     /// Fresh counters; status `none`, clock started now.
     pub fn new() -> Self {
         MigStats {
@@ -273,6 +330,8 @@ impl MigStats {
             first_pass_convergence: OnceLock::new(),
             error: OnceLock::new(),
             incoming_address: OnceLock::new(),
+            threads: std::sync::Mutex::new(Vec::new()),
+            next_thread_key: AtomicU64::new(0),
             pause_reason: std::sync::Mutex::new(None),
             dirty_limit: std::sync::Mutex::new(None),
         }
@@ -771,6 +830,33 @@ impl Default for MigrationInfo {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_thread_is_listed_while_its_guard_lives() {
+        let m = MigStats::new();
+        assert!(m.threads().is_empty());
+        let a = m.list_thread("mig/src");
+        let tid = m.threads()[0].thread_id;
+        assert!(tid > 0, "the kernel's thread id, not a placeholder");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _b = m.list_thread("mig/send0");
+                let t = m.threads();
+                assert_eq!(t.len(), 2);
+                assert_eq!(t[1].name, "mig/send0");
+                assert_ne!(t[1].thread_id, tid, "each thread its own id");
+            });
+        });
+        assert_eq!(m.threads().len(), 1);
+        drop(a);
+        assert!(m.threads().is_empty());
+        let v = serde_json::to_value(MigrationThreadInfo {
+            name: "x".into(),
+            thread_id: 7,
+        })
+        .unwrap();
+        assert_eq!(v, serde_json::json!({"name": "x", "thread-id": 7}));
+    }
+
     #[test]
     fn a_status_watcher_wakes_on_each_change_and_times_out_without_one() {
         let stats = std::sync::Arc::new(MigStats::new());

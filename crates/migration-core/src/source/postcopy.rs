@@ -151,7 +151,10 @@ impl Run {
         std::thread::scope(|s| {
             let server = std::thread::Builder::new()
                 .name("mig/postcopy-req".into())
-                .spawn_scoped(s, || self.serve_requests(sender, &bitmap, &requests, &stop))
+                .spawn_scoped(s, || {
+                    let _listed = self.stats.list_thread("mig/postcopy-req");
+                    self.serve_requests(sender, &bitmap, &requests, &stop)
+                })
                 .map_err(|e| Error::Guest(format!("cannot start the request server: {e}")))?;
             let background = self.send_pass(sender, lp);
             self.stats.remaining_bytes.store(0, Ordering::Relaxed);

@@ -422,7 +422,9 @@ impl Run {
             for k in 0..workers {
                 let done_tx = done_tx.clone();
                 let (bitmap, abort, first_error) = (&bitmap, &abort, &first_error);
-                s.spawn(move || {
+                let name = format!("mig/send{k}");
+                let work = move || {
+                    let _listed = self.stats.list_thread(&format!("mig/send{k}"));
                     // A worker that panics stops the others and fails the pass.
                     let r = catch_unwind(AssertUnwindSafe(|| {
                         self.send_share(sender, bitmap, k, workers, abort)
@@ -434,7 +436,15 @@ impl Run {
                     }
                     // The receiver lives until every worker is done (this scope).
                     let _ = done_tx.send(());
-                });
+                };
+                // Named, so `top -H` and query-migrationthreads show who sends.
+                if let Err(e) = std::thread::Builder::new().name(name).spawn_scoped(s, work) {
+                    // Its share of the pages would stay unsent: fail the pass.
+                    abort.store(true, Ordering::Release);
+                    lock(first_error).get_or_insert(Error::Guest(format!(
+                        "cannot start a migration sender thread: {e}"
+                    )));
+                }
             }
             drop(done_tx);
             let mut finished = 0;
