@@ -294,7 +294,13 @@ def test_capability_and_parameter_edge_cases(vms):
         assert threads[0]["name"] == "mig/src", threads
         for t in threads:
             comm = Path(f"/proc/{src.proc.pid}/task/{t['thread-id']}/comm")
-            assert comm.read_text().strip() == t["name"][:15], (t, comm)
+            try:
+                name = comm.read_text().strip()
+            except FileNotFoundError:
+                # A sender whose pass ended since: it left the list before it exited.
+                assert t not in await s.execute("query-migrationthreads"), t
+                continue
+            assert name == t["name"][:15], (t, name)
         await expect_error(c, "migrate-set-capabilities",
                            {"capabilities": [{"capability": "auto-converge", "state": True}]},
                            "There's a migration process in progress")
