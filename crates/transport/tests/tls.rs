@@ -108,15 +108,62 @@ fn bind() -> (Uri, Listener) {
 fn round_trip_tls(channels: u16) {
     let ca = Ca::new("ca");
     let dir = creds_dir(&ca, &Spec::default());
+    round_trip_with(client(&dir), server(&dir), channels);
+}
+
+/// One whole stream from `client` to `server`; every page must land.
+fn round_trip_with(client: TlsConfig, server: TlsConfig, channels: u16) {
     let (uri, l) = bind();
-    let st = server(&dir);
-    let h = thread::spawn(move || receive(l, Some(st)));
+    let h = thread::spawn(move || receive(l, Some(server)));
     let ops = ops();
-    let s = Sender::connect(&uri, PS, blocks(), send_opts(Some(client(&dir)), channels)).unwrap();
+    let s = Sender::connect(&uri, PS, blocks(), send_opts(Some(client), channels)).unwrap();
     let ack = send_ops(s, &ops).unwrap();
     assert!(ack.resumed);
     let mem = h.join().unwrap().unwrap();
     assert_eq!(mem, model(PS as usize, &blocks(), &ops));
+}
+
+/// A credentials directory of `ca-cert.pem` from `ca_from` and the client's
+/// certificate and key from `client_from` (or none).
+fn mixed_dir(ca_from: &Path, client_from: Option<&Path>) -> PathBuf {
+    let mixed = temp_path("tls-mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    std::fs::copy(ca_from.join("ca-cert.pem"), mixed.join("ca-cert.pem")).unwrap();
+    for f in ["client-cert.pem", "client-key.pem"] {
+        if let Some(from) = client_from {
+            std::fs::copy(from.join(f), mixed.join(f)).unwrap();
+        }
+    }
+    mixed
+}
+
+#[test]
+fn a_destination_without_verify_peer_takes_any_client_or_none() {
+    let dir = creds_dir(&Ca::new("ca"), &Spec::default());
+    let other = creds_dir(&Ca::new("other"), &Spec::default());
+    let lax = || TlsConfig::new(TlsCreds::load("tls0", &dir, TlsEndpoint::Server, false).unwrap());
+    // A client certificate from a CA the destination does not trust (refused with
+    // verify-peer on: a_client_certificate_from_another_ca_is_refused_by_the_destination).
+    round_trip_with(client(&mixed_dir(&dir, Some(&other))), lax(), 1);
+    // No client certificate at all.
+    round_trip_with(client(&mixed_dir(&dir, None)), lax(), 2);
+    // With verify-peer on, the source without a certificate is refused.
+    let e = refused(Some(client(&mixed_dir(&dir, None))), Some(server(&dir)));
+    assert!(e.contains("requires a client certificate; we sent none"), "{e}");
+}
+
+#[test]
+fn a_source_without_verify_peer_takes_any_destination_certificate() {
+    let dir = creds_dir(&Ca::new("ca"), &Spec::default());
+    let other = creds_dir(&Ca::new("other"), &Spec::default());
+    // Trusts another CA, so the destination's certificate does not verify; its own
+    // client certificate is from the destination's CA.
+    let cdir = mixed_dir(&other, Some(&dir));
+    let lax = TlsConfig::new(TlsCreds::load("tls0", &cdir, TlsEndpoint::Client, false).unwrap());
+    round_trip_with(lax, server(&dir), 1);
+    // The same directory with verify-peer on is refused.
+    let e = refused(Some(client(&cdir)), Some(server(&dir)));
+    assert!(e.contains("not signed by a CA"), "{e}");
 }
 
 #[test]
@@ -170,13 +217,10 @@ fn a_client_certificate_from_another_ca_is_refused_by_the_destination() {
     let dir = creds_dir(&ca, &Spec::default());
     let other = creds_dir(&Ca::new("other"), &Spec::default());
     // The source trusts the real CA but presents a client certificate of another.
-    let mixed = temp_path("tls-mixed");
-    std::fs::create_dir_all(&mixed).unwrap();
-    std::fs::copy(dir.join("ca-cert.pem"), mixed.join("ca-cert.pem")).unwrap();
-    for f in ["client-cert.pem", "client-key.pem"] {
-        std::fs::copy(other.join(f), mixed.join(f)).unwrap();
-    }
-    let e = refused(Some(client(&mixed)), Some(server(&dir)));
+    let e = refused(
+        Some(client(&mixed_dir(&dir, Some(&other)))),
+        Some(server(&dir)),
+    );
     assert!(
         e.contains("TLS: the peer refused the handshake with alert")
             && e.contains("does not trust the CA"),
