@@ -177,6 +177,16 @@ fn is_identifier(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
 
+/// QEMU's refusal of a name longer than `max_bytes`.
+fn at_most(what: &str, name: &str, max_bytes: usize) -> Result<()> {
+    if name.len() > max_bytes {
+        return Err(Error::InvalidParameter(format!(
+            "The {what} '{name}' is longer than {max_bytes} bytes"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a `block-bitmap-mapping` as QEMU does, with its texts and in its order:
 /// every entry's own rules and names mapped twice first, then aliases used twice
 /// (the mapping must be one-to-one both ways).
@@ -187,35 +197,15 @@ fn check_bitmap_mapping(map: &[BitmapNodeAlias]) -> Result<()> {
         if !is_identifier(&n.alias) {
             return bad(format!("The node alias '{}' is not well-formed", n.alias));
         }
-        if n.alias.len() > MAX_ALIAS_BYTES {
-            return bad(format!(
-                "The node alias '{}' is longer than {MAX_ALIAS_BYTES} bytes",
-                n.alias
-            ));
-        }
-        if n.node_name.len() > MAX_NODE_NAME_BYTES {
-            return bad(format!(
-                "The node name '{}' is longer than {MAX_NODE_NAME_BYTES} bytes",
-                n.node_name
-            ));
-        }
+        at_most("node alias", &n.alias, MAX_ALIAS_BYTES)?;
+        at_most("node name", &n.node_name, MAX_NODE_NAME_BYTES)?;
         if !nodes.insert(n.node_name.as_str()) {
             return bad(format!("The node name '{}' is mapped twice", n.node_name));
         }
         let mut names = std::collections::HashSet::new();
         for b in &n.bitmaps {
-            if b.alias.len() > MAX_ALIAS_BYTES {
-                return bad(format!(
-                    "The bitmap alias '{}' is longer than {MAX_ALIAS_BYTES} bytes",
-                    b.alias
-                ));
-            }
-            if b.name.len() > MAX_BITMAP_NAME_BYTES {
-                return bad(format!(
-                    "The bitmap name '{}' is longer than {MAX_BITMAP_NAME_BYTES} bytes",
-                    b.name
-                ));
-            }
+            at_most("bitmap alias", &b.alias, MAX_ALIAS_BYTES)?;
+            at_most("bitmap name", &b.name, MAX_BITMAP_NAME_BYTES)?;
             if !names.insert(b.name.as_str()) {
                 return bad(format!(
                     "The bitmap '{}'/'{}' is mapped twice",

@@ -149,7 +149,10 @@ fn a_destination_without_verify_peer_takes_any_client_or_none() {
     round_trip_with(client(&mixed_dir(&dir, None)), lax(), 2);
     // With verify-peer on, the source without a certificate is refused.
     let e = refused(Some(client(&mixed_dir(&dir, None))), Some(server(&dir)));
-    assert!(e.contains("requires a client certificate; we sent none"), "{e}");
+    assert!(
+        e.contains("requires a client certificate; we sent none"),
+        "{e}"
+    );
 }
 
 #[test]
