@@ -304,6 +304,17 @@ def test_capability_and_parameter_edge_cases(vms):
         await expect_error(c, "migrate-set-capabilities",
                            {"capabilities": [{"capability": "auto-converge", "state": True}]},
                            "There's a migration process in progress")
+        # QEMU's order of errors: the arguments' parse first, then the running
+        # migration, then whether the capability can be set at all.
+        await expect_error(c, "migrate-set-capabilities",
+                           {"capabilities": [{"capability": "warp-drive", "state": False}]},
+                           "Parameter 'capability' does not accept value 'warp-drive'")
+        await expect_error(c, "migrate-set-capabilities",
+                           {"capabilities": [{"capability": "xbzrle", "state": True}]},
+                           "There's a migration process in progress")
+        # Parameters may change while it runs; their values are still checked.
+        await expect_error(c, "migrate-set-parameters", {"multifd-channels": 0},
+                           "Parameter 'multifd-channels' expects a value between 1 and 255")
         info = await s.execute("query-migrate")
         assert info["status"] in ("setup", "active"), info
         await s.execute("migrate_cancel")
