@@ -6,14 +6,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{config, guest_lock, wait_all, TIMEOUT};
+use common::{config, ferry, guest_lock, wait_all, Dest, TIMEOUT};
 use ferry::migration_core::{
     incoming_with, ram_digest, Capability, GuestRam, IncomingOptions, MigratableVm,
     MigrationSource, ParametersUpdate, RunControl, RunState,
@@ -21,121 +21,6 @@ use ferry::migration_core::{
 use ferry::stats::{Convergence, MigrationStatus};
 use ferry::GuestVm;
 use minivm::{DirtyTracking, VmConfig, Workload};
-use serde_json::Value;
-
-/// `ferry SUBCOMMAND` with the guest flags of `cfg`; the caller adds the others.
-fn ferry_for(subcommand: &str, cfg: &VmConfig) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    cmd.arg(subcommand)
-        .args(["--mem", &cfg.mem_bytes.to_string()])
-        .args(["--vcpus", &cfg.vcpus.to_string()])
-        .args(["--workload", &cfg.workload.to_string()]);
-    if cfg.backend == minivm::Backend::Threads {
-        cmd.arg("--threads");
-    }
-    cmd
-}
-
-/// A `ferry receive` child process.
-struct Dest {
-    child: Child,
-    lines: std::io::Lines<BufReader<ChildStdout>>,
-    uri: String,
-}
-
-impl Dest {
-    fn spawn(cfg: &VmConfig, uri: &str) -> Dest {
-        Self::spawn_with(cfg, uri, &[])
-    }
-
-    /// With more `ferry receive` flags.
-    fn spawn_with(cfg: &VmConfig, uri: &str, extra: &[&str]) -> Dest {
-        let mut cmd = ferry_for("receive", cfg);
-        cmd.args(["--verify", "--uri", uri])
-            .args(extra)
-            .stdout(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn ferry receive");
-        let stdout = child.stdout.take().unwrap();
-        let mut d = Dest {
-            child,
-            lines: BufReader::new(stdout).lines(),
-            uri: String::new(),
-        };
-        let l = d.next_event();
-        assert_eq!(l["event"], "listening", "{l}");
-        d.uri = l["uri"].as_str().unwrap().to_string();
-        d
-    }
-
-    /// The next line, past the postcopy progress lines (`postcopy-active`, ...).
-    fn next_event(&mut self) -> Value {
-        loop {
-            let v = self.next_line();
-            if !v["event"]
-                .as_str()
-                .is_some_and(|e| e.starts_with("postcopy-"))
-            {
-                return v;
-            }
-        }
-    }
-
-    /// The next line, whatever it is.
-    fn next_line(&mut self) -> Value {
-        let line = self
-            .lines
-            .next()
-            .expect("destination exited")
-            .expect("read");
-        serde_json::from_str(&line).expect("json line")
-    }
-
-    /// The next line of `event`, skipping any other.
-    fn expect_event(&mut self, event: &str) -> Value {
-        loop {
-            let v = self.next_line();
-            if v["event"] == event {
-                return v;
-            }
-            assert_ne!(v["event"], "failed", "waiting for {event}: {v}");
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// After a completed migration: the digest before resume, then counters advancing.
-    fn check_completed(&mut self, src_digest: u64) {
-        let done = self.next_event();
-        assert_eq!(done["event"], "completed", "{done}");
-        assert_eq!(
-            done["ram-digest"].as_u64(),
-            Some(src_digest),
-            "destination RAM equals source RAM"
-        );
-        let running = self.next_event();
-        assert_eq!(
-            running["event"], "running",
-            "the guest runs on the destination: {running}"
-        );
-    }
-
-    /// After a failed migration: the destination reports failure and never resumes.
-    fn check_failed(&mut self) {
-        let l = self.next_event();
-        assert_eq!(l["event"], "failed", "{l}");
-        let status = self.child.wait().unwrap();
-        assert!(!status.success());
-    }
-}
-
-impl Drop for Dest {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn source_for(guest: &Arc<GuestVm>, max_bandwidth: u64, channels: u8) -> MigrationSource {
     let s = MigrationSource::new(guest.clone());
@@ -964,7 +849,7 @@ fn a_source_killed_during_postcopy_leaves_the_destination_paused_and_saying_why(
     let _g = guest_lock();
     let cfg = non_converging_config();
     let mut dest = Dest::spawn(&cfg, "tcp:127.0.0.1:0");
-    let mut cmd = ferry_for("send", &cfg);
+    let mut cmd = ferry(None, "send", &cfg);
     cmd.args(["--uri", &dest.uri, "--postcopy"])
         .args(["--max-bandwidth", "128M", "--max-postcopy-bandwidth", "1M"])
         // Whole pages, as `whole_pages_source`: the working set then cannot converge.

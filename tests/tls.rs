@@ -9,14 +9,14 @@ mod common;
 #[path = "../crates/transport/tests/common/tls_creds.rs"]
 mod tls_creds;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::{config, guest_lock, wait_all};
+use common::{config, ferry, guest_lock, wait_all, Dest};
 use ferry::migration_core::{MigrationSource, ParametersUpdate, TlsObject};
 use ferry::stats::MigrationStatus;
 use ferry::transport::{TlsCreds, TlsEndpoint};
@@ -40,90 +40,6 @@ fn creds(spec: &Spec) -> PathBuf {
     let d = temp_dir("creds");
     Ca::new("Ferry test CA").write_dir(&d, spec);
     d
-}
-
-/// `ferry SUBCOMMAND` with the guest flags of `cfg`, in namespace `ns` if given.
-fn ferry(ns: Option<&str>, subcommand: &str, cfg: &VmConfig) -> Command {
-    let mut cmd = match ns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ferry")]);
-            c
-        }
-        None => Command::new(env!("CARGO_BIN_EXE_ferry")),
-    };
-    cmd.arg(subcommand)
-        .args(["--mem", &cfg.mem_bytes.to_string()])
-        .args(["--vcpus", &cfg.vcpus.to_string()])
-        .args(["--workload", &cfg.workload.to_string()]);
-    if cfg.backend == minivm::Backend::Threads {
-        cmd.arg("--threads");
-    }
-    cmd
-}
-
-/// A `ferry receive` child and its JSON lines.
-struct Dest {
-    child: Child,
-    lines: std::io::Lines<BufReader<ChildStdout>>,
-    uri: String,
-}
-
-impl Dest {
-    fn spawn(ns: Option<&str>, cfg: &VmConfig, uri: &str, extra: &[&str]) -> Dest {
-        let mut child = ferry(ns, "receive", cfg)
-            .args(["--verify", "--uri", uri])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn ferry receive");
-        let stdout = child.stdout.take().unwrap();
-        let mut d = Dest {
-            child,
-            lines: BufReader::new(stdout).lines(),
-            uri: String::new(),
-        };
-        let l = d.next_line();
-        assert_eq!(l["event"], "listening", "{l}");
-        d.uri = l["uri"].as_str().unwrap().to_string();
-        d
-    }
-
-    fn next_line(&mut self) -> Value {
-        let line = self
-            .lines
-            .next()
-            .expect("destination exited")
-            .expect("read");
-        serde_json::from_str(&line).expect("json line")
-    }
-
-    fn check_completed(&mut self, src_digest: u64) {
-        let done = self.next_line();
-        assert_eq!(done["event"], "completed", "{done}");
-        assert_eq!(
-            done["ram-digest"].as_u64(),
-            Some(src_digest),
-            "destination RAM equals source RAM"
-        );
-        let running = self.next_line();
-        assert_eq!(running["event"], "running", "{running}");
-    }
-
-    /// Still listening: it has neither completed nor failed (nothing started).
-    fn assert_still_waiting(&mut self) {
-        assert!(
-            self.child.try_wait().unwrap().is_none(),
-            "the destination exited"
-        );
-    }
-}
-
-impl Drop for Dest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Two namespaces joined by a veth pair (scripts/netns), removed on drop.
@@ -204,7 +120,7 @@ fn tls_migration_between_processes(channels: u8) {
     });
     let cfg = cfg();
     let dn = client_dn("ferry-source");
-    let mut dest = Dest::spawn(
+    let mut dest = Dest::spawn_in(
         net.as_ref().map(|n| n.ns_b.as_str()),
         &cfg,
         &format!("tcp:{host}:0"),
@@ -296,7 +212,7 @@ fn refusals_with_a_real_guest_leave_it_running_and_the_destination_waiting() {
     let guest = boot(&cfg);
     let dir = creds(&Spec::default());
     let other = creds(&Spec::default());
-    let mut dest = Dest::spawn(
+    let mut dest = Dest::spawn_in(
         None,
         &cfg,
         "tcp:127.0.0.1:0",
@@ -315,7 +231,7 @@ fn refusals_with_a_real_guest_leave_it_running_and_the_destination_waiting() {
     dest.assert_still_waiting();
     drop(dest);
     // TLS against plaintext.
-    let dest = Dest::spawn(None, &cfg, "tcp:127.0.0.1:0", &[]);
+    let dest = Dest::spawn_in(None, &cfg, "tcp:127.0.0.1:0", &[]);
     let e = failed_migration(&guest, &source(&guest, Some(&dir)), &dest.uri);
     assert!(
         e.contains("TLS: the destination answered in plaintext"),
@@ -373,7 +289,7 @@ fn a_byte_flipped_in_flight_fails_the_destination_and_the_source_guest_runs_on()
     let cfg = cfg();
     let guest = boot(&cfg);
     let dir = creds(&Spec::default());
-    let mut dest = Dest::spawn(
+    let mut dest = Dest::spawn_in(
         None,
         &cfg,
         "tcp:127.0.0.1:0",

@@ -11,6 +11,10 @@ use minivm::{Backend, MiniVm, VmConfig, Workload};
 mod skip;
 pub use skip::record_skip;
 
+mod dest;
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use dest::{ferry, Dest};
+
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
 static GUEST_LOCK: Mutex<()> = Mutex::new(());
