@@ -382,8 +382,7 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
                 a.finish()?;
                 // The outgoing migration's threads alive now (QEMU lists the same:
                 // its migration thread and multifd senders), each with its kernel id.
-                serde_json::to_value(m.source.stats().threads())
-                    .map_err(|e| QmpError::generic(e.to_string()))?
+                to_json(m.source.stats().threads())?
             })
         },
     ),
@@ -447,8 +446,7 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
         |m, _session, a| {
             value({
                 a.finish()?;
-                serde_json::to_value(m.source.parameters())
-                    .map_err(|e| QmpError::generic(e.to_string()))?
+                to_json(m.source.parameters())?
             })
         },
     ),
@@ -583,8 +581,7 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
             value({
                 let unit = a.opt_enum("calc-time-unit", &["second", "millisecond"])?;
                 a.finish()?;
-                serde_json::to_value(m.dirty_rate.query(unit.map(time_unit)))
-                    .map_err(|e| QmpError::generic(e.to_string()))?
+                to_json(m.dirty_rate.query(unit.map(time_unit)))?
             })
         },
     ),
@@ -638,8 +635,7 @@ const COMMAND_TABLE: &[(&str, Signature, Handler)] = &[
         |m, _session, a| {
             value({
                 a.finish()?;
-                serde_json::to_value(m.source.dirty_limiter().query())
-                    .map_err(|e| QmpError::generic(e.to_string()))?
+                to_json(m.source.dirty_limiter().query())?
             })
         },
     ),
@@ -1327,8 +1323,7 @@ fn time_unit(s: &str) -> TimeUnit {
 /// `migrate-set-parameters`' arguments, checked member by member against the
 /// parameters Ferry has, with QAPI's error texts.
 fn parameters_update(members: Map<String, Value>) -> Result<ParametersUpdate, QmpError> {
-    let known = serde_json::to_value(migration_core::MigrationParameters::default())
-        .map_err(|e| QmpError::generic(e.to_string()))?;
+    let known = to_json(migration_core::MigrationParameters::default())?;
     let known = known.as_object().cloned().unwrap_or_default();
     for (k, v) in &members {
         if k == "block-bitmap-mapping" {
@@ -1382,6 +1377,12 @@ fn parameters_update(members: Map<String, Value>) -> Result<ParametersUpdate, Qm
             None => QmpError::generic(e.to_string()),
         }
     })
+}
+
+/// A reply's JSON; serializing Ferry's own types cannot fail, but if it ever did the
+/// client gets a GenericError, not a dropped connection.
+fn to_json(v: impl serde::Serialize) -> Result<Value, QmpError> {
+    serde_json::to_value(v).map_err(|e| QmpError::generic(e.to_string()))
 }
 
 /// What a command returns.

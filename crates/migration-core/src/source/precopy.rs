@@ -422,9 +422,9 @@ impl Run {
             for k in 0..workers {
                 let done_tx = done_tx.clone();
                 let (bitmap, abort, first_error) = (&bitmap, &abort, &first_error);
-                let name = format!("mig/send{k}");
                 let work = move || {
-                    let _listed = self.stats.list_thread(&format!("mig/send{k}"));
+                    let me = std::thread::current();
+                    let _listed = self.stats.list_thread(me.name().unwrap_or("mig/send"));
                     // A worker that panics stops the others and fails the pass.
                     let r = catch_unwind(AssertUnwindSafe(|| {
                         self.send_share(sender, bitmap, k, workers, abort)
@@ -438,7 +438,10 @@ impl Run {
                     let _ = done_tx.send(());
                 };
                 // Named, so `top -H` and query-migrationthreads show who sends.
-                if let Err(e) = std::thread::Builder::new().name(name).spawn_scoped(s, work) {
+                if let Err(e) = std::thread::Builder::new()
+                    .name(format!("mig/send{k}"))
+                    .spawn_scoped(s, work)
+                {
                     // Its share of the pages would stay unsent: fail the pass.
                     abort.store(true, Ordering::Release);
                     lock(first_error).get_or_insert(Error::Guest(format!(
