@@ -7,8 +7,9 @@
 //!
 //! `cargo bench --bench migration`. Environment:
 //! - `FERRY_BENCH_REPS=N` repetitions per row (default 1; medians when more);
-//! - `FERRY_BENCH_ONLY=TEXT` only the rows whose name contains TEXT;
-//! - `FERRY_BENCH_LINKS=loopback,10gbit,1gbit` the links (default all three);
+//! - `FERRY_BENCH_ONLY=TEXT` only the rows whose name contains TEXT (`A|B`: A or B);
+//! - `FERRY_BENCH_LINKS=loopback,10gbit,1gbit` the links (default these three; a
+//!   veth link takes any rate `tc` writes, e.g. `2500mbit`);
 //! - `FERRY_BENCH_TIMEOUT_S=S` per-row limit, then `migrate_cancel` (default 15).
 //!
 //! Prints a markdown table and writes it, with one JSON file per row (the replies
@@ -28,6 +29,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+
+#[path = "../crates/transport/tests/common/tls_creds.rs"]
+mod tls_creds;
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -113,10 +117,29 @@ enum Link {
 }
 
 impl Link {
+    /// `loopback`, or a veth rate as `tc` writes it: `10gbit`, `2500mbit`.
+    fn parse(name: &str) -> Option<Link> {
+        if name == "loopback" {
+            return Some(Link::Loopback);
+        }
+        let (n, unit) = if let Some(n) = name.strip_suffix("gbit") {
+            (n, 1_000_000_000)
+        } else {
+            (name.strip_suffix("mbit")?, 1_000_000)
+        };
+        let n: u64 = n.parse().ok().filter(|&n| n > 0)?;
+        Some(Link::Veth {
+            bits_per_sec: n * unit,
+        })
+    }
+
     fn name(self) -> String {
         match self {
             Link::Loopback => "loopback".into(),
-            Link::Veth { bits_per_sec } => format!("{}gbit", bits_per_sec / 1_000_000_000),
+            Link::Veth { bits_per_sec } if bits_per_sec % 1_000_000_000 == 0 => {
+                format!("{}gbit", bits_per_sec / 1_000_000_000)
+            }
+            Link::Veth { bits_per_sec } => format!("{}mbit", bits_per_sec / 1_000_000),
         }
     }
 }
@@ -186,6 +209,28 @@ struct Place {
     dst_wrap: Vec<String>,
     /// The destination's listening address, `HOST:PORT`.
     dst_addr: String,
+}
+
+impl Place {
+    /// A directory of test TLS credentials (QEMU's `tls-creds-x509` layout, a fresh
+    /// CA) whose server certificate names this place's destination host; made on
+    /// first use.
+    fn tls_creds(&self) -> Result<PathBuf, String> {
+        let host = self
+            .dst_addr
+            .rsplit_once(':')
+            .map_or(self.dst_addr.as_str(), |(h, _)| h);
+        let dir =
+            std::env::temp_dir().join(format!("ferry-bench-tls-{}-{host}", std::process::id()));
+        if !dir.join("ca-cert.pem").exists() {
+            let spec = tls_creds::Spec {
+                server_names: vec![host.to_owned()],
+                ..tls_creds::Spec::default()
+            };
+            tls_creds::Ca::new("Ferry bench CA").write_dir(&dir, &spec);
+        }
+        Ok(dir)
+    }
 }
 
 impl Place {
@@ -339,6 +384,9 @@ struct Row {
     lazy_clear: bool,
     /// `max-bandwidth` in MiB/s (0: unlimited, the default of these rows).
     max_bandwidth_mib: u64,
+    /// Both sides run with `--tls-creds` (TLS 1.3, mutual x509): the row's twin
+    /// without it is in the table too.
+    tls: bool,
 }
 
 impl Row {
@@ -367,6 +415,9 @@ impl Row {
         }
         if !self.lazy_clear {
             n.push_str(" eager");
+        }
+        if self.tls {
+            n.push_str(" tls");
         }
         n
     }
@@ -409,6 +460,7 @@ fn rows(link: Link) -> Vec<Row> {
                     stopped: false,
                     lazy_clear: true,
                     max_bandwidth_mib: 0,
+                    tls: false,
                 });
             }
         }
@@ -438,6 +490,7 @@ fn rows(link: Link) -> Vec<Row> {
                 stopped: false,
                 lazy_clear,
                 max_bandwidth_mib,
+                tls: false,
             });
         }
     }
@@ -454,7 +507,31 @@ fn rows(link: Link) -> Vec<Row> {
             stopped,
             lazy_clear: true,
             max_bandwidth_mib: 0,
+            tls: false,
         });
+    }
+    // TLS beside plaintext: the dense guest running and stopped, 1 and 2 channels
+    // (the plaintext twins of 1 channel are above).
+    for stopped in [false, true] {
+        for channels in [1, 2] {
+            for tls in [false, true] {
+                if !tls && (channels == 1 || !stopped) {
+                    continue;
+                }
+                v.push(Row {
+                    link,
+                    mem_bytes: GIB,
+                    workload: "dense=65536",
+                    channels,
+                    sparse_pages: true,
+                    prealloc: false,
+                    stopped,
+                    lazy_clear: true,
+                    max_bandwidth_mib: 0,
+                    tls,
+                });
+            }
+        }
     }
     v
 }
@@ -579,7 +656,15 @@ fn migrate_inner(
         "--workload".into(),
         row.workload.into(),
     ];
+    let mut src_args = guest.to_vec();
     let mut dst_args = guest.to_vec();
+    if row.tls {
+        // Credentials for the destination's address, made once per link.
+        let creds = place.tls_creds()?;
+        for a in [&mut src_args, &mut dst_args] {
+            a.extend(["--tls-creds".into(), creds.display().to_string()]);
+        }
+    }
     dst_args.extend([
         "--incoming".into(),
         format!("tcp:{}", place.dst_addr),
@@ -598,7 +683,7 @@ fn migrate_inner(
     )?;
     let mut src = start_vm(
         &place.src_wrap,
-        &guest,
+        &src_args,
         &dir.join(format!("{stem}.src.qmp")),
         log,
         "source",
@@ -999,7 +1084,8 @@ fn main() {
          (HMP `xp` of its counter pages, as a tool reads them) over each ~100 ms poll of setup and the \
          active phase, as a share of its speed over the second before `migrate`: the mean, and \
          (slow 100 ms) the share of intervals below 10 %. `eager`: `x-ferry-lazy-clear` off (every \
-         sync re-protects all it found); `N MiB/s`: `max-bandwidth`. First-pass prediction: the engine's \
+         sync re-protects all it found); `tls`: both sides with `--tls-creds` (TLS 1.3, mutual \
+         x509, a test CA made for the run), beside its plaintext twin; `N MiB/s`: `max-bandwidth`. First-pass prediction: the engine's \
          `x-ferry.first-pass-convergence`. RAM equal: x-ferry-query-ram-digest of source (postmigrate) and \
          destination (paused by -S), taken after the migration."
             .to_string(),
@@ -1011,24 +1097,15 @@ fn main() {
     println!("{}", lines[1]);
     let started = Instant::now();
     for link_name in wanted {
-        let link = match link_name {
-            "loopback" => Link::Loopback,
-            "10gbit" => Link::Veth {
-                bits_per_sec: 10_000_000_000,
-            },
-            "1gbit" => Link::Veth {
-                bits_per_sec: 1_000_000_000,
-            },
-            other => {
-                notes.push(format!(
-                    "unknown link {other:?} skipped (loopback, 10gbit, 1gbit)"
-                ));
-                continue;
-            }
+        let Some(link) = Link::parse(link_name) else {
+            notes.push(format!(
+                "unknown link {link_name:?} skipped (loopback, or a rate: 10gbit, 2500mbit, ...)"
+            ));
+            continue;
         };
         let rows: Vec<Row> = rows(link)
             .into_iter()
-            .filter(|r| r.name().contains(only.as_str()))
+            .filter(|r| only.split('|').any(|o| r.name().contains(o)))
             .collect();
         if rows.is_empty() {
             continue;
@@ -1101,6 +1178,7 @@ fn main() {
         } else {
             rate_fresh
         };
+        let mut send_rates: Vec<(String, f64, String)> = Vec::new();
         for row in rows {
             let name = row.name();
             let stem = row.file_stem();
@@ -1126,6 +1204,7 @@ fn main() {
             } else {
                 rate_fresh
             };
+            send_rates.push((name.clone(), m.send_rate, m.status.clone()));
             let line = table_line(&name, &m, &d, rate);
             println!("{line}");
             lines.push(line);
@@ -1162,7 +1241,40 @@ fn main() {
                 notes.push(format!("{name}: {e}"));
             }
         }
+        // Each TLS row against its plaintext twin: the cost of encryption here.
+        let ratios: Vec<String> = send_rates
+            .iter()
+            .filter_map(|(name, tls_rate, tls_status)| {
+                let twin = name.strip_suffix(" tls")?;
+                let (_, plain_rate, plain_status) = send_rates.iter().find(|r| r.0 == twin)?;
+                let done = tls_status == "completed" && plain_status == "completed";
+                Some(format!(
+                    "{} {:.0} %{}",
+                    twin.strip_prefix(&format!("{link_name} ")).unwrap_or(twin),
+                    tls_rate / plain_rate * 100.0,
+                    if done {
+                        ""
+                    } else {
+                        " (not completed in the time limit)"
+                    }
+                ))
+            })
+            .collect();
+        if !ratios.is_empty() {
+            notes.push(format!(
+                "{link_name}: TLS send rate as a share of plaintext's: {}",
+                ratios.join(", ")
+            ));
+        }
     }
+    let _ = std::fs::read_dir(std::env::temp_dir()).map(|entries| {
+        let mine = format!("ferry-bench-tls-{}-", std::process::id());
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&mine) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    });
     notes.push(format!(
         "wall time of the whole run: {:.0} s",
         started.elapsed().as_secs_f64()
