@@ -364,7 +364,7 @@ impl Drop for Guard {
 // Rows.
 
 /// One row of the table.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 struct Row {
     link: Link,
     mem_bytes: u64,
@@ -441,6 +441,20 @@ fn rows(link: Link) -> Vec<Row> {
         ("dense=65536,256", GIB, true),
         ("zipf=65536,200000", GIB, true),
     ];
+    // The defaults every row starts from: the dense guest, one channel, sparse pages,
+    // lazy clear, no bandwidth cap, plaintext, into a fresh destination.
+    let base = Row {
+        link,
+        mem_bytes: GIB,
+        workload: "dense=65536",
+        channels: 1,
+        sparse_pages: true,
+        prealloc: false,
+        stopped: false,
+        lazy_clear: true,
+        max_bandwidth_mib: 0,
+        tls: false,
+    };
     let mut v = Vec::new();
     for (workload, mem_bytes, sparse_applies) in workloads {
         for channels in [1, 2] {
@@ -449,16 +463,11 @@ fn rows(link: Link) -> Vec<Row> {
                     continue;
                 }
                 v.push(Row {
-                    link,
                     mem_bytes,
                     workload,
                     channels,
                     sparse_pages,
-                    prealloc: false,
-                    stopped: false,
-                    lazy_clear: true,
-                    max_bandwidth_mib: 0,
-                    tls: false,
+                    ..base
                 });
             }
         }
@@ -479,16 +488,11 @@ fn rows(link: Link) -> Vec<Row> {
                 continue; // the lazy row is in the table already
             }
             v.push(Row {
-                link,
-                mem_bytes: GIB,
                 workload,
-                channels: 1,
                 sparse_pages,
-                prealloc: false,
-                stopped: false,
                 lazy_clear,
                 max_bandwidth_mib,
-                tls: false,
+                ..base
             });
         }
     }
@@ -496,39 +500,28 @@ fn rows(link: Link) -> Vec<Row> {
     // pages, guest stopped, into a fresh and into a preallocated destination.
     for (prealloc, stopped) in [(true, false), (false, true), (true, true)] {
         v.push(Row {
-            link,
-            mem_bytes: GIB,
-            workload: "dense=65536",
-            channels: 1,
-            sparse_pages: true,
             prealloc,
             stopped,
-            lazy_clear: true,
-            max_bandwidth_mib: 0,
-            tls: false,
+            ..base
         });
     }
-    // TLS beside plaintext: the dense guest running and stopped, 1 and 2 channels
-    // (the plaintext twins of 1 channel are above).
+    // TLS beside plaintext: the dense guest running and stopped, 1 and 2 channels.
+    // Every plaintext twin but the stopped one of 2 channels is above already.
     for stopped in [false, true] {
         for channels in [1, 2] {
-            for tls in [false, true] {
-                if !tls && (channels == 1 || !stopped) {
-                    continue;
-                }
+            if stopped && channels == 2 {
                 v.push(Row {
-                    link,
-                    mem_bytes: GIB,
-                    workload: "dense=65536",
                     channels,
-                    sparse_pages: true,
-                    prealloc: false,
                     stopped,
-                    lazy_clear: true,
-                    max_bandwidth_mib: 0,
-                    tls,
+                    ..base
                 });
             }
+            v.push(Row {
+                channels,
+                stopped,
+                tls: true,
+                ..base
+            });
         }
     }
     v
@@ -1248,7 +1241,8 @@ fn main() {
                 let done = tls_status == "completed" && plain_status == "completed";
                 Some(format!(
                     "{} {:.0} %{}",
-                    twin.strip_prefix(&format!("{link_name} ")).unwrap_or(twin),
+                    twin.strip_prefix(&format!("{} ", link.name()))
+                        .unwrap_or(twin),
                     tls_rate / plain_rate * 100.0,
                     if done {
                         ""
